@@ -23,9 +23,8 @@ EXAMPLES = """examples:
 
 # The pipeline's stages in order; a verb not in BUILT says so instead of pretending.
 STAGES = ("base", "train", "fuse", "eval", "serve", "bench")
-BUILT = {"base"}
+BUILT = {"base", "train"}
 STAGE_HELP = {
-    "train": "fan out one QLoRA fine-tune per tenant on Ray; adapters go to the store",
     "fuse": "merge every tenant's adapter into the base and quantize it, shard by shard",
     "eval": "measure each fused model against its unmerged adapter; apply the quality gate",
     "serve": "serve the fused models through Ray Serve with an OpenAI-compatible API",
@@ -105,18 +104,17 @@ def cmd_base_list(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from qlora_ray.plan import build_plan, render_plan
+    from qlora_ray.plan import build_plan, render_status
 
     spec = _load(args.job)
     plan = build_plan(spec, _store(spec), read_data=False)
-    print(render_plan(plan))
+    print(render_status(plan))
     for problem in plan.problems:
         print(f"  {problem}", file=sys.stderr)
     return 1 if plan.problems else 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qlora_ray.bases import import_base
     from qlora_ray.plan import build_plan, render_plan
 
     spec = _load(args.job)
@@ -128,15 +126,45 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(problem, file=sys.stderr)
         raise UserError(f"{args.job}: {len(plan.problems)} problem(s); nothing was run")
     _progress("stage base: import the base model into the store")
-    import_base(spec.base.source, spec.base.name, store, shard_size=spec.base.shard_size, dtype=spec.base.dtype,
-                progress=_progress)
+    _ensure_base(spec, store)
     plan = build_plan(spec, store)
     print(render_plan(plan))
     if plan.problems:
         raise UserError("\n".join(plan.problems))
+    _progress("stage train: one QLoRA fine-tune per tenant on Ray")
+    if _train_stage(spec, store) != 0:
+        return 1
     pending = [stage for stage in STAGES if stage not in BUILT]
     print(f"\nstages done: {', '.join(s for s in STAGES if s in BUILT)}. "
           f"Not built yet in this version: {', '.join(pending)}.")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    spec = _load(args.job)
+    store = _store(spec)
+    store.check_reachable()
+    _ensure_base(spec, store)
+    return _train_stage(spec, store)
+
+
+def _ensure_base(spec, store) -> None:
+    from qlora_ray.bases import import_base
+
+    import_base(spec.base.source, spec.base.name, store, shard_size=spec.base.shard_size, dtype=spec.base.dtype,
+                progress=_progress)
+
+
+def _train_stage(spec, store) -> int:
+    from qlora_ray.train.launch import render_outcomes, train_job
+
+    outcomes = train_job(spec, progress=_progress)
+    print(render_outcomes(outcomes))
+    failed = [o.tenant for o in outcomes if o.state == "failed"]
+    if failed:
+        print(f"\n{len(failed)} tenant(s) failed: {', '.join(failed)}; rerun to retry them "
+              "(finished tenants are skipped)", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -190,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--store", required=True, help="store URI")
     listing.set_defaults(handler=cmd_base_list)
 
+    job_verb("train", "fan out one QLoRA fine-tune per tenant on Ray (one task each, with the tenant's resources); "
+             "adapters and checkpoints go to the store; finished tenants are skipped, failed ones resume", cmd_train)
     for stage, help_text in STAGE_HELP.items():
         job_verb(stage, help_text + " (not built yet)", cmd_not_built(stage))
     job_verb("run", "run every stage of a job in order; finished work is skipped", cmd_run)

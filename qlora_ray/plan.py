@@ -15,6 +15,7 @@ from qlora_ray.errors import DataError, StoreError
 from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.store import Store, adapter_key, base_key, display_uri
 from qlora_ray.tables import text_table
+from qlora_ray.train.status import read_status
 
 
 @dataclass
@@ -23,6 +24,15 @@ class TenantPlan:
     train: Dataset | None = None
     eval: Dataset | None = None
     adapter_done: bool = False
+    adapter_metrics: dict | None = None
+    status: dict | None = None  # the live record of the train stage, if it ran
+
+    @property
+    def state(self) -> str:
+        """done | running | failed | pending, from the store (a complete adapter outranks any record)."""
+        if self.adapter_done:
+            return "done"
+        return (self.status or {}).get("state", "pending")
 
     @property
     def steps(self) -> int | None:
@@ -86,7 +96,11 @@ def _read_store_state(plan: Plan, store: Store) -> None:
         plan.base_config = store.read_json(key, "config.json")
         plan.base_config["_chat_template"] = manifest["metrics"].get("chat_template", True)
     for tenant_plan in plan.tenants:
-        tenant_plan.adapter_done = store.is_complete(adapter_key(plan.spec.name, tenant_plan.tenant.id))
+        key = adapter_key(plan.spec.name, tenant_plan.tenant.id)
+        tenant_plan.adapter_done = store.is_complete(key)
+        if tenant_plan.adapter_done:
+            tenant_plan.adapter_metrics = store.read_manifest(key)["metrics"]
+        tenant_plan.status = read_status(store, plan.spec.name, tenant_plan.tenant.id)
 
 
 def _base_problems(plan: Plan) -> list[str]:
@@ -131,9 +145,9 @@ def render_plan(plan: Plan) -> str:
             f"r{lora.r}/a{lora.alpha:g}" + ("/rs" if lora.use_rslora else ""),
             tp.steps if tp.steps is not None else "?",
             f"{training.resources.num_cpus:g} cpu, {training.resources.num_gpus:g} gpu",
-            "done" if tp.adapter_done else "to train",
+            tp.state,
         ])
-    lines.append(text_table(["tenant", "train rows", "eval", "scorer", "quant", "lora", "steps", "resources", "adapter"], rows))
+    lines.append(text_table(["tenant", "train rows", "eval", "scorer", "quant", "lora", "steps", "resources", "train"], rows))
     merge_bases = ["original", "nf4-dequantized"] if spec.fuse.merge_base == "both" else [spec.fuse.merge_base]
     outputs = len(spec.tenants) * len(spec.fuse.schemes) * len(merge_bases)
     lines += [
@@ -146,3 +160,25 @@ def render_plan(plan: Plan) -> str:
         f"{spec.serve.max_resident_models} resident model(s) each",
     ]
     return "\n".join(lines)
+
+
+def render_status(plan: Plan) -> str:
+    """One row per tenant: its train state, progress and figures, from the store alone."""
+    rows = []
+    for tp in plan.tenants:
+        record, metrics = tp.status or {}, tp.adapter_metrics or {}
+        step = metrics.get("steps", record.get("step"))
+        total = record.get("max_steps") or tp.tenant.training.max_steps
+        rows.append([
+            tp.tenant.id,
+            tp.state,
+            f"{step}/{total}" if step is not None and total else step,
+            metrics.get("final_loss", record.get("loss")),
+            metrics.get("tokens_per_second", record.get("tokens_per_second")),
+            record.get("attempt"),
+            record.get("updated_at"),
+            (record.get("error") or "").splitlines()[0] if tp.state == "failed" and record.get("error") else "",
+        ])
+    header = f"job {plan.spec.name}: base {plan.spec.base.name} " + ("in the store" if plan.base_done else "not imported")
+    table = text_table(["tenant", "state", "step", "loss", "tok/s", "attempt", "updated", "error"], rows)
+    return f"{header}\n\n{table}"

@@ -156,10 +156,21 @@ class TrainSpec(_Model):
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     lr_scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule.")
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Fraction of steps spent warming up.")
-    optimizer: Literal["auto", "adamw_torch", "adamw_8bit", "paged_adamw_8bit"] = Field(
+    optimizer: Literal["auto", "adamw_torch", "adamw_torch_fused", "adamw_8bit", "paged_adamw_8bit"] = Field(
         "auto", description="auto: paged 8-bit AdamW on a GPU, torch AdamW on the CPU."
     )
     gradient_checkpointing: bool = Field(True, description="Recompute activations: less memory, ~30% slower.")
+    uncheckpointed_layers: int = Field(
+        0, ge=0, description="With gradient checkpointing, the last N decoder layers keep their activations "
+        "instead of recomputing them: faster, more memory."
+    )
+    fused_kernels: bool = Field(
+        True, description="On CUDA, Liger-Kernel's Triton kernels (RMSNorm, SwiGLU, RoPE, and a linear + cross "
+        "entropy that never materializes the logits); ignored on the CPU."
+    )
+    compile_layers: bool = Field(
+        False, description="On CUDA, torch.compile each decoder layer: about a minute of compiling, then faster steps."
+    )
     packing: bool = Field(False, description="Pack several short rows into one sequence (no cross-attention between them).")
     seed: int = Field(0, description="Seed for data order and LoRA initialisation.")
     checkpoint_every: int = Field(50, gt=0, description="Steps between checkpoints written to the store.")

@@ -7,8 +7,10 @@ storage_options), memory:// in tests.
 Layout under the root (only the functions below build these keys):
 
     bases/<base>/                              sharded safetensors, index, config, tokenizer
+    runs/<job>/data/<tenant>/                  the tenant's validated train/eval rows, as trained on
     runs/<job>/adapters/<tenant>/              PEFT adapter
-    runs/<job>/checkpoints/<tenant>/           training checkpoints (resume)
+    runs/<job>/checkpoints/<tenant>/step-N/    training checkpoints (resume)
+    runs/<job>/status/<tenant>.json            live progress of a stage (a record, not an artifact)
     runs/<job>/fused/<tenant>/<variant>/       HF model folder per fused scheme and merge base
     runs/<job>/eval/   runs/<job>/bench/       reports
 
@@ -23,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -54,8 +55,17 @@ def adapter_key(job: str, tenant: str) -> str:
     return f"{run_key(job)}/adapters/{_segment(tenant, 'tenant id')}"
 
 
-def checkpoint_key(job: str, tenant: str) -> str:
-    return f"{run_key(job)}/checkpoints/{_segment(tenant, 'tenant id')}"
+def checkpoint_key(job: str, tenant: str, step: int | None = None) -> str:
+    folder = f"{run_key(job)}/checkpoints/{_segment(tenant, 'tenant id')}"
+    return folder if step is None else f"{folder}/step-{step:08d}"
+
+
+def data_key(job: str, tenant: str) -> str:
+    return f"{run_key(job)}/data/{_segment(tenant, 'tenant id')}"
+
+
+def status_key(job: str, tenant: str) -> str:
+    return f"{run_key(job)}/status/{_segment(tenant, 'tenant id')}.json"
 
 
 def fused_key(job: str, tenant: str, variant: str) -> str:
@@ -131,7 +141,7 @@ class Store:
         names = sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
         return [name for name in names if self.is_complete(f"{prefix}/{name}")]
 
-    def fetch(self, key: str, local_dir: Path, *, only: Callable[[str], bool] | None = None) -> dict:
+    def fetch(self, key: str, local_dir: Path) -> dict:
         """Download a complete artifact into local_dir, verifying every file's size and sha256.
 
         `safetensors.safe_open` and `from_pretrained` need local files, so every stage that loads an
@@ -140,8 +150,6 @@ class Store:
         manifest = self.read_manifest(key)
         local_dir.mkdir(parents=True, exist_ok=True)
         for rel, expected in manifest["files"].items():
-            if only is not None and not only(rel):
-                continue
             target = local_dir / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             with self._errors(f"download {self.url(key)}/{rel}"):
@@ -218,12 +226,6 @@ class Store:
             self.fs.pipe_file(self.path(f"{key}/{SUCCESS_NAME}"), json.dumps(marker).encode())
         return manifest
 
-    def publish_json(self, key: str, name: str, payload: dict, *, kind: str, inputs: dict) -> dict:
-        """Publish a one-file artifact (a report, a status record) from a JSON payload."""
-        with tempfile.TemporaryDirectory(prefix="qlora-ray-") as tmp:
-            (Path(tmp) / name).write_text(json.dumps(payload, indent=2, sort_keys=True))
-            return self.publish(key, Path(tmp), kind=kind, inputs=inputs)
-
     def delete(self, key: str) -> None:
         """Remove everything at key (complete or not). The _SUCCESS marker goes first, so a reader
         never sees a complete artifact whose files are half gone."""
@@ -233,6 +235,22 @@ class Store:
                 self.fs.rm_file(f"{path}/{SUCCESS_NAME}")
             if self.fs.exists(path):
                 self.fs.rm(path, recursive=True)
+
+    # -- records ----------------------------------------------------------------------------
+    def write_record(self, key: str, payload: dict) -> None:
+        """Overwrite a small JSON record (live status). One PUT on S3; readers may see the old one."""
+        with self._errors(f"write {self.url(key)}"):
+            if self._local:
+                self.fs.makedirs(self.path(key).rsplit("/", 1)[0], exist_ok=True)
+            self.fs.pipe_file(self.path(key), json.dumps(payload, sort_keys=True).encode())
+
+    def read_record(self, key: str) -> dict | None:
+        """A record, or None if absent or caught mid-write (a record is advisory, never an input)."""
+        with self._errors(f"read {self.url(key)}"):
+            try:
+                return json.loads(self.fs.cat_file(self.path(key)))
+            except (FileNotFoundError, ValueError):
+                return None
 
     # -- internals ---------------------------------------------------------------------------
     def _complete_manifest(self, key: str) -> dict | None:

@@ -1,0 +1,142 @@
+"""The train stage on Ray: one task per tenant, with the resources its spec asks for.
+
+The driver validates and stages every tenant's data first (a bad file fails that tenant at once,
+with its message, and the others go on), skips tenants whose adapter is complete, and launches one
+task per remaining tenant. Fractional `num_gpus` packs several tenants on one GPU; custom
+resources steer tasks to node types. Ray retries a task whose worker or node dies, and the retry
+resumes from the tenant's last checkpoint in the store. One tenant's failure never stops the others.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+from qlora_ray.errors import DataError, StoreError, UserError
+from qlora_ray.spec import JobSpec, TenantSpec
+from qlora_ray.store import Store, adapter_key
+from qlora_ray.tables import text_table
+from qlora_ray.train.status import StatusWriter
+
+# Attempts after a worker or node dies (Ray's own default is 3); each resumes from a checkpoint.
+MAX_RETRIES = 3
+
+
+@dataclass
+class TenantOutcome:
+    tenant: str
+    state: str  # "done" | "skipped" | "failed"
+    metrics: dict | None = None
+    error: str | None = None
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:  # the dashboard's processes cost ~1 GB of memory that a laptop run does not need
+        ray.init(include_dashboard=False, log_to_driver=True)
+
+
+def task_options(tenant: TenantSpec) -> dict:
+    resources = tenant.training.resources
+    return {
+        "num_cpus": resources.num_cpus,
+        "num_gpus": resources.num_gpus,
+        "resources": dict(resources.custom),
+        "max_retries": MAX_RETRIES,
+        # a flaky store is worth another try; bad data or a bug is not
+        "retry_exceptions": [StoreError],
+        "name": f"train:{tenant.id}",
+    }
+
+
+def _train_task(spec: JobSpec, tenant_id: str) -> dict:
+    """Body of the Ray task: runs in a fresh worker process (max_calls=1), so memory and peak RSS
+    are per tenant."""
+    import ray
+    from ray.experimental.tqdm_ray import tqdm
+
+    from qlora_ray.train.tenant import train_tenant
+
+    context = ray.get_runtime_context()
+    where = {"node_id": context.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
+    return train_tenant(spec, tenant_id, where=where,
+                        progress_bar=lambda desc, total: tqdm(desc=desc, total=total or None))
+
+
+def train_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list[TenantOutcome]:
+    """Train every tenant of the job that has no complete adapter yet. Returns one outcome per tenant."""
+    import ray
+
+    from qlora_ray.train.tenant import stage_data
+
+    store = Store(spec.store, spec.storage_options)
+    outcomes: dict[str, TenantOutcome] = {}
+    pending: list[TenantSpec] = []
+    for tenant in spec.tenants:
+        key = adapter_key(spec.name, tenant.id)
+        if store.is_complete(key):
+            outcomes[tenant.id] = TenantOutcome(tenant.id, "skipped", store.read_manifest(key)["metrics"])
+            continue
+        try:
+            stage_data(spec, tenant, store)
+        except DataError as exc:
+            StatusWriter(store, spec.name, tenant.id).state("failed", error=str(exc))
+            outcomes[tenant.id] = TenantOutcome(tenant.id, "failed", error=str(exc))
+            progress(f"tenant {tenant.id}: failed before training: {exc}")
+            continue
+        pending.append(tenant)
+    if pending:
+        init_ray()
+        remote = ray.remote(max_calls=1)(_train_task)
+        refs = {remote.options(**task_options(t)).remote(spec, t.id): t.id for t in pending}
+        progress(f"training {len(refs)} tenant(s) on Ray: {', '.join(refs.values())}")
+        started = time.monotonic()
+        while refs:
+            ready, _ = ray.wait(list(refs), num_returns=1)
+            tenant_id = refs.pop(ready[0])
+            outcomes[tenant_id] = _collect(ready[0], tenant_id, store, spec)
+            outcome = outcomes[tenant_id]
+            elapsed = time.monotonic() - started
+            if outcome.state == "done":
+                m = outcome.metrics
+                progress(f"tenant {tenant_id}: done in {elapsed:.0f} s: {m['steps']} steps, final loss "
+                         f"{m['final_loss']}, {m['tokens_per_second']} tok/s")
+            else:
+                progress(f"tenant {tenant_id}: FAILED: {outcome.error}")
+    return [outcomes[t.id] for t in spec.tenants]
+
+
+def _collect(ref, tenant_id: str, store: Store, spec: JobSpec) -> TenantOutcome:
+    import ray
+
+    try:
+        manifest = ray.get(ref)
+        return TenantOutcome(tenant_id, "done", manifest["metrics"])
+    except ray.exceptions.RayTaskError as exc:
+        cause = exc.cause if exc.cause is not None else exc
+        message = str(cause) if isinstance(cause, UserError) else f"{type(cause).__name__}: {cause}"
+    except ray.exceptions.RayError as exc:  # the worker or node died and the retries ran out
+        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        StatusWriter(store, spec.name, tenant_id).state("failed", error=message)
+    return TenantOutcome(tenant_id, "failed", error=message[:2000])
+
+
+def render_outcomes(outcomes: list[TenantOutcome]) -> str:
+    rows = []
+    for outcome in outcomes:
+        m = outcome.metrics or {}
+        rows.append([outcome.tenant, outcome.state, m.get("steps"), m.get("final_loss"), m.get("eval_loss"),
+                     m.get("tokens_per_second"), _gib(m.get("peak_memory_bytes")), (outcome.error or "")[:70]])
+    return text_table(["tenant", "state", "steps", "loss", "eval loss", "tok/s", "peak GiB", "error"], rows)
+
+
+def _gib(value: int | None) -> float | None:
+    return None if value is None else round(value / 2**30, 2)

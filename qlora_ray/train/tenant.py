@@ -1,0 +1,160 @@
+"""One tenant's training run against the store: stage inputs, resume, train, checkpoint, publish.
+
+Runs inside a Ray task (launch.py) but needs no Ray itself. Everything it reads and writes goes
+through the store, so a retry on another node picks up exactly where the last attempt left off:
+the newest complete checkpoint is resumed, and a complete adapter is never trained again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from qlora_ray.data import read_rows
+from qlora_ray.errors import StoreError
+from qlora_ray.spec import JobSpec, TenantSpec
+from qlora_ray.store import Store, adapter_key, base_key, checkpoint_key, data_key
+from qlora_ray.train.finetune import finetune
+from qlora_ray.train.status import StatusWriter, now_iso, read_status
+
+TRAIN_FILE, EVAL_FILE = "train.jsonl", "eval.jsonl"
+ProgressBar = Callable[[str, int], object]  # (description, total) -> object with update(n), set_description(s), close()
+
+
+def stage_data(spec: JobSpec, tenant: TenantSpec, store: Store) -> dict:
+    """Validate a tenant's data and publish it as runs/<job>/data/<tenant> (the rows training reads).
+
+    Workers on any node read the data from the store, not from the driver's disk. Unchanged data
+    is not published again. Raises DataError for a bad file. Returns the data artifact's manifest.
+    """
+    train = read_rows(tenant.train_data, spec.storage_options)
+    evaluation = read_rows(tenant.eval_data, spec.storage_options) if tenant.eval_data else None
+    inputs = {
+        "train_uri": tenant.train_data,
+        "train_sha256": train.sha256,
+        "eval_uri": tenant.eval_data,
+        "eval_sha256": evaluation.sha256 if evaluation else None,
+    }
+    key = data_key(spec.name, tenant.id)
+    if store.is_complete(key):
+        manifest = store.read_manifest(key)
+        if manifest["inputs"] == inputs:
+            return manifest
+        store.delete(key)  # the tenant's data changed since it was staged
+    with tempfile.TemporaryDirectory(prefix="qlora-ray-data-") as tmp:
+        folder = Path(tmp)
+        _write_jsonl(folder / TRAIN_FILE, train.rows)
+        if evaluation:
+            _write_jsonl(folder / EVAL_FILE, evaluation.rows)
+        metrics = {"train_rows": len(train.rows), "eval_rows": len(evaluation.rows) if evaluation else 0,
+                   "format": train.format}
+        return store.publish(key, folder, kind="data", inputs=inputs, metrics=metrics)
+
+
+def train_tenant(spec: JobSpec, tenant_id: str, *, progress_bar: ProgressBar | None = None,
+                 where: dict | None = None) -> dict:
+    """Train (or resume) one tenant's adapter and publish it. Returns the adapter's manifest."""
+    tenant = spec.tenant(tenant_id)
+    store = Store(spec.store, spec.storage_options)
+    key = adapter_key(spec.name, tenant_id)
+    if store.is_complete(key):
+        return store.read_manifest(key)
+    status = StatusWriter(store, spec.name, tenant_id)
+    previous = read_status(store, spec.name, tenant_id) or {}
+    status.state("running", attempt=previous.get("attempt", 0) + 1, started_at=now_iso(), started_ts=time.time(),
+                 finished_ts=None, step=0, loss=None,
+                 tokens_per_second=None, error=None, **(where or {}))
+    bar = progress_bar(tenant_id, tenant.training.max_steps or 0) if progress_bar else None
+    try:
+        manifest = _train_and_publish(spec, tenant, store, status, bar)
+    except BaseException as exc:
+        status.state("failed", error=f"{type(exc).__name__}: {exc}"[:2000])
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    _delete_checkpoints(store, spec.name, tenant_id)
+    status.state("done", finished_ts=time.time(), step=manifest["metrics"]["steps"], loss=manifest["metrics"]["final_loss"],
+                 tokens_per_second=manifest["metrics"]["tokens_per_second"])
+    return manifest
+
+
+def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: StatusWriter, bar) -> dict:
+    key = adapter_key(spec.name, tenant.id)
+    with tempfile.TemporaryDirectory(prefix=f"qlora-ray-{tenant.id}-") as tmp:
+        work = Path(tmp)
+        base_manifest = store.fetch(base_key(spec.base.name), work / "base")
+        data_manifest = store.fetch(data_key(spec.name, tenant.id), work / "data")
+        train_rows = read_rows(str(work / "data" / TRAIN_FILE)).rows
+        eval_rows = read_rows(str(work / "data" / EVAL_FILE)).rows if (work / "data" / EVAL_FILE).exists() else None
+        resume = _fetch_latest_checkpoint(store, spec.name, tenant.id, work / "checkpoints")
+
+        def on_progress(update: dict) -> None:
+            status.progress(**update)
+            if bar is not None:
+                bar.update(1)
+                loss = update["loss"]
+                bar.set_description(f"{tenant.id} loss {loss:.3f} {update['tokens_per_second']:.0f} tok/s"
+                                    if loss is not None else tenant.id)
+
+        def on_checkpoint(step: int, folder: Path) -> None:
+            _publish_checkpoint(store, spec.name, tenant.id, step, folder)
+
+        result = finetune(tenant.training, work / "base", train_rows, eval_rows, work, resume_from=resume,
+                          on_progress=on_progress, on_checkpoint=on_checkpoint,
+                          base_model_name=store.url(base_key(spec.base.name)))
+        inputs = {
+            "job": spec.name,
+            "tenant": tenant.id,
+            "spec_sha256": spec.spec_hash(),
+            "training": tenant.training.model_dump(mode="json"),
+            "scorer": tenant.scorer,
+            "base": {"key": base_key(spec.base.name), "manifest_sha256": _digest(base_manifest),
+                     "source_sha256": base_manifest["inputs"].get("source_sha256")},
+            "data": {"key": data_key(spec.name, tenant.id), "manifest_sha256": _digest(data_manifest),
+                     **data_manifest["inputs"]},
+        }
+        if store.is_complete(key):  # another attempt of this tenant published first: keep that one
+            return store.read_manifest(key)
+        try:
+            return store.publish(key, result.adapter_dir, kind="adapter", inputs=inputs, metrics=result.metrics)
+        except StoreError:
+            if store.is_complete(key):
+                return store.read_manifest(key)
+            raise
+
+
+def _publish_checkpoint(store: Store, job: str, tenant: str, step: int, folder: Path) -> None:
+    """Publish a trainer checkpoint as checkpoints/<tenant>/step-N, then drop the older ones."""
+    key = checkpoint_key(job, tenant, step)
+    if not store.is_complete(key):
+        store.publish(key, folder, kind="checkpoint", inputs={"step": step})
+    for name in store.list_complete(checkpoint_key(job, tenant)):
+        if name != key.rsplit("/", 1)[-1]:
+            store.delete(f"{checkpoint_key(job, tenant)}/{name}")
+
+
+def _fetch_latest_checkpoint(store: Store, job: str, tenant: str, into: Path) -> Path | None:
+    steps = sorted(store.list_complete(checkpoint_key(job, tenant)))
+    if not steps:
+        return None
+    step = int(steps[-1].removeprefix("step-"))
+    local = into / f"checkpoint-{step}"  # the name transformers' Trainer expects
+    store.fetch(checkpoint_key(job, tenant, step), local)
+    return local
+
+
+def _delete_checkpoints(store: Store, job: str, tenant: str) -> None:
+    store.delete(checkpoint_key(job, tenant))
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+
+
+def _digest(manifest: dict) -> str:
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()
