@@ -12,6 +12,12 @@ Triton kernels (RMSNorm, SwiGLU, RoPE, and a linear + cross entropy that never m
 torch.compile of each decoder layer, then leaving the last layers un-checkpointed with the memory
 the kernels freed. The baseline is measured twice, first and last, to show the machine's drift.
 
+Real data has rows of many lengths. The second comparison draws rows of 64 to 1024 tokens: the
+baseline pads each batch of 4 rows to its longest row (what transformers' collators do), ours packs
+the same rows into 4 x 1024 sequences whose position_ids restart at each row, which transformers turns
+into a block-diagonal mask (no attention across rows; tests/test_train.py checks it). Tokens/s
+counts real tokens only.
+
 Usage (on the GPU machine):  python benchmarks/train_speed.py --out OUT_DIR [--shape llama3-8b]
 Writes OUT_DIR/train_speed.json and prints a table. Timings: CUDA-synchronised wall clock per
 step, median of the timed steps after warm-up.
@@ -103,6 +109,85 @@ def time_steps(model, params, ids, *, optimizer: str, warmup: int, steps: int) -
     return result
 
 
+def variable_length_rows(count: int, low: int, high: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(2)
+    lengths = torch.randint(low, high + 1, (count,), generator=generator).tolist()
+    return [torch.randint(100, 30000, (n,), generator=generator) for n in lengths]
+
+
+def padded_batches(rows: list[torch.Tensor], batch: int) -> list[dict]:
+    """Batches of `batch` rows right-padded to their longest row; padding is masked out of the loss."""
+    out = []
+    for start in range(0, len(rows) - batch + 1, batch):
+        group = rows[start:start + batch]
+        width = max(len(r) for r in group)
+        ids = torch.zeros(batch, width, dtype=torch.long)
+        mask = torch.zeros(batch, width, dtype=torch.long)
+        for i, row in enumerate(group):
+            ids[i, :len(row)], mask[i, :len(row)] = row, 1
+        labels = ids.masked_fill(mask == 0, -100)
+        out.append({"input_ids": ids.cuda(), "attention_mask": mask.cuda(), "labels": labels.cuda(),
+                    "real_tokens": int(mask.sum())})
+    return out
+
+
+def packed_batches(rows: list[torch.Tensor], batch: int, seq: int) -> list[dict]:
+    """The same rows packed first-fit into `batch` x `seq` sequences; position_ids restart per row."""
+    bins: list[list[torch.Tensor]] = []
+    for row in rows:
+        for b in bins:
+            if sum(len(r) for r in b) + len(row) <= seq:
+                b.append(row)
+                break
+        else:
+            bins.append([row])
+    out = []
+    for start in range(0, len(bins) - batch + 1, batch):
+        ids = torch.zeros(batch, seq, dtype=torch.long)
+        positions = torch.zeros(batch, seq, dtype=torch.long)
+        labels = torch.full((batch, seq), -100, dtype=torch.long)
+        real = 0
+        for i, b in enumerate(bins[start:start + batch]):
+            offset = 0
+            for row in b:
+                ids[i, offset:offset + len(row)] = row
+                labels[i, offset:offset + len(row)] = row
+                positions[i, offset:offset + len(row)] = torch.arange(len(row))
+                offset += len(row)
+            positions[i, offset:] = torch.arange(seq - offset)  # the tail is one more (ignored) row
+            real += offset
+        out.append({"input_ids": ids.cuda(), "position_ids": positions.cuda(), "labels": labels.cuda(),
+                    "real_tokens": real})
+    return out
+
+
+def time_batches(model, params, batches: list[dict], *, optimizer: str, warmup: int) -> dict:
+    """Train on a list of batches (the first `warmup` untimed); tokens/s counts real tokens."""
+    optimizer = make_optimizer(optimizer, params)
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    seconds, tokens = 0.0, 0
+    for i, batch in enumerate(batches):
+        inputs = {k: v for k, v in batch.items() if k != "real_tokens"}
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = model(**inputs, use_cache=False).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        if i >= warmup:
+            seconds += time.perf_counter() - start
+            tokens += batch["real_tokens"]
+    del optimizer
+    for p in params:
+        p.grad = None
+    return {"tokens_per_s": round(tokens / seconds, 1), "real_tokens": tokens, "seconds": round(seconds, 3),
+            "steps": len(batches) - warmup, "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
@@ -112,6 +197,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--skip-layers", default="4,8,12,16")
+    parser.add_argument("--rows", type=int, default=96, help="variable-length rows for the packing comparison")
+    parser.add_argument("--packed-uncheckpointed", type=int, default=8)
     parser.add_argument("--no-compile", action="store_true")
     args = parser.parse_args()
     out = Path(args.out)
@@ -163,6 +250,21 @@ def main() -> None:
     from qlora_ray.train.finetune import configure_layers
 
     baseline = run("baseline", optimizer="adamw_torch")
+    rows = variable_length_rows(args.rows, 64, args.seq)
+    report["variable_length"] = {"rows": len(rows), "lengths": [64, args.seq],
+                                 "mean_length": round(sum(len(r) for r in rows) / len(rows), 1)}
+
+    def run_batches(name: str, batches: list[dict], **kwargs) -> None:
+        try:
+            result = time_batches(model, params, batches, warmup=args.warmup, **kwargs)
+        except Exception as exc:  # noqa: BLE001
+            result = {"error": f"{type(exc).__name__}: {exc}"[:500]}
+            traceback.print_exc()
+        report["variable_length"][name] = result
+        save()
+        log(name, json.dumps(result))
+
+    run_batches("baseline_padded", padded_batches(rows, args.batch), optimizer="adamw_torch")
     try:
         apply_liger_kernel(model, None)  # what Trainer(use_liger_kernel=True) does
     except Exception as exc:  # noqa: BLE001
@@ -180,6 +282,9 @@ def main() -> None:
             name = f"fused_kernels+fused_adamw{'' if args.no_compile else '+compiled'}+uncheckpointed_{skip}"
             if "error" in run(name, optimizer="adamw_torch_fused"):
                 break
+        configure_layers(model, uncheckpointed_layers=args.packed_uncheckpointed, compile_layers=False)
+        run_batches(f"ours_packed_uncheckpointed_{args.packed_uncheckpointed}",
+                    packed_batches(rows, args.batch, args.seq), optimizer="adamw_torch_fused")
     # the same step on a fresh baseline model, last, to see how much the machine drifted
     del model, base, params
     gc.collect()
@@ -196,6 +301,16 @@ def main() -> None:
             result["speedup"] = round(result["tokens_per_s"] / base_tps, 3)
             result["memory_ratio"] = round(result["peak_gib"] / base_mem, 3)
     save()
+    vl = report["variable_length"]
+    padded = vl.get("baseline_padded", {})
+    for key, result in vl.items():
+        if isinstance(result, dict) and "tokens_per_s" in result and padded.get("tokens_per_s"):
+            result["speedup"] = round(result["tokens_per_s"] / padded["tokens_per_s"], 3)
+            result["memory_ratio"] = round(result["peak_gib"] / padded["peak_gib"], 3)
+    save()
+    log(f"\nvariable-length rows (mean {vl['mean_length']} tokens): " + json.dumps(
+        {k: {m: v.get(m) for m in ("tokens_per_s", "speedup", "peak_gib", "memory_ratio", "error")}
+         for k, v in vl.items() if isinstance(v, dict)}))
     log(f"\n{'variant':48s} {'tok/s':>9s} {'x base':>7s} {'peak GiB':>9s} {'x mem':>6s}")
     for name, r in report["variants"].items():
         if "error" in r:

@@ -68,6 +68,9 @@ def load_base_for_training(base_dir: Path, spec: TrainSpec, device: str):
     model = AutoModelForCausalLM.from_pretrained(str(base_dir), **kwargs)
     if spec.quantization == "none" and device == "cuda":
         model = model.to(device)
+    # Training needs no KV cache, and transformers keeps packed rows apart (a block-diagonal mask
+    # from the restarting position_ids) only when there is none.
+    model.config.use_cache = False
     disable_bnb_cpu_inference_repack(model)
     return model, tokenizer
 
