@@ -46,7 +46,10 @@ def import_base(
     """Import source as bases/<name>; skip if already complete from the same source. Returns the manifest."""
     if dtype not in DTYPES:
         raise BaseSourceError(f"dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
-    max_shard = parse_size(shard_size)
+    try:
+        max_shard = parse_size(shard_size)
+    except ValueError as exc:
+        raise BaseSourceError(f"shard size: {exc}") from None
     key = base_key(name)
     if store.is_complete(key):
         manifest = store.read_manifest(key)
@@ -169,6 +172,8 @@ def _build_shape(name: str, torch_dtype, device: str):
 
     if name not in SHAPES:
         raise BaseSourceError(f"base source shape:{name}: unknown shape; choose one of {', '.join(SHAPES)}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BaseSourceError(f"base source shape:{name}: --device {device} asked for, but this machine has no CUDA GPU")
     torch.manual_seed(0)  # the same shape gives the same weights on every import
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(shape_config(name), dtype=torch_dtype)

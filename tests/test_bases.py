@@ -118,7 +118,7 @@ def test_bad_dtype_and_shard_size(tmp_path):
     store = Store(str(tmp_path / "store"))
     with pytest.raises(BaseSourceError, match="dtype must be one of"):
         import_base("shape:tiny", "b", store, dtype="int8", **quiet)
-    with pytest.raises(ValueError, match="expected a size"):
+    with pytest.raises(BaseSourceError, match="shard size: expected a size"):
         import_base("shape:tiny", "b", store, shard_size="huge", **quiet)
 
 

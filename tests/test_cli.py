@@ -113,7 +113,7 @@ def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     "args, expected",
     [
         (["validate", "missing.yaml"], "error: missing.yaml: job file not found"),
-        (["base", "import", "nowhere", "--name", "b", "--store", "store"], "error: base source nowhere: no such file or folder"),
+        (["base", "import", "nowhere", "--name", "b", "--store", "store"], "/nowhere: no such file or folder"),
         (["base", "import", "notes.txt", "--name", "b", "--store", "store"], "not a GGUF file"),
     ],
 )

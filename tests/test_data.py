@@ -105,3 +105,10 @@ def test_reads_from_s3(s3_bucket, tmp_path):
     assert read_rows(f"s3://{s3_bucket}/data/t.jsonl").rows == [PLAIN]
     with pytest.raises(DataError, match="data file not found"):
         read_rows(f"s3://{s3_bucket}/data/missing.jsonl")
+
+
+def test_line_separators_inside_strings_do_not_split_rows(tmp_path):
+    row = {"prompt": "a\u2028b\u2029c\x85d", "completion": "e"}
+    path = tmp_path / "seps.jsonl"
+    path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_rows(str(path)).rows == [row]

@@ -181,3 +181,18 @@ def test_parse_size(text, size):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_yaml_numbers_anchors_and_keys(tmp_path):
+    text = yaml.safe_dump(minimal()) + "train: &defaults\n  learning_rate: 2e-4\n  max_steps: 10\n"
+    spec = load_spec(write_job(tmp_path, text))
+    assert spec.train.learning_rate == 2e-4  # YAML 1.1 would read "2e-4" as a string
+    merged = yaml.safe_dump(minimal()) + "x_defaults: &d {r: 4}\n"
+    assert "x_defaults: unknown field" in "\n".join(problems(tmp_path, merged))
+    anchors = (
+        "name: acme\nstore: store\nbase: {name: tiny, source: 'shape:tiny'}\n"
+        "train: {lora: &lora {r: 4, alpha: 8}}\n"
+        "tenants:\n  - {id: a, train_data: a.jsonl, lora: {<<: *lora, r: 8}}\n"
+    )
+    assert load_spec(write_job(tmp_path, anchors)).tenant("a").training.lora.r == 8
+    assert "a key must be a plain value" in "\n".join(problems(tmp_path, "? [a, b]\n: 1\n"))

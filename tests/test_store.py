@@ -74,7 +74,7 @@ def test_a_crash_never_exposes_half_an_artifact(any_store, tmp_path, monkeypatch
         return real_put(local, remote, *args, **kwargs)
 
     def crashing_pipe(path, data, *args, **kwargs):
-        name = path.rsplit("/", 1)[-1]
+        name = path.rsplit("/", 1)[-1].removesuffix(".partial")
         if (crash_at, name) in {("writing the manifest", "manifest.json"), ("writing _SUCCESS", "_SUCCESS")}:
             raise KeyboardInterrupt("worker killed")
         return real_pipe(path, data, *args, **kwargs)
@@ -180,3 +180,12 @@ def test_a_local_store_that_cannot_be_created(tmp_path):
 def test_display_uri_hides_credentials():
     assert display_uri("s3://AKIA:secret@bucket/x") == "s3://bucket/x"
     assert display_uri("/local/path") == "/local/path"
+
+
+def test_a_marker_cut_short_by_a_crash_is_not_complete_and_a_rerun_publishes(any_store, tmp_path):
+    source = make_artifact(tmp_path / "src")
+    any_store.publish("bases/b", source, kind="base", inputs={})
+    any_store.fs.pipe_file(any_store.path("bases/b/_SUCCESS"), b'{"manifest_sha')
+    assert not any_store.is_complete("bases/b")
+    any_store.publish("bases/b", source, kind="base", inputs={})
+    assert any_store.is_complete("bases/b")

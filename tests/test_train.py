@@ -223,7 +223,7 @@ def test_a_killed_node_still_yields_every_adapter_once(tiny_job_store, tmp_path,
     driver.join(timeout=300)
     assert not driver.is_alive()
 
-    assert [o.state for o in result["outcomes"]] == ["done", "done"]
+    assert [o.state for o in result["outcomes"]] == ["done", "done"], [o.error for o in result["outcomes"]]
     manifest = tiny_job_store.read_manifest(adapter_key("t", "long"))
     assert manifest["metrics"]["steps"] == 400
     assert manifest["metrics"]["resumed_from_step"] >= 10  # the retry continued, it did not start over
@@ -280,3 +280,24 @@ def test_packed_training_learns(tiny_store, tmp_path):
     metrics = finetune(spec, base, rows, None, tmp_path / "work").metrics
     assert metrics["tokens_seen"] > 30 * 2 * 100  # each 256-token sequence holds several rows
     assert metrics["final_loss"] < 0.6 * metrics["first_loss"]
+
+
+def test_requests_no_node_can_meet_fail_at_once(tiny_job_store, tmp_path, local_ray):
+    from qlora_ray.train.launch import train_job
+
+    job = tiny_job(tmp_path, tiny_job_store, [
+        {"id": "gpu", "train_data": str(UNITS / "train.jsonl"), "resources": {"num_gpus": 1}},
+        {"id": "odd", "train_data": str(UNITS / "train.jsonl"), "resources": {"custom": {"fuse_node": 1}}},
+    ])
+    outcomes = {o.tenant: o for o in train_job(load_spec(job), progress=lambda _: None)}
+    assert "asks for GPU 1 (largest node has 0)" in outcomes["gpu"].error
+    assert "fuse_node 1 (largest node has 0)" in outcomes["odd"].error
+
+
+def test_a_memory_store_is_refused_for_training(tmp_path):
+    from qlora_ray.errors import UserError
+    from qlora_ray.train.launch import train_job
+
+    job = tiny_job(tmp_path, Store("memory://qlora-ray-train"), [{"id": "a", "train_data": str(UNITS / "train.jsonl")}])
+    with pytest.raises(UserError, match="memory:// store lives in one process"):
+        train_job(load_spec(job), progress=lambda _: None)

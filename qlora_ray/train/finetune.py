@@ -9,8 +9,10 @@ completion-only loss, covers every supported data shape and any chat template.
 
 from __future__ import annotations
 
+import json
 import math
 import resource
+import warnings
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -162,6 +164,9 @@ def finetune(
     device = device_of_choice()
     model, tokenizer = load_base_for_training(base_dir, spec, device)
     use_liger = spec.fused_kernels and device == "cuda" and fused_kernels_available()
+    if spec.fused_kernels and device == "cuda" and not use_liger:
+        warnings.warn("train.fused_kernels is on but liger-kernel is not installed (pip install 'qlora-ray[gpu]'); "
+                      "training without the fused kernels", stacklevel=2)
     lora = spec.lora
     peft_config = LoraConfig(
         r=lora.r,
@@ -216,11 +221,12 @@ def finetune(
     trainer.remove_callback(PrinterCallback)  # progress goes through on_progress, not raw log dicts
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    tokens_before = _tokens_at(resume_from)  # read now: the Trainer rotates old checkpoints away
     started = time.perf_counter()
     output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started
     state = trainer.state
-    tokens = int(state.num_input_tokens_seen)
+    tokens = int(state.num_input_tokens_seen) - tokens_before  # this attempt's tokens only
     metrics = {
         "train_loss": round(float(output.training_loss), 5),
         "first_loss": _losses(state.log_history)[0] if _losses(state.log_history) else None,
@@ -270,6 +276,12 @@ def _losses(history: list[dict]) -> list[float]:
     return [round(float(entry["loss"]), 5) for entry in history if "loss" in entry]
 
 
+def _tokens_at(checkpoint: Path | None) -> int:
+    if checkpoint is None:
+        return 0
+    return int(json.loads((checkpoint / "trainer_state.json").read_text()).get("num_input_tokens_seen", 0))
+
+
 def _step_of(checkpoint: Path | None) -> int | None:
     if checkpoint is None:
         return None
@@ -284,8 +296,11 @@ class _Reporter:
 
         class Reporter(TrainerCallback):
             def __init__(self):
-                self.last_time = time.perf_counter()
-                self.last_tokens = 0
+                self.last_time, self.last_tokens = time.perf_counter(), 0
+
+            def on_train_begin(self, args, state, control, **kwargs):
+                # a resumed state already counts the earlier attempts' tokens
+                self.last_time, self.last_tokens = time.perf_counter(), int(state.num_input_tokens_seen)
 
             def on_log(self, args, state, control, logs=None, **kwargs):
                 if on_progress is None or not logs or "loss" not in logs:
@@ -303,7 +318,8 @@ class _Reporter:
                 })
 
             def on_save(self, args, state, control, **kwargs):
-                if on_checkpoint is not None:
+                # the Trainer also saves at the last step; the adapter is published right after instead
+                if on_checkpoint is not None and state.global_step < state.max_steps:
                     on_checkpoint(state.global_step, Path(args.output_dir) / f"checkpoint-{state.global_step}")
 
         return Reporter()

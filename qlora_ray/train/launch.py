@@ -40,8 +40,8 @@ def init_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:  # the dashboard's processes cost ~1 GB of memory that a laptop run does not need
-        ray.init(include_dashboard=False, log_to_driver=True)
+    else:  # a new local instance (not any cluster left running on this machine); no dashboard: ~1 GB saved
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
 
 
 def task_options(tenant: TenantSpec) -> dict:
@@ -75,26 +75,38 @@ def train_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list
     """Train every tenant of the job that has no complete adapter yet. Returns one outcome per tenant."""
     import ray
 
-    from qlora_ray.train.tenant import stage_data
+    from qlora_ray.train.tenant import stage_data, training_fingerprint
 
     store = Store(spec.store, spec.storage_options)
+    if "memory" in store.fs.protocol:
+        raise UserError(f"store {spec.store}: a memory:// store lives in one process, and Ray's workers are "
+                        "others; use a folder or s3:// for training")
     outcomes: dict[str, TenantOutcome] = {}
     pending: list[TenantSpec] = []
     for tenant in spec.tenants:
         key = adapter_key(spec.name, tenant.id)
-        if store.is_complete(key):
-            outcomes[tenant.id] = TenantOutcome(tenant.id, "skipped", store.read_manifest(key)["metrics"])
-            continue
+        done = store.read_manifest(key) if store.is_complete(key) else None
         try:
-            stage_data(spec, tenant, store)
+            data_manifest = stage_data(spec, tenant, store)
         except DataError as exc:
+            if done is not None:  # the adapter exists; its data has gone bad since, which it does not need
+                outcomes[tenant.id] = TenantOutcome(tenant.id, "skipped", done["metrics"])
+                continue
             StatusWriter(store, spec.name, tenant.id).state("failed", error=str(exc))
             outcomes[tenant.id] = TenantOutcome(tenant.id, "failed", error=str(exc))
             progress(f"tenant {tenant.id}: failed before training: {exc}")
             continue
+        if done is not None:
+            if done["inputs"].get("training_fingerprint") != training_fingerprint(tenant, data_manifest["inputs"]):
+                progress(f"tenant {tenant.id}: keeping its adapter, trained with other settings or data; delete "
+                         f"{store.url(key)} to train it again")
+            outcomes[tenant.id] = TenantOutcome(tenant.id, "skipped", done["metrics"])
+            continue
         pending.append(tenant)
     if pending:
         init_ray()
+        pending = _drop_unschedulable(pending, outcomes, store, spec, progress)
+    if pending:
         remote = ray.remote(max_calls=1)(_train_task)
         refs = {remote.options(**task_options(t)).remote(spec, t.id): t.id for t in pending}
         progress(f"training {len(refs)} tenant(s) on Ray: {', '.join(refs.values())}")
@@ -112,6 +124,40 @@ def train_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list
             else:
                 progress(f"tenant {tenant_id}: FAILED: {outcome.error}")
     return [outcomes[t.id] for t in spec.tenants]
+
+
+def _drop_unschedulable(pending: list[TenantSpec], outcomes: dict, store: Store, spec: JobSpec,
+                        progress: Callable[[str], None]) -> list[TenantSpec]:
+    """Tenants asking for more than any node of this cluster has would wait forever.
+
+    A cluster we started ourselves (no RAY_ADDRESS) has no autoscaler: such tenants fail now, with
+    what they asked for. On a cluster that may scale up, they wait, with a warning.
+    """
+    import ray
+
+    largest: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for name, amount in node.get("Resources", {}).items():
+                largest[name] = max(largest.get(name, 0.0), amount)
+    schedulable = []
+    for tenant in pending:
+        resources = tenant.training.resources
+        wanted = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.custom}
+        missing = {k: v for k, v in wanted.items() if v > largest.get(k, 0.0)}
+        if not missing:
+            schedulable.append(tenant)
+            continue
+        detail = ", ".join(f"{k} {v:g} (largest node has {largest.get(k, 0.0):g})" for k, v in missing.items())
+        if os.environ.get("RAY_ADDRESS"):
+            progress(f"tenant {tenant.id}: waiting for a node with {detail}; no node has that now")
+            schedulable.append(tenant)
+            continue
+        message = f"no node of this Ray cluster can run it: it asks for {detail}"
+        StatusWriter(store, spec.name, tenant.id).state("failed", error=message)
+        outcomes[tenant.id] = TenantOutcome(tenant.id, "failed", error=message)
+        progress(f"tenant {tenant.id}: failed: {message}")
+    return schedulable
 
 
 def _collect(ref, tenant_id: str, store: Store, spec: JobSpec) -> TenantOutcome:

@@ -55,6 +55,16 @@ def stage_data(spec: JobSpec, tenant: TenantSpec, store: Store) -> dict:
         return store.publish(key, folder, kind="data", inputs=inputs, metrics=metrics)
 
 
+def training_fingerprint(tenant: TenantSpec, data_inputs: dict) -> str:
+    """sha256 of what decides an adapter: the tenant's training settings and its data's checksums.
+
+    A checkpoint is resumed, and a finished adapter trusted, only under the same fingerprint.
+    """
+    payload = {"training": tenant.training.model_dump(mode="json"),
+               "train_sha256": data_inputs.get("train_sha256"), "eval_sha256": data_inputs.get("eval_sha256")}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
 def train_tenant(spec: JobSpec, tenant_id: str, *, progress_bar: ProgressBar | None = None,
                  where: dict | None = None) -> dict:
     """Train (or resume) one tenant's adapter and publish it. Returns the adapter's manifest."""
@@ -91,7 +101,8 @@ def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: 
         data_manifest = store.fetch(data_key(spec.name, tenant.id), work / "data")
         train_rows = read_rows(str(work / "data" / TRAIN_FILE)).rows
         eval_rows = read_rows(str(work / "data" / EVAL_FILE)).rows if (work / "data" / EVAL_FILE).exists() else None
-        resume = _fetch_latest_checkpoint(store, spec.name, tenant.id, work / "checkpoints")
+        fingerprint = training_fingerprint(tenant, data_manifest["inputs"])
+        resume = _fetch_latest_checkpoint(store, spec.name, tenant.id, work / "checkpoints", fingerprint)
 
         def on_progress(update: dict) -> None:
             status.progress(**update)
@@ -102,7 +113,7 @@ def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: 
                                     if loss is not None else tenant.id)
 
         def on_checkpoint(step: int, folder: Path) -> None:
-            _publish_checkpoint(store, spec.name, tenant.id, step, folder)
+            _publish_checkpoint(store, spec.name, tenant.id, step, folder, fingerprint)
 
         result = finetune(tenant.training, work / "base", train_rows, eval_rows, work, resume_from=resume,
                           on_progress=on_progress, on_checkpoint=on_checkpoint,
@@ -111,6 +122,7 @@ def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: 
             "job": spec.name,
             "tenant": tenant.id,
             "spec_sha256": spec.spec_hash(),
+            "training_fingerprint": fingerprint,
             "training": tenant.training.model_dump(mode="json"),
             "scorer": tenant.scorer,
             "base": {"key": base_key(spec.base.name), "manifest_sha256": _digest(base_manifest),
@@ -128,19 +140,24 @@ def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: 
             raise
 
 
-def _publish_checkpoint(store: Store, job: str, tenant: str, step: int, folder: Path) -> None:
+def _publish_checkpoint(store: Store, job: str, tenant: str, step: int, folder: Path, fingerprint: str) -> None:
     """Publish a trainer checkpoint as checkpoints/<tenant>/step-N, then drop the older ones."""
     key = checkpoint_key(job, tenant, step)
     if not store.is_complete(key):
-        store.publish(key, folder, kind="checkpoint", inputs={"step": step})
+        store.publish(key, folder, kind="checkpoint", inputs={"step": step, "training_fingerprint": fingerprint})
     for name in store.list_complete(checkpoint_key(job, tenant)):
         if name != key.rsplit("/", 1)[-1]:
             store.delete(f"{checkpoint_key(job, tenant)}/{name}")
 
 
-def _fetch_latest_checkpoint(store: Store, job: str, tenant: str, into: Path) -> Path | None:
+def _fetch_latest_checkpoint(store: Store, job: str, tenant: str, into: Path, fingerprint: str) -> Path | None:
+    """The newest checkpoint of this tenant's current settings and data; others are removed."""
     steps = sorted(store.list_complete(checkpoint_key(job, tenant)))
     if not steps:
+        return None
+    manifest = store.read_manifest(f"{checkpoint_key(job, tenant)}/{steps[-1]}")
+    if manifest["inputs"].get("training_fingerprint") != fingerprint:
+        _delete_checkpoints(store, job, tenant)  # settings or data changed since: start over
         return None
     step = int(steps[-1].removeprefix("step-"))
     local = into / f"checkpoint-{step}"  # the name transformers' Trainer expects
