@@ -63,7 +63,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="fanout-"))
     store_uri = str(work / "store")
     import_base("shape:smollm2-135m", "smollm2-shape", Store(store_uri), shard_size="100MB")
-    ray.init(include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     report = {"device": torch.cuda.get_device_name(), "date": time.strftime("%Y-%m-%d"),
               "command": " ".join(sys.argv), "tenants": args.tenants, "steps": args.steps, "runs": {}}
     for name, num_gpus in (("packed", 1 / args.tenants), ("in_turn", 1.0)):

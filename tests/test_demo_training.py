@@ -23,7 +23,7 @@ def test_demo_tenants_learn_their_tasks(smollm2_store, tmp_path):
 
     demo = load_spec(REPO / "jobs" / "demo.yaml")
     spec = demo.model_copy(update={"store": smollm2_store.uri})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stray cluster
     try:
         outcomes = train_job(spec, progress=print)
     finally:

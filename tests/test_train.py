@@ -55,7 +55,7 @@ def tiny_job_store(tiny_store, tmp_path) -> Store:
 def local_ray():
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stray cluster
     yield
     ray.shutdown()
 
