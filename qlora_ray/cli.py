@@ -120,7 +120,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from qlora_ray.plan import build_plan, render_plan
+    from qlora_ray.plan import build_plan, refresh_store_state, render_plan
 
     spec = _load(args.job)
     store = _store(spec)
@@ -132,7 +132,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UserError(f"{args.job}: {len(plan.problems)} problem(s); nothing was run")
     _progress("stage base: import the base model into the store")
     _ensure_base(spec, store)
-    plan = build_plan(spec, store)
+    refresh_store_state(plan, store)  # the data were read and checked above
     print(render_plan(plan))
     if plan.problems:
         raise UserError("\n".join(plan.problems))

@@ -52,7 +52,12 @@ class Plan:
     tenants: list[TenantPlan]
     base_done: bool = False
     base_config: dict | None = None
-    problems: list[str] = field(default_factory=list)
+    data_problems: list[str] = field(default_factory=list)
+    store_problems: list[str] = field(default_factory=list)  # refreshed with the store state
+
+    @property
+    def problems(self) -> list[str]:
+        return self.data_problems + self.store_problems
 
 
 def build_plan(spec: JobSpec, store: Store | None, *, read_data: bool = True) -> Plan:
@@ -60,16 +65,25 @@ def build_plan(spec: JobSpec, store: Store | None, *, read_data: bool = True) ->
     plan = Plan(spec=spec, tenants=[TenantPlan(t) for t in spec.tenants])
     if read_data:
         for tenant_plan in plan.tenants:
-            _read_tenant_data(tenant_plan, spec.storage_options, plan.problems)
+            _read_tenant_data(tenant_plan, spec.storage_options, plan.data_problems)
     if store is not None:
-        try:
-            store.check_reachable()
-            _read_store_state(plan, store)
-        except StoreError as exc:
-            plan.problems.append(str(exc))
-    if plan.base_config is not None:
-        plan.problems += _base_problems(plan)
+        refresh_store_state(plan, store)
     return plan
+
+
+def refresh_store_state(plan: Plan, store: Store) -> None:
+    """(Re)read what the store holds for the plan's job, and run the checks that need the imported base.
+
+    After a stage changes the store, this updates a plan without reading the tenants' data again.
+    """
+    plan.store_problems = []
+    try:
+        store.check_reachable()
+        _read_store_state(plan, store)
+    except StoreError as exc:
+        plan.store_problems.append(str(exc))
+    if plan.base_config is not None:
+        plan.store_problems += _base_problems(plan)
 
 
 def _read_tenant_data(tenant_plan: TenantPlan, storage_options: dict, problems: list[str]) -> None:
@@ -89,7 +103,7 @@ def _read_store_state(plan: Plan, store: Store) -> None:
     if plan.base_done:
         manifest = store.read_manifest(key)
         if manifest["inputs"].get("source") != plan.spec.base.source:
-            plan.problems.append(
+            plan.store_problems.append(
                 f"base.source: the store's {plan.spec.base.name!r} was imported from "
                 f"{manifest['inputs'].get('source')!r}, not {plan.spec.base.source!r}"
             )
