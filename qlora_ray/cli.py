@@ -24,9 +24,8 @@ EXAMPLES = """examples:
 
 # The pipeline's stages in order; a verb not in BUILT says so instead of pretending.
 STAGES = ("base", "train", "fuse", "eval", "serve", "bench")
-BUILT = {"base", "train"}
+BUILT = {"base", "train", "fuse"}
 STAGE_HELP = {
-    "fuse": "merge every tenant's adapter into the base and quantize it, shard by shard",
     "eval": "measure each fused model against its unmerged adapter; apply the quality gate",
     "serve": "serve the fused models through Ray Serve with an OpenAI-compatible API",
     "bench": "benchmark the served models (TTFT, TPOT, tokens/s) against the unmerged baseline",
@@ -139,6 +138,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     _progress("stage train: one QLoRA fine-tune per tenant on Ray")
     if _train_stage(spec, store) != 0:
         return 1
+    _progress("stage fuse: merge and quantize every adapter, one pass over the base shards")
+    if _fuse_stage(spec) != 0:
+        return 1
     pending = [stage for stage in STAGES if stage not in BUILT]
     print(f"\nstages done: {', '.join(s for s in STAGES if s in BUILT)}. "
           f"Not built yet in this version: {', '.join(pending)}.")
@@ -169,6 +171,25 @@ def _train_stage(spec, store) -> int:
     if failed:
         print(f"\n{len(failed)} tenant(s) failed: {', '.join(failed)}; rerun to retry them "
               "(finished tenants are skipped)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_fuse(args: argparse.Namespace) -> int:
+    spec = _load(args.job)
+    _store(spec).check_reachable()
+    return _fuse_stage(spec)
+
+
+def _fuse_stage(spec) -> int:
+    from qlora_ray.fuse.launch import fuse_job, render_fuse_outcomes
+
+    outcomes = fuse_job(spec, progress=_progress)
+    print(render_fuse_outcomes(outcomes))
+    failed = sorted({f"{o.tenant}/{o.variant}" for o in outcomes if o.state == "failed"})
+    if failed:
+        print(f"\n{len(failed)} fused model(s) failed: {', '.join(failed)}; fix the cause and rerun "
+              "(finished ones are skipped)", file=sys.stderr)
         return 1
     return 0
 
@@ -225,6 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     job_verb("train", "fan out one QLoRA fine-tune per tenant on Ray (one task each, with the tenant's resources); "
              "adapters and checkpoints go to the store; finished tenants are skipped, failed ones resume", cmd_train)
+    job_verb("fuse", "merge every tenant's adapter into the base and quantize it (bf16, nf4, gptq-int4), in one "
+             "pass over the base shards on a pool of Ray actors; fused models go to the store; finished ones are "
+             "skipped", cmd_fuse)
     for stage, help_text in STAGE_HELP.items():
         job_verb(stage, help_text + " (not built yet)", cmd_not_built(stage))
     job_verb("run", "run every stage of a job in order; finished work is skipped", cmd_run)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import platform
 from datetime import datetime, timezone
 from importlib import metadata
@@ -58,3 +59,8 @@ def build_manifest(kind: str, key: str, files: dict[str, dict], inputs: dict, me
         "metrics": metrics,
         "versions": library_versions(),
     }
+
+
+def manifest_digest(manifest: dict) -> str:
+    """sha256 of a manifest's canonical JSON: how a downstream artifact names the exact input it used."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from qlora_ray.data import Dataset, read_rows
 from qlora_ray.errors import DataError, StoreError
 from qlora_ray.spec import JobSpec, TenantSpec
-from qlora_ray.store import Store, adapter_key, base_key, display_uri
+from qlora_ray.store import Store, adapter_key, base_key, display_uri, fused_key
 from qlora_ray.tables import text_table
 from qlora_ray.train.status import read_status
 
@@ -26,6 +26,7 @@ class TenantPlan:
     adapter_done: bool = False
     adapter_metrics: dict | None = None
     status: dict | None = None  # the live record of the train stage, if it ran
+    fused_done: list[str] = field(default_factory=list)  # the complete fused variants in the store
 
     @property
     def state(self) -> str:
@@ -115,6 +116,8 @@ def _read_store_state(plan: Plan, store: Store) -> None:
         if tenant_plan.adapter_done:
             tenant_plan.adapter_metrics = store.read_manifest(key)["metrics"]
         tenant_plan.status = read_status(store, plan.spec.name, tenant_plan.tenant.id)
+        tenant_plan.fused_done = [v.name for v in plan.spec.fused_variants(tenant_plan.tenant)
+                                  if store.is_complete(fused_key(plan.spec.name, tenant_plan.tenant.id, v.name))]
 
 
 def _base_problems(plan: Plan) -> list[str]:
@@ -162,8 +165,7 @@ def render_plan(plan: Plan) -> str:
             tp.state,
         ])
     lines.append(text_table(["tenant", "train rows", "eval", "scorer", "quant", "lora", "steps", "resources", "train"], rows))
-    merge_bases = ["original", "nf4-dequantized"] if spec.fuse.merge_base == "both" else [spec.fuse.merge_base]
-    outputs = len(spec.tenants) * len(spec.fuse.schemes) * len(merge_bases)
+    outputs = sum(len(spec.fused_variants(tenant)) for tenant in spec.tenants)
     lines += [
         "",
         f"fuse: {', '.join(spec.fuse.schemes)} x merge base {spec.fuse.merge_base} -> {outputs} fused model(s), "
@@ -177,7 +179,8 @@ def render_plan(plan: Plan) -> str:
 
 
 def render_status(plan: Plan) -> str:
-    """One row per tenant: its train state, progress and figures, from the store alone."""
+    """One row per tenant: its train state, progress and figures, and how many of its fused models
+    are complete, from the store alone."""
     rows = []
     for tp in plan.tenants:
         record, metrics = tp.status or {}, tp.adapter_metrics or {}
@@ -191,8 +194,9 @@ def render_status(plan: Plan) -> str:
             metrics.get("tokens_per_second", record.get("tokens_per_second")),
             record.get("attempt"),
             record.get("updated_at"),
+            f"{len(tp.fused_done)}/{len(plan.spec.fused_variants(tp.tenant))}",
             (record.get("error") or "").splitlines()[0] if tp.state == "failed" and record.get("error") else "",
         ])
     header = f"job {plan.spec.name}: base {plan.spec.base.name} " + ("in the store" if plan.base_done else "not imported")
-    table = text_table(["tenant", "state", "step", "loss", "tok/s", "attempt", "updated", "error"], rows)
+    table = text_table(["tenant", "state", "step", "loss", "tok/s", "attempt", "updated", "fused", "error"], rows)
     return f"{header}\n\n{table}"

@@ -16,6 +16,7 @@ import difflib
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -183,6 +184,20 @@ class TrainSpec(_Model):
 
 
 MergeBase = Literal["original", "nf4-dequantized"]
+Scheme = Literal["bf16", "nf4", "gptq-int4"]
+
+
+@dataclass(frozen=True)
+class FusedVariant:
+    """One fused artifact of a tenant: a scheme applied after merging into one merge base."""
+
+    scheme: Scheme
+    merge_base: MergeBase
+
+    @property
+    def name(self) -> str:
+        """Its folder under runs/<job>/fused/<tenant>/, e.g. 'nf4.original', 'gptq-int4.nf4-dequantized'."""
+        return f"{self.scheme}.{self.merge_base}"
 
 
 class TenantSpec(_Model):
@@ -226,7 +241,7 @@ class GptqSpec(_Model):
 
 
 class FuseSpec(_Model):
-    schemes: list[Literal["bf16", "nf4", "gptq-int4"]] = Field(
+    schemes: list[Scheme] = Field(
         default_factory=lambda: ["bf16", "nf4"], description="Fused artifacts to produce per tenant."
     )
     merge_base: MergeBase | Literal["both"] = Field(
@@ -317,11 +332,30 @@ class JobSpec(_Model):
             tenants.append(tenant)
         return {**data, "tenants": tenants}
 
+    @model_validator(mode="after")
+    def _dequantized_base_needs_4bit_training(self) -> JobSpec:
+        for tenant in self.tenants:
+            if tenant.training.quantization == "none" and (tenant.merge_base or self.fuse.merge_base) == "nf4-dequantized":
+                where = "merge_base" if tenant.merge_base else "fuse.merge_base"
+                raise ValueError(f"tenant {tenant.id!r} trains on the 16-bit base (quantization: none), so there is "
+                                 f"no 4-bit base to merge into; {where}: nf4-dequantized needs a QLoRA tenant")
+        return self
+
     def tenant(self, tenant_id: str) -> TenantSpec:
         for tenant in self.tenants:
             if tenant.id == tenant_id:
                 return tenant
         raise KeyError(f"job {self.name!r} has no tenant {tenant_id!r}")
+
+    def fused_variants(self, tenant: TenantSpec) -> list[FusedVariant]:
+        """Every fused artifact the job asks for this tenant: each scheme under each merge base."""
+        choice = tenant.merge_base or self.fuse.merge_base
+        if choice == "both":
+            # a LoRA trained on the 16-bit base has no 4-bit base to merge into
+            merge_bases = ["original"] if tenant.training.quantization == "none" else ["original", "nf4-dequantized"]
+        else:
+            merge_bases = [choice]
+        return [FusedVariant(scheme, merge_base) for merge_base in merge_bases for scheme in self.fuse.schemes]
 
     def spec_hash(self) -> str:
         """sha256 of the validated spec (canonical JSON): records exactly what a run was asked to do."""

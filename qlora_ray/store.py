@@ -138,16 +138,25 @@ class Store:
         names = sorted({e.rstrip("/").rsplit("/", 1)[-1] for e in entries})
         return [name for name in names if self.is_complete(f"{prefix}/{name}")]
 
-    def fetch(self, key: str, local_dir: Path) -> dict:
-        """Download a complete artifact into local_dir, verifying every file's size and sha256.
+    def fetch(self, key: str, local_dir: Path, only: list[str] | None = None) -> dict:
+        """Download a complete artifact (or only the listed files of it) into local_dir, verifying
+        every file's size and sha256.
 
         `safetensors.safe_open` and `from_pretrained` need local files, so every stage that loads an
-        artifact stages it here first. Returns the manifest. Raises StoreError on any mismatch.
+        artifact stages it here first. A file already in local_dir with the right size and sha256 is
+        kept (a worker's cache). Returns the manifest. Raises StoreError on any mismatch.
         """
         manifest = self.read_manifest(key)
+        wanted = list(manifest["files"]) if only is None else only
+        unknown = [rel for rel in wanted if rel not in manifest["files"]]
+        if unknown:
+            raise StoreError(f"{self.url(key)}: the manifest lists no {', '.join(unknown)}")
         local_dir.mkdir(parents=True, exist_ok=True)
-        for rel, expected in manifest["files"].items():
+        for rel in wanted:
+            expected = manifest["files"][rel]
             target = local_dir / rel
+            if target.is_file() and target.stat().st_size == expected["size"] and sha256_file(target) == expected["sha256"]:
+                continue
             target.parent.mkdir(parents=True, exist_ok=True)
             with self._errors(f"download {self.url(key)}/{rel}"):
                 self.fs.get_file(self.path(f"{key}/{rel}"), str(target))
@@ -159,6 +168,26 @@ class Store:
                     "or a different sha256); republish the artifact"
                 )
         return manifest
+
+    def readable_copy(self, key: str, files: list[str], cache_dir: Path) -> Path:
+        """A local folder holding the listed files of a complete artifact, each verified.
+
+        A folder store is read in place (no copy: an 8B base is 16 GB); any other store is
+        fetched into cache_dir. Raises StoreError on any mismatch with the manifest.
+        """
+        if not self._local:
+            self.fetch(key, cache_dir, only=files)
+            return cache_dir
+        manifest = self.read_manifest(key)
+        folder = Path(self.path(key))
+        for rel in files:
+            expected = manifest["files"].get(rel)
+            path = folder / rel
+            if expected is None or not path.is_file() or path.stat().st_size != expected["size"] \
+                    or sha256_file(path) != expected["sha256"]:
+                raise StoreError(f"{self.url(key)}/{rel}: damaged or missing (differs from the manifest); "
+                                 "republish the artifact")
+        return folder
 
     def read_json(self, key: str, rel: str) -> dict:
         """One JSON file of a complete artifact, checked against the manifest."""
@@ -200,22 +229,51 @@ class Store:
         Any leftovers of an earlier, unfinished publish at key are removed first. Refuses to
         overwrite a complete artifact (the caller decides to skip or delete it). Returns the manifest.
         """
-        if self.is_complete(key):
-            raise StoreError(f"{self.url(key)}: already published; delete it first to replace it")
+        self.begin(key)
         files = describe_files(local_dir)
-        for reserved in RESERVED_NAMES:
-            if reserved in files:
-                raise ValueError(f"{local_dir}: {reserved} is written by the store, not by a stage")
         if not files:
             raise ValueError(f"{local_dir}: nothing to publish")
-        self.delete(key)
         total = sum(f["size"] for f in files.values())
         if progress:
             progress(f"uploading {len(files)} files ({total / 1e6:.1f} MB) to {self.url(key)}")
         for rel in files:
-            with self._errors(f"upload {self.url(key)}/{rel}"):
-                self._put(local_dir / rel, self.path(f"{key}/{rel}"))
-        manifest = build_manifest(kind, key, files, inputs, metrics or {})
+            self._upload(key, rel, local_dir / rel)
+        return self.seal(key, files, kind=kind, inputs=inputs, metrics=metrics)
+
+    # An artifact written by several workers (the fuse stage's shard-wise outputs) is published in
+    # three steps: begin() once, put_part() from any worker for each file, seal() once at the end.
+    # Until seal() writes _SUCCESS, readers see nothing; a retried worker simply uploads again.
+    def begin(self, key: str) -> None:
+        """Clear the leftovers of an unfinished publish at key; refuse a complete artifact."""
+        if self.is_complete(key):
+            raise StoreError(f"{self.url(key)}: already published; delete it first to replace it")
+        self.delete(key)
+
+    def put_part(self, key: str, rel: str, local_file: Path) -> dict:
+        """Upload one file of an artifact being built. Returns its {sha256, size} for seal()."""
+        described = {"sha256": sha256_file(local_file), "size": local_file.stat().st_size}
+        self._upload(key, rel, local_file)
+        return described
+
+    def seal(self, key: str, files: dict[str, dict], *, kind: str, inputs: dict, metrics: dict | None = None) -> dict:
+        """Write manifest.json and then _SUCCESS for files already uploaded at key.
+
+        Checks that every listed file is there with its size first (a part lost to a crash would
+        otherwise be vouched for). Returns the manifest.
+        """
+        for reserved in RESERVED_NAMES:
+            if reserved in files:
+                raise ValueError(f"{self.url(key)}: {reserved} is written by the store, not by a stage")
+        for rel, expected in files.items():
+            with self._errors(f"check {self.url(key)}/{rel}"):
+                try:
+                    size = self.fs.info(self.path(f"{key}/{rel}"))["size"]
+                except FileNotFoundError:
+                    size = None
+            if size != expected["size"]:
+                raise StoreError(f"{self.url(key)}/{rel}: expected {expected['size']} bytes, found "
+                                 f"{'nothing' if size is None else size}; the artifact was not sealed")
+        manifest = build_manifest(kind, key, dict(sorted(files.items())), inputs, metrics or {})
         manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
         with self._errors(f"write {self.url(key)}/{MANIFEST_NAME}"):
             self._write_small(self.path(f"{key}/{MANIFEST_NAME}"), manifest_bytes)
@@ -270,10 +328,14 @@ class Store:
         else:
             self.fs.pipe_file(path, data)
 
-    def _put(self, local: Path, remote: str) -> None:
-        if self._local:
-            self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
-        self.fs.put_file(str(local), remote)
+    def _upload(self, key: str, rel: str, local: Path) -> None:
+        if rel in RESERVED_NAMES:
+            raise ValueError(f"{self.url(key)}: {rel} is written by the store, not by a stage")
+        remote = self.path(f"{key}/{rel}")
+        with self._errors(f"upload {self.url(key)}/{rel}"):
+            if self._local:
+                self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(local), remote)
 
     def _errors(self, action: str) -> "_StoreErrors":
         return _StoreErrors(f"store {display_uri(self.uri)}: cannot {action}")

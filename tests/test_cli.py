@@ -98,11 +98,14 @@ def test_run_and_status_on_a_tiny_job(tmp_path, capsys):
         ray.shutdown()
     out = capsys.readouterr().out
     assert "base tiny from shape:tiny: in the store" in out
-    assert "Not built yet in this version: fuse, eval, serve, bench" in out
+    assert "Not built yet in this version: eval, serve, bench" in out
     assert (tmp_path / "store" / "bases" / "tiny" / "_SUCCESS").exists()
     assert (tmp_path / "store" / "runs" / "j" / "adapters" / "a" / "_SUCCESS").exists()
+    for variant in ("bf16.original", "nf4.original"):  # the default fuse schemes
+        assert (tmp_path / "store" / "runs" / "j" / "fused" / "a" / variant / "_SUCCESS").exists()
     assert main(["status", str(tmp_path / "job.yaml")]) == 0
-    assert "a       done" in capsys.readouterr().out
+    status = capsys.readouterr().out
+    assert "a       done" in status and "2/2" in status
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:

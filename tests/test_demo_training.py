@@ -1,17 +1,20 @@
-"""End to end on the real model: the demo job's tenants train on SmolLM2 on the CPU and learn.
+"""End to end on the real model: the demo job's tenants train on SmolLM2 on the CPU, learn, and fuse.
 
-Slow (about 7 minutes on 2 cores): every demo tenant is fine-tuned through the Ray train stage,
-then each adapter's exact-match accuracy on its held-out eval split is compared with the base's.
+Slow (about 14 minutes on 2 cores): every demo tenant is fine-tuned through the Ray train stage,
+then each adapter's exact-match accuracy on its held-out eval split is compared with the base's;
+then the fuse stage makes the demo's fused models (bf16, nf4, gptq-int4), and each one, loaded by
+plain transformers, answers the eval prompts like its adapter.
 """
 
 from __future__ import annotations
 
 import pytest
+from transformers import AutoModelForCausalLM
 
 from qlora_ray.data import read_rows
 from qlora_ray.evaluation import exact_match, load_model
 from qlora_ray.spec import load_spec
-from qlora_ray.store import adapter_key
+from qlora_ray.store import adapter_key, fused_key
 from tests.conftest import REPO
 
 
@@ -23,17 +26,21 @@ def test_demo_tenants_learn_their_tasks(smollm2_store, tmp_path):
 
     demo = load_spec(REPO / "jobs" / "demo.yaml")
     spec = demo.model_copy(update={"store": smollm2_store.uri})
+    from qlora_ray.fuse.launch import fuse_job
+
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stray cluster
     try:
         outcomes = train_job(spec, progress=print)
+        assert [o.state for o in outcomes] == ["done"] * len(spec.tenants), [o.error for o in outcomes]
+        fused = fuse_job(spec, progress=print)
     finally:
         ray.shutdown()
-    assert [o.state for o in outcomes] == ["done"] * len(spec.tenants), [o.error for o in outcomes]
+    assert {o.state for o in fused} == {"done"}, [o.error for o in fused if o.error]
 
     base_dir = tmp_path / "base"
     smollm2_store.fetch("bases/smollm2-135m", base_dir)
     base_model, tokenizer = load_model(base_dir)
-    gains = {}
+    gains, fused_scores = {}, {}
     for tenant in spec.tenants:
         rows = read_rows(tenant.eval_data).rows
         adapter_dir = tmp_path / tenant.id
@@ -41,8 +48,24 @@ def test_demo_tenants_learn_their_tasks(smollm2_store, tmp_path):
         assert manifest["metrics"]["final_loss"] < manifest["metrics"]["first_loss"]
         tuned, _ = load_model(base_dir, adapter_dir)
         before = exact_match(base_model, tokenizer, rows, tenant.scorer).value
-        after = exact_match(tuned, tokenizer, rows, tenant.scorer).value
+        reference = exact_match(tuned, tokenizer, rows, tenant.scorer)
+        after = reference.value
         gains[tenant.id] = (before, after)
         print(f"{tenant.id}: base {before:.0%} -> adapter {after:.0%}")
+        for variant in spec.fused_variants(tenant):
+            folder = tmp_path / f"{tenant.id}-{variant.name}"
+            smollm2_store.fetch(fused_key(spec.name, tenant.id, variant.name), folder)
+            model = AutoModelForCausalLM.from_pretrained(str(folder))  # no peft, no qlora_ray: the folder alone
+            model.eval()
+            result = exact_match(model, tokenizer, rows, tenant.scorer)
+            agree = sum(a == b for a, b in zip(result.answers, reference.answers)) / len(rows)
+            fused_scores[(tenant.id, variant.name)] = (result.value, agree)
+            print(f"{tenant.id} {variant.name}: {result.value:.0%} exact match, {agree:.0%} of answers as the adapter's")
     wide_margins = [t for t, (before, after) in gains.items() if after - before >= 0.50]
     assert len(wide_margins) >= 3, gains
+    for (tenant_id, variant), (accuracy, agree) in fused_scores.items():
+        adapter_accuracy = gains[tenant_id][1]
+        if variant.startswith("bf16."):  # merged only: the adapter's answers, up to bf16 rounding
+            assert agree >= 0.9 and accuracy >= 0.9 * adapter_accuracy, (tenant_id, variant, fused_scores)
+        else:  # 4-bit: most of what the adapter taught survives (issue 6 measures and gates it exactly)
+            assert accuracy >= 0.75 * adapter_accuracy, (tenant_id, variant, fused_scores)

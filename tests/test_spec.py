@@ -196,3 +196,21 @@ def test_yaml_numbers_anchors_and_keys(tmp_path):
     )
     assert load_spec(write_job(tmp_path, anchors)).tenant("a").training.lora.r == 8
     assert "a key must be a plain value" in "\n".join(problems(tmp_path, "? [a, b]\n: 1\n"))
+
+
+def test_fused_variants_per_tenant(tmp_path):
+    job = minimal(fuse={"schemes": ["bf16", "gptq-int4"], "merge_base": "both"}, tenants=[
+        {"id": "qlora", "train_data": "d.jsonl"},
+        {"id": "lora", "train_data": "d.jsonl", "quantization": "none"},
+        {"id": "pinned", "train_data": "d.jsonl", "merge_base": "nf4-dequantized"},
+    ])
+    spec = load_spec(write_job(tmp_path, job))
+    names = {t.id: [v.name for v in spec.fused_variants(t)] for t in spec.tenants}
+    assert names == {
+        "qlora": ["bf16.original", "gptq-int4.original", "bf16.nf4-dequantized", "gptq-int4.nf4-dequantized"],
+        "lora": ["bf16.original", "gptq-int4.original"],  # no 4-bit base to merge into
+        "pinned": ["bf16.nf4-dequantized", "gptq-int4.nf4-dequantized"],
+    }
+    job["tenants"][1]["merge_base"] = "nf4-dequantized"
+    (problem,) = problems(tmp_path, job)
+    assert "tenant 'lora' trains on the 16-bit base" in problem and "merge_base: nf4-dequantized" in problem

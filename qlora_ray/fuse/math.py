@@ -10,7 +10,7 @@ result equals peft's `merge_and_unload` on the same weights (tests/test_fuse_mat
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from peft.utils.other import get_pattern_key
@@ -59,28 +59,37 @@ def delta_weight(delta: LoraDelta) -> torch.Tensor:
     return product * delta.scaling
 
 
-def fuse_weight(base: torch.Tensor, delta: LoraDelta) -> torch.Tensor:
-    """The merged weight, computed in float32 and cast back to base.dtype once.
-
-    Raises ValueError naming the weight when the factors do not fit the base (an adapter trained
-    for another model, or a rank that does not match its config).
-    """
+def check_fits(delta: LoraDelta, base_shape: tuple[int, ...]) -> None:
+    """Raise ValueError naming the weight when the factors do not fit a base weight of base_shape
+    (an adapter trained for another model, or a rank that does not match its config)."""
     a, b = delta.lora_a, delta.lora_b
     if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
         raise ValueError(f"{delta.weight_name}: LoRA factors do not chain: A {tuple(a.shape)}, B {tuple(b.shape)}")
+    base_shape = tuple(base_shape)
+    if delta.base_override is not None and tuple(delta.base_override.shape) != base_shape:
+        raise ValueError(f"{delta.weight_name}: the adapter carries a weight of shape "
+                         f"{tuple(delta.base_override.shape)} for a base weight of {base_shape} "
+                         "(a resized vocabulary cannot be fused)")
     expected = (a.shape[1], b.shape[0]) if (delta.embedding or delta.fan_in_fan_out) else (b.shape[0], a.shape[1])
-    if delta.base_override is not None:
-        if delta.base_override.shape != base.shape:
-            raise ValueError(f"{delta.weight_name}: the adapter carries a weight of shape "
-                             f"{tuple(delta.base_override.shape)} for a base weight of {tuple(base.shape)} "
-                             "(a resized vocabulary cannot be fused)")
-        base = delta.base_override.to(base.dtype)
-    if tuple(base.shape) != expected:
+    if base_shape != expected:
         raise ValueError(
             f"{delta.weight_name}: the adapter expects a weight of shape {expected} but the base has "
-            f"{tuple(base.shape)}; was the adapter trained for another base model?"
+            f"{base_shape}; was the adapter trained for another base model?"
         )
-    return (base.float() + delta_weight(delta)).to(base.dtype)
+
+
+def fuse_weight(base: torch.Tensor, delta: LoraDelta) -> torch.Tensor:
+    """The merged weight, computed in float32 and cast back to base.dtype once (on base's device).
+
+    Raises ValueError naming the weight when the factors do not fit the base.
+    """
+    check_fits(delta, tuple(base.shape))
+    if delta.base_override is not None:
+        base = delta.base_override.to(device=base.device, dtype=base.dtype)
+    if delta.lora_b.device != base.device:  # merge where the base weight lives (the GPU, on a GPU worker)
+        delta = replace(delta, lora_a=delta.lora_a.to(base.device), lora_b=delta.lora_b.to(base.device))
+    update = delta_weight(delta)
+    return (base.float() + update).to(base.dtype)
 
 
 def adapter_deltas(adapter_state: dict[str, torch.Tensor], config: dict) -> dict[str, LoraDelta]:

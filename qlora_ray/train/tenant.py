@@ -16,6 +16,7 @@ from typing import Callable
 
 from qlora_ray.data import read_rows
 from qlora_ray.errors import StoreError
+from qlora_ray.manifest import manifest_digest
 from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.store import Store, adapter_key, base_key, checkpoint_key, data_key
 from qlora_ray.train.finetune import finetune
@@ -125,9 +126,9 @@ def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: 
             "training_fingerprint": fingerprint,
             "training": tenant.training.model_dump(mode="json"),
             "scorer": tenant.scorer,
-            "base": {"key": base_key(spec.base.name), "manifest_sha256": _digest(base_manifest),
+            "base": {"key": base_key(spec.base.name), "manifest_sha256": manifest_digest(base_manifest),
                      "source_sha256": base_manifest["inputs"].get("source_sha256")},
-            "data": {"key": data_key(spec.name, tenant.id), "manifest_sha256": _digest(data_manifest),
+            "data": {"key": data_key(spec.name, tenant.id), "manifest_sha256": manifest_digest(data_manifest),
                      **data_manifest["inputs"]},
         }
         if store.is_complete(key):  # another attempt of this tenant published first: keep that one
@@ -171,7 +172,3 @@ def _delete_checkpoints(store: Store, job: str, tenant: str) -> None:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-
-
-def _digest(manifest: dict) -> str:
-    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()

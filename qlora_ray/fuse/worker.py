@@ -1,0 +1,147 @@
+"""The fuse actor: a thin Ray layer between the store and the local functions of fuse/shards.py and gptq.py.
+
+Each actor keeps what it downloaded (base shards, adapters) in a local cache for its lifetime, so a
+shard is fetched once per worker and verified against the base's manifest when it is; a folder
+store's base is read in place, verified the same way, without a copy. Outputs go
+straight into their artifact folders in the store (Store.put_part); the driver seals each artifact
+once all its parts are in. If an actor dies, Ray restarts it (maybe on another node) and re-runs
+its unfinished unit there, which uploads the same parts again.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from qlora_ray.fuse.math import LoraDelta, adapter_deltas
+from qlora_ray.fuse.shards import ShardTarget, fuse_shard, load_shard
+from qlora_ray.spec import FusedVariant, JobSpec
+from qlora_ray.store import Store, adapter_key, base_key, data_key, fused_key
+
+ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
+
+
+def load_adapter_deltas(adapter_dir: Path, device: str = "cpu") -> dict[str, LoraDelta]:
+    """A PEFT adapter folder's LoRA deltas; device 'meta' reads only the shapes (for validation)."""
+    import torch
+    from safetensors import safe_open
+
+    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as handle:
+        if device == "meta":
+            state = {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
+        else:
+            state = {k: handle.get_tensor(k).to(device) for k in handle.keys()}
+    return adapter_deltas(state, config)
+
+
+def peak_memory() -> dict:
+    """This worker process's peak resident memory so far (and the GPU's, on a GPU worker)."""
+    import torch
+
+    peak = {"worker_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if torch.cuda.is_available():
+        peak["worker_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+    return peak
+
+
+class FuseWorker:
+    """Runs fuse units: one base shard for many targets, or one tenant's GPTQ quantization."""
+
+    def __init__(self, spec: JobSpec, quantized: frozenset[str], threads: int):
+        import torch
+
+        torch.set_num_threads(max(1, threads))
+        self.spec = spec
+        self.store = Store(spec.store, spec.storage_options)
+        self.quantized = quantized
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.cache = Path(tempfile.mkdtemp(prefix="qlora-ray-fuse-"))
+        self._deltas: dict[str, dict[str, LoraDelta]] = {}
+        self._verified: set[str] = set()  # base files checked against the manifest (and fetched) already
+
+    def device_name(self) -> str:
+        return self.device
+
+    def close(self) -> None:
+        """Remove this worker's cache (the driver calls it before ending the actor)."""
+        shutil.rmtree(self.cache, ignore_errors=True)
+
+    def _base(self, files: list[str]) -> Path:
+        key = base_key(self.spec.base.name)
+        wanted = [f for f in files if f not in self._verified]
+        folder = self.store.readable_copy(key, wanted, self.cache / "base")
+        self._verified.update(wanted)
+        return folder
+
+    def _tenant_deltas(self, tenant: str) -> dict[str, LoraDelta]:
+        if tenant not in self._deltas:
+            folder = self.cache / "adapters" / tenant
+            self.store.fetch(adapter_key(self.spec.name, tenant), folder)
+            self._deltas[tenant] = load_adapter_deltas(folder, self.device)
+        return self._deltas[tenant]
+
+    def fuse_shard(self, shard_file: str, targets: list[ShardTarget]) -> dict:
+        """Merge one base shard for every target and upload each output as a part of its artifact."""
+        started = time.perf_counter()
+        base = load_shard(self._base([shard_file]) / shard_file, self.device)
+        deltas = {target.tenant: self._tenant_deltas(target.tenant) for target in targets}
+        out_dir = self.cache / "out" / shard_file
+        parts = {}
+
+        def upload(tenant: str, variant: str, output) -> None:
+            described = self.store.put_part(fused_key(self.spec.name, tenant, variant), shard_file, output.path)
+            output.path.unlink()
+            parts[f"{tenant}/{variant}"] = {**described, "tensors": list(output.tensors),
+                                            "tensor_bytes": output.tensor_bytes, "seconds": output.seconds}
+
+        try:
+            fuse_shard(base, targets, deltas, self.quantized, out_dir, shard_file, on_output=upload)
+        finally:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        del base
+        return {"shard": shard_file, "parts": parts, "seconds": round(time.perf_counter() - started, 3), **peak_memory()}
+
+    def fuse_gptq(self, target: ShardTarget, inputs: dict) -> dict:
+        """Merge all shards for one tenant locally, GPTQ-quantize on its training rows, publish. Returns the manifest."""
+        from transformers import AutoTokenizer
+
+        from qlora_ray.fuse.gptq import calibration_texts, gptq_quantize
+
+        started = time.perf_counter()
+        variant = FusedVariant("gptq-int4", target.merge_base).name
+        key = fused_key(self.spec.name, target.tenant, variant)
+        work = self.cache / "gptq" / target.tenant / variant
+        try:
+            merged = self._merge_locally(target, work / "merged")
+            rows_dir = work / "data"
+            self.store.fetch(data_key(self.spec.name, target.tenant), rows_dir, only=["train.jsonl"])
+            rows = [json.loads(line) for line in (rows_dir / "train.jsonl").read_text(encoding="utf-8").splitlines() if line]
+            texts = calibration_texts(rows, AutoTokenizer.from_pretrained(str(merged)), self.spec.fuse.gptq.calibration_samples)
+            metrics = gptq_quantize(merged, work / "out", texts, self.spec.fuse.gptq, device=self.device)
+            metrics.update(seconds=round(time.perf_counter() - started, 2), **peak_memory())
+            metrics["size_bytes"] = sum(p.stat().st_size for p in (work / "out").rglob("*") if p.is_file())
+            return self.store.publish(key, work / "out", kind="fused", inputs=inputs, metrics=metrics)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _merge_locally(self, target: ShardTarget, out: Path) -> Path:
+        """A complete 16-bit HF folder of one tenant merged into one merge base, built shard by shard."""
+        files = list(self.store.read_manifest(base_key(self.spec.base.name))["files"])
+        base_dir = self._base(files)
+        bf16 = ShardTarget(target.tenant, target.merge_base, ("bf16",), target.trained_format, target.output_format)
+        deltas = {target.tenant: self._tenant_deltas(target.tenant)}
+        for shard_file in sorted(f for f in files if f.endswith(".safetensors")):
+            base = load_shard(base_dir / shard_file, self.device)
+            (output,) = fuse_shard(base, [bf16], deltas, self.quantized, out / "parts", shard_file).values()
+            output.path.rename(out / shard_file)
+            del base
+        shutil.rmtree(out / "parts")
+        for rel in files:  # config, tokenizer, chat template, index: as the base's
+            if not rel.endswith(".safetensors"):
+                shutil.copy2(base_dir / rel, out / rel)
+        return out

@@ -1,0 +1,313 @@
+"""The fuse stage end to end on the tiny base: every scheme and merge base, against peft and transformers.
+
+Adapters here are peft LoRA adapters with random factors (B is not zero, so every merge shows), put
+in the store exactly where the train stage publishes them.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from qlora_ray.fuse.launch import fuse_job
+from qlora_ray.fuse.quant import FourBit, roundtrip_4bit
+from qlora_ray.spec import load_spec
+from qlora_ray.store import Store, adapter_key, data_key, fused_key
+from tests.conftest import REPO
+
+DATES = REPO / "jobs" / "data" / "dates"
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LORAS = {
+    # alpha != r, and per-module patterns: a wrong scale or rank shows in the merged weights
+    "acme": dict(r=4, lora_alpha=16, rank_pattern={"q_proj": 2}, alpha_pattern={r"layers\.1\.mlp\.down_proj": 3}),
+    "globex": dict(r=8, lora_alpha=16, use_rslora=True),
+}
+
+
+def copy_base(source: Store, target: Store, tmp_path: Path, name: str = "tiny") -> None:
+    local = tmp_path / f"base-copy-{name}"
+    source.fetch(f"bases/{name}", local)
+    manifest = source.read_manifest(f"bases/{name}")
+    target.publish(f"bases/{name}", local, kind="base", inputs=manifest["inputs"], metrics=manifest["metrics"])
+
+
+def base_dir_of(store: Store, tmp_path: Path, name: str = "tiny") -> Path:
+    local = tmp_path / f"base-{name}"
+    store.fetch(f"bases/{name}", local)
+    return local
+
+
+def publish_adapter(store: Store, tenant: str, base_dir: Path, tmp_path: Path, *, seed: int,
+                    model=None, **lora) -> Path:
+    """A peft adapter with random A and B factors, published as runs/t/adapters/<tenant>, plus its data."""
+    torch.manual_seed(seed)
+    model = model or AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    peft_model = get_peft_model(model, LoraConfig(target_modules=lora.pop("target_modules", TARGETS), **lora))
+    for name, param in peft_model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    folder = tmp_path / f"adapter-{tenant}"
+    peft_model.save_pretrained(str(folder))
+    store.publish(adapter_key("t", tenant), folder, kind="adapter", inputs={"training_fingerprint": tenant})
+    data = tmp_path / f"data-{tenant}"
+    data.mkdir()
+    (data / "train.jsonl").write_text((DATES / "train.jsonl").read_text())
+    store.publish(data_key("t", tenant), data, kind="data", inputs={"train_sha256": "x"})
+    return folder
+
+
+def fuse_spec(tmp_path: Path, store: Store, tenants: list[str], **fuse):
+    job = {
+        "name": "t", "store": store.uri,
+        "base": {"name": "tiny", "source": "shape:tiny"},
+        "tenants": [{"id": t, "train_data": str(DATES / "train.jsonl")} for t in tenants],
+        "fuse": {"schemes": ["bf16", "nf4"], "merge_base": "original", "workers": 2,
+                 "resources": {"num_cpus": 1}, **fuse},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return load_spec(path)
+
+
+def fetch_fused(store: Store, tenant: str, variant: str, tmp_path: Path) -> Path:
+    local = tmp_path / "fetched" / tenant / variant
+    store.fetch(fused_key("t", tenant, variant), local)
+    return local
+
+
+@pytest.fixture
+def fuse_store(tiny_store, tmp_path) -> Store:
+    store = Store(str(tmp_path / "store"))
+    copy_base(tiny_store, store, tmp_path)
+    return store
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def fused_tiny(tiny_store, tmp_path_factory, local_ray):
+    """Two tenants fused into bf16 and nf4 under both merge bases, once for the module's tests."""
+    tmp_path = tmp_path_factory.mktemp("fused-tiny")
+    store = Store(str(tmp_path / "store"))
+    copy_base(tiny_store, store, tmp_path)
+    base_dir = base_dir_of(store, tmp_path)
+    adapters = {tenant: publish_adapter(store, tenant, base_dir, tmp_path, seed=i, **lora)
+                for i, (tenant, lora) in enumerate(LORAS.items())}
+    spec = fuse_spec(tmp_path, store, list(LORAS), merge_base="both")
+    outcomes = fuse_job(spec, progress=lambda _: None)
+    return store, base_dir, adapters, outcomes, tmp_path
+
+
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).logits.float()
+
+
+IDS = torch.tensor([[5, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 10]])
+
+
+def test_every_variant_is_published_once_and_verifies(fused_tiny):
+    store, _, _, outcomes, _ = fused_tiny
+    assert {(o.tenant, o.variant, o.state) for o in outcomes} == {
+        (t, f"{s}.{m}", "done") for t in LORAS for s in ("bf16", "nf4") for m in ("original", "nf4-dequantized")}
+    for tenant in LORAS:
+        assert store.list_complete(f"runs/t/fused/{tenant}") == sorted(
+            f"{s}.{m}" for s in ("bf16", "nf4") for m in ("original", "nf4-dequantized"))
+        manifest = store.read_manifest(fused_key("t", tenant, "nf4.nf4-dequantized"))
+        assert manifest["inputs"]["merge_base"] == "nf4-dequantized" and manifest["inputs"]["scheme"] == "nf4"
+        assert manifest["inputs"]["trained_format"] == {"quant_type": "nf4", "double_quant": True}
+        assert manifest["metrics"]["shards"] > 1 and manifest["metrics"]["worker_peak_rss_bytes"] > 0
+        for variant in store.list_complete(f"runs/t/fused/{tenant}"):
+            store.verify(fused_key("t", tenant, variant))
+
+
+@pytest.mark.parametrize("tenant", list(LORAS))
+def test_fused_bf16_equals_peft(fused_tiny, tenant):
+    """Weights: bit-equal to peft's merge_and_unload (fp32, cast once). Logits: the unmerged adapter's,
+    up to bf16 rounding of the stored weights."""
+    store, base_dir, adapters, _, tmp_path = fused_tiny
+    fused = AutoModelForCausalLM.from_pretrained(str(fetch_fused(store, tenant, "bf16.original", tmp_path)),
+                                                 dtype=torch.float32)
+    unmerged = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32), str(adapters[tenant]))
+    expected = logits(unmerged, IDS)
+    peft_merged = unmerged.merge_and_unload().to(torch.bfloat16).state_dict()
+    for name, tensor in fused.state_dict().items():
+        assert torch.equal(tensor.to(torch.bfloat16), peft_merged[name]), name
+    got = logits(fused, IDS)
+    base = logits(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32), IDS)
+    assert (got - expected).abs().max() < 0.05 * (expected - base).abs().max()  # rounding, not the adapter
+
+
+def test_nf4_scheme_loads_in_plain_transformers_as_its_bf16_quantized(fused_tiny):
+    """The nf4 folder loads with no arguments into bitsandbytes 4-bit layers, and equals the bf16
+    fused model quantized by transformers' own load_in_4bit."""
+    import bitsandbytes as bnb
+
+    store, _, _, _, tmp_path = fused_tiny
+    for merge_base in ("original", "nf4-dequantized"):
+        nf4 = AutoModelForCausalLM.from_pretrained(str(fetch_fused(store, "acme", f"nf4.{merge_base}", tmp_path)))
+        assert isinstance(nf4.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+        reference = AutoModelForCausalLM.from_pretrained(
+            str(fetch_fused(store, "acme", f"bf16.{merge_base}", tmp_path)),
+            quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                   bnb_4bit_use_double_quant=True,
+                                                   bnb_4bit_compute_dtype=torch.bfloat16))
+        for model in (nf4, reference):
+            model.eval()
+        assert torch.equal(logits(nf4, IDS), logits(reference, IDS))
+
+
+def test_dequantized_merge_base_is_the_base_qlora_trained_on(fused_tiny):
+    """bf16.nf4-dequantized = dequantize(quantize_nf4(W)) + delta, where the 4-bit loader's weights
+    are what QLoRA training saw; untouched weights (norms, embeddings) stay as they were."""
+    from safetensors.torch import load_file
+
+    store, base_dir, adapters, _, tmp_path = fused_tiny
+    qlora_base = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                                              bnb_4bit_use_double_quant=True))
+    seen_in_training = qlora_base.model.layers[1].mlp.down_proj.weight
+    import bitsandbytes.functional as bnbf
+
+    trained_on = bnbf.dequantize_4bit(seen_in_training.data, seen_in_training.quant_state).to(torch.bfloat16)
+    original = AutoModelForCausalLM.from_pretrained(str(base_dir)).model.layers[1].mlp.down_proj.weight.data
+    assert torch.equal(roundtrip_4bit(original, FourBit("nf4", True)), trained_on)
+
+    fused_dir = fetch_fused(store, "acme", "bf16.nf4-dequantized", tmp_path)
+    fused = {}
+    for shard in fused_dir.glob("*.safetensors"):
+        fused.update(load_file(str(shard)))
+    from qlora_ray.fuse.math import delta_weight
+    from qlora_ray.fuse.worker import load_adapter_deltas
+
+    delta = load_adapter_deltas(adapters["acme"])["model.layers.1.mlp.down_proj.weight"]
+    expected = (trained_on.float() + delta_weight(delta)).to(torch.bfloat16)
+    assert torch.equal(fused["model.layers.1.mlp.down_proj.weight"], expected)
+    base_norm = AutoModelForCausalLM.from_pretrained(str(base_dir)).model.norm.weight
+    assert torch.equal(fused["model.norm.weight"], base_norm.data)
+
+
+def test_many_shards_equal_one_shard(fused_tiny, tmp_path, local_ray):
+    """The same adapter fused into the base cut in 100 KB shards and in a single shard: equal tensors."""
+    from safetensors.torch import load_file
+
+    from qlora_ray.bases import import_base
+
+    store, _, adapters, _, fused_tmp = fused_tiny
+    single = Store(str(tmp_path / "single"))
+    import_base("shape:tiny", "tiny", single, shard_size="100MB", progress=lambda _: None)
+    assert len([f for f in single.read_manifest("bases/tiny")["files"] if f.endswith(".safetensors")]) == 1
+    single.publish(adapter_key("t", "acme"), adapters["acme"], kind="adapter", inputs={})
+    outcomes = fuse_job(fuse_spec(tmp_path, single, ["acme"], merge_base="both"), progress=lambda _: None)
+    assert {o.state for o in outcomes} == {"done"}
+
+    def tensors(folder: Path) -> dict:
+        out = {}
+        for shard in folder.glob("*.safetensors"):
+            out.update(load_file(str(shard)))
+        return out
+
+    for variant in ("bf16.original", "nf4.original", "bf16.nf4-dequantized", "nf4.nf4-dequantized"):
+        many = tensors(fetch_fused(store, "acme", variant, fused_tmp))
+        one = tensors(fetch_fused(single, "acme", variant, tmp_path))
+        assert many.keys() == one.keys() and len(many) > 20
+        for name in many:
+            assert torch.equal(many[name], one[name]), (variant, name)
+
+
+def test_a_rerun_skips_complete_artifacts(fused_tiny):
+    store, _, _, _, tmp_path = fused_tiny
+    spec = fuse_spec(tmp_path, store, list(LORAS), merge_base="both")
+    before = store.read_manifest(fused_key("t", "acme", "nf4.original"))["created_at"]
+    outcomes = fuse_job(spec, progress=lambda _: None)
+    assert {o.state for o in outcomes} == {"skipped"} and len(outcomes) == 8
+    assert store.read_manifest(fused_key("t", "acme", "nf4.original"))["created_at"] == before
+
+
+def test_gptq_scheme_loads_in_plain_transformers_and_keeps_the_adapter(fused_tiny, tmp_path, local_ray):
+    """gptq-int4, calibrated on the tenant's rows: a GPTQ checkpoint transformers loads into
+    GPTQModel's quantized layers, whose logits follow the merged model rather than the base."""
+    store, base_dir, _, _, _ = fused_tiny
+    spec = fuse_spec(tmp_path, store, ["acme"], schemes=["gptq-int4"], gptq={"group_size": 32, "calibration_samples": 16})
+    (outcome,) = fuse_job(spec, progress=lambda _: None)
+    assert (outcome.variant, outcome.state) == ("gptq-int4.original", "done"), outcome.error
+    manifest = store.read_manifest(fused_key("t", "acme", "gptq-int4.original"))
+    assert manifest["inputs"]["gptq"]["group_size"] == 32 and manifest["metrics"]["calibration_rows"] == 16
+    folder = fetch_fused(store, "acme", "gptq-int4.original", tmp_path)
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["bits"], config["group_size"]) == ("gptq", 4, 32)
+    quantized = AutoModelForCausalLM.from_pretrained(str(folder))
+    assert type(quantized.model.layers[0].self_attn.q_proj).__module__.startswith("gptqmodel.")
+    merged = logits(AutoModelForCausalLM.from_pretrained(str(fetch_fused(store, "acme", "bf16.original", tmp_path)),
+                                                         dtype=torch.float32), IDS)
+    base = logits(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32), IDS)
+    got = logits(quantized, IDS)
+    assert (got - merged).norm() < (got - base).norm()
+
+
+def corrupt_keys(folder: Path, old: str, new: str) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = folder / "adapter_model.safetensors"
+    tensors = {k.replace(old, new): v for k, v in load_file(str(weights)).items()}
+    save_file(tensors, str(weights))
+
+
+def test_bad_adapters_and_a_damaged_base_publish_nothing(fuse_store, tmp_path, local_ray):
+    """An adapter for another base, one with a target the base lacks, and a damaged base shard:
+    each a clear error; no fused artifact of theirs appears; a good tenant is unaffected."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    base_dir = base_dir_of(fuse_store, tmp_path)
+    publish_adapter(fuse_store, "good", base_dir, tmp_path, seed=1, r=4, lora_alpha=8)
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    publish_adapter(fuse_store, "other-base", base_dir, tmp_path, seed=2, model=other, r=4, lora_alpha=8)
+    renamed = tmp_path / "renamed"
+    torch.manual_seed(3)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
+                                LoraConfig(r=4, target_modules=["gate_proj"]))
+    peft_model.save_pretrained(str(renamed))
+    corrupt_keys(renamed, "mlp.gate_proj", "mlp.gate2_proj")
+    fuse_store.publish(adapter_key("t", "unknown-target"), renamed, kind="adapter", inputs={})
+
+    spec = fuse_spec(tmp_path, fuse_store, ["good", "other-base", "unknown-target", "missing"])
+    outcomes = {(o.tenant, o.variant): o for o in fuse_job(spec, progress=lambda _: None)}
+    assert outcomes[("good", "nf4.original")].state == "done"
+    mismatch = outcomes[("other-base", "bf16.original")]
+    assert mismatch.state == "failed" and "trained for another base model" in mismatch.error
+    assert "model.layers.0.mlp.down_proj.weight" in mismatch.error and "(64, 128)" in mismatch.error
+    unknown = outcomes[("unknown-target", "nf4.original")]
+    assert unknown.state == "failed" and "gate2_proj" in unknown.error and "does not have" in unknown.error
+    missing = outcomes[("missing", "bf16.original")]
+    assert missing.state == "failed" and "no adapter" in missing.error
+    assert fuse_store.list_complete("runs/t/fused/good") == ["bf16.original", "nf4.original"]
+    for tenant in ("other-base", "unknown-target", "missing"):
+        assert not fuse_store.fs.exists(fuse_store.path(f"runs/t/fused/{tenant}"))
+
+    # a base shard damaged in the store after import: caught by its checksum, nothing published
+    shard = sorted(f for f in fuse_store.read_manifest("bases/tiny")["files"] if f.endswith(".safetensors"))[1]
+    path = Path(fuse_store.path(f"bases/tiny/{shard}"))
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 0xFF
+    path.write_bytes(bytes(data))
+    spec = fuse_spec(tmp_path, fuse_store, ["good"], merge_base="nf4-dequantized")
+    outcomes = fuse_job(spec, progress=lambda _: None)
+    assert {o.state for o in outcomes} == {"failed"}
+    assert all(shard in o.error and "damaged" in o.error for o in outcomes), outcomes[0].error
+    assert fuse_store.list_complete("runs/t/fused/good") == ["bf16.original", "nf4.original"]
+    assert not fuse_store.fs.exists(fuse_store.path("runs/t/fused/good/nf4.nf4-dequantized"))
