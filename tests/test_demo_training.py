@@ -67,5 +67,6 @@ def test_demo_tenants_learn_their_tasks(smollm2_store, tmp_path):
         adapter_accuracy = gains[tenant_id][1]
         if variant.startswith("bf16."):  # merged only: the adapter's answers, up to bf16 rounding
             assert agree >= 0.9 and accuracy >= 0.9 * adapter_accuracy, (tenant_id, variant, fused_scores)
-        else:  # 4-bit: most of what the adapter taught survives (issue 6 measures and gates it exactly)
-            assert accuracy >= 0.75 * adapter_accuracy, (tenant_id, variant, fused_scores)
+        else:  # 4-bit keeps what the adapter taught, well above the base (the eval stage gates it exactly)
+            base_accuracy = gains[tenant_id][0]
+            assert accuracy >= 0.5 * adapter_accuracy and accuracy > base_accuracy + 0.2, (tenant_id, variant, fused_scores)
