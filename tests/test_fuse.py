@@ -19,7 +19,7 @@ from qlora_ray.fuse.launch import fuse_job
 from qlora_ray.fuse.quant import FourBit, roundtrip_4bit
 from qlora_ray.spec import load_spec
 from qlora_ray.store import Store, adapter_key, data_key, fused_key
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_base
 
 DATES = REPO / "jobs" / "data" / "dates"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -28,13 +28,6 @@ LORAS = {
     "acme": dict(r=4, lora_alpha=16, rank_pattern={"q_proj": 2}, alpha_pattern={r"layers\.1\.mlp\.down_proj": 3}),
     "globex": dict(r=8, lora_alpha=16, use_rslora=True),
 }
-
-
-def copy_base(source: Store, target: Store, tmp_path: Path, name: str = "tiny") -> None:
-    local = tmp_path / f"base-copy-{name}"
-    source.fetch(f"bases/{name}", local)
-    manifest = source.read_manifest(f"bases/{name}")
-    target.publish(f"bases/{name}", local, kind="base", inputs=manifest["inputs"], metrics=manifest["metrics"])
 
 
 def base_dir_of(store: Store, tmp_path: Path, name: str = "tiny") -> Path:

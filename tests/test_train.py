@@ -16,7 +16,7 @@ from qlora_ray.spec import TrainSpec, load_spec
 from qlora_ray.store import Store, adapter_key, checkpoint_key
 from qlora_ray.train.finetune import disable_bnb_cpu_inference_repack, load_base_for_training
 from qlora_ray.train.status import read_status
-from tests.conftest import REPO
+from tests.conftest import REPO, copy_base
 
 DATES = REPO / "jobs" / "data" / "dates"
 UNITS = REPO / "jobs" / "data" / "units"
@@ -42,12 +42,7 @@ def tiny_job(tmp_path: Path, store: Store, tenants: list[dict], **train) -> Path
 def tiny_job_store(tiny_store, tmp_path) -> Store:
     """A fresh store per test holding a copy of bases/tiny."""
     store = Store(str(tmp_path / "store"))
-    local = tmp_path / "tiny-base"
-    tiny_store.fetch("bases/tiny", local)
-    for name in ("manifest.json", "_SUCCESS"):
-        (local / name).unlink(missing_ok=True)
-    manifest = tiny_store.read_manifest("bases/tiny")
-    store.publish("bases/tiny", local, kind="base", inputs=manifest["inputs"], metrics=manifest["metrics"])
+    copy_base(tiny_store, store, tmp_path)
     return store
 
 

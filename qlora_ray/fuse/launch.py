@@ -87,8 +87,8 @@ def fuse_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list[
         gptq_problems = _gptq_problems(spec, layout)
         artifacts, gptq_jobs = [], []
         for tenant in spec.tenants:
-            planned, failed = _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, Path(tmp), progress)
-            outcomes += failed
+            planned, settled = _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, Path(tmp), progress)
+            outcomes += settled
             for variant, inputs in planned:
                 store.begin(fused_key(spec.name, tenant.id, variant.name))
                 target = ShardTarget(tenant.id, variant.merge_base, (variant.scheme,), trained_format(tenant),
@@ -97,10 +97,9 @@ def fuse_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list[
                     artifacts.append(_Artifact(tenant.id, variant, target, inputs))
                 else:
                     gptq_jobs.append((target, inputs))
-        outcomes += [o for o in _skipped(spec, store) if o.tenant in {t.id for t in spec.tenants}]
         if artifacts or gptq_jobs:
             outcomes += _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress)
-    order = {(t.id, v.name): i for i, t in enumerate(spec.tenants) for v in [*spec.fused_variants(t)]}
+    order = {(t.id, v.name): i for i, t in enumerate(spec.tenants) for v in spec.fused_variants(t)}
     return sorted(outcomes, key=lambda o: order.get((o.tenant, o.variant), len(order)))
 
 
@@ -113,31 +112,37 @@ def _gptq_problems(spec: JobSpec, layout: BaseLayout) -> list[str]:
 
 
 def _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp, progress):
-    """(variants to build with their manifest inputs, failed outcomes) for one tenant."""
+    """(variants to build with their manifest inputs, outcomes settled now: skipped or failed) for one tenant."""
     akey = adapter_key(spec.name, tenant.id)
-    todo = [v for v in spec.fused_variants(tenant) if not store.is_complete(fused_key(spec.name, tenant.id, v.name))]
+    todo, skipped = [], []
+    for variant in spec.fused_variants(tenant):
+        key = fused_key(spec.name, tenant.id, variant.name)
+        if store.is_complete(key):
+            skipped.append(FuseOutcome(tenant.id, variant.name, "skipped", store.read_manifest(key)["metrics"]))
+        else:
+            todo.append(variant)
     if not todo:
-        return [], []
+        return [], skipped
 
     def fail(message: str, variants=todo):
         progress(f"fuse {tenant.id}: failed: {message}")
         return [FuseOutcome(tenant.id, v.name, "failed", error=message) for v in variants]
 
     if not store.is_complete(akey):
-        return [], fail(f"no adapter at {store.url(akey)}; train it first (qlora-ray train JOB)")
+        return [], skipped + fail(f"no adapter at {store.url(akey)}; train it first (qlora-ray train JOB)")
     adapter_manifest = store.read_manifest(akey)
     folder = tmp / "adapters" / tenant.id
     store.fetch(akey, folder, only=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
     try:  # the factors' shapes are enough to check the adapter against the base
         deltas = load_adapter_deltas(folder, device="meta")
     except ValueError as exc:
-        return [], fail(f"the adapter cannot be merged: {exc}")
+        return [], skipped + fail(f"the adapter cannot be merged: {exc}")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     problems = adapter_problems(layout, deltas)
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        return [], fail(f"the adapter does not fit base {spec.base.name}: {problems[0]}{more}")
+        return [], skipped + fail(f"the adapter does not fit base {spec.base.name}: {problems[0]}{more}")
     failed = []
     if gptq_problems and any(v.scheme == "gptq-int4" for v in todo):
         failed = fail(gptq_problems[0], [v for v in todo if v.scheme == "gptq-int4"])
@@ -164,17 +169,7 @@ def _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp,
             inputs["calibration"] = {"key": data_key(spec.name, tenant.id),
                                      "train_sha256": data_manifest["inputs"].get("train_sha256")}
         planned.append((variant, inputs))
-    return planned, failed
-
-
-def _skipped(spec: JobSpec, store: Store) -> list[FuseOutcome]:
-    outcomes = []
-    for tenant in spec.tenants:
-        for variant in spec.fused_variants(tenant):
-            key = fused_key(spec.name, tenant.id, variant.name)
-            if store.is_complete(key):
-                outcomes.append(FuseOutcome(tenant.id, variant.name, "skipped", store.read_manifest(key)["metrics"]))
-    return outcomes
+    return planned, skipped + failed
 
 
 def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> list[FuseOutcome]:

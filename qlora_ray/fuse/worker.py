@@ -11,7 +11,6 @@ its unfinished unit there, which uploads the same parts again.
 from __future__ import annotations
 
 import json
-import resource
 import shutil
 import tempfile
 import time
@@ -21,6 +20,7 @@ from qlora_ray.fuse.math import LoraDelta, adapter_deltas
 from qlora_ray.fuse.shards import ShardTarget, fuse_shard, load_shard
 from qlora_ray.spec import FusedVariant, JobSpec
 from qlora_ray.store import Store, adapter_key, base_key, data_key, fused_key
+from qlora_ray.train.finetune import peak_memory_bytes
 
 ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
 
@@ -43,9 +43,9 @@ def peak_memory() -> dict:
     """This worker process's peak resident memory so far (and the GPU's, on a GPU worker)."""
     import torch
 
-    peak = {"worker_peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    peak = {"worker_peak_rss_bytes": peak_memory_bytes("cpu")}
     if torch.cuda.is_available():
-        peak["worker_peak_gpu_bytes"] = torch.cuda.max_memory_allocated()
+        peak["worker_peak_gpu_bytes"] = peak_memory_bytes("cuda")
     return peak
 
 
