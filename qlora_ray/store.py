@@ -72,6 +72,14 @@ def fused_key(job: str, tenant: str, variant: str) -> str:
     return f"{run_key(job)}/fused/{_segment(tenant, 'tenant id')}/{_segment(variant, 'fused variant')}"
 
 
+def api_keys_key(job: str) -> str:
+    """The serve stage's API keys: sha256 of each key -> tenant (the keys themselves are never stored)."""
+    return f"{run_key(job)}/serve/api-keys.json"
+
+
+def bench_key(job: str, run_id: str) -> str:
+    return f"{run_key(job)}/bench/{_segment(run_id, 'bench run id')}"
+
 
 def display_uri(uri: str) -> str:
     """The URI without any user:password@ part, for messages and logs."""

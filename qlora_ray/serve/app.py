@@ -1,0 +1,400 @@
+"""The Ray Serve application: an OpenAI-compatible gateway over multiplexed model deployments.
+
+    client ──HTTP──▶ Gateway (FastAPI ingress: keys, validation, OpenAI shapes, SSE)
+                        ├─▶ ModelServer "fused"     <tenant>/<scheme>.<merge base>   (fused folders)
+                        └─▶ ModelServer "unmerged"  <tenant>/unmerged                (base + adapter, peft)
+
+Model ids name a tenant's artifact. Each ModelServer replica loads models from the store on demand
+through Serve's model multiplexing, which also routes a model's requests to the replica that holds
+it and evicts the least recently used one beyond serve.max_resident_models. Requests to one model
+on one replica are generated one at a time (no batching across requests yet).
+
+`qlora-ray serve JOB` runs it; `serve run serve/demo.yaml` builds it from `build_app`.
+"""
+
+
+import asyncio
+import json
+import logging
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+from ray import serve
+
+from qlora_ray.serve import protocol
+from qlora_ray.serve.keys import KeyRing
+from qlora_ray.spec import JobSpec
+from qlora_ray.store import Store, adapter_key, base_key, fused_key
+
+log = logging.getLogger(__name__)
+UNMERGED = "unmerged"
+CATALOG_RELOAD_SECONDS = 10.0
+
+
+# -- the models ---------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str  # "<tenant>/<variant>" or "<tenant>/unmerged"
+    tenant: str
+    variant: str
+    key: str  # the store key it loads from (the adapter's, for unmerged)
+
+    @property
+    def deployment(self) -> str:
+        return UNMERGED if self.variant == UNMERGED else "fused"
+
+
+def model_catalog(spec: JobSpec, store: Store) -> dict[str, ModelEntry]:
+    """Every model this job can serve now: complete fused artifacts, and adapters for unmerged."""
+    entries = {}
+    for tenant in spec.tenants:
+        for variant in spec.fused_variants(tenant):
+            key = fused_key(spec.name, tenant.id, variant.name)
+            if store.is_complete(key):
+                entries[f"{tenant.id}/{variant.name}"] = ModelEntry(f"{tenant.id}/{variant.name}", tenant.id, variant.name, key)
+        if spec.serve.unmerged_baseline and store.is_complete(adapter_key(spec.name, tenant.id)):
+            entries[f"{tenant.id}/{UNMERGED}"] = ModelEntry(
+                f"{tenant.id}/{UNMERGED}", tenant.id, UNMERGED, adapter_key(spec.name, tenant.id))
+    return entries
+
+
+class LoadedModel:
+    """An engine and its tokenizer, with a lock: one generation at a time on its static cache."""
+
+    def __init__(self, entry: ModelEntry, engine, tokenizer, resident_bytes: int, load_seconds: float):
+        self.entry, self.engine, self.tokenizer = entry, engine, tokenizer
+        self.resident_bytes, self.load_seconds = resident_bytes, load_seconds
+        self.lock = asyncio.Lock()
+        self.engine_name = type(engine).__name__
+
+
+def _stop_ids(folder: Path, tokenizer) -> set[int]:
+    ids = {tokenizer.eos_token_id} - {None}
+    config = folder / "generation_config.json"
+    if config.exists():
+        eos = json.loads(config.read_text()).get("eos_token_id")
+        ids |= set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    return ids
+
+
+def load_model(spec: JobSpec, store: Store, entry: ModelEntry, cache_dir: Path, device: str) -> LoadedModel:
+    """Fetch an artifact and build the fastest engine for it on `device`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_ray.serve.engine import StaticEngine, TransformersEngine
+    from qlora_ray.serve.weights import WeightFormatError, load_decoder
+
+    started = time.perf_counter()
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # fp32 is the fast CPU path
+    if entry.variant == UNMERGED:
+        from qlora_ray.evaluation import load_model as load_with_adapter
+
+        base_dir = cache_dir / "base"
+        store.fetch(base_key(spec.base.name), base_dir)
+        adapter_dir = cache_dir / "adapters" / entry.tenant
+        store.fetch(entry.key, adapter_dir)
+        model, tokenizer = load_with_adapter(base_dir, adapter_dir, dtype=str(dtype).removeprefix("torch."))
+        model.to(device)
+        engine = TransformersEngine(model, _stop_ids(base_dir, tokenizer))
+        resident = sum(p.nbytes for p in model.parameters())
+    else:
+        folder = cache_dir / "fused" / entry.tenant / entry.variant
+        store.fetch(entry.key, folder)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        stop_ids = _stop_ids(folder, tokenizer)
+        try:
+            decoder = load_decoder(folder, device=device, dtype=dtype)
+            context = min(spec.serve.context, decoder.config.max_position_embeddings)
+            engine = StaticEngine(decoder, stop_ids, context=context)
+            engine.warm_up()
+            resident = sum(t.nbytes for t in decoder.parameters()) + sum(t.nbytes for t in decoder.buffers())
+            resident += decoder.cache_bytes()
+        except WeightFormatError as exc:
+            log.warning("%s: %s; serving it through transformers instead", entry.id, exc)
+            model = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device).eval()
+            engine = TransformersEngine(model, stop_ids)
+            resident = model.get_memory_footprint()
+    return LoadedModel(entry, engine, tokenizer, resident, time.perf_counter() - started)
+
+
+# -- the model deployment -----------------------------------------------------------------------
+@serve.deployment
+class ModelServer:
+    """Loads models on demand (multiplexed, LRU-bounded) and streams their generations."""
+
+    def __init__(self, spec: JobSpec):
+        import torch
+
+        self.spec = spec
+        self.store = Store(self.spec.store, self.spec.storage_options)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.cache_dir = Path(tempfile.gettempdir()) / "qlora-ray-serve" / self.spec.name
+        self.catalog = model_catalog(self.spec, self.store)
+
+        async def load(model_id: str) -> LoadedModel:
+            if model_id not in self.catalog:
+                self.catalog = model_catalog(self.spec, self.store)
+            entry = self.catalog[model_id]
+            return await asyncio.to_thread(load_model, self.spec, self.store, entry, self.cache_dir, self.device)
+
+        self.get_model = serve.multiplexed(max_num_models_per_replica=self.spec.serve.max_resident_models)(load)
+
+    async def resident(self, model_id: str) -> dict:
+        model = await self.get_model(model_id)
+        return {"model": model_id, "resident_bytes": model.resident_bytes, "engine": model.engine_name,
+                "device": self.device, "load_seconds": round(model.load_seconds, 2)}
+
+    async def generate(self, payload: dict):
+        """Events: {"type": "start", "prompt_tokens"} | {"type": "error", "status", "message"}, then
+        {"type": "text", "text"}..., then {"type": "end", "finish_reason", "completion_tokens"}."""
+        from qlora_ray.serve.engine import SamplingParams
+        from qlora_ray.serve.text import TextStream
+
+        model = await self.get_model(payload["model"])
+        tokenizer = model.tokenizer
+        if "messages" in payload:
+            ids = tokenizer.apply_chat_template(payload["messages"], add_generation_prompt=True, tokenize=True)
+            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+        elif isinstance(payload["prompt"], list):
+            ids = list(payload["prompt"])
+            if any(not 0 <= token < len(tokenizer) for token in ids):
+                yield {"type": "error", "status": 400, "message": f"prompt: token ids must be in [0, {len(tokenizer)})"}
+                return
+        else:
+            ids = tokenizer(payload["prompt"], add_special_tokens=False)["input_ids"]
+        context = getattr(model.engine, "context", self.spec.serve.context)
+        limit = payload["max_tokens"] or min(self.spec.serve.max_tokens, context - len(ids))
+        if not ids or limit < 1 or len(ids) + limit > context:
+            yield {"type": "error", "status": 400,
+                   "message": f"the prompt is {len(ids)} tokens and max_tokens {limit}: together at most {context}"}
+            return
+        params = SamplingParams(max_new_tokens=limit, temperature=payload["temperature"], top_p=payload["top_p"],
+                                ignore_eos=payload["ignore_eos"])
+        yield {"type": "start", "prompt_tokens": len(ids)}
+        stream = TextStream(tokenizer, payload["stop"])
+        produced, finish = 0, "length"
+        async with model.lock:
+            async for token in _tokens_in_thread(model.engine, ids, params):
+                produced += 1
+                text = stream.add(token)
+                if text:
+                    yield {"type": "text", "text": text}
+                if stream.stopped or (token in model.engine.stop_ids and not params.ignore_eos):
+                    finish = "stop"
+                    break
+        tail = stream.finish()
+        if tail:
+            yield {"type": "text", "text": tail}
+        yield {"type": "end", "finish_reason": finish, "completion_tokens": produced}
+
+
+async def _tokens_in_thread(engine, ids: list[int], params):
+    """The engine's tokens for one prompt, generated on a worker thread so the replica stays responsive;
+    leaving the loop early (a stop string, a closed connection) stops the generation."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue = asyncio.Queue()
+    cancelled = threading.Event()
+    done = object()
+
+    def work():
+        try:
+            for step in engine.generate([ids], [params]):
+                if cancelled.is_set() or step[0] is None:
+                    break
+                loop.call_soon_threadsafe(queue.put_nowait, step[0])
+        except BaseException as exc:  # noqa: BLE001 - handed to the event loop, re-raised there
+            loop.call_soon_threadsafe(queue.put_nowait, exc)
+        loop.call_soon_threadsafe(queue.put_nowait, done)
+
+    worker = asyncio.get_running_loop().run_in_executor(None, work)
+    try:
+        while True:
+            item = await queue.get()
+            if item is done:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        cancelled.set()
+        await worker
+
+
+async def _sse(events, request_id: str, body, prompt_tokens: int, chat: bool):
+    """Server-sent events in OpenAI's chunk shapes, ending with data: [DONE]."""
+    def line(payload: dict) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    if chat:
+        yield line(protocol.chat_chunk(request_id, body.model, {"role": "assistant", "content": ""}, None))
+    async for event in events:
+        if event["type"] == "text":
+            if chat:
+                yield line(protocol.chat_chunk(request_id, body.model, {"content": event["text"]}, None))
+            else:
+                yield line(protocol.completion_chunk(request_id, body.model, event["text"], None))
+        elif event["type"] == "end":
+            if chat:
+                yield line(protocol.chat_chunk(request_id, body.model, {}, event["finish_reason"]))
+            else:
+                yield line(protocol.completion_chunk(request_id, body.model, "", event["finish_reason"]))
+            if body.include_usage:
+                yield line(protocol.usage_chunk(request_id, body.model, chat, prompt_tokens, event["completion_tokens"]))
+    yield "data: [DONE]\n\n"
+
+
+# -- the gateway --------------------------------------------------------------------------------
+# No `from __future__ import annotations` in this module: FastAPI reads the route signatures' types
+# at run time, and Serve's class-based ingress cannot resolve them as strings.
+api = FastAPI(title="qlora_ray", docs_url=None, redoc_url=None)
+
+
+@api.exception_handler(protocol.APIError)
+async def _api_error(_request: Request, exc: protocol.APIError) -> JSONResponse:
+    return JSONResponse(exc.body(), status_code=exc.status)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+@serve.ingress(api)
+class Gateway:
+    def __init__(self, spec: JobSpec, fused, unmerged, extra_keys: dict[str, str] | None = None):
+        self.spec = spec
+        self.store = Store(self.spec.store, self.spec.storage_options)
+        self.handles = {"fused": fused, UNMERGED: unmerged}
+        self.keys = KeyRing(self.store, self.spec.name, extra_keys)
+        self.catalog = model_catalog(self.spec, self.store)
+        self.catalog_at = time.monotonic()
+
+    # -- checks shared by every route
+    def _tenant(self, request: Request) -> str:
+        header = request.headers.get("authorization", "")
+        scheme, _, key = header.partition(" ")
+        tenant = self.keys.tenant(key.strip()) if scheme.lower() == "bearer" and key.strip() else None
+        if tenant is None:
+            raise protocol.APIError(401, "a valid API key is required (Authorization: Bearer <key>)",
+                                    kind="authentication_error", code="invalid_api_key")
+        return tenant
+
+    def _model(self, model_id: str, tenant: str) -> ModelEntry:
+        if model_id not in self.catalog and time.monotonic() - self.catalog_at > CATALOG_RELOAD_SECONDS:
+            self.catalog, self.catalog_at = model_catalog(self.spec, self.store), time.monotonic()
+        entry = self.catalog.get(model_id)
+        if entry is None or entry.tenant != tenant:  # another tenant's model is not revealed
+            raise protocol.APIError(404, f"model {model_id!r} does not exist or this key cannot use it",
+                                    param="model", code="model_not_found")
+        if entry.deployment == UNMERGED and self.handles[UNMERGED] is None:
+            raise protocol.APIError(404, f"model {model_id!r}: the unmerged baseline is not deployed",
+                                    param="model", code="model_not_found")
+        return entry
+
+    @staticmethod
+    async def _body(request: Request, model_class):
+        try:
+            raw = await request.json()
+        except ValueError:
+            raise protocol.APIError(400, "the request body is not valid JSON") from None
+        if not isinstance(raw, dict):
+            raise protocol.APIError(400, "the request body must be a JSON object")
+        try:
+            return model_class.model_validate(raw)
+        except ValidationError as exc:
+            raise protocol.validation_error(exc) from None
+
+    # -- routes
+    @api.get("/health")
+    async def health(self) -> dict:
+        return {"status": "ok"}
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> dict:
+        tenant = self._tenant(request)
+        self.catalog, self.catalog_at = model_catalog(self.spec, self.store), time.monotonic()
+        return {"object": "list", "data": [
+            {"id": entry.id, "object": "model", "created": 0, "owned_by": f"tenant:{entry.tenant}"}
+            for entry in self.catalog.values() if entry.tenant == tenant]}
+
+    @api.get("/v1/qlora-ray/resident")
+    async def resident(self, request: Request, model: str) -> dict:
+        """Loads `model` if needed and reports its resident bytes on the replica that holds it."""
+        entry = self._model(model, self._tenant(request))
+        handle = self.handles[entry.deployment].options(multiplexed_model_id=entry.id)
+        return await handle.resident.remote(entry.id)
+
+    @api.post("/v1/completions")
+    async def completions(self, request: Request):
+        tenant = self._tenant(request)
+        body = await self._body(request, protocol.CompletionRequest)
+        return await self._answer(body, self._model(body.model, tenant), chat=False)
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        tenant = self._tenant(request)
+        body = await self._body(request, protocol.ChatRequest)
+        return await self._answer(body, self._model(body.model, tenant), chat=True)
+
+    async def _answer(self, body, entry: ModelEntry, *, chat: bool):
+        limit = body.token_limit if chat else body.max_tokens
+        if limit is not None and limit > self.spec.serve.max_tokens:
+            raise protocol.APIError(400, f"max_tokens: at most {self.spec.serve.max_tokens} on this server",
+                                    param="max_tokens")
+        payload = {"model": entry.id, "max_tokens": limit, "temperature": body.temperature, "top_p": body.top_p,
+                   "stop": body.stops, "ignore_eos": body.ignore_eos}
+        if chat:
+            payload["messages"] = [m.as_template_message() for m in body.messages]
+        else:
+            payload["prompt"] = body.prompt
+        handle = self.handles[entry.deployment].options(stream=True, multiplexed_model_id=entry.id)
+        events = handle.generate.remote(payload)
+        first = await events.__anext__()
+        if first["type"] == "error":
+            raise protocol.APIError(first["status"], first["message"])
+        request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
+        if body.stream:
+            return StreamingResponse(_sse(events, request_id, body, first["prompt_tokens"], chat),
+                                     media_type="text/event-stream")
+        text, end = [], None
+        async for event in events:
+            if event["type"] == "text":
+                text.append(event["text"])
+            elif event["type"] == "end":
+                end = event
+        build = protocol.chat_body if chat else protocol.completion_body
+        return build(request_id, body.model, "".join(text), end["finish_reason"], first["prompt_tokens"],
+                     end["completion_tokens"])
+
+
+# -- building the application -------------------------------------------------------------------
+def _options(spec: JobSpec, name: str) -> dict:
+    resources = spec.serve.resources
+    options = {"name": name, "ray_actor_options": {
+        "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.custom)}}
+    if spec.serve.max_replicas:
+        options["autoscaling_config"] = {"min_replicas": spec.serve.num_replicas, "max_replicas": spec.serve.max_replicas,
+                                         "target_ongoing_requests": spec.serve.target_ongoing_requests}
+    else:
+        options["num_replicas"] = spec.serve.num_replicas
+    return options
+
+
+def build_application(spec: JobSpec, extra_keys: dict[str, str] | None = None):
+    """The bound Serve application for a job. extra_keys (key -> tenant) are accepted besides the
+    store's keys: the bench uses them for its own run without writing keys to the store."""
+    fused = ModelServer.options(**_options(spec, "fused")).bind(spec)
+    unmerged = ModelServer.options(**_options(spec, UNMERGED)).bind(spec) if spec.serve.unmerged_baseline else None
+    return Gateway.bind(spec, fused, unmerged, extra_keys)
+
+
+def build_app(args: dict):
+    """`serve run` entry point: args {job: path to the job file}."""
+    from qlora_ray.spec import load_spec
+
+    if "job" not in args:
+        raise ValueError("serve config: args.job (the job file) is required")
+    return build_application(load_spec(args["job"]))

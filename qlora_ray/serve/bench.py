@@ -1,0 +1,198 @@
+"""`qlora-ray bench`: load an OpenAI-compatible endpoint and report latency and throughput per model.
+
+Each request streams a completion (`stream_options.include_usage`), so the client sees its first
+token and counts the tokens the server says it produced. `ignore_eos` (vLLM's extension, which this
+server implements) fixes the output length, so every model answers the same number of tokens.
+
+Per model and concurrency level: requests, errors and error rate, TTFT (time to first token),
+TPOT (time per output token after the first), end-to-end latency, each at p50 and p99, output
+tokens per second over the run, and the model's resident memory when the server reports it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+
+@dataclass
+class Sample:
+    """One request as the client saw it (seconds from the run's start; tokens from the server)."""
+
+    model: str
+    concurrency: int
+    started: float
+    first_token: float | None
+    finished: float
+    prompt_tokens: int
+    output_tokens: int
+    error: str | None = None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0-100), linear between closest ranks; None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    position = (len(ordered) - 1) * q / 100
+    low = int(position)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+
+
+def summarize(samples: list[Sample]) -> dict:
+    """The figures for one model at one concurrency, from its raw samples."""
+    ok = [s for s in samples if s.error is None]
+    ttft = [s.first_token - s.started for s in ok if s.first_token is not None]
+    tpot = [(s.finished - s.first_token) / (s.output_tokens - 1) for s in ok if s.first_token is not None and s.output_tokens > 1]
+    latency = [s.finished - s.started for s in ok]
+    span = (max(s.finished for s in samples) - min(s.started for s in samples)) if samples else 0.0
+    tokens = sum(s.output_tokens for s in ok)
+
+    def ms(value):
+        return None if value is None else round(value * 1000, 2)
+
+    return {
+        "requests": len(samples), "errors": len(samples) - len(ok),
+        "error_rate": round((len(samples) - len(ok)) / len(samples), 4) if samples else 0.0,
+        "ttft_ms_p50": ms(percentile(ttft, 50)), "ttft_ms_p99": ms(percentile(ttft, 99)),
+        "tpot_ms_p50": ms(percentile(tpot, 50)), "tpot_ms_p99": ms(percentile(tpot, 99)),
+        "latency_ms_p50": ms(percentile(latency, 50)), "latency_ms_p99": ms(percentile(latency, 99)),
+        "output_tokens": tokens, "seconds": round(span, 3),
+        "output_tok_s": round(tokens / span, 2) if span > 0 else None,
+        "mean_output_tokens": round(statistics.mean(s.output_tokens for s in ok), 2) if ok else None,
+    }
+
+
+async def _one(session, url: str, key: str, model: str, prompt: str, output_tokens: int, concurrency: int, t0: float) -> Sample:
+    body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}, "ignore_eos": True}
+    started = time.perf_counter() - t0
+    first, prompt_tokens, produced = None, 0, 0
+    try:
+        async with session.post(f"{url}/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as response:
+            if response.status != 200:
+                return Sample(model, concurrency, started, None, time.perf_counter() - t0, 0, 0,
+                              f"HTTP {response.status}: {(await response.text())[:200]}")
+            async for raw in response.content:
+                line = raw.decode().strip()
+                if not line.startswith("data:") or line == "data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("choices") and chunk["choices"][0].get("text") and first is None:
+                    first = time.perf_counter() - t0
+                if chunk.get("usage"):
+                    prompt_tokens = chunk["usage"]["prompt_tokens"]
+                    produced = chunk["usage"]["completion_tokens"]
+    except Exception as exc:  # noqa: BLE001 - a failed request is a sample, not a crash of the run
+        return Sample(model, concurrency, started, first, time.perf_counter() - t0, 0, 0, f"{type(exc).__name__}: {exc}")
+    return Sample(model, concurrency, started, first, time.perf_counter() - t0, prompt_tokens, produced)
+
+
+async def load_model(url: str, key: str, model: str, *, concurrency: int, requests: int, prompt: str,
+                     output_tokens: int) -> list[Sample]:
+    """`requests` completions from `concurrency` clients at once, each starting its next on finishing."""
+    import aiohttp
+
+    t0 = time.perf_counter()
+    queue = list(range(requests))
+    samples: list[Sample] = []
+    timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        async def client():
+            while queue:
+                queue.pop()
+                samples.append(await _one(session, url, key, model, prompt, output_tokens, concurrency, t0))
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    return samples
+
+
+def synthetic_prompt(tokens: int) -> str:
+    """Plain English of roughly `tokens` tokens for BPE tokenizers (the server reports the exact count)."""
+    words = "the quick brown fox jumps over a lazy dog while seven wizards quietly judge each boxing match".split()
+    return " ".join(words[i % len(words)] for i in range(tokens))
+
+
+def resident_bytes(url: str, key: str, model: str) -> int | None:
+    """The model's resident bytes as this server reports them (None for servers without the route)."""
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
+    request = urllib.request.Request(f"{url}/qlora-ray/resident?model={urllib.parse.quote(model)}",
+                                     headers={"Authorization": f"Bearer {key}"})
+    try:
+        with urllib.request.urlopen(request, timeout=600) as response:
+            return json.loads(response.read())["resident_bytes"]
+    except (urllib.error.URLError, KeyError, ValueError):
+        return None
+
+
+def run_bench(url: str, keys: dict[str, str], models: list[str], *, concurrency: list[int], requests: int,
+              prompt_tokens: int, output_tokens: int, progress=print) -> dict:
+    """Every model at every concurrency; keys maps a model id to the key that may use it."""
+    prompt = synthetic_prompt(prompt_tokens)
+    rows, raw = [], []
+    for model in models:
+        memory = resident_bytes(url, keys[model], model)  # also loads it before the timed requests
+        asyncio.run(load_model(url, keys[model], model, concurrency=1, requests=1, prompt=prompt, output_tokens=2))
+        for level in concurrency:
+            progress(f"bench: {model} at concurrency {level}: {max(requests, level)} requests")
+            samples = asyncio.run(load_model(url, keys[model], model, concurrency=level, requests=max(requests, level),
+                                             prompt=prompt, output_tokens=output_tokens))
+            rows.append({"model": model, "concurrency": level, "resident_bytes": memory, **summarize(samples)})
+            raw += [asdict(s) for s in samples]
+    return {"url": url, "prompt_tokens_asked": prompt_tokens, "output_tokens": output_tokens, "requests": requests,
+            "concurrency": concurrency, "results": rows, "samples": raw}
+
+
+COLUMNS = [("model", "model"), ("concurrency", "conc."), ("requests", "req."), ("error_rate", "errors"),
+           ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "TTFT p99 ms"), ("tpot_ms_p50", "TPOT p50 ms"),
+           ("tpot_ms_p99", "TPOT p99 ms"), ("latency_ms_p50", "latency p50 ms"), ("latency_ms_p99", "latency p99 ms"),
+           ("output_tok_s", "output tok/s"), ("resident_bytes", "resident MiB")]
+
+
+def render_table(report: dict) -> str:
+    def cell(row, key):
+        value = row.get(key)
+        if key == "resident_bytes":
+            return "-" if value is None else f"{value / 2**20:.0f}"
+        return "-" if value is None else str(value)
+
+    lines = ["| " + " | ".join(title for _, title in COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row, key) for key, _ in COLUMNS) + " |" for row in report["results"]]
+    return "\n".join(lines)
+
+
+def write_report(report: dict, folder: Path) -> list[Path]:
+    """bench.json, bench.md and bench.png (TTFT and TPOT per model and concurrency) into folder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "bench.json").write_text(json.dumps(report, indent=2))
+    header = (f"# Bench: {report['url']}\n\n{report.get('when', '')}; prompt ~{report['prompt_tokens_asked']} tokens, "
+              f"{report['output_tokens']} output tokens (ignore_eos), greedy.\n\n")
+    (folder / "bench.md").write_text(header + render_table(report) + "\n")
+    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for model in dict.fromkeys(row["model"] for row in report["results"]):
+        rows = [row for row in report["results"] if row["model"] == model]
+        levels = [row["concurrency"] for row in rows]
+        for axis, key in zip(axes, ("ttft_ms_p50", "tpot_ms_p50", "output_tok_s")):
+            axis.plot(levels, [row[key] or 0 for row in rows], marker="o", label=model)
+    for axis, title in zip(axes, ("TTFT p50 (ms)", "TPOT p50 (ms)", "output tokens/s")):
+        axis.set_title(title)
+        axis.set_xlabel("concurrent requests")
+        axis.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(folder / "bench.png", dpi=100)
+    plt.close(figure)
+    return [folder / name for name in ("bench.json", "bench.md", "bench.png")]

@@ -1,0 +1,229 @@
+"""A compact Llama-family decoder with a static KV cache, for serving fused models fast.
+
+transformers' generate() spends most of a decode step in Python and small kernel launches (the
+best plain setup in research/gpu-anchors.md reaches 18 % of the int4 bandwidth floor). This module
+is the gpt-fast recipe instead: fixed-shape buffers for the KV cache, one forward per step whose
+shapes never change, so that on CUDA the step is compiled and captured once as a CUDA graph
+(serve/engine.py) and replayed for every token.
+
+The weights come from the fused folders as written (serve/weights.py): bf16 weights are used as
+they are, GPTQ int4 weights are repacked at load time for torch's int4 matmul (tinygemm, CUDA), and
+bitsandbytes NF4 weights stay NF4 and go through bitsandbytes' 4-bit matmul. On the CPU the 4-bit
+weights are dequantized once at load time (the same values, exactly), so tests exercise the same
+decoder on any machine.
+
+Only the architectures whose computation this module reproduces exactly are accepted
+(`supported(config)`); everything else is served by transformers (serve/engine.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+SUPPORTED_MODEL_TYPES = ("llama",)
+
+
+def unsupported_reason(config) -> str | None:
+    """Why this decoder cannot run a model with this transformers config, or None if it can."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {config.model_type!r} (supported: {', '.join(SUPPORTED_MODEL_TYPES)})"
+    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
+        return "biased attention or MLP projections"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"hidden_act {config.hidden_act!r}"
+    return None
+
+
+class DenseLinear(nn.Module):
+    """y = x W^T with a 16-bit W of shape [out, in]."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
+# Above this many rows (prompt tokens) an int4 matmul dequantizes its weight and runs a 16-bit
+# matmul: tinygemm is built for decode's few rows and took 248 ms for a 512-token 8B prefill on an
+# H100, where bf16 takes 21 ms (benchmarks/results/2026-11-23-h100-serve.md).
+DEQUANTIZE_ABOVE_ROWS = 32
+
+
+@torch.compile(dynamic=False)
+def _dequantize_columns(packed_columns: torch.Tensor, scales_and_zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+    """W^T [in, out] in bf16 from 4-bit values packed eight per int32 along `in` ([in/8, out]),
+    w = (q - 8) * scale + zero per group of `group_size` input rows. Compiled: one fused kernel."""
+    shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=packed_columns.device)
+    q = ((packed_columns.unsqueeze(1) >> shifts.view(1, 8, 1)) & 0xF).reshape(-1, packed_columns.shape[1])
+    groups = scales_and_zeros.shape[0]
+    q = q.view(groups, group_size, -1).to(torch.bfloat16)
+    w = (q - 8) * scales_and_zeros[:, None, :, 0] + scales_and_zeros[:, None, :, 1]
+    return w.reshape(groups * group_size, -1)
+
+
+class Int4Linear(nn.Module):
+    """y = x W^T with W in torch's tinygemm int4 layout (CUDA, bf16 activations).
+
+    `packed` comes from aten._convert_weight_to_int4pack; `scales_and_zeros` is [in/group, out, 2]
+    with tinygemm's convention w = (q - 8) * scale + zero. `column_order` (act-order GPTQ) permutes
+    the input columns so that every quantization group is contiguous, as tinygemm requires.
+    `packed_columns` holds the same 4-bit values eight per int32 along the input ([in/8, out]), which
+    a fused kernel dequantizes quickly for prompts (DEQUANTIZE_ABOVE_ROWS); it doubles the int4 bytes.
+    """
+
+    def __init__(self, packed: torch.Tensor, packed_columns: torch.Tensor, scales_and_zeros: torch.Tensor,
+                 group_size: int, out_features: int, column_order: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("packed_columns", packed_columns)
+        self.register_buffer("scales_and_zeros", scales_and_zeros)
+        self.register_buffer("column_order", column_order)
+        self.group_size = group_size
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.column_order is not None:
+            x = x.index_select(-1, self.column_order)
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > DEQUANTIZE_ABOVE_ROWS:
+            y = flat @ _dequantize_columns(self.packed_columns, self.scales_and_zeros, self.group_size)
+        else:
+            y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, self.scales_and_zeros)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+class Parallel(nn.Module):
+    """Several projections of one input, concatenated: for weights that cannot be fused into one
+    matrix (bitsandbytes 4-bit states are per tensor)."""
+
+    def __init__(self, linears: list[nn.Module]):
+        super().__init__()
+        self.linears = nn.ModuleList(linears)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([linear(x) for linear in self.linears], dim=-1)
+
+
+class NF4Linear(nn.Module):
+    """y = x W^T with W a bitsandbytes 4-bit parameter (NF4 or FP4, with its quant state)."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.weight = weight  # bitsandbytes Params4bit, kept as bitsandbytes packed it
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        import bitsandbytes as bnb
+
+        return bnb.matmul_4bit(x, self.weight.t(), quant_state=self.weight.quant_state)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # As transformers' LlamaRMSNorm: normalize in fp32, scale in the model's dtype.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class Block(nn.Module):
+    """One decoder layer: attention over the static cache, then the SwiGLU MLP."""
+
+    def __init__(self, qkv_proj: nn.Module, o_proj: nn.Module, gate_up_proj: nn.Module, down_proj: nn.Module,
+                 norms: tuple[RMSNorm, RMSNorm], config):
+        """qkv_proj maps hidden to q, k and v concatenated; gate_up_proj to gate and up: one matmul
+        where a model has three (or two) reads the activations once and launches fewer kernels."""
+        super().__init__()
+        self.qkv_proj, self.o_proj, self.gate_up_proj, self.down_proj = qkv_proj, o_proj, gate_up_proj, down_proj
+        self.input_layernorm, self.post_attention_layernorm = norms
+        self.heads = config.num_attention_heads
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        self.intermediate = config.intermediate_size
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, x, cos, sin, slots, mask):
+        """x [B, T, hidden]; cos/sin [B, T, head_dim]; slots [T] cache positions written; mask [B, 1, T, S]."""
+        batch, steps, _ = x.shape
+        h = self.input_layernorm(x)
+        q, k, v = self.qkv_proj(h).split(
+            [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim], dim=-1)
+        q = q.view(batch, steps, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(batch, steps, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        self.k_cache.index_copy_(2, slots, k)
+        self.v_cache.index_copy_(2, slots, v)
+        attended = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask,
+                                                  enable_gqa=self.heads != self.kv_heads)
+        x = x + self.o_proj(attended.transpose(1, 2).reshape(batch, steps, self.heads * self.head_dim))
+        h = self.post_attention_layernorm(x)
+        gate, up = self.gate_up_proj(h).split(self.intermediate, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up)
+
+
+class Decoder(nn.Module):
+    """The whole model over a static cache of `batch` rows by `context` positions."""
+
+    def __init__(self, config, embed: torch.Tensor, blocks: list[Block], norm: RMSNorm, lm_head: nn.Module):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Parameter(embed, requires_grad=False)
+        self.layers = nn.ModuleList(blocks)
+        self.norm = norm
+        self.lm_head = lm_head
+        self._caches: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+        # transformers' own rotary module, so every rope scaling it knows (llama3, yarn, ...) is right.
+        self.rotary = LlamaRotaryEmbedding(config).to(embed.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.device
+
+    def use_cache(self, batch: int, context: int) -> None:
+        """Point every layer at the KV cache for `batch` rows of `context` positions, allocated on
+        first use and kept: a CUDA graph captured over one cache must find the same tensors again."""
+        if (batch, context) not in self._caches:
+            first = self.layers[0]
+            shape = (batch, first.kv_heads, context, first.head_dim)
+            self._caches[batch, context] = [
+                (torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
+        for layer, (keys, values) in zip(self.layers, self._caches[batch, context]):
+            layer.k_cache, layer.v_cache = keys, values
+
+    def cache_bytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for cache in self._caches.values() for k, v in cache)
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor):
+        """Next-token logits [B, vocab] (fp32) after tokens [B, T] at rotary positions [B, T], written
+        to cache slots [T]; mask [B, 1, T, context] says which cache slots each token may attend to.
+        Only the last position goes through the LM head: a prompt's other logits are never used."""
+        x = F.embedding(tokens, self.embed_tokens)
+        cos, sin = self.rotary(x, positions)
+        for layer in self.layers:
+            x = layer(x, cos, sin, slots, mask)
+        return self.lm_head(self.norm(x[:, -1])).float()

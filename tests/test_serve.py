@@ -1,0 +1,190 @@
+"""The serve stage end to end on the CPU: SmolLM2 fused for three tenants, behind the Ray Serve app.
+
+Adapters are random peft LoRAs (as in test_fuse), so each tenant's model answers differently; each
+answer through the API is compared with the same folder loaded by plain transformers. The resident
+bound is 2 models per replica, below the job's 7 fused models and 3 unmerged ones.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from qlora_ray.fuse.launch import fuse_job
+from qlora_ray.serve.bench import run_bench, summarize, Sample, write_report
+from qlora_ray.serve.keys import new_key
+from qlora_ray.spec import load_spec
+from qlora_ray.store import Store, fused_key
+from tests.conftest import REPO, copy_base, free_port
+from tests.test_fuse import publish_adapter
+
+TENANTS = ["acme", "globex", "initech"]
+QUESTION = [{"role": "user", "content": "the 3rd of May, 2021"}]
+
+
+@pytest.fixture(scope="module")
+def served(smollm2_store, tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from qlora_ray.serve.app import build_application
+
+    tmp_path = tmp_path_factory.mktemp("served")
+    store = Store(str(tmp_path / "store"))
+    copy_base(smollm2_store, store, tmp_path, name="smollm2-135m")
+    base_dir = tmp_path / "base"
+    store.fetch("bases/smollm2-135m", base_dir)
+    for seed, tenant in enumerate(TENANTS):
+        publish_adapter(store, tenant, base_dir, tmp_path, seed=seed, r=8, lora_alpha=16)
+    port = free_port()
+    job = {
+        "name": "t", "store": store.uri, "base": {"name": "smollm2-135m"},
+        "tenants": [{"id": t, "train_data": str(REPO / "jobs" / "data" / "dates" / "train.jsonl")} for t in TENANTS],
+        "fuse": {"schemes": ["bf16", "nf4", "gptq-int4"], "workers": 2, "gptq": {"group_size": 64, "calibration_samples": 8}},
+        "serve": {"port": port, "max_resident_models": 2, "max_tokens": 64, "context": 256,
+                  "resources": {"num_cpus": 1}},
+    }
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    spec = load_spec(path)
+    # GPTQ takes ~40 s a tenant here: only acme gets a gptq-int4 model (the others' are simply not served).
+    fast_spec = spec.model_copy(update={"fuse": spec.fuse.model_copy(update={"schemes": ["bf16", "nf4"]})})
+    gptq_spec = spec.model_copy(update={"fuse": spec.fuse.model_copy(update={"schemes": ["gptq-int4"]}),
+                                        "tenants": spec.tenants[:1]})
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        outcomes = fuse_job(fast_spec, progress=lambda _: None) + fuse_job(gptq_spec, progress=lambda _: None)
+        assert {o.state for o in outcomes} == {"done"}, [o.error for o in outcomes]
+        keys = {tenant: new_key(store, "t", tenant) for tenant in TENANTS}
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(spec), name="t", route_prefix="/")
+        yield {"url": f"http://127.0.0.1:{port}/v1", "keys": keys, "store": store, "spec": spec, "tmp": tmp_path}
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def client(served, tenant):
+    from openai import OpenAI
+
+    return OpenAI(base_url=served["url"], api_key=served["keys"][tenant], max_retries=0)
+
+
+def reference_answer(served, model_id: str, messages, max_tokens: int) -> str:
+    """The greedy answer of the fused folder loaded by transformers alone, in fp32 as the CPU server runs."""
+    tenant, variant = model_id.split("/")
+    folder = served["tmp"] / "reference" / tenant / variant
+    served["store"].fetch(fused_key("t", tenant, variant), folder)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("model_id", ["acme/bf16.original", "acme/nf4.original", "acme/gptq-int4.original",
+                                      "globex/bf16.original"])
+def test_openai_client_gets_the_tenants_answer_streaming_and_not(served, model_id):
+    api = client(served, model_id.split("/")[0])
+    answer = api.chat.completions.create(model=model_id, messages=QUESTION, temperature=0, max_tokens=24)
+    assert answer.choices[0].message.content == reference_answer(served, model_id, QUESTION, 24)
+    assert answer.usage.completion_tokens >= 1 and answer.choices[0].finish_reason in ("stop", "length")
+    chunks = list(api.chat.completions.create(model=model_id, messages=QUESTION, temperature=0, max_tokens=24,
+                                              stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == answer.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == answer.usage.completion_tokens
+
+
+def test_tenants_get_different_models(served):
+    answers = {t: client(served, t).chat.completions.create(model=f"{t}/bf16.original", messages=QUESTION,
+                                                            temperature=0, max_tokens=24).choices[0].message.content
+               for t in TENANTS}
+    assert len(set(answers.values())) == len(TENANTS), answers
+
+
+def test_completions_stop_strings_and_lengths(served):
+    api = client(served, "acme")
+    full = api.completions.create(model="acme/bf16.original", prompt="The capital of France is", temperature=0,
+                                  max_tokens=12)
+    assert full.choices[0].finish_reason in ("length", "stop") and full.usage.prompt_tokens > 0
+    text = full.choices[0].text
+    assert len(text) > 4
+    stop = text[3:5]
+    cut = api.completions.create(model="acme/bf16.original", prompt="The capital of France is", temperature=0,
+                                 max_tokens=12, stop=[stop])
+    assert cut.choices[0].text == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    sampled = api.completions.create(model="acme/bf16.original", prompt="Hello", temperature=0.8, top_p=0.9, max_tokens=5)
+    assert sampled.usage.completion_tokens <= 5
+
+
+def test_models_and_keys(served):
+    from openai import AuthenticationError, NotFoundError, OpenAI
+
+    listed = {m.id for m in client(served, "acme").models.list()}
+    assert listed == {"acme/bf16.original", "acme/nf4.original", "acme/gptq-int4.original", "acme/unmerged"}
+    with pytest.raises(AuthenticationError):
+        OpenAI(base_url=served["url"], api_key="qr-not-a-key", max_retries=0).models.list()
+    assert requests.get(f"{served['url']}/models").status_code == 401  # no key at all
+    with pytest.raises(NotFoundError):  # another tenant's model is not revealed
+        client(served, "globex").chat.completions.create(model="acme/bf16.original", messages=QUESTION)
+    with pytest.raises(NotFoundError):
+        client(served, "acme").chat.completions.create(model="acme/nope", messages=QUESTION)
+
+
+@pytest.mark.parametrize("body", [
+    "{not json", "[1, 2]", json.dumps({"messages": QUESTION}),
+    json.dumps({"model": "acme/bf16.original"}),
+    json.dumps({"model": "acme/bf16.original", "messages": []}),
+    json.dumps({"model": "acme/bf16.original", "messages": [{"role": "robot", "content": "x"}]}),
+    json.dumps({"model": "acme/bf16.original", "messages": QUESTION, "temperature": 3}),
+    json.dumps({"model": "acme/bf16.original", "messages": QUESTION, "max_tokens": 100000}),
+    json.dumps({"model": "acme/bf16.original", "messages": QUESTION, "n": 2}),
+    json.dumps({"model": "acme/bf16.original", "messages": QUESTION, "stop": ["a", "b", "c", "d", "e"]}),
+    json.dumps({"model": "acme/bf16.original", "messages": [{"role": "user", "content": "x " * 400}]}),
+])
+def test_malformed_requests_get_a_4xx_with_a_message(served, body):
+    response = requests.post(f"{served['url']}/chat/completions", data=body,
+                             headers={"Authorization": f"Bearer {served['keys']['acme']}"})
+    assert 400 <= response.status_code < 500, response.text
+    assert response.json()["error"]["message"]
+
+
+def test_completion_token_ids_out_of_range_are_refused(served):
+    response = requests.post(f"{served['url']}/completions", json={"model": "acme/bf16.original", "prompt": [10**9]},
+                             headers={"Authorization": f"Bearer {served['keys']['acme']}"})
+    assert response.status_code == 400 and "token ids" in response.json()["error"]["message"]
+
+
+def test_more_models_than_the_resident_bound_answer_in_turn(served):
+    order = [f"{t}/{v}" for t in TENANTS for v in ("bf16.original", "nf4.original")] + ["acme/unmerged"]
+    first = {}
+    for model_id in order + order[::-1]:  # each pass loads models the previous ones evicted
+        answer = client(served, model_id.split("/")[0]).chat.completions.create(
+            model=model_id, messages=QUESTION, temperature=0, max_tokens=8).choices[0].message.content
+        assert first.setdefault(model_id, answer) == answer
+
+
+def test_bench_runs_end_to_end_and_its_summary_agrees_with_its_samples(served, tmp_path):
+    keys = {"acme/gptq-int4.original": served["keys"]["acme"], "globex/unmerged": served["keys"]["globex"]}
+    report = run_bench(served["url"], keys, list(keys), concurrency=[1, 2], requests=2, prompt_tokens=16,
+                       output_tokens=6, progress=lambda _: None)
+    assert len(report["results"]) == 4
+    for row in report["results"]:
+        samples = [Sample(**s) for s in report["samples"] if s["model"] == row["model"] and s["concurrency"] == row["concurrency"]]
+        assert row == {"model": row["model"], "concurrency": row["concurrency"],
+                       "resident_bytes": row["resident_bytes"], **summarize(samples)}
+        assert row["errors"] == 0 and row["requests"] == 2 and row["resident_bytes"] > 50e6
+        assert all(s.output_tokens == 6 for s in samples)  # ignore_eos: every answer has the asked length
+        ttfts = sorted(s.first_token - s.started for s in samples)
+        assert row["ttft_ms_p50"] == round((ttfts[0] + ttfts[1]) / 2 * 1000, 2)
+    written = write_report(report, tmp_path / "bench")
+    assert [p.name for p in written] == ["bench.json", "bench.md", "bench.png"]
+    assert written[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "acme/gptq-int4.original" in written[1].read_text()
