@@ -130,23 +130,19 @@ def generate_ttft(model, repeats: int) -> float:
     return statistics.median(times[1:])
 
 
-def measure(label: str, kind: str, timed, ttft, batches, args, results, peak_note=""):
-    row = {"setup": label, "kind": kind}
+def measure(label: str, kind: str, timed, ttft, batches, args, results, resident_bytes: int):
+    row = {"setup": label, "kind": kind, "resident_gib": round(resident_bytes / 2**30, 2)}
     for batch in batches:
         figures = timed(batch)
         row[f"bs{batch}_tok_s"] = round(figures["tok_s"], 1)
     row["ttft_512_ms"] = round(ttft() * 1000, 1)
-    row["peak_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     results.append(row)
     print(json.dumps(row), flush=True)
 
 
-def free(*objects):
-    for obj in objects:
-        del obj
+def free():
     gc.collect()
     torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
 
 
 def main() -> None:
@@ -175,7 +171,7 @@ def main() -> None:
     if wanted("hf-bf16"):
         measure("transformers bf16, generate (dynamic cache)", "hf-bf16",
                 lambda b: time_generate(model, b, args.prompt_tokens, args.new_tokens, args.repeats),
-                lambda: generate_ttft(model, args.repeats), batches, args, results)
+                lambda: generate_ttft(model, args.repeats), batches, args, results, model.get_memory_footprint())
     if wanted("hf-unmerged"):
         from peft import LoraConfig, get_peft_model
 
@@ -183,9 +179,11 @@ def main() -> None:
         peft_model.to(torch.bfloat16).eval()
         measure("transformers bf16 + unmerged LoRA r16 (peft)", "hf-unmerged",
                 lambda b: time_generate(peft_model, b, args.prompt_tokens, args.new_tokens, args.repeats),
-                lambda: generate_ttft(peft_model, args.repeats), batches, args, results)
+                lambda: generate_ttft(peft_model, args.repeats), batches, args, results,
+                peft_model.get_memory_footprint())
         model = peft_model.unload()
-        free(peft_model)
+        del peft_model
+        free()
     if wanted("hf-nf4"):
         from qlora_ray.fuse.quant import FourBit
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -197,8 +195,9 @@ def main() -> None:
             k: v for k, v in cfg.items() if k.startswith("bnb_") or k == "load_in_4bit"}), device_map="cuda").eval()
         measure("transformers + bitsandbytes NF4 (merged), generate", "hf-nf4",
                 lambda b: time_generate(nf4, b, args.prompt_tokens, args.new_tokens, args.repeats),
-                lambda: generate_ttft(nf4, args.repeats), batches, args, results)
-        free(nf4)
+                lambda: generate_ttft(nf4, args.repeats), batches, args, results, nf4.get_memory_footprint())
+        del nf4
+        free()
     del model
     free()
 
@@ -210,9 +209,12 @@ def main() -> None:
         warm = time.perf_counter() - warm
         measure(label, kind,
                 lambda b: time_engine(engine, b, args.prompt_tokens, args.new_tokens, args.repeats),
-                lambda: time_engine_ttft(engine, args.repeats), batches, args, results)
+                lambda: time_engine_ttft(engine, args.repeats), batches, args, results,
+                sum(t.nbytes for t in decoder.parameters()) + sum(t.nbytes for t in decoder.buffers())
+                + decoder.cache_bytes())
         results[-1]["warmup_s"] = round(warm, 1)
-        free(engine, decoder)
+        del engine, decoder
+        free()
 
     if wanted("ours-bf16"):
         ours("qlora_ray engine, fused bf16", "ours-bf16", dict(state), None)
@@ -245,10 +247,10 @@ def main() -> None:
         "context": args.context, "repeats": args.repeats, "seconds": round(time.time() - started, 1), "results": results,
     }
     (args.out / "serve-engine-speed.json").write_text(json.dumps(report, indent=2))
-    print("| setup | " + " | ".join(f"bs{b} tok/s" for b in batches) + " | TTFT 512 ms | peak GiB |")
+    print("| setup | " + " | ".join(f"bs{b} tok/s" for b in batches) + " | TTFT 512 ms | resident GiB |")
     for row in results:
         print(f"| {row['setup']} | " + " | ".join(str(row[f'bs{b}_tok_s']) for b in batches)
-              + f" | {row['ttft_512_ms']} | {row['peak_gib']} |")
+              + f" | {row['ttft_512_ms']} | {row['resident_gib']} |")
 
 
 if __name__ == "__main__":
