@@ -92,6 +92,14 @@ def smollm2_store(tmp_path_factory) -> Store:
     return store
 
 
+@pytest.fixture
+def tiny_job_store(tiny_store, tmp_path) -> Store:
+    """A fresh store per test holding a copy of bases/tiny."""
+    store = Store(str(tmp_path / "store"))
+    copy_base(tiny_store, store, tmp_path)
+    return store
+
+
 def copy_base(source: Store, target: Store, tmp_path: Path, name: str = "tiny") -> None:
     """Publish a copy of source's bases/<name> in target (a fresh store per test, no re-import)."""
     local = tmp_path / f"base-copy-{name}"

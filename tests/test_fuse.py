@@ -74,13 +74,6 @@ def fetch_fused(store: Store, tenant: str, variant: str, tmp_path: Path) -> Path
     return local
 
 
-@pytest.fixture
-def fuse_store(tiny_store, tmp_path) -> Store:
-    store = Store(str(tmp_path / "store"))
-    copy_base(tiny_store, store, tmp_path)
-    return store
-
-
 @pytest.fixture(scope="module")
 def local_ray():
     import ray
@@ -260,25 +253,25 @@ def corrupt_keys(folder: Path, old: str, new: str) -> None:
     save_file(tensors, str(weights))
 
 
-def test_bad_adapters_and_a_damaged_base_publish_nothing(fuse_store, tmp_path, local_ray):
+def test_bad_adapters_and_a_damaged_base_publish_nothing(tiny_job_store, tmp_path, local_ray):
     """An adapter for another base, one with a target the base lacks, and a damaged base shard:
     each a clear error; no fused artifact of theirs appears; a good tenant is unaffected."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    base_dir = base_dir_of(fuse_store, tmp_path)
-    publish_adapter(fuse_store, "good", base_dir, tmp_path, seed=1, r=4, lora_alpha=8)
+    base_dir = base_dir_of(tiny_job_store, tmp_path)
+    publish_adapter(tiny_job_store, "good", base_dir, tmp_path, seed=1, r=4, lora_alpha=8)
     other = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                          num_attention_heads=4, num_key_value_heads=2))
-    publish_adapter(fuse_store, "other-base", base_dir, tmp_path, seed=2, model=other, r=4, lora_alpha=8)
+    publish_adapter(tiny_job_store, "other-base", base_dir, tmp_path, seed=2, model=other, r=4, lora_alpha=8)
     renamed = tmp_path / "renamed"
     torch.manual_seed(3)
     peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base_dir)),
                                 LoraConfig(r=4, target_modules=["gate_proj"]))
     peft_model.save_pretrained(str(renamed))
     corrupt_keys(renamed, "mlp.gate_proj", "mlp.gate2_proj")
-    fuse_store.publish(adapter_key("t", "unknown-target"), renamed, kind="adapter", inputs={})
+    tiny_job_store.publish(adapter_key("t", "unknown-target"), renamed, kind="adapter", inputs={})
 
-    spec = fuse_spec(tmp_path, fuse_store, ["good", "other-base", "unknown-target", "missing"])
+    spec = fuse_spec(tmp_path, tiny_job_store, ["good", "other-base", "unknown-target", "missing"])
     outcomes = {(o.tenant, o.variant): o for o in fuse_job(spec, progress=lambda _: None)}
     assert outcomes[("good", "nf4.original")].state == "done"
     mismatch = outcomes[("other-base", "bf16.original")]
@@ -288,19 +281,19 @@ def test_bad_adapters_and_a_damaged_base_publish_nothing(fuse_store, tmp_path, l
     assert unknown.state == "failed" and "gate2_proj" in unknown.error and "does not have" in unknown.error
     missing = outcomes[("missing", "bf16.original")]
     assert missing.state == "failed" and "no adapter" in missing.error
-    assert fuse_store.list_complete("runs/t/fused/good") == ["bf16.original", "nf4.original"]
+    assert tiny_job_store.list_complete("runs/t/fused/good") == ["bf16.original", "nf4.original"]
     for tenant in ("other-base", "unknown-target", "missing"):
-        assert not fuse_store.fs.exists(fuse_store.path(f"runs/t/fused/{tenant}"))
+        assert not tiny_job_store.fs.exists(tiny_job_store.path(f"runs/t/fused/{tenant}"))
 
     # a base shard damaged in the store after import: caught by its checksum, nothing published
-    shard = sorted(f for f in fuse_store.read_manifest("bases/tiny")["files"] if f.endswith(".safetensors"))[1]
-    path = Path(fuse_store.path(f"bases/tiny/{shard}"))
+    shard = sorted(f for f in tiny_job_store.read_manifest("bases/tiny")["files"] if f.endswith(".safetensors"))[1]
+    path = Path(tiny_job_store.path(f"bases/tiny/{shard}"))
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF
     path.write_bytes(bytes(data))
-    spec = fuse_spec(tmp_path, fuse_store, ["good"], merge_base="nf4-dequantized")
+    spec = fuse_spec(tmp_path, tiny_job_store, ["good"], merge_base="nf4-dequantized")
     outcomes = fuse_job(spec, progress=lambda _: None)
     assert {o.state for o in outcomes} == {"failed"}
     assert all(shard in o.error and "damaged" in o.error for o in outcomes), outcomes[0].error
-    assert fuse_store.list_complete("runs/t/fused/good") == ["bf16.original", "nf4.original"]
-    assert not fuse_store.fs.exists(fuse_store.path("runs/t/fused/good/nf4.nf4-dequantized"))
+    assert tiny_job_store.list_complete("runs/t/fused/good") == ["bf16.original", "nf4.original"]
+    assert not tiny_job_store.fs.exists(tiny_job_store.path("runs/t/fused/good/nf4.nf4-dequantized"))

@@ -16,7 +16,7 @@ from qlora_ray.spec import TrainSpec, load_spec
 from qlora_ray.store import Store, adapter_key, checkpoint_key
 from qlora_ray.train.finetune import disable_bnb_cpu_inference_repack, load_base_for_training
 from qlora_ray.train.status import read_status
-from tests.conftest import REPO, copy_base
+from tests.conftest import REPO
 
 DATES = REPO / "jobs" / "data" / "dates"
 UNITS = REPO / "jobs" / "data" / "units"
@@ -36,14 +36,6 @@ def tiny_job(tmp_path: Path, store: Store, tenants: list[dict], **train) -> Path
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
-
-
-@pytest.fixture
-def tiny_job_store(tiny_store, tmp_path) -> Store:
-    """A fresh store per test holding a copy of bases/tiny."""
-    store = Store(str(tmp_path / "store"))
-    copy_base(tiny_store, store, tmp_path)
-    return store
 
 
 @pytest.fixture

@@ -93,7 +93,7 @@ async def _one(session, url: str, key: str, model: str, prompt: str, output_toke
     return Sample(model, concurrency, started, first, time.perf_counter() - t0, prompt_tokens, produced)
 
 
-async def load_model(url: str, key: str, model: str, *, concurrency: int, requests: int, prompt: str,
+async def send_requests(url: str, key: str, model: str, *, concurrency: int, requests: int, prompt: str,
                      output_tokens: int) -> list[Sample]:
     """`requests` completions from `concurrency` clients at once, each starting its next on finishing."""
     import aiohttp
@@ -140,10 +140,10 @@ def run_bench(url: str, keys: dict[str, str], models: list[str], *, concurrency:
     rows, raw = [], []
     for model in models:
         memory = resident_bytes(url, keys[model], model)  # also loads it before the timed requests
-        asyncio.run(load_model(url, keys[model], model, concurrency=1, requests=1, prompt=prompt, output_tokens=2))
+        asyncio.run(send_requests(url, keys[model], model, concurrency=1, requests=1, prompt=prompt, output_tokens=2))
         for level in concurrency:
             progress(f"bench: {model} at concurrency {level}: {max(requests, level)} requests")
-            samples = asyncio.run(load_model(url, keys[model], model, concurrency=level, requests=max(requests, level),
+            samples = asyncio.run(send_requests(url, keys[model], model, concurrency=level, requests=max(requests, level),
                                              prompt=prompt, output_tokens=output_tokens))
             rows.append({"model": model, "concurrency": level, "resident_bytes": memory, **summarize(samples)})
             raw += [asdict(s) for s in samples]

@@ -12,9 +12,8 @@ Two engines share one interface (`generate` yields, per decode step, each row's 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -30,14 +29,6 @@ class SamplingParams:
     temperature: float = 1.0  # 0 is greedy
     top_p: float = 1.0
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks fix output lengths this way)
-
-
-@dataclass
-class EngineStats:
-    """What the engine spent, for the bench report."""
-
-    prefill_seconds: list[float] = field(default_factory=list)
-    warmup_seconds: float = 0.0
 
 
 def sample_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
@@ -61,11 +52,9 @@ def sample_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> torch.T
 
 def warm_up(engine, batch_sizes) -> None:
     """Two greedy tokens per batch size: the first request then pays no compilation or allocation."""
-    started = time.perf_counter()
     for size in batch_sizes:
         for _ in engine.generate([[0]] * size, [SamplingParams(max_new_tokens=2, temperature=0)] * size):
             pass
-    engine.stats.warmup_seconds += time.perf_counter() - started
 
 
 def _run(prompts: list[list[int]], params: list[SamplingParams], stop_ids: set[int], prefill, decode) -> Iterator[list[int | None]]:
@@ -101,7 +90,6 @@ class StaticEngine:
         self.context = context
         self.device = decoder.device
         self.cuda_graphs = decoder.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self.stats = EngineStats()
         self._graphs: dict[int, _StepGraph] = {}
         if self.cuda_graphs:
             for layer in decoder.layers:  # one compiled region per layer shape, reused by all layers
@@ -130,7 +118,6 @@ class StaticEngine:
         self.decoder.use_cache(bucket, self.context)
 
         def prefill():
-            started = time.perf_counter()
             steps = torch.arange(longest, device=self.device)
             positions = (steps[None, :] - pads[:, None]).clamp(min=0)
             # A real token sees the row's real tokens up to itself; a pad sees only itself (its
@@ -142,11 +129,7 @@ class StaticEngine:
             mask = (causal & (real | own)).unsqueeze(1)
             # Prompts come in every length: prefill runs eagerly (compiled code is for decode steps).
             with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
-                logits = self.decoder(tokens, positions, steps, mask)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.stats.prefill_seconds.append(time.perf_counter() - started)
-            return logits
+                return self.decoder(tokens, positions, steps, mask)
 
         def decode(last: torch.Tensor, step: int):
             inputs = (last[:, None], torch.tensor([longest + step], device=self.device), pads)
@@ -200,7 +183,6 @@ class TransformersEngine:
         self.model = model
         self.stop_ids = stop_ids
         self.device = next(model.parameters()).device
-        self.stats = EngineStats()
         self.max_batch = BATCH_BUCKETS[-1]
 
     def warm_up(self, batch_sizes=(1,)) -> None:
@@ -221,17 +203,9 @@ class TransformersEngine:
                                  past_key_values=cache, use_cache=True, logits_to_keep=1)
             return out.logits[:, -1].float()
 
-        def prefill():
-            started = time.perf_counter()
-            logits = forward(ids)
-            if self.device.type == "cuda":
-                torch.cuda.synchronize()
-            self.stats.prefill_seconds.append(time.perf_counter() - started)
-            return logits
-
         def decode(last: torch.Tensor, step: int):
             nonlocal mask
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
             return forward(last[:, None])
 
-        yield from _run(prompts, params, self.stop_ids, prefill, decode)
+        yield from _run(prompts, params, self.stop_ids, lambda: forward(ids), decode)
