@@ -158,7 +158,8 @@ class Block(nn.Module):
         self.v_cache: torch.Tensor | None = None
 
     def forward(self, x, cos, sin, slots, mask):
-        """x [B, T, hidden]; cos/sin [B, T, head_dim]; slots [T] cache positions written; mask [B, 1, T, S]."""
+        """x [B, T, hidden]; cos/sin [B, T, head_dim]; slots [T] cache positions written; mask
+        [B, 1, T, S]: attention reads the first S slots of the cache."""
         batch, steps, _ = x.shape
         h = self.input_layernorm(x)
         q, k, v = self.qkv_proj(h).split(
@@ -171,7 +172,8 @@ class Block(nn.Module):
         k = k * cos + rotate_half(k) * sin
         self.k_cache.index_copy_(2, slots, k)
         self.v_cache.index_copy_(2, slots, v)
-        attended = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask,
+        seen = mask.shape[-1]
+        attended = F.scaled_dot_product_attention(q, self.k_cache[:, :, :seen], self.v_cache[:, :, :seen], attn_mask=mask,
                                                   enable_gqa=self.heads != self.kv_heads)
         x = x + self.o_proj(attended.transpose(1, 2).reshape(batch, steps, self.heads * self.head_dim))
         h = self.post_attention_layernorm(x)
@@ -218,12 +220,14 @@ class Decoder(nn.Module):
     def cache_bytes(self) -> int:
         return sum(k.nbytes + v.nbytes for cache in self._caches.values() for k, v in cache)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor):
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+                layers=None):
         """Next-token logits [B, vocab] (fp32) after tokens [B, T] at rotary positions [B, T], written
-        to cache slots [T]; mask [B, 1, T, context] says which cache slots each token may attend to.
-        Only the last position goes through the LM head: a prompt's other logits are never used."""
+        to cache slots [T]; mask [B, 1, T, S] says which of the first S cache slots each token may
+        attend to. Only the last position goes through the LM head: a prompt's other logits are never
+        used. `layers`: callables standing in for self.layers (their compiled versions)."""
         x = F.embedding(tokens, self.embed_tokens)
         cos, sin = self.rotary(x, positions)
-        for layer in self.layers:
+        for layer in layers or self.layers:
             x = layer(x, cos, sin, slots, mask)
         return self.lm_head(self.norm(x[:, -1])).float()

@@ -23,6 +23,11 @@ log = logging.getLogger(__name__)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
 
 
+def buckets_up_to(batch: int) -> list[int]:
+    """The buckets that batches of 1 to `batch` rows run in."""
+    return [bucket for bucket in BATCH_BUCKETS if bucket < batch] + [next(b for b in BATCH_BUCKETS if b >= batch)]
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     max_new_tokens: int
@@ -31,43 +36,58 @@ class SamplingParams:
     ignore_eos: bool = False  # run to max_new_tokens (benchmarks fix output lengths this way)
 
 
-def sample_tokens(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+class Sampler:
     """The next token of each row [B] from logits [B, vocab]: greedy where temperature is 0, else
-    nucleus sampling at the row's temperature and top_p."""
-    greedy = logits.argmax(-1)
-    if all(p.temperature == 0 for p in params):
-        return greedy
-    device = logits.device
-    temperature = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)
-    top_p = torch.tensor([p.top_p for p in params], device=device)
-    probs = torch.softmax(logits / temperature[:, None], dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    outside = sorted_probs.cumsum(-1) - sorted_probs > top_p[:, None]  # the top token always stays
-    sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-    choice = torch.multinomial(sorted_probs, 1).squeeze(-1)
-    sampled = order.gather(-1, choice[:, None]).squeeze(-1)
-    is_greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
-    return torch.where(is_greedy, greedy, sampled)
+    nucleus sampling at the row's temperature and top_p. The per-row settings become device tensors
+    once per batch: a tensor built from host values inside the decode loop would wait for the GPU."""
+
+    def __init__(self, params: list[SamplingParams], device: torch.device):
+        self.greedy = all(p.temperature == 0 for p in params)
+        if not self.greedy:
+            self.temperature = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)
+            self.top_p = torch.tensor([p.top_p for p in params], device=device)
+            self.is_greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        greedy = logits.argmax(-1)
+        if self.greedy:
+            return greedy
+        probs = torch.softmax(logits / self.temperature[:, None], dim=-1)
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p[:, None]  # the top token always stays
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        choice = torch.multinomial(sorted_probs, 1).squeeze(-1)
+        sampled = order.gather(-1, choice[:, None]).squeeze(-1)
+        return torch.where(self.is_greedy, greedy, sampled)
 
 
 def warm_up(engine, batch_sizes) -> None:
-    """Two greedy tokens per batch size: the first request then pays no compilation or allocation."""
+    """Prompts of one token and of 64 (4-bit weights take another path for long prompts) at each
+    batch size: the first requests then pay no compilation, graph capture or allocation."""
+    length = min(64, getattr(engine, "context", 66) - 2)
     for size in batch_sizes:
-        for _ in engine.generate([[0]] * size, [SamplingParams(max_new_tokens=2, temperature=0)] * size):
-            pass
+        for prompt in ([0], [0] * length):
+            for _ in engine.generate([prompt] * size, [SamplingParams(max_new_tokens=2, temperature=0)] * size):
+                pass
 
 
-def _run(prompts: list[list[int]], params: list[SamplingParams], stop_ids: set[int], prefill, decode) -> Iterator[list[int | None]]:
+def _run(prompts: list[list[int]], params: list[SamplingParams], stop_ids: set[int], prefill, decode,
+         device: torch.device) -> Iterator[list[int | None]]:
     """The loop both engines share: prefill, then decode until every row has met a stop token or its
-    max_new_tokens. Yields each step's token per row, None for rows already finished."""
+    max_new_tokens. Yields each step's token per row, None for rows already finished.
+
+    The next step is queued on the device before this step's tokens are read back (the read waits
+    for the device), so the GPU never idles while the host checks stops and hands tokens out. When
+    every row stops on a stop token, that one queued step is wasted."""
     remaining = [p.max_new_tokens for p in params]
+    sample = Sampler(params, device)
     logits = prefill()
     step = 0
     while True:
-        sampled = sample_tokens(logits, params)
-        tokens = sampled.tolist()
+        sampled = sample(logits)
+        ahead = decode(sampled, step) if any(r > 1 for r in remaining) else None
         out: list[int | None] = []
-        for row, token in enumerate(tokens):
+        for row, token in enumerate(sampled.tolist()):
             if remaining[row] <= 0:
                 out.append(None)
                 continue
@@ -77,7 +97,7 @@ def _run(prompts: list[list[int]], params: list[SamplingParams], stop_ids: set[i
         yield out
         if not any(r > 0 for r in remaining):
             return
-        logits = decode(sampled, step)
+        logits = ahead
         step += 1
 
 
@@ -91,9 +111,16 @@ class StaticEngine:
         self.device = decoder.device
         self.cuda_graphs = decoder.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self._graphs: dict[int, _StepGraph] = {}
+        self._decode_layers = self._prefill_layers = None
         if self.cuda_graphs:
-            for layer in decoder.layers:  # one compiled region per layer shape, reused by all layers
-                layer.compile(dynamic=False)
+            # The layers run compiled: one compiled region serves every layer of a model. Decode steps
+            # have static shapes, one per batch bucket; prompts come in every length, so prefill is
+            # compiled for dynamic shapes (eagerly, its launches would outlast its kernels). Each
+            # model type held by a process adds its own entries: more than dynamo's default limit of
+            # 8, past which it would quietly run eagerly.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._decode_layers = [torch.compile(layer, dynamic=False) for layer in decoder.layers]
+            self._prefill_layers = [torch.compile(layer, dynamic=True) for layer in decoder.layers]
 
     @property
     def max_batch(self) -> int:
@@ -109,7 +136,7 @@ class StaticEngine:
         longest = max(len(p) for p in prompts)
         if longest + max(p.max_new_tokens for p in params) > self.context:
             raise ValueError(f"prompt ({longest} tokens) plus max_tokens exceeds the context of {self.context}")
-        bucket = next(b for b in BATCH_BUCKETS if b >= len(prompts))
+        bucket = buckets_up_to(len(prompts))[-1]
         rows = len(prompts)
         padded_prompts = prompts + [[0]] * (bucket - rows)
         padded_params = params + [SamplingParams(max_new_tokens=0, temperature=0)] * (bucket - rows)
@@ -121,27 +148,31 @@ class StaticEngine:
             steps = torch.arange(longest, device=self.device)
             positions = (steps[None, :] - pads[:, None]).clamp(min=0)
             # A real token sees the row's real tokens up to itself; a pad sees only itself (its
-            # output is never used, and no real token attends to it).
-            slots = torch.arange(self.context, device=self.device)
-            causal = slots[None, None, :] <= steps[None, :, None]
-            real = slots[None, None, :] >= pads[:, None, None]
-            own = slots[None, None, :] == steps[None, :, None]
+            # output is never used, and no real token attends to it). The mask covers the prompt's
+            # slots only, so attention reads no more of the cache than the prompt wrote.
+            causal = steps[None, None, :] <= steps[None, :, None]
+            real = steps[None, None, :] >= pads[:, None, None]
+            own = steps[None, None, :] == steps[None, :, None]
             mask = (causal & (real | own)).unsqueeze(1)
-            # Prompts come in every length: prefill runs eagerly (compiled code is for decode steps).
-            with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
-                return self.decoder(tokens, positions, steps, mask)
+            with torch.inference_mode():
+                return self.decoder(tokens, positions, steps, mask, layers=self._prefill_layers)
+
+        slot = torch.full((1,), longest, device=self.device)  # the cache slot of the next decode step
 
         def decode(last: torch.Tensor, step: int):
-            inputs = (last[:, None], torch.tensor([longest + step], device=self.device), pads)
+            inputs = (last[:, None], slot, pads)
             if not self.cuda_graphs:
                 with torch.inference_mode():
-                    return self._decode_step(*inputs)
-            graph = self._graphs.get(bucket)
-            if graph is None:
-                graph = self._graphs[bucket] = _StepGraph(self._decode_step, inputs)
-            return graph.replay(inputs)
+                    logits = self._decode_step(*inputs)
+            else:
+                graph = self._graphs.get(bucket)
+                if graph is None:
+                    graph = self._graphs[bucket] = _StepGraph(self._decode_step, inputs)
+                logits = graph.replay(inputs)
+            slot.add_(1)  # on the device: no host value enters the loop
+            return logits
 
-        for step_tokens in _run(padded_prompts, padded_params, self.stop_ids, prefill, decode):
+        for step_tokens in _run(padded_prompts, padded_params, self.stop_ids, prefill, decode, self.device):
             yield step_tokens[:rows]
 
     def _decode_step(self, tokens: torch.Tensor, slot: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:
@@ -150,7 +181,7 @@ class StaticEngine:
         slots = torch.arange(self.context, device=self.device)
         positions = (slot - pads)[:, None]
         mask = ((slots[None, :] <= slot) & (slots[None, :] >= pads[:, None]))[:, None, None, :]
-        return self.decoder(tokens, positions, slot, mask)
+        return self.decoder(tokens, positions, slot, mask, layers=self._decode_layers)
 
 
 class _StepGraph:
@@ -208,4 +239,4 @@ class TransformersEngine:
             mask = torch.cat([mask, mask.new_ones(len(prompts), 1)], dim=1)
             return forward(last[:, None])
 
-        yield from _run(prompts, params, self.stop_ids, lambda: forward(ids), decode)
+        yield from _run(prompts, params, self.stop_ids, lambda: forward(ids), decode, self.device)

@@ -1,0 +1,140 @@
+"""The serving engines and the batcher on a tiny random Llama (fp32, CPU): every row of a padded
+batch must generate exactly what transformers generates for that prompt alone."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from qlora_ray.serve.batcher import Batcher
+from qlora_ray.serve.engine import SamplingParams, StaticEngine, TransformersEngine
+from qlora_ray.serve.weights import build_decoder
+from qlora_ray.shapes import shape_config
+
+PROMPTS = [[5, 17, 99, 3, 42], [7] * 3 + list(range(20, 34)), [250, 1, 2, 3, 4, 5, 6, 7, 8]]
+NEW_TOKENS = 12
+
+
+def greedy(max_new_tokens: int = NEW_TOKENS, **kwargs) -> SamplingParams:
+    return SamplingParams(max_new_tokens=max_new_tokens, temperature=0, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return LlamaForCausalLM(shape_config("tiny")).eval()
+
+
+@pytest.fixture(scope="module")
+def static_engine(model):
+    decoder = build_decoder(model.config, dict(model.state_dict()), None, device=torch.device("cpu"), dtype=torch.float32)
+    return StaticEngine(decoder, set(), context=64)
+
+
+def alone(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def columns(steps: list[list[int | None]]) -> list[list[int]]:
+    """Per-step rows of tokens -> per-row token lists (None, a finished row's filler, dropped)."""
+    return [[step[row] for step in steps if step[row] is not None] for row in range(len(steps[0]))]
+
+
+@pytest.mark.parametrize("engine_kind", ["static", "transformers"])
+def test_each_row_of_a_padded_batch_generates_as_if_alone(model, static_engine, engine_kind):
+    engine = static_engine if engine_kind == "static" else TransformersEngine(model, set())
+    rows = columns(list(engine.generate(PROMPTS, [greedy()] * len(PROMPTS))))
+    assert rows == [alone(model, prompt) for prompt in PROMPTS]
+
+
+def test_a_stop_token_ends_its_row_only(model, static_engine):
+    expected = [alone(model, prompt) for prompt in PROMPTS]
+    stop = expected[0][3]
+    engine = StaticEngine(static_engine.decoder, {stop}, context=64)
+    params = [greedy(), greedy(ignore_eos=True), greedy()]
+    rows = columns(list(engine.generate(PROMPTS, params)))
+    for row, (got, want) in enumerate(zip(rows, expected)):
+        if params[row].ignore_eos or stop not in want:
+            assert got == want
+        else:
+            assert got == want[:want.index(stop) + 1]
+
+
+def test_rows_end_at_their_own_max_tokens(model, static_engine):
+    steps = list(static_engine.generate(PROMPTS[:2], [greedy(3), greedy(7)]))
+    assert len(steps) == 7
+    assert columns(steps) == [alone(model, PROMPTS[0], 3), alone(model, PROMPTS[1], 7)]
+
+
+def test_sampling_with_a_tiny_top_p_is_greedy_and_rows_keep_their_own_settings(model, static_engine):
+    params = [SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.5, top_p=1e-6), greedy(),
+              SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0)]
+    rows = columns(list(static_engine.generate(PROMPTS, params)))
+    assert rows[:2] == [alone(model, PROMPTS[0]), alone(model, PROMPTS[1])]
+    assert len(rows[2]) == NEW_TOKENS and all(0 <= t < model.config.vocab_size for t in rows[2])
+
+
+def test_a_batch_beyond_the_cache_is_refused(static_engine):
+    with pytest.raises(ValueError, match="context of 64"):
+        list(static_engine.generate([[1] * 60], [greedy(8)]))
+
+
+def collect(batcher: Batcher, prompt: list[int], params: SamplingParams, take: int | None = None):
+    async def run():
+        tokens = []
+        async with contextlib.aclosing(batcher.tokens(prompt, params)) as stream:
+            async for token in stream:
+                tokens.append(token)
+                if take is not None and len(tokens) == take:
+                    break
+        return tokens
+    return run()
+
+
+def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer(model, static_engine):
+    batcher = Batcher(static_engine, max_batch=8, wait=0.5)
+
+    async def main():
+        return await asyncio.gather(*(collect(batcher, prompt, greedy()) for prompt in PROMPTS),
+                                    collect(batcher, PROMPTS[0], greedy(), take=2))
+
+    *answers, cut = asyncio.run(main())
+    assert answers == [alone(model, prompt) for prompt in PROMPTS]
+    assert cut == alone(model, PROMPTS[0])[:2]
+    assert list(batcher.batch_sizes) == [4]
+
+
+def test_requests_that_cannot_share_the_cache_run_in_separate_batches(model, static_engine):
+    batcher = Batcher(static_engine, max_batch=8, wait=0.5)
+    long_prompt, short_prompt = list(range(1, 51)), [9, 8, 7]
+
+    async def main():
+        return await asyncio.gather(collect(batcher, long_prompt, greedy(10)), collect(batcher, short_prompt, greedy(40)))
+
+    long_answer, short_answer = asyncio.run(main())
+    assert long_answer == alone(model, long_prompt, 10) and short_answer == alone(model, short_prompt, 40)
+    assert sorted(batcher.batch_sizes) == [1, 1]
+
+
+def test_an_engine_error_reaches_every_request_of_the_batch(static_engine):
+    class Broken:
+        max_batch, context, stop_ids = 8, 64, set()
+
+        def generate(self, prompts, params):
+            raise RuntimeError("device lost")
+            yield
+
+    batcher = Batcher(Broken(), max_batch=8, wait=0.2)
+
+    async def main():
+        return await asyncio.gather(*(collect(batcher, [1, 2], greedy()) for _ in range(2)), return_exceptions=True)
+
+    assert [str(e) for e in asyncio.run(main())] == ["device lost", "device lost"]
