@@ -264,7 +264,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
     spec = _load(args.job)
     store = _store(spec)
     store.check_reachable()
-    levels = [int(level) for level in args.concurrency.split(",")]
     if args.url:
         if not args.api_key or not args.models:
             raise UserError("--url needs --api-key and --models (the models that key may use)")
@@ -280,16 +279,41 @@ def cmd_bench(args: argparse.Namespace) -> int:
         tenant_keys = {tenant.id: "bench-" + secrets.token_urlsafe(16) for tenant in spec.tenants}
         url = _start_app(spec, extra_keys={key: tenant for tenant, key in tenant_keys.items()})
         keys = {model: tenant_keys[catalog[model].tenant] for model in wanted}
-    report = run_bench(url, keys, list(keys), concurrency=levels, requests=args.requests,
-                       prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, progress=_progress)
+    report = run_bench(url, keys, list(keys), concurrency=args.concurrency, requests=args.requests,
+                       prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, duration=args.duration,
+                       progress=_progress)
     run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     report["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    with tempfile.TemporaryDirectory() as scratch:
-        write_report(report, Path(scratch))
-        store.publish(bench_key(spec.name, run_id), Path(scratch), kind="bench", inputs={"url": url})
     print(render_table(report))
-    print(f"\nreport (JSON, Markdown, PNG): {store.url(bench_key(spec.name, run_id))}")
+    with tempfile.TemporaryDirectory() as scratch:
+        written = write_report(report, Path(scratch))
+        store.publish(bench_key(spec.name, run_id), Path(scratch), kind="bench", inputs={"url": url})
+    print(f"\nreport ({', '.join(path.name for path in written)}): {store.url(bench_key(spec.name, run_id))}")
     return 1 if any(row["errors"] for row in report["results"]) else 0
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return value
+
+
+def _positive_ints(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",")]
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
+    return value
 
 
 def cmd_not_built(stage: str) -> Callable[[argparse.Namespace], int]:
@@ -358,10 +382,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--url", help="an OpenAI-compatible base URL (…/v1) instead of serving this job here")
     bench.add_argument("--api-key", help="the key for --url")
     bench.add_argument("--models", help="comma-separated model ids (default: every model of the job)")
-    bench.add_argument("--concurrency", default="1,4", help="comma-separated concurrency levels (default 1,4)")
-    bench.add_argument("--requests", type=int, default=8, help="requests per model and level (default 8)")
-    bench.add_argument("--prompt-tokens", type=int, default=128, help="prompt length, about (default 128)")
-    bench.add_argument("--output-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    bench.add_argument("--concurrency", type=_positive_ints, default=[1, 4],
+                       help="comma-separated concurrency levels (default 1,4)")
+    bench.add_argument("--requests", type=_positive_int, default=8, help="requests per model and level (default 8)")
+    bench.add_argument("--duration", type=_positive_float, help="seconds per model and level, instead of --requests")
+    bench.add_argument("--prompt-tokens", type=_positive_int, default=128, help="prompt length, about (default 128)")
+    bench.add_argument("--output-tokens", type=_positive_int, default=64, help="tokens per answer (default 64)")
     for stage, help_text in STAGE_HELP.items():
         job_verb(stage, help_text + " (not built yet)", cmd_not_built(stage))
     job_verb("run", "run every stage of a job in order; finished work is skipped", cmd_run)

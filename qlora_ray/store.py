@@ -177,8 +177,8 @@ class Store:
                 )
         return manifest
 
-    def readable_copy(self, key: str, files: list[str], cache_dir: Path) -> Path:
-        """A local folder holding the listed files of a complete artifact, each verified.
+    def readable_copy(self, key: str, cache_dir: Path, files: list[str] | None = None) -> Path:
+        """A local folder holding the listed files (default: all) of a complete artifact, each verified.
 
         A folder store is read in place (no copy: an 8B base is 16 GB); any other store is
         fetched into cache_dir. Raises StoreError on any mismatch with the manifest.
@@ -188,7 +188,7 @@ class Store:
             return cache_dir
         manifest = self.read_manifest(key)
         folder = Path(self.path(key))
-        for rel in files:
+        for rel in manifest["files"] if files is None else files:
             expected = manifest["files"].get(rel)
             path = folder / rel
             if expected is None or not path.is_file() or path.stat().st_size != expected["size"] \

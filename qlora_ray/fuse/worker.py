@@ -74,7 +74,7 @@ class FuseWorker:
     def _base(self, files: list[str]) -> Path:
         key = base_key(self.spec.base.name)
         wanted = [f for f in files if f not in self._verified]
-        folder = self.store.readable_copy(key, wanted, self.cache / "base")
+        folder = self.store.readable_copy(key, self.cache / "base", wanted)
         self._verified.update(wanted)
         return folder
 

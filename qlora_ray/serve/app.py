@@ -7,17 +7,17 @@
 Model ids name a tenant's artifact. Each ModelServer replica loads models from the store on demand
 through Serve's model multiplexing, which also routes a model's requests to the replica that holds
 it and evicts the least recently used one beyond serve.max_resident_models. Requests to one model
-on one replica are generated one at a time (no batching across requests yet).
+on one replica are generated together in batches (serve/batcher.py).
 
 `qlora-ray serve JOB` runs it; `serve run serve/demo.yaml` builds it from `build_app`.
 """
 
 
 import asyncio
+import contextlib
 import json
 import logging
 import tempfile
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from qlora_ray.serve import protocol
+from qlora_ray.serve.batcher import Batcher
 from qlora_ray.serve.keys import KeyRing
 from qlora_ray.spec import JobSpec
 from qlora_ray.store import Store, adapter_key, base_key, fused_key
@@ -65,12 +66,12 @@ def model_catalog(spec: JobSpec, store: Store) -> dict[str, ModelEntry]:
 
 
 class LoadedModel:
-    """An engine and its tokenizer, with a lock: one generation at a time on its static cache."""
+    """An engine, its tokenizer, and the batcher that runs its requests."""
 
-    def __init__(self, entry: ModelEntry, engine, tokenizer, resident_bytes: int, load_seconds: float):
+    def __init__(self, entry: ModelEntry, engine, tokenizer, resident_bytes: int, load_seconds: float, serve_spec):
         self.entry, self.engine, self.tokenizer = entry, engine, tokenizer
         self.resident_bytes, self.load_seconds = resident_bytes, load_seconds
-        self.lock = asyncio.Lock()
+        self.batcher = Batcher(engine, serve_spec.max_batch, serve_spec.batch_wait_ms / 1000)
         self.engine_name = type(engine).__name__
 
 
@@ -88,7 +89,7 @@ def load_model(spec: JobSpec, store: Store, entry: ModelEntry, cache_dir: Path, 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_ray.serve.engine import StaticEngine, TransformersEngine
+    from qlora_ray.serve.engine import StaticEngine, TransformersEngine, buckets_up_to
     from qlora_ray.serve.weights import WeightFormatError, load_decoder
 
     started = time.perf_counter()
@@ -96,24 +97,21 @@ def load_model(spec: JobSpec, store: Store, entry: ModelEntry, cache_dir: Path, 
     if entry.variant == UNMERGED:
         from qlora_ray.evaluation import load_model as load_with_adapter
 
-        base_dir = cache_dir / "base"
-        store.fetch(base_key(spec.base.name), base_dir)
-        adapter_dir = cache_dir / "adapters" / entry.tenant
-        store.fetch(entry.key, adapter_dir)
+        base_dir = store.readable_copy(base_key(spec.base.name), cache_dir / "base")
+        adapter_dir = store.readable_copy(entry.key, cache_dir / "adapters" / entry.tenant)
         model, tokenizer = load_with_adapter(base_dir, adapter_dir, dtype=str(dtype).removeprefix("torch."))
         model.to(device)
         engine = TransformersEngine(model, _stop_ids(base_dir, tokenizer))
         resident = sum(p.nbytes for p in model.parameters())
     else:
-        folder = cache_dir / "fused" / entry.tenant / entry.variant
-        store.fetch(entry.key, folder)
+        folder = store.readable_copy(entry.key, cache_dir / "fused" / entry.tenant / entry.variant)
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
         stop_ids = _stop_ids(folder, tokenizer)
         try:
             decoder = load_decoder(folder, device=device, dtype=dtype)
             context = min(spec.serve.context, decoder.config.max_position_embeddings)
             engine = StaticEngine(decoder, stop_ids, context=context)
-            engine.warm_up()
+            engine.warm_up(buckets_up_to(spec.serve.max_batch))
             resident = sum(t.nbytes for t in decoder.parameters()) + sum(t.nbytes for t in decoder.buffers())
             resident += decoder.cache_bytes()
         except WeightFormatError as exc:
@@ -121,7 +119,7 @@ def load_model(spec: JobSpec, store: Store, entry: ModelEntry, cache_dir: Path, 
             model = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device).eval()
             engine = TransformersEngine(model, stop_ids)
             resident = model.get_memory_footprint()
-    return LoadedModel(entry, engine, tokenizer, resident, time.perf_counter() - started)
+    return LoadedModel(entry, engine, tokenizer, resident, time.perf_counter() - started, spec.serve)
 
 
 # -- the model deployment -----------------------------------------------------------------------
@@ -148,12 +146,14 @@ class ModelServer:
 
     async def resident(self, model_id: str) -> dict:
         model = await self.get_model(model_id)
+        sizes = model.batcher.batch_sizes
         return {"model": model_id, "resident_bytes": model.resident_bytes, "engine": model.engine_name,
-                "device": self.device, "load_seconds": round(model.load_seconds, 2)}
+                "device": self.device, "load_seconds": round(model.load_seconds, 2),
+                "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None}
 
     async def generate(self, payload: dict):
         """Events: {"type": "start", "prompt_tokens"} | {"type": "error", "status", "message"}, then
-        {"type": "text", "text"}..., then {"type": "end", "finish_reason", "completion_tokens"}."""
+        {"type": "text", "text"} per token..., then {"type": "end", "finish_reason", "completion_tokens"}."""
         from qlora_ray.serve.engine import SamplingParams
         from qlora_ray.serve.text import TextStream
 
@@ -180,12 +180,12 @@ class ModelServer:
         yield {"type": "start", "prompt_tokens": len(ids)}
         stream = TextStream(tokenizer, payload["stop"])
         produced, finish = 0, "length"
-        async with model.lock:
-            async for token in _tokens_in_thread(model.engine, ids, params):
+        async with contextlib.aclosing(model.batcher.tokens(ids, params)) as tokens:
+            async for token in tokens:
                 produced += 1
-                text = stream.add(token)
-                if text:
-                    yield {"type": "text", "text": text}
+                # One event per token, its text possibly empty (held back: part of a character or
+                # maybe of a stop string), as OpenAI's stream does: clients see every token arrive.
+                yield {"type": "text", "text": stream.add(token)}
                 if stream.stopped or (token in model.engine.stop_ids and not params.ignore_eos):
                     finish = "stop"
                     break
@@ -193,38 +193,6 @@ class ModelServer:
         if tail:
             yield {"type": "text", "text": tail}
         yield {"type": "end", "finish_reason": finish, "completion_tokens": produced}
-
-
-async def _tokens_in_thread(engine, ids: list[int], params):
-    """The engine's tokens for one prompt, generated on a worker thread so the replica stays responsive;
-    leaving the loop early (a stop string, a closed connection) stops the generation."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue = asyncio.Queue()
-    cancelled = threading.Event()
-    done = object()
-
-    def work():
-        try:
-            for step in engine.generate([ids], [params]):
-                if cancelled.is_set() or step[0] is None:
-                    break
-                loop.call_soon_threadsafe(queue.put_nowait, step[0])
-        except BaseException as exc:  # noqa: BLE001 - handed to the event loop, re-raised there
-            loop.call_soon_threadsafe(queue.put_nowait, exc)
-        loop.call_soon_threadsafe(queue.put_nowait, done)
-
-    worker = asyncio.get_running_loop().run_in_executor(None, work)
-    try:
-        while True:
-            item = await queue.get()
-            if item is done:
-                break
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        cancelled.set()
-        await worker
 
 
 async def _sse(events, request_id: str, body, prompt_tokens: int, chat: bool):

@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +68,7 @@ def summarize(samples: list[Sample]) -> dict:
         "output_tokens": tokens, "seconds": round(span, 3),
         "output_tok_s": round(tokens / span, 2) if span > 0 else None,
         "mean_output_tokens": round(statistics.mean(s.output_tokens for s in ok), 2) if ok else None,
+        "mean_prompt_tokens": round(statistics.mean(s.prompt_tokens for s in ok), 2) if ok else None,
     }
 
 
@@ -83,7 +87,7 @@ async def _one(session, url: str, key: str, model: str, prompt: str, output_toke
                 if not line.startswith("data:") or line == "data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
-                if chunk.get("choices") and chunk["choices"][0].get("text") and first is None:
+                if chunk.get("choices") and first is None:  # a token's chunk, its text possibly empty
                     first = time.perf_counter() - t0
                 if chunk.get("usage"):
                     prompt_tokens = chunk["usage"]["prompt_tokens"]
@@ -94,18 +98,27 @@ async def _one(session, url: str, key: str, model: str, prompt: str, output_toke
 
 
 async def send_requests(url: str, key: str, model: str, *, concurrency: int, requests: int, prompt: str,
-                     output_tokens: int) -> list[Sample]:
-    """`requests` completions from `concurrency` clients at once, each starting its next on finishing."""
+                        output_tokens: int, duration: float | None = None) -> list[Sample]:
+    """`concurrency` clients at once, each starting its next request on finishing: `requests` in all,
+    or, with `duration`, as many as start within that many seconds."""
     import aiohttp
 
     t0 = time.perf_counter()
     queue = list(range(requests))
     samples: list[Sample] = []
     timeout = aiohttp.ClientTimeout(total=None, sock_read=600)
+
+    def more() -> bool:
+        if duration is not None:
+            return time.perf_counter() - t0 < duration
+        if queue:
+            queue.pop()
+            return True
+        return False
+
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async def client():
-            while queue:
-                queue.pop()
+            while more():
                 samples.append(await _one(session, url, key, model, prompt, output_tokens, concurrency, t0))
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -134,24 +147,27 @@ def resident_bytes(url: str, key: str, model: str) -> int | None:
 
 
 def run_bench(url: str, keys: dict[str, str], models: list[str], *, concurrency: list[int], requests: int,
-              prompt_tokens: int, output_tokens: int, progress=print) -> dict:
-    """Every model at every concurrency; keys maps a model id to the key that may use it."""
+              prompt_tokens: int, output_tokens: int, duration: float | None = None, progress=print) -> dict:
+    """Every model at every concurrency; keys maps a model id to the key that may use it. Each level
+    sends max(requests, concurrency) requests, or runs for `duration` seconds when that is given."""
     prompt = synthetic_prompt(prompt_tokens)
     rows, raw = [], []
     for model in models:
         memory = resident_bytes(url, keys[model], model)  # also loads it before the timed requests
         asyncio.run(send_requests(url, keys[model], model, concurrency=1, requests=1, prompt=prompt, output_tokens=2))
         for level in concurrency:
-            progress(f"bench: {model} at concurrency {level}: {max(requests, level)} requests")
+            amount = f"{duration:g} s" if duration is not None else f"{max(requests, level)} requests"
+            progress(f"bench: {model} at concurrency {level}: {amount}")
             samples = asyncio.run(send_requests(url, keys[model], model, concurrency=level, requests=max(requests, level),
-                                             prompt=prompt, output_tokens=output_tokens))
+                                                prompt=prompt, output_tokens=output_tokens, duration=duration))
             rows.append({"model": model, "concurrency": level, "resident_bytes": memory, **summarize(samples)})
             raw += [asdict(s) for s in samples]
     return {"url": url, "prompt_tokens_asked": prompt_tokens, "output_tokens": output_tokens, "requests": requests,
-            "concurrency": concurrency, "results": rows, "samples": raw}
+            "duration_s": duration, "concurrency": concurrency, "results": rows, "samples": raw}
 
 
 COLUMNS = [("model", "model"), ("concurrency", "conc."), ("requests", "req."), ("error_rate", "errors"),
+           ("mean_prompt_tokens", "prompt tok"),
            ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "TTFT p99 ms"), ("tpot_ms_p50", "TPOT p50 ms"),
            ("tpot_ms_p99", "TPOT p99 ms"), ("latency_ms_p50", "latency p50 ms"), ("latency_ms_p99", "latency p99 ms"),
            ("output_tok_s", "output tok/s"), ("resident_bytes", "resident MiB")]
@@ -170,17 +186,30 @@ def render_table(report: dict) -> str:
 
 
 def write_report(report: dict, folder: Path) -> list[Path]:
-    """bench.json, bench.md and bench.png (TTFT and TPOT per model and concurrency) into folder."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """bench.json, bench.md and bench.png (TTFT, TPOT and tokens/s per model and concurrency) into
+    folder; returns the files written. A plot that fails is logged and left out: the measurements
+    are in the JSON, and the PNG can be drawn from it again."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "bench.json").write_text(json.dumps(report, indent=2))
     header = (f"# Bench: {report['url']}\n\n{report.get('when', '')}; prompt ~{report['prompt_tokens_asked']} tokens, "
               f"{report['output_tokens']} output tokens (ignore_eos), greedy.\n\n")
     (folder / "bench.md").write_text(header + render_table(report) + "\n")
+    written = [folder / "bench.json", folder / "bench.md"]
+    try:
+        plot(report, folder / "bench.png")
+    except Exception:  # noqa: BLE001 - e.g. a matplotlib without its fonts; the data is kept
+        log.exception("bench.png could not be drawn")
+    else:
+        written.append(folder / "bench.png")
+    return written
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for model in dict.fromkeys(row["model"] for row in report["results"]):
         rows = [row for row in report["results"] if row["model"] == model]
@@ -193,6 +222,5 @@ def write_report(report: dict, folder: Path) -> list[Path]:
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(folder / "bench.png", dpi=100)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
-    return [folder / name for name in ("bench.json", "bench.md", "bench.png")]
