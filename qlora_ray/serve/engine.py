@@ -61,16 +61,6 @@ class Sampler:
         return torch.where(self.is_greedy, greedy, sampled)
 
 
-def warm_up(engine, batch_sizes) -> None:
-    """Prompts of one token and of 64 (4-bit weights take another path for long prompts) at each
-    batch size: the first requests then pay no compilation, graph capture or allocation."""
-    length = min(64, getattr(engine, "context", 66) - 2)
-    for size in batch_sizes:
-        for prompt in ([0], [0] * length):
-            for _ in engine.generate([prompt] * size, [SamplingParams(max_new_tokens=2, temperature=0)] * size):
-                pass
-
-
 def _run(prompts: list[list[int]], params: list[SamplingParams], stop_ids: set[int], prefill, decode,
          device: torch.device) -> Iterator[list[int | None]]:
     """The loop both engines share: prefill, then decode until every row has met a stop token or its
@@ -127,8 +117,17 @@ class StaticEngine:
         return BATCH_BUCKETS[-1]
 
     def warm_up(self, batch_sizes=(1,)) -> None:
-        """Compile and capture the decode step for these batch sizes now rather than on first use."""
-        warm_up(self, batch_sizes)
+        """On CUDA, compile and capture what requests at these batch sizes will run, so that the
+        first requests pay for no compilation or graph capture: prompts of one token and of 64 (4-bit
+        weights take another path for long prompts), each decoding one step. On the CPU nothing is
+        compiled, so there is nothing to do."""
+        if not self.cuda_graphs:
+            return
+        length = min(64, self.context - 2)
+        for size in batch_sizes:
+            for prompt in ([0], [0] * length):
+                for _ in self.generate([prompt] * size, [SamplingParams(max_new_tokens=2, temperature=0)] * size):
+                    pass
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[int | None]]:
         if not prompts or len(prompts) > self.max_batch:
@@ -215,9 +214,6 @@ class TransformersEngine:
         self.stop_ids = stop_ids
         self.device = next(model.parameters()).device
         self.max_batch = BATCH_BUCKETS[-1]
-
-    def warm_up(self, batch_sizes=(1,)) -> None:
-        warm_up(self, batch_sizes)
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[int | None]]:
         from transformers import DynamicCache
