@@ -32,10 +32,7 @@ from qlora_ray.spec import FusedVariant, JobSpec, TenantSpec
 from qlora_ray.store import Store, adapter_key, base_key, data_key, fused_key
 from qlora_ray.tables import text_table
 
-# Restarts of a dead fuse actor before its work counts as failed. Its unfinished unit is retried
-# until the actor is back, however many attempts that takes (max_task_retries=-1): the attempts
-# made while a dead node is not yet known to be dead fail at once ("actor unavailable"), and a
-# count of 3 was used up by them in under a second (tests/test_fuse_faults.py).
+# Restarts of a dead fuse actor (and re-runs of its unit) before its work counts as failed.
 MAX_RESTARTS = 3
 
 
@@ -187,7 +184,7 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
     units += [("gptq", target, inputs) for target, inputs in gptq_jobs]
     actor_class = ray.remote(FuseWorker).options(
         num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, resources=dict(resources.custom),
-        max_restarts=MAX_RESTARTS, max_task_retries=-1,
+        max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS,
     )
     workers = [actor_class.remote(spec, layout.quantized, int(resources.num_cpus))
                for _ in range(min(spec.fuse.workers, len(units)))]
