@@ -32,8 +32,10 @@ from qlora_ray.spec import FusedVariant, JobSpec, TenantSpec
 from qlora_ray.store import Store, adapter_key, base_key, data_key, fused_key
 from qlora_ray.tables import text_table
 
-# Restarts of a dead fuse actor (and re-runs of its unit) before its work counts as failed.
+# Restarts of a dead fuse actor (its unfinished unit runs again after each) before it counts as gone.
 MAX_RESTARTS = 3
+# Tries of a unit that failed reading or writing the store, before its artifacts count as failed.
+STORE_ATTEMPTS = 3
 
 
 @dataclass
@@ -182,9 +184,12 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
     targets = _shard_targets(artifacts)
     units = [("shard", shard_file, targets) for shard_file in layout.shard_files] if targets else []
     units += [("gptq", target, inputs) for target, inputs in gptq_jobs]
+    # max_task_retries=-1: a unit whose actor died runs again once the actor is back, however many
+    # times Ray tries in between; a bounded count is spent in the instant before a dead node is
+    # known dead. The restarts bound it: past them the actor is gone and its unit fails.
     actor_class = ray.remote(FuseWorker).options(
         num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, resources=dict(resources.custom),
-        max_restarts=MAX_RESTARTS, max_task_retries=MAX_RESTARTS,
+        max_restarts=MAX_RESTARTS, max_task_retries=-1,
     )
     workers = [actor_class.remote(spec, layout.quantized, int(resources.num_cpus))
                for _ in range(min(spec.fuse.workers, len(units)))]
@@ -193,27 +198,10 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
     started = time.monotonic()
     outcomes: list[FuseOutcome] = []
     by_key = {(a.tenant, a.variant.name): a for a in artifacts}
-    # A small scheduling loop rather than ray.util.ActorPool: a failed unit must be known by name,
-    # while ActorPool raises its error without saying which unit it was.
-    pending = list(units)
-    running: dict = {}
-    idle = list(workers)
     shards_done = 0
-    while pending or running:
-        while idle and pending:
-            worker, unit = idle.pop(), pending.pop(0)
-            options = {"retry_exceptions": [StoreError]}
-            ref = (worker.fuse_shard.options(**options).remote(unit[1], unit[2]) if unit[0] == "shard"
-                   else worker.fuse_gptq.options(**options).remote(unit[1], unit[2]))
-            running[ref] = (worker, unit)
-        ready, _ = ray.wait(list(running), num_returns=1)
-        worker, unit = running.pop(ready[0])
-        idle.append(worker)
-        try:
-            result = ray.get(ready[0])
-            error = None
-        except ray.exceptions.RayError as exc:
-            result, error = None, _error_text(exc)
+
+    def settle(unit, result: dict | None, error: str | None) -> None:
+        nonlocal shards_done
         elapsed = time.monotonic() - started
         if unit[0] == "shard":
             shards_done += 1
@@ -238,6 +226,44 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
             else:
                 outcomes.append(FuseOutcome(target.tenant, variant, "done", result["metrics"]))
                 progress(f"fuse {target.tenant} {variant}: done in {result['metrics']['seconds']:.0f} s [{elapsed:.0f} s]")
+
+    # A small scheduling loop rather than ray.util.ActorPool: a failed unit must be known by name
+    # (to fail its artifacts, or to try it again), while ActorPool raises its error without saying
+    # which unit it was.
+    pending = list(range(len(units)))
+    attempts = [0] * len(units)
+    running: dict = {}
+    idle = list(workers)
+    while pending or running:
+        while idle and pending:
+            worker, index = idle.pop(), pending.pop(0)
+            kind, subject, extra = units[index]
+            call = worker.fuse_shard if kind == "shard" else worker.fuse_gptq
+            running[call.remote(subject, extra)] = (worker, index)
+        if not running:  # every worker is gone for good
+            for index in pending:
+                settle(units[index], None, f"no fuse worker left: each died {MAX_RESTARTS + 1} times")
+            break
+        ready, _ = ray.wait(list(running), num_returns=1)
+        worker, index = running.pop(ready[0])
+        try:
+            result, error = ray.get(ready[0]), None
+        except ray.exceptions.RayError as exc:
+            result, error = None, _error_text(exc)
+            if isinstance(exc, ray.exceptions.ActorDiedError):
+                workers_left = len(idle) + len(running)
+                progress(f"fuse: a worker died past its {MAX_RESTARTS} restarts; {workers_left} left")
+                settle(units[index], None, error)
+                continue
+            attempts[index] += 1
+            # A flaky store is worth another try (a damaged file fails each time, so this is bounded).
+            if isinstance(getattr(exc, "cause", None), StoreError) and attempts[index] < STORE_ATTEMPTS:
+                progress(f"fuse: {_unit_name(units[index])}: {error}; trying again ({attempts[index]}/{STORE_ATTEMPTS})")
+                idle.append(worker)
+                pending.append(index)
+                continue
+        idle.append(worker)
+        settle(units[index], result, error)
     for worker in workers:
         try:
             ray.get(worker.close.remote())
@@ -247,6 +273,11 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
     for artifact in artifacts:
         outcomes.append(_seal(spec, store, layout, artifact, base_dir))
     return outcomes
+
+
+def _unit_name(unit) -> str:
+    kind, subject, _ = unit
+    return f"shard {subject}" if kind == "shard" else f"{subject.tenant} gptq-int4.{subject.merge_base}"
 
 
 def _shard_targets(artifacts: list[_Artifact]) -> list[ShardTarget]:
