@@ -71,7 +71,7 @@ def main() -> None:
 
     def step():
         with torch.inference_mode():
-            engine._decode_step(tokens, slot, pads)
+            engine._decode_step(tokens, slot, pads, span=next(s for s in engine.spans if s > 300))
 
     profile(f"{args.quant} decode step, batch 1, context {args.context} (compiled, no graph)", step, args.rows)
     prompt = [[(5 * i) % 250 + 3 for i in range(512)]]

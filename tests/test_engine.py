@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from qlora_ray.serve.batcher import Batcher
-from qlora_ray.serve.engine import SamplingParams, StaticEngine, TransformersEngine
+from qlora_ray.serve.engine import FIRST_SPAN, SamplingParams, StaticEngine, TransformersEngine
 from qlora_ray.serve.weights import build_decoder
 from qlora_ray.shapes import shape_config
 
@@ -26,7 +26,11 @@ def greedy(max_new_tokens: int = NEW_TOKENS, **kwargs) -> SamplingParams:
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return LlamaForCausalLM(shape_config("tiny")).eval()
+    model = LlamaForCausalLM(shape_config("tiny")).eval()
+    # The engines are given no stop token here; transformers' reference must not know one either
+    # (with min_new_tokens it would forbid the EOS token wherever greedy decoding picks it).
+    model.generation_config.eos_token_id = None
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -53,6 +57,16 @@ def test_each_row_of_a_padded_batch_generates_as_if_alone(model, static_engine, 
     engine = static_engine if engine_kind == "static" else TransformersEngine(model, set())
     rows = columns(list(engine.generate(PROMPTS, [greedy()] * len(PROMPTS))))
     assert rows == [alone(model, prompt) for prompt in PROMPTS]
+
+
+def test_decoding_across_attention_spans_generates_as_if_alone(model, static_engine):
+    """Decode steps attend over a span of the cache that doubles as the answer grows: tokens on
+    either side of each span boundary are the same as transformers' (which attends over all)."""
+    engine = StaticEngine(static_engine.decoder, set(), context=2 * FIRST_SPAN + 40)
+    assert engine.spans == [FIRST_SPAN, 2 * FIRST_SPAN, 2 * FIRST_SPAN + 40]
+    long_prompt = [(7 * i) % 200 + 3 for i in range(FIRST_SPAN - 8)]
+    rows = columns(list(engine.generate([long_prompt, PROMPTS[0]], [greedy(FIRST_SPAN + 20)] * 2)))
+    assert rows == [alone(model, long_prompt, FIRST_SPAN + 20), alone(model, PROMPTS[0], FIRST_SPAN + 20)]
 
 
 def test_a_stop_token_ends_its_row_only(model, static_engine):

@@ -2,8 +2,8 @@
 
 Two engines share one interface (`generate` yields, per decode step, each row's new token):
 - `StaticEngine` runs serve/decoder.py's Decoder over a static KV cache. On CUDA each decode step
-  runs through per-layer compiled code and is captured once per batch bucket as a CUDA graph, so
-  a token costs one graph replay plus sampling.
+  runs through per-layer compiled code and is captured once per batch bucket and attention span as
+  a CUDA graph, so a token costs one graph replay plus sampling.
 - `TransformersEngine` runs any transformers model (and a base with unmerged peft adapters, the
   baseline the fused models are compared with) through its own forward with a dynamic cache: the
   way a plain transformers server generates.
@@ -11,6 +11,7 @@ Two engines share one interface (`generate` yields, per decode step, each row's 
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,6 +22,22 @@ log = logging.getLogger(__name__)
 
 # Batch sizes with their own cache (and CUDA graph): a batch runs in the smallest bucket that holds it.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32)
+
+
+# The shortest span of the KV cache a decode step attends over; spans double up to the context.
+# Attention reads the span, not the whole cache: a 256-token answer in a 2048-token context reads
+# an eighth of it.
+FIRST_SPAN = 128
+
+
+def attention_spans(context: int) -> list[int]:
+    """The spans decode steps attend over: FIRST_SPAN, doubling, and the context last."""
+    spans = []
+    span = FIRST_SPAN
+    while span < context:
+        spans.append(span)
+        span *= 2
+    return spans + [context]
 
 
 def buckets_up_to(batch: int) -> list[int]:
@@ -100,7 +117,8 @@ class StaticEngine:
         self.context = context
         self.device = decoder.device
         self.cuda_graphs = decoder.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        self._graphs: dict[int, _StepGraph] = {}
+        self.spans = attention_spans(context)
+        self._graphs: dict[tuple[int, int], _StepGraph] = {}  # by batch bucket and attention span
         self._decode_layers = self._prefill_layers = None
         if self.cuda_graphs:
             # The layers run compiled: one compiled region serves every layer of a model. Decode steps
@@ -119,8 +137,8 @@ class StaticEngine:
     def warm_up(self, batch_sizes=(1,)) -> None:
         """On CUDA, compile and capture what requests at these batch sizes will run, so that the
         first requests pay for no compilation or graph capture: prompts of one token and of 64 (4-bit
-        weights take another path for long prompts), each decoding one step. On the CPU nothing is
-        compiled, so there is nothing to do."""
+        weights take another path for long prompts), and a decode step over every attention span.
+        On the CPU nothing is compiled, so there is nothing to do."""
         if not self.cuda_graphs:
             return
         length = min(64, self.context - 2)
@@ -128,6 +146,13 @@ class StaticEngine:
             for prompt in ([0], [0] * length):
                 for _ in self.generate([prompt] * size, [SamplingParams(max_new_tokens=2, temperature=0)] * size):
                     pass
+            bucket = buckets_up_to(size)[-1]
+            self.decoder.use_cache(bucket, self.context)
+            for span in self.spans:
+                # Writes slot span - 1 of the cache: a request writes every slot it attends to first.
+                self._graph(bucket, span, (torch.zeros((bucket, 1), dtype=torch.long, device=self.device),
+                                           torch.full((1,), span - 1, device=self.device),
+                                           torch.zeros(bucket, dtype=torch.long, device=self.device)))
 
     def generate(self, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[int | None]]:
         if not prompts or len(prompts) > self.max_batch:
@@ -160,26 +185,34 @@ class StaticEngine:
 
         def decode(last: torch.Tensor, step: int):
             inputs = (last[:, None], slot, pads)
+            span = next(s for s in self.spans if s > longest + step)  # the slot this step writes, and before
             if not self.cuda_graphs:
                 with torch.inference_mode():
-                    logits = self._decode_step(*inputs)
+                    logits = self._decode_step(*inputs, span=span)
             else:
-                graph = self._graphs.get(bucket)
-                if graph is None:
-                    graph = self._graphs[bucket] = _StepGraph(self._decode_step, inputs)
-                logits = graph.replay(inputs)
+                logits = self._graph(bucket, span, inputs).replay(inputs)
             slot.add_(1)  # on the device: no host value enters the loop
             return logits
 
         for step_tokens in _run(padded_prompts, padded_params, self.stop_ids, prefill, decode, self.device):
             yield step_tokens[:rows]
 
-    def _decode_step(self, tokens: torch.Tensor, slot: torch.Tensor, pads: torch.Tensor) -> torch.Tensor:
-        """One token per row at cache slot `slot` [1]; rows are left-padded by `pads` [B]. Everything
-        derived from the step number is computed here, inside the captured graph."""
-        slots = torch.arange(self.context, device=self.device)
+    def _graph(self, bucket: int, span: int, inputs: tuple[torch.Tensor, ...]) -> _StepGraph:
+        graph = self._graphs.get((bucket, span))
+        if graph is None:
+            graph = self._graphs[bucket, span] = _StepGraph(functools.partial(self._decode_step, span=span), inputs)
+        return graph
+
+    def _decode_step(self, tokens: torch.Tensor, slot: torch.Tensor, pads: torch.Tensor, *, span: int) -> torch.Tensor:
+        """One token per row at cache slot `slot` [1], attending over the cache's first `span` slots;
+        rows are left-padded by `pads` [B]. Everything derived from the step number is computed
+        here, inside the captured graph."""
+        slots = torch.arange(span, device=self.device)
         positions = (slot - pads)[:, None]
         mask = ((slots[None, :] <= slot) & (slots[None, :] >= pads[:, None]))[:, None, None, :]
+        # The compiled layers take the span as a dynamic size: one compilation serves every span
+        # but the whole context (a slice of the whole cache specializes).
+        torch._dynamo.maybe_mark_dynamic(mask, 3)
         return self.decoder(tokens, positions, slot, mask, layers=self._decode_layers)
 
 

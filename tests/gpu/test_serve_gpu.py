@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from qlora_ray.serve.decoder import DEQUANTIZE_ABOVE_ROWS
-from qlora_ray.serve.engine import SamplingParams, StaticEngine
+from qlora_ray.serve.engine import FIRST_SPAN, SamplingParams, StaticEngine
 from qlora_ray.serve.weights import build_decoder, gptq_dequantize, gptq_to_tinygemm, pack_int32
 from qlora_ray.shapes import shape_config
 
@@ -46,16 +46,22 @@ def test_int4_linear_matches_the_dequantized_weight_for_prompts_and_decode_steps
 
 
 def test_cuda_graph_decode_generates_what_transformers_generates():
+    """Warmed-up CUDA graphs, one per attention span, replayed as answers cross the spans' bounds."""
     torch.manual_seed(0)
     model = LlamaForCausalLM(shape_config("tiny")).cuda().eval()
+    model.generation_config.eos_token_id = None  # the engine is given no stop token either
     decoder = build_decoder(model.config, dict(model.state_dict()), None, device=torch.device("cuda"), dtype=torch.float32)
-    engine = StaticEngine(decoder, set(), context=128)
+    engine = StaticEngine(decoder, set(), context=2 * FIRST_SPAN + 40)
     assert engine.cuda_graphs
-    prompts = [[5, 17, 99, 3, 42], list(range(20, 60))]
-    steps = list(engine.generate(prompts, [SamplingParams(max_new_tokens=16, temperature=0)] * 2))
+    engine.warm_up([2])
+    assert sorted(engine._graphs) == [(2, span) for span in engine.spans]
+    prompts = [[5, 17, 99, 3, 42], [(7 * i) % 200 + 3 for i in range(FIRST_SPAN - 8)]]
+    new_tokens = FIRST_SPAN + 20
+    steps = list(engine.generate(prompts, [SamplingParams(max_new_tokens=new_tokens, temperature=0)] * 2))
+    assert len(engine._graphs) == len(engine.spans)  # no capture after the warm-up
     for row, prompt in enumerate(prompts):
         ids = torch.tensor([prompt], device="cuda")
         with torch.inference_mode():
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=16, min_new_tokens=16,
-                                 do_sample=False, pad_token_id=0)
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         assert [step[row] for step in steps] == out[0, len(prompt):].tolist()
