@@ -256,7 +256,7 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
                 settle(units[index], None, error)
                 continue
             attempts[index] += 1
-            # A flaky store is worth another try (a damaged file fails each time, so this is bounded).
+            # A flaky store is worth another try; a damaged file fails every time, hence the bound.
             if isinstance(getattr(exc, "cause", None), StoreError) and attempts[index] < STORE_ATTEMPTS:
                 progress(f"fuse: {_unit_name(units[index])}: {error}; trying again ({attempts[index]}/{STORE_ATTEMPTS})")
                 idle.append(worker)
@@ -277,7 +277,7 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
 
 def _unit_name(unit) -> str:
     kind, subject, _ = unit
-    return f"shard {subject}" if kind == "shard" else f"{subject.tenant} gptq-int4.{subject.merge_base}"
+    return f"shard {subject}" if kind == "shard" else f"{subject.tenant} {FusedVariant('gptq-int4', subject.merge_base).name}"
 
 
 def _shard_targets(artifacts: list[_Artifact]) -> list[ShardTarget]:
