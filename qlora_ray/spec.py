@@ -263,8 +263,21 @@ class FuseSpec(_Model):
         return value
 
 
+class EvalSpec(_Model):
+    """The eval stage: every tenant's configurations scored on its held-out rows, one Ray task per tenant."""
+
+    batch_size: int = Field(25, gt=0, description="Eval rows generated (and scored for perplexity) together.")
+    resources: Resources = Field(default_factory=Resources)
+
+
 class QualityGate(_Model):
+    """Applied to every fused artifact against the tenant's adapter, unmerged."""
+
     enabled: bool = Field(True, description="Block fused artifacts that lose too much against the unmerged adapter.")
+    reference: Literal["unmerged", "as-trained"] = Field(
+        "unmerged", description="The adapter on the 16-bit base (what `<tenant>/unmerged` serves instead of a "
+        "failed model), or as-trained: on the 4-bit base a QLoRA adapter was trained on (the stricter bar "
+        "when the adapter relies on its quantized base).")
     min_accuracy_ratio: float = Field(
         0.98, ge=0, le=1, description="Fused exact-match accuracy must keep this fraction of the adapter's."
     )
@@ -285,6 +298,8 @@ class ServeSpec(_Model):
         None, gt=0, description="Autoscale the model deployments from num_replicas up to this many replicas.")
     target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica autoscaling aims for.")
     unmerged_baseline: bool = Field(True, description="Also serve base + adapter unmerged (peft), as <tenant>/unmerged.")
+    allow_failed_quality: bool = Field(
+        False, description="Serve fused models that failed the quality gate too (they are refused by default).")
     resources: Resources = Field(default_factory=Resources)
 
     @model_validator(mode="after")
@@ -306,6 +321,7 @@ class JobSpec(_Model):
     train: TrainSpec = Field(default_factory=TrainSpec)
     tenants: list[TenantSpec]
     fuse: FuseSpec = Field(default_factory=FuseSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
     quality_gate: QualityGate = Field(default_factory=QualityGate)
     serve: ServeSpec = Field(default_factory=ServeSpec)
 

@@ -12,7 +12,9 @@ Layout under the root (only the functions below build these keys):
     runs/<job>/checkpoints/<tenant>/step-N/    training checkpoints (resume)
     runs/<job>/status/<tenant>.json            live progress of a stage (a record, not an artifact)
     runs/<job>/fused/<tenant>/<variant>/       HF model folder per fused scheme and merge base
-    runs/<job>/eval/   runs/<job>/bench/       reports
+    runs/<job>/ptq/<scheme>/                   the base quantized alone (naive PTQ, for the eval stage)
+    runs/<job>/eval/tenants/<tenant>/          a tenant's measured configurations (results.json)
+    runs/<job>/eval/report/   runs/<job>/bench/    reports
 
 Publishing is atomic for readers on every backend, S3 included (which has no rename): the files
 go first, then manifest.json (sha256 and size of every file), then _SUCCESS (the manifest's own
@@ -31,7 +33,7 @@ from typing import Callable
 import fsspec
 
 from qlora_ray.errors import StoreError
-from qlora_ray.manifest import MANIFEST_NAME, RESERVED_NAMES, SUCCESS_NAME, build_manifest, describe_files, sha256_file
+from qlora_ray.manifest import ANNOTATIONS, MANIFEST_NAME, RESERVED_NAMES, SUCCESS_NAME, build_manifest, describe_files, sha256_file
 
 _SEGMENT = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 
@@ -70,6 +72,18 @@ def status_key(job: str, tenant: str) -> str:
 
 def fused_key(job: str, tenant: str, variant: str) -> str:
     return f"{run_key(job)}/fused/{_segment(tenant, 'tenant id')}/{_segment(variant, 'fused variant')}"
+
+
+def ptq_key(job: str, scheme: str) -> str:
+    return f"{run_key(job)}/ptq/{_segment(scheme, 'scheme')}"
+
+
+def eval_key(job: str, tenant: str) -> str:
+    return f"{run_key(job)}/eval/tenants/{_segment(tenant, 'tenant id')}"
+
+
+def eval_report_key(job: str) -> str:
+    return f"{run_key(job)}/eval/report"
 
 
 def api_keys_key(job: str) -> str:
@@ -282,11 +296,18 @@ class Store:
                 raise StoreError(f"{self.url(key)}/{rel}: expected {expected['size']} bytes, found "
                                  f"{'nothing' if size is None else size}; the artifact was not sealed")
         manifest = build_manifest(kind, key, dict(sorted(files.items())), inputs, metrics or {})
-        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
-        with self._errors(f"write {self.url(key)}/{MANIFEST_NAME}"):
-            self._write_small(self.path(f"{key}/{MANIFEST_NAME}"), manifest_bytes)
-            marker = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
-            self._write_small(self.path(f"{key}/{SUCCESS_NAME}"), json.dumps(marker).encode())
+        self._write_manifest(key, manifest)
+        return manifest
+
+    def annotate(self, key: str, field: str, value) -> dict:
+        """Set a top-level field of a complete artifact's manifest (the eval stage's quality verdict
+        on a fused model): manifest.json, then _SUCCESS vouching for it. The files are untouched.
+        A crash between the two writes leaves the artifact unfinished, as a crash while publishing
+        would: readers skip it and the next run of its stage publishes it again. Returns the manifest."""
+        if field not in ANNOTATIONS:
+            raise ValueError(f"manifest field {field!r} is not an annotation (those are: {', '.join(ANNOTATIONS)})")
+        manifest = {**self.read_manifest(key), field: value}
+        self._write_manifest(key, manifest)
         return manifest
 
     def delete(self, key: str) -> None:
@@ -327,6 +348,14 @@ class Store:
         if not isinstance(marker, dict) or marker.get("manifest_sha256") != hashlib.sha256(manifest_bytes).hexdigest():
             return None  # a marker that does not vouch for this manifest: treat as unfinished
         return json.loads(manifest_bytes)
+
+    def _write_manifest(self, key: str, manifest: dict) -> None:
+        """manifest.json, then the _SUCCESS marker that vouches for exactly those bytes."""
+        manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
+        with self._errors(f"write {self.url(key)}/{MANIFEST_NAME}"):
+            self._write_small(self.path(f"{key}/{MANIFEST_NAME}"), manifest_bytes)
+            marker = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+            self._write_small(self.path(f"{key}/{SUCCESS_NAME}"), json.dumps(marker).encode())
 
     def _write_small(self, path: str, data: bytes) -> None:
         """One small file, never seen half-written: a single PUT on object stores, write + rename locally."""

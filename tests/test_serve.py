@@ -128,7 +128,8 @@ def test_models_and_keys(served):
     from openai import AuthenticationError, NotFoundError, OpenAI
 
     listed = {m.id for m in client(served, "acme").models.list()}
-    assert listed == {"acme/bf16.original", "acme/nf4.original", "acme/gptq-int4.original", "acme/unmerged"}
+    assert listed == {"acme/bf16.original", "acme/nf4.original", "acme/gptq-int4.original", "acme/unmerged",
+                      "acme/bf16", "acme/nf4", "acme/gptq-int4"}  # a scheme's name: its (only) merge base
     with pytest.raises(AuthenticationError):
         OpenAI(base_url=served["url"], api_key="qr-not-a-key", max_retries=0).models.list()
     assert requests.get(f"{served['url']}/models").status_code == 401  # no key at all
@@ -136,6 +137,24 @@ def test_models_and_keys(served):
         client(served, "globex").chat.completions.create(model="acme/bf16.original", messages=QUESTION)
     with pytest.raises(NotFoundError):
         client(served, "acme").chat.completions.create(model="acme/nope", messages=QUESTION)
+
+
+def test_a_model_that_failed_the_quality_gate_is_refused(served):
+    """The eval stage's verdict in the manifest: 403 with the reason, not listed, its scheme's name
+    gone too (no other merge base passed), until the verdict changes."""
+    from openai import PermissionDeniedError
+
+    store, key = served["store"], fused_key("t", "globex", "nf4.original")
+    reason = "perplexity 9.9 is +500.0% against the adapter's 1.65 (at most +5% allowed)"
+    store.annotate(key, "quality", {"passed": False, "reasons": [reason]})
+    try:
+        listed = {m.id for m in client(served, "globex").models.list()}  # listing re-reads the store
+        assert "globex/nf4.original" not in listed and "globex/nf4" not in listed and "globex/bf16" in listed
+        with pytest.raises(PermissionDeniedError, match=r"failed the quality gate \(perplexity 9.9"):
+            client(served, "globex").chat.completions.create(model="globex/nf4.original", messages=QUESTION)
+    finally:
+        store.annotate(key, "quality", {"passed": True, "reasons": []})
+        client(served, "globex").models.list()
 
 
 @pytest.mark.parametrize("body", [

@@ -30,7 +30,7 @@ from ray import serve
 from qlora_ray.serve import protocol
 from qlora_ray.serve.batcher import Batcher
 from qlora_ray.serve.keys import KeyRing
-from qlora_ray.spec import JobSpec
+from qlora_ray.spec import FusedVariant, JobSpec
 from qlora_ray.store import Store, adapter_key, base_key, fused_key
 
 log = logging.getLogger(__name__)
@@ -41,10 +41,11 @@ CATALOG_RELOAD_SECONDS = 10.0
 # -- the models ---------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelEntry:
-    id: str  # "<tenant>/<variant>" or "<tenant>/unmerged"
+    id: str  # "<tenant>/<variant>" or "<tenant>/unmerged": the model a replica loads
     tenant: str
     variant: str
     key: str  # the store key it loads from (the adapter's, for unmerged)
+    refused: str | None = None  # why it is not served: it failed the quality gate
 
     @property
     def deployment(self) -> str:
@@ -52,13 +53,36 @@ class ModelEntry:
 
 
 def model_catalog(spec: JobSpec, store: Store) -> dict[str, ModelEntry]:
-    """Every model this job can serve now: complete fused artifacts, and adapters for unmerged."""
+    """Every model name this job answers to now, each with the model it serves:
+    - `<tenant>/<scheme>.<merge base>` for every complete fused artifact; one whose manifest says it
+      failed the quality gate (the eval stage) is refused, unless serve.allow_failed_quality is set;
+    - `<tenant>/<scheme>`: the scheme's default merge base (the better one by the eval stage, else
+      the first of the job's);
+    - `<tenant>/unmerged`: base + adapter through peft."""
     entries = {}
     for tenant in spec.tenants:
+        defaults: dict[str, ModelEntry] = {}
+        failed: dict[FusedVariant, dict] = {}  # variant -> its quality verdict
         for variant in spec.fused_variants(tenant):
             key = fused_key(spec.name, tenant.id, variant.name)
-            if store.is_complete(key):
-                entries[f"{tenant.id}/{variant.name}"] = ModelEntry(f"{tenant.id}/{variant.name}", tenant.id, variant.name, key)
+            if not store.is_complete(key):
+                continue
+            quality = store.read_manifest(key).get("quality") or {}
+            if quality.get("passed") is False and not spec.serve.allow_failed_quality:
+                failed[variant] = quality
+                continue
+            entry = ModelEntry(f"{tenant.id}/{variant.name}", tenant.id, variant.name, key)
+            entries[entry.id] = entry
+            if variant.scheme not in defaults or quality.get("default_for_scheme"):
+                defaults[variant.scheme] = entry
+        for scheme, entry in defaults.items():
+            entries[f"{tenant.id}/{scheme}"] = entry
+        for variant, quality in failed.items():
+            instead = f"{tenant.id}/{variant.scheme}" if variant.scheme in defaults else f"{tenant.id}/{UNMERGED}"
+            refused = (f"failed the quality gate ({'; '.join(quality.get('reasons', []))}); use {instead} instead, "
+                       "or set serve.allow_failed_quality")
+            entries[f"{tenant.id}/{variant.name}"] = ModelEntry(
+                f"{tenant.id}/{variant.name}", tenant.id, variant.name, fused_key(spec.name, tenant.id, variant.name), refused)
         if spec.serve.unmerged_baseline and store.is_complete(adapter_key(spec.name, tenant.id)):
             entries[f"{tenant.id}/{UNMERGED}"] = ModelEntry(
                 f"{tenant.id}/{UNMERGED}", tenant.id, UNMERGED, adapter_key(spec.name, tenant.id))
@@ -250,13 +274,19 @@ class Gateway:
                                     kind="authentication_error", code="invalid_api_key")
         return tenant
 
-    def _model(self, model_id: str, tenant: str) -> ModelEntry:
-        if model_id not in self.catalog and time.monotonic() - self.catalog_at > CATALOG_RELOAD_SECONDS:
-            self.catalog, self.catalog_at = model_catalog(self.spec, self.store), time.monotonic()
+    async def _model(self, model_id: str, tenant: str) -> ModelEntry:
+        # Re-read at most every CATALOG_RELOAD_SECONDS: new fused models appear, and a model the eval
+        # stage failed since is refused from then on. Off the event loop: it reads the store.
+        if time.monotonic() - self.catalog_at > CATALOG_RELOAD_SECONDS:
+            self.catalog_at = time.monotonic()
+            self.catalog = await asyncio.to_thread(model_catalog, self.spec, self.store)
         entry = self.catalog.get(model_id)
         if entry is None or entry.tenant != tenant:  # another tenant's model is not revealed
             raise protocol.APIError(404, f"model {model_id!r} does not exist or this key cannot use it",
                                     param="model", code="model_not_found")
+        if entry.refused:
+            raise protocol.APIError(403, f"model {model_id!r} {entry.refused}", param="model",
+                                    code="model_failed_quality_gate")
         if entry.deployment == UNMERGED and self.handles[UNMERGED] is None:
             raise protocol.APIError(404, f"model {model_id!r}: the unmerged baseline is not deployed",
                                     param="model", code="model_not_found")
@@ -285,13 +315,13 @@ class Gateway:
         tenant = self._tenant(request)
         self.catalog, self.catalog_at = model_catalog(self.spec, self.store), time.monotonic()
         return {"object": "list", "data": [
-            {"id": entry.id, "object": "model", "created": 0, "owned_by": f"tenant:{entry.tenant}"}
-            for entry in self.catalog.values() if entry.tenant == tenant]}
+            {"id": name, "object": "model", "created": 0, "owned_by": f"tenant:{entry.tenant}"}
+            for name, entry in self.catalog.items() if entry.tenant == tenant and not entry.refused]}
 
     @api.get("/v1/qlora-ray/resident")
     async def resident(self, request: Request, model: str) -> dict:
         """Loads `model` if needed and reports its resident bytes on the replica that holds it."""
-        entry = self._model(model, self._tenant(request))
+        entry = await self._model(model, self._tenant(request))
         handle = self.handles[entry.deployment].options(multiplexed_model_id=entry.id)
         return await handle.resident.remote(entry.id)
 
@@ -299,13 +329,13 @@ class Gateway:
     async def completions(self, request: Request):
         tenant = self._tenant(request)
         body = await self._body(request, protocol.CompletionRequest)
-        return await self._answer(body, self._model(body.model, tenant), chat=False)
+        return await self._answer(body, await self._model(body.model, tenant), chat=False)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         tenant = self._tenant(request)
         body = await self._body(request, protocol.ChatRequest)
-        return await self._answer(body, self._model(body.model, tenant), chat=True)
+        return await self._answer(body, await self._model(body.model, tenant), chat=True)
 
     async def _answer(self, body, entry: ModelEntry, *, chat: bool):
         limit = body.token_limit if chat else body.max_tokens

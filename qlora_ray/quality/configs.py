@@ -1,0 +1,113 @@
+"""The configurations a tenant is evaluated in, and how each one is loaded.
+
+Every configuration loads through the libraries a user would serve it with (transformers, peft,
+bitsandbytes, GPTQModel), from the store's artifacts, never from our own decoder: the table must
+show what those artifacts are worth anywhere. Each load reports the quantized module types it got,
+so a row can be checked to really be the configuration it claims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from qlora_ray.spec import FusedVariant, JobSpec, TenantSpec
+
+# Naive post-training quantization with GPTQ: the job's base quantized once (no adapter merged),
+# the tenant's bf16 adapter attached on top.
+PTQ_GPTQ = "ptq.gptq-int4"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    name: str  # the row's name in the report, e.g. "gptq-int4.original", "unmerged.nf4-base"
+    kind: str  # "base" | "unmerged" | "unmerged-4bit" | "fused" | "ptq"
+    description: str
+    variant: FusedVariant | None = None  # the fused artifact, for kind "fused"
+
+    @property
+    def has_adapter(self) -> bool:
+        return self.kind in ("unmerged", "unmerged-4bit", "ptq")
+
+
+def configurations(spec: JobSpec, tenant: TenantSpec) -> list[EvalConfig]:
+    """The rows of a tenant's table, in order: the base, the adapter unmerged (on the 16-bit base,
+    and on the 4-bit base it was trained on), every fused artifact, and naive PTQ with GPTQ. Naive
+    PTQ with bitsandbytes 4-bit is the "unmerged on the 4-bit base" row: the same quantized base."""
+    rows = [EvalConfig("base", "base", "the base model alone (16-bit)"),
+            EvalConfig("unmerged", "unmerged", "adapter unmerged on the 16-bit base (what <tenant>/unmerged serves)")]
+    quantization = tenant.training.quantization
+    if quantization != "none":
+        rows.append(EvalConfig(f"unmerged.{quantization}-base", "unmerged-4bit",
+                               f"adapter unmerged on the {quantization.upper()} base, as trained (= naive PTQ, "
+                               f"bitsandbytes {quantization.upper()})"))
+    for variant in spec.fused_variants(tenant):
+        base = "16-bit original" if variant.merge_base == "original" else "NF4-dequantized base"
+        rows.append(EvalConfig(variant.name, "fused", f"fused {variant.scheme}, merged into the {base}", variant))
+    if "gptq-int4" in spec.fuse.schemes:
+        rows.append(EvalConfig(PTQ_GPTQ, "ptq", "naive PTQ: the GPTQ int4 base + the adapter unmerged"))
+    return rows
+
+
+def reference_name(spec: JobSpec, tenant: TenantSpec) -> str:
+    """The row the gate compares every fused artifact with (quality_gate.reference)."""
+    quantization = tenant.training.quantization
+    if spec.quality_gate.reference == "as-trained" and quantization != "none":
+        return f"unmerged.{quantization}-base"
+    return "unmerged"
+
+
+@dataclass
+class Loaded:
+    model: object
+    tokenizer: object
+    module_types: dict[str, int]  # library.class -> count, for the linear layers (quantized or LoRA-wrapped)
+
+
+def load_config(config: EvalConfig, tenant: TenantSpec, paths: dict[str, Path], device: str) -> Loaded:
+    """Load one configuration. paths: "base" (16-bit base folder), "adapter", and "model" (the fused
+    or naive-PTQ folder) as the configuration needs them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # On the CPU fp32 is the fast 16-bit path; 4-bit layers compute in the dtype their config names.
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    common = {"use_safetensors": True, "trust_remote_code": False, "device_map": {"": device}}
+    if config.kind in ("base", "unmerged"):
+        folder, kwargs = paths["base"], {"dtype": dtype}
+    elif config.kind == "unmerged-4bit":
+        from qlora_ray.fuse.launch import trained_format
+        from transformers import BitsAndBytesConfig
+
+        folder = paths["base"]
+        kwargs = {"dtype": dtype,
+                  "quantization_config": BitsAndBytesConfig.from_dict(trained_format(tenant).quantization_config())}
+    else:  # fused or naive PTQ: the folder's config.json says how it is quantized
+        folder = paths["model"]
+        kwargs = {"dtype": dtype} if config.kind == "fused" and config.variant.scheme == "bf16" else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    model = AutoModelForCausalLM.from_pretrained(str(folder), **common, **kwargs)
+    if config.has_adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(paths["adapter"]))
+    model.eval()
+    return Loaded(model, tokenizer, linear_module_types(model))
+
+
+def linear_module_types(model) -> dict[str, int]:
+    """How many modules of each linear-like class the model holds, named by library and class
+    ("torch.Linear", "bitsandbytes.Linear4bit", "gptqmodel.TorchAtenLinear", peft's LoRA wrappers
+    "peft.Linear" and "peft.GPTQLoraLinear"): what a row really ran, not what it was asked to."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        cls = type(module)
+        if "Linear" in cls.__name__:
+            name = f"{cls.__module__.split('.')[0]}.{cls.__name__}"
+            counts[name] = counts.get(name, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def resident_bytes(model) -> int:
+    """Bytes of the loaded weights and buffers (what the model holds in memory, whatever its format)."""
+    return sum(t.nbytes for t in model.parameters()) + sum(t.nbytes for t in model.buffers())

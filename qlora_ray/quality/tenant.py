@@ -1,0 +1,123 @@
+"""One tenant's evaluation against the store: every configuration scored on its held-out rows.
+
+Runs inside a Ray task (launch.py) but needs no Ray itself. The result is an artifact,
+runs/<job>/eval/tenants/<tenant>/results.json, whose manifest names every input by its manifest's
+digest: a rerun skips a tenant whose inputs did not change, and evaluates it again when one did.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+from qlora_ray.evaluation import score
+from qlora_ray.manifest import manifest_digest
+from qlora_ray.quality.configs import EvalConfig, configurations, load_config, resident_bytes
+from qlora_ray.spec import JobSpec, TenantSpec
+from qlora_ray.store import Store, adapter_key, base_key, data_key, eval_key, fused_key, ptq_key
+
+RESULTS_FILE = "results.json"
+EVAL_ROWS_FILE = "eval.jsonl"
+
+
+def config_sources(spec: JobSpec, tenant: TenantSpec, config: EvalConfig) -> dict[str, str]:
+    """The store keys a configuration loads: {"base", "adapter", "model"} as it needs them."""
+    sources = {}
+    if config.kind in ("base", "unmerged", "unmerged-4bit"):
+        sources["base"] = base_key(spec.base.name)
+    if config.has_adapter:
+        sources["adapter"] = adapter_key(spec.name, tenant.id)
+    if config.kind == "fused":
+        sources["model"] = fused_key(spec.name, tenant.id, config.variant.name)
+    if config.kind == "ptq":
+        sources["model"] = ptq_key(spec.name, "gptq-int4")
+    return sources
+
+
+def eval_inputs(spec: JobSpec, tenant: TenantSpec, store: Store) -> tuple[dict, list[str], dict[str, int]]:
+    """(the evaluation's inputs: each source's manifest digest and the eval rows' checksum; the
+    configurations left out because an artifact is missing, each with why; each source's bytes on
+    disk, from the same manifest reads)."""
+    digests, missing, sizes = {}, [], {}
+    for config in configurations(spec, tenant):
+        sources = config_sources(spec, tenant, config)
+        absent = [key for key in sources.values() if not store.is_complete(key)]
+        if absent:
+            missing.append(f"{config.name}: no complete artifact at {store.url(absent[0])}")
+            continue
+        for key in sources.values():
+            if key not in digests:
+                manifest = store.read_manifest(key)
+                digests[key] = manifest_digest(manifest)
+                sizes[key] = sum(f["size"] for f in manifest["files"].values())
+    data = store.read_manifest(data_key(spec.name, tenant.id))
+    inputs = {"tenant": tenant.id, "scorer": tenant.scorer, "eval_sha256": data["inputs"]["eval_sha256"],
+              "batch_size": spec.eval.batch_size, "artifacts": dict(sorted(digests.items()))}
+    return inputs, missing, sizes
+
+
+def evaluate_tenant(spec: JobSpec, tenant_id: str, *, device: str,
+                    progress: Callable[[str], None] = print) -> dict:
+    """Score every configuration of one tenant whose artifacts are complete, and publish the
+    results. Returns the results artifact's manifest (skips the work when it is already there for
+    the same inputs)."""
+    tenant = spec.tenant(tenant_id)
+    store = Store(spec.store, spec.storage_options)
+    key = eval_key(spec.name, tenant_id)
+    inputs, missing, sizes = eval_inputs(spec, tenant, store)
+    if store.is_complete(key):
+        manifest = store.read_manifest(key)
+        if manifest["inputs"] == inputs:
+            return manifest
+        store.delete(key)  # an artifact it measured changed (fused again, retrained)
+    with tempfile.TemporaryDirectory(prefix="qlora-ray-eval-") as tmp:
+        work = Path(tmp)
+        store.fetch(data_key(spec.name, tenant_id), work / "data", only=[EVAL_ROWS_FILE])
+        rows = [json.loads(line) for line in (work / "data" / EVAL_ROWS_FILE).read_text(encoding="utf-8").splitlines()
+                if line.strip()]
+        measured = []
+        for config in configurations(spec, tenant):
+            sources = config_sources(spec, tenant, config)
+            if not all(key in inputs["artifacts"] for key in sources.values()):
+                continue
+            paths = {role: store.readable_copy(source, work / "artifacts" / source.replace("/", "_"))
+                     for role, source in sources.items()}
+            measured.append(measure(config, tenant, rows, paths, device=device, batch_size=spec.eval.batch_size,
+                                    sizes={role: sizes[k] for role, k in sources.items()},
+                                    sources={role: {"key": k, "manifest_sha256": inputs["artifacts"][k]}
+                                             for role, k in sources.items()}))
+            row = measured[-1]
+            progress(f"eval {tenant_id}: {config.name}: accuracy {row['accuracy']:.1%}, perplexity "
+                     f"{row['perplexity']:.4f}, {row['tokens_per_second']:.1f} tok/s ({row['seconds']:.0f} s)")
+        results = {"tenant": tenant_id, "device": device, "rows": measured, "missing": missing}
+        out = work / "out"
+        out.mkdir()
+        (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        metrics = {"configurations": len(measured), "missing": len(missing), "eval_rows": len(rows)}
+        return store.publish(key, out, kind="eval", inputs=inputs, metrics=metrics)
+
+
+def measure(config: EvalConfig, tenant: TenantSpec, rows: list[dict], paths: dict[str, Path], *, device: str,
+            batch_size: int, sizes: dict[str, int], sources: dict[str, dict]) -> dict:
+    """One configuration's row: accuracy, perplexity, generation speed, memory, size on disk, and
+    what was loaded (the sources' digests and the linear module types)."""
+    started = time.perf_counter()
+    loaded = load_config(config, tenant, paths, device)
+    load_seconds = time.perf_counter() - started
+    accuracy, perplexity = score(loaded.model, loaded.tokenizer, rows, tenant.scorer, batch_size=batch_size)
+    row = {
+        "name": config.name, "kind": config.kind, "description": config.description,
+        "accuracy": accuracy.value, "correct": accuracy.correct, "total": accuracy.total,
+        "perplexity": perplexity.value, "answer_tokens": perplexity.tokens, "nll_sum": perplexity.nll_sum,
+        "generated_tokens": accuracy.generated_tokens, "generate_seconds": round(accuracy.seconds, 3),
+        "tokens_per_second": round(accuracy.tokens_per_second, 2),
+        "load_seconds": round(load_seconds, 2), "seconds": round(time.perf_counter() - started, 2),
+        "resident_bytes": resident_bytes(loaded.model),
+        # what a deployment of it stores: the base a 4-bit-at-load config quantizes counts in full
+        "size_bytes": sum(sizes.values()),
+        "module_types": loaded.module_types, "sources": sources, "answers": accuracy.answers,
+    }
+    return row
