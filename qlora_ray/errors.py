@@ -27,3 +27,7 @@ class DataError(UserError):
 
 class BaseSourceError(UserError):
     """A base-model source that does not exist or is not a usable model."""
+
+
+class AdapterError(UserError):
+    """An adapter folder that is not a readable safetensors PEFT adapter."""

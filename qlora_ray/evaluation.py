@@ -40,11 +40,14 @@ def load_model(base_dir: Path, adapter_dir: Path | None = None, *, dtype: str = 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype), use_safetensors=True,
+                                                 trust_remote_code=False)
     if adapter_dir is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(adapter_dir))
+        from qlora_ray.adapter_files import checked_adapter_dir
+
+        model = PeftModel.from_pretrained(model, str(checked_adapter_dir(adapter_dir)))
     model.eval()
     return model, tokenizer
 

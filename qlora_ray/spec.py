@@ -315,7 +315,9 @@ class JobSpec(_Model):
     name: str = Field(description=f"Job name, used in storage paths: {SAFE_NAME_RULE}.")
     store: str = Field(description="Store root: a folder, file://, s3://bucket/prefix or memory://.")
     storage_options: dict[str, Any] = Field(
-        default_factory=dict, description="fsspec options for the store (e.g. client_kwargs.endpoint_url)."
+        default_factory=dict, repr=False,  # may hold credentials: never in a repr, a log or a spec hash
+        description="fsspec options for the store (e.g. client_kwargs.endpoint_url; credentials are better left "
+        "to the standard AWS environment variables).",
     )
     base: BaseSpec
     train: TrainSpec = Field(default_factory=TrainSpec)
@@ -388,8 +390,11 @@ class JobSpec(_Model):
         return [FusedVariant(scheme, merge_base) for merge_base in merge_bases for scheme in self.fuse.schemes]
 
     def spec_hash(self) -> str:
-        """sha256 of the validated spec (canonical JSON): records exactly what a run was asked to do."""
-        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        """sha256 of the validated spec (canonical JSON): records exactly what a run was asked to do.
+        storage_options are left out: they say how to reach the store (and may hold credentials), not
+        what to compute, and a hash of a secret is not something to publish in manifests."""
+        canonical = json.dumps(self.model_dump(mode="json", exclude={"storage_options"}), sort_keys=True,
+                               separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -21,12 +21,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from qlora_ray.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_files
 from qlora_ray.bases import INDEX_NAME
-from qlora_ray.errors import StoreError, UserError
+from qlora_ray.errors import AdapterError, StoreError, UserError
 from qlora_ray.fuse.layout import BaseLayout, adapter_problems, read_layout
 from qlora_ray.fuse.quant import FourBit
 from qlora_ray.fuse.shards import SHARD_SCHEMES, ShardTarget
-from qlora_ray.fuse.worker import ADAPTER_CONFIG, ADAPTER_WEIGHTS, FuseWorker, load_adapter_deltas
+from qlora_ray.fuse.worker import FuseWorker, load_adapter_deltas
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.spec import FusedVariant, JobSpec, TenantSpec
 from qlora_ray.store import Store, adapter_key, base_key, data_key, fused_key
@@ -134,9 +135,12 @@ def _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp,
         return [], skipped + fail(f"no adapter at {store.url(akey)}; train it first (qlora-ray train JOB)")
     adapter_manifest = store.read_manifest(akey)
     folder = tmp / "adapters" / tenant.id
-    store.fetch(akey, folder, only=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
     try:  # the factors' shapes are enough to check the adapter against the base
+        check_adapter_files(list(adapter_manifest["files"]), store.url(akey))
+        store.fetch(akey, folder, only=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
         deltas = load_adapter_deltas(folder, device="meta")
+    except (AdapterError, StoreError) as exc:
+        return [], skipped + fail(str(exc))
     except ValueError as exc:
         return [], skipped + fail(f"the adapter cannot be merged: {exc}")
     finally:

@@ -16,26 +16,29 @@ import tempfile
 import time
 from pathlib import Path
 
+from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
+from qlora_ray.errors import AdapterError
 from qlora_ray.fuse.math import LoraDelta, adapter_deltas
 from qlora_ray.fuse.shards import ShardTarget, fuse_shard, load_shard
 from qlora_ray.spec import FusedVariant, JobSpec
 from qlora_ray.store import Store, adapter_key, base_key, data_key, fused_key
 from qlora_ray.train.finetune import peak_memory_bytes
 
-ADAPTER_WEIGHTS, ADAPTER_CONFIG = "adapter_model.safetensors", "adapter_config.json"
-
-
 def load_adapter_deltas(adapter_dir: Path, device: str = "cpu") -> dict[str, LoraDelta]:
-    """A PEFT adapter folder's LoRA deltas; device 'meta' reads only the shapes (for validation)."""
+    """A PEFT adapter folder's LoRA deltas; device 'meta' reads only the shapes (for validation).
+    AdapterError for a config or weights file that cannot be read (truncated, forged, not JSON)."""
     import torch
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
-    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as handle:
-        if device == "meta":
-            state = {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
-        else:
-            state = {k: handle.get_tensor(k).to(device) for k in handle.keys()}
+    config = read_adapter_config(adapter_dir)
+    try:
+        with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="pt") as handle:
+            if device == "meta":
+                state = {k: torch.empty(handle.get_slice(k).get_shape(), device="meta") for k in handle.keys()}
+            else:
+                state = {k: handle.get_tensor(k).to(device) for k in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise AdapterError(f"{ADAPTER_WEIGHTS}: not a readable safetensors file ({exc})") from None
     return adapter_deltas(state, config)
 
 

@@ -90,7 +90,9 @@ def load_config(config: EvalConfig, tenant: TenantSpec, paths: dict[str, Path], 
     if config.has_adapter:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, str(paths["adapter"]))
+        from qlora_ray.adapter_files import checked_adapter_dir
+
+        model = PeftModel.from_pretrained(model, str(checked_adapter_dir(paths["adapter"])))
     model.eval()
     return Loaded(model, tokenizer, linear_module_types(model))
 
