@@ -20,20 +20,52 @@ Publishing is atomic for readers on every backend, S3 included (which has no ren
 go first, then manifest.json (sha256 and size of every file), then _SUCCESS (the manifest's own
 sha256). Readers treat a folder without a valid _SUCCESS as absent, so a crash at any point never
 exposes half an artifact, and a rerun clears the leftovers and publishes again.
+
+Retries, bounded, in three layers; each owns the faults the one below it cannot see:
+
+1. botocore retries each HTTP request that could not connect, lost its connection before the answer,
+   or was answered 500/502/503/504 or throttled (SlowDown): mode "standard", S3_RETRIES's
+   total_max_attempts, waits of rand(0, 2^i) s. The Store sets this as a default; a job's
+   storage_options config_kwargs["retries"] (or AWS_RETRY_MODE / AWS_MAX_ATTEMPTS) replaces it.
+2. s3fs tries each call again (5 attempts, waits of 0.1 * 1.7^i s) on connection errors botocore
+   gave up on, on SlowDown, and on a response body cut short while it reads it (cat_file, and
+   get_file, which resumes with a Range request): botocore cannot, it has returned by then.
+3. The Store reads a whole file again (RETRY_ATTEMPTS, waits of rand(0, RETRY_BACKOFF_S * 2^i) s)
+   when what arrived is wrong or incomplete, which neither library retries: bytes that differ from
+   the manifest's sha256 or fail the CRC32 botocore checks on whole-object GETs, and a body cut
+   short in s3fs's ranged download of a file over its block size (50 MB by default: weight shards),
+   which reads the ranges outside its retry loop. Errors the libraries already retried are not
+   retried here (that would only multiply the wait), nor is FileNotFoundError (absent is an answer).
+   Uploads need nothing here: botocore resends a failed PUT or part from memory, s3fs aborts a
+   multipart upload that fails, and whatever a failed publish left is unsealed, so invisible.
+   Folder and memory stores have no transfer to retry.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import http.client
 import json
+import os
+import random
 import re
+import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, TypeVar
 
 import fsspec
 
 from qlora_ray.errors import StoreError
 from qlora_ray.manifest import ANNOTATIONS, MANIFEST_NAME, RESERVED_NAMES, SUCCESS_NAME, build_manifest, describe_files, sha256_file
+
+# botocore's retries for S3 stores unless the job's storage_options or AWS environment set their own.
+S3_RETRIES = {"mode": "standard", "total_max_attempts": 5}
+# The Store's own whole-file retries on remote stores (layer 3 above); tests make the waits short.
+RETRY_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.5
+
+T = TypeVar("T")
 
 _SEGMENT = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,127}$")
 
@@ -105,12 +137,16 @@ class Store:
 
     def __init__(self, uri: str, storage_options: dict | None = None):
         self.uri = uri.rstrip("/") or uri
+        options = dict(storage_options or {})
+        if fsspec.core.split_protocol(self.uri)[0] in ("s3", "s3a"):
+            options = _with_s3_retries(options)
         try:
-            self.fs, self.root = fsspec.core.url_to_fs(self.uri, **(storage_options or {}))
+            self.fs, self.root = fsspec.core.url_to_fs(self.uri, **options)
         except (ImportError, ValueError, TypeError) as exc:
             raise StoreError(f"store {display_uri(uri)}: cannot open: {exc}") from None
         self.root = self.root.rstrip("/")
         self._local = "file" in _protocols(self.fs)
+        self._remote = not (self._local or "memory" in _protocols(self.fs))
 
     def __repr__(self) -> str:
         return f"Store({display_uri(self.uri)!r})"
@@ -177,18 +213,11 @@ class Store:
         for rel in wanted:
             expected = manifest["files"][rel]
             target = local_dir / rel
-            if target.is_file() and target.stat().st_size == expected["size"] and sha256_file(target) == expected["sha256"]:
+            if _matches(target, expected):
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
             with self._errors(f"download {self.url(key)}/{rel}"):
-                self.fs.get_file(self.path(f"{key}/{rel}"), str(target))
-            size = target.stat().st_size
-            if size != expected["size"] or sha256_file(target) != expected["sha256"]:
-                target.unlink()
-                raise StoreError(
-                    f"{self.url(key)}/{rel}: damaged (size {size} vs {expected['size']} in the manifest, "
-                    "or a different sha256); republish the artifact"
-                )
+                self._retrying(lambda again: self._download(key, rel, target, expected, one_stream=again))
         return manifest
 
     def readable_copy(self, key: str, cache_dir: Path, files: list[str] | None = None) -> Path:
@@ -204,9 +233,7 @@ class Store:
         folder = Path(self.path(key))
         for rel in manifest["files"] if files is None else files:
             expected = manifest["files"].get(rel)
-            path = folder / rel
-            if expected is None or not path.is_file() or path.stat().st_size != expected["size"] \
-                    or sha256_file(path) != expected["sha256"]:
+            if expected is None or not _matches(folder / rel, expected):
                 raise StoreError(f"{self.url(key)}/{rel}: damaged or missing (differs from the manifest); "
                                  "republish the artifact")
         return folder
@@ -216,24 +243,23 @@ class Store:
         manifest = self.read_manifest(key)
         if rel not in manifest["files"]:
             raise StoreError(f"{self.url(key)}: the manifest lists no {rel}")
-        with self._errors(f"read {self.url(key)}/{rel}"):
+        expected_sha256 = manifest["files"][rel]["sha256"]
+
+        def read() -> bytes:
             data = self.fs.cat_file(self.path(f"{key}/{rel}"))
-        if hashlib.sha256(data).hexdigest() != manifest["files"][rel]["sha256"]:
-            raise StoreError(f"{self.url(key)}/{rel}: damaged (sha256 differs from the manifest)")
-        return json.loads(data)
+            if hashlib.sha256(data).hexdigest() != expected_sha256:
+                raise _Damaged(f"{self.url(key)}/{rel}: damaged (sha256 differs from the manifest)")
+            return data
+
+        with self._errors(f"read {self.url(key)}/{rel}"):
+            return json.loads(self._retrying(lambda _: read()))
 
     def verify(self, key: str) -> None:
         """Re-hash every file of a complete artifact in place. Raises StoreError on any mismatch."""
         manifest = self.read_manifest(key)
         for rel, expected in manifest["files"].items():
-            digest = hashlib.sha256()
-            size = 0
-            with self._errors(f"read {self.url(key)}/{rel}"), self.fs.open(self.path(f"{key}/{rel}"), "rb") as handle:
-                while chunk := handle.read(8 * 1024 * 1024):
-                    digest.update(chunk)
-                    size += len(chunk)
-            if size != expected["size"] or digest.hexdigest() != expected["sha256"]:
-                raise StoreError(f"{self.url(key)}/{rel}: damaged (differs from its manifest)")
+            with self._errors(f"read {self.url(key)}/{rel}"):
+                self._retrying(lambda _: self._rehash(key, rel, expected))
 
     # -- writing -----------------------------------------------------------------------------
     def publish(
@@ -341,8 +367,9 @@ class Store:
         path = self.path(key)
         with self._errors(f"read {self.url(key)}"):
             try:
-                marker = json.loads(self.fs.cat_file(f"{path}/{SUCCESS_NAME}"))
-                manifest_bytes = self.fs.cat_file(f"{path}/{MANIFEST_NAME}")
+                marker_bytes, manifest_bytes = self._retrying(
+                    lambda _: (self.fs.cat_file(f"{path}/{SUCCESS_NAME}"), self.fs.cat_file(f"{path}/{MANIFEST_NAME}")))
+                marker = json.loads(marker_bytes)
             except (FileNotFoundError, ValueError):  # absent, or a marker cut short by a crash
                 return None
         if not isinstance(marker, dict) or marker.get("manifest_sha256") != hashlib.sha256(manifest_bytes).hexdigest():
@@ -354,7 +381,8 @@ class Store:
         manifest_bytes = json.dumps(manifest, indent=2, sort_keys=True).encode()
         with self._errors(f"write {self.url(key)}/{MANIFEST_NAME}"):
             self._write_small(self.path(f"{key}/{MANIFEST_NAME}"), manifest_bytes)
-            marker = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+        marker = {"manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest()}
+        with self._errors(f"write {self.url(key)}/{SUCCESS_NAME}"):
             self._write_small(self.path(f"{key}/{SUCCESS_NAME}"), json.dumps(marker).encode())
 
     def _write_small(self, path: str, data: bytes) -> None:
@@ -374,8 +402,93 @@ class Store:
                 self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
             self.fs.put_file(str(local), remote)
 
+    def _download(self, key: str, rel: str, target: Path, expected: dict, one_stream: bool = False) -> None:
+        """Download one file of an artifact to target and check it against its manifest entry.
+
+        Nothing is left at target unless it matches; bytes that differ from the manifest raise
+        _Damaged, which _retrying downloads again (as it does a body failing botocore's CRC32).
+        one_stream (a retry, on S3): one GET that s3fs resumes where it was cut, rather than the
+        concurrent ranged GETs that fail the whole file when any one of them is cut, so a flaky
+        link that defeated the fast way still gets the file through.
+        """
+        try:
+            self.fs.get_file(self.path(f"{key}/{rel}"), str(target),
+                             **({"max_concurrency": 1} if one_stream and _is_s3(self.fs) else {}))
+        except BaseException:
+            target.unlink(missing_ok=True)  # s3fs leaves what it got of a failed download
+            raise
+        if not _matches(target, expected):
+            size = target.stat().st_size
+            target.unlink()
+            raise _Damaged(f"{self.url(key)}/{rel}: damaged (size {size} vs {expected['size']} in the manifest, "
+                           "or a different sha256); republish the artifact")
+
+    def _rehash(self, key: str, rel: str, expected: dict) -> None:
+        """Stream one stored file through sha256; _Damaged unless it matches its manifest entry."""
+        digest = hashlib.sha256()
+        size = 0
+        with self.fs.open(self.path(f"{key}/{rel}"), "rb") as handle:
+            while chunk := handle.read(8 * 1024 * 1024):
+                digest.update(chunk)
+                size += len(chunk)
+        if size != expected["size"] or digest.hexdigest() != expected["sha256"]:
+            raise _Damaged(f"{self.url(key)}/{rel}: damaged (differs from its manifest)")
+
+    def _retrying(self, attempt: Callable[[bool], T]) -> T:
+        """attempt(again), run again on a remote store while what arrived was wrong or incomplete (layer 3
+        of the retries in the module docstring), with exponential backoff and full jitter; `again` is
+        False only the first time. The last failure is raised as it is, for the caller's _errors to name."""
+        if not self._remote:
+            return attempt(False)
+        for failed in range(RETRY_ATTEMPTS):
+            try:
+                return attempt(failed > 0)
+            except _transfer_faults():
+                if failed + 1 == RETRY_ATTEMPTS:
+                    raise
+                time.sleep(random.uniform(0, RETRY_BACKOFF_S * 2**failed))
+
     def _errors(self, action: str) -> "_StoreErrors":
         return _StoreErrors(f"store {display_uri(self.uri)}: cannot {action}")
+
+
+class _Damaged(StoreError):
+    """Bytes read from the store that differ from the manifest: a StoreError for the caller, and
+    for _retrying a reason to read them again (they may have been damaged in transit)."""
+
+
+def _matches(path: Path, expected: dict) -> bool:
+    """True when the local file at path has the size and sha256 of its manifest entry."""
+    return path.is_file() and path.stat().st_size == expected["size"] and sha256_file(path) == expected["sha256"]
+
+
+@functools.cache
+def _checksum_errors() -> tuple[type[BaseException], ...]:
+    """botocore's verdict that a body failed the checksum S3 stored with the object (CRC32 by default).
+    Imported when first needed, on an error: folder and memory stores have no use for botocore."""
+    from botocore.exceptions import FlexibleChecksumError
+
+    return (FlexibleChecksumError,)
+
+
+@functools.cache
+def _transfer_faults() -> tuple[type[BaseException], ...]:
+    """What _retrying reads again: bytes that failed a checksum, and a response body cut short
+    (aiohttp's ClientPayloadError and botocore's wrappers around a broken body read)."""
+    from aiohttp import ClientPayloadError
+    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+
+    return (_Damaged, *_checksum_errors(), ClientPayloadError, IncompleteReadError, ResponseStreamingError,
+            http.client.IncompleteRead)
+
+
+def _with_s3_retries(options: dict) -> dict:
+    """storage_options with S3_RETRIES as botocore's retry config, unless the job or the AWS
+    environment chose one (their choice wins)."""
+    config = options.get("config_kwargs") or {}
+    if "retries" in config or os.environ.get("AWS_RETRY_MODE") or os.environ.get("AWS_MAX_ATTEMPTS"):
+        return options
+    return {**options, "config_kwargs": {**config, "retries": dict(S3_RETRIES)}}
 
 
 class _StoreErrors:
@@ -394,7 +507,10 @@ class _StoreErrors:
         if exc is None or isinstance(exc, (FileNotFoundError, StoreError)):
             return False
         if isinstance(exc, Exception):
-            raise StoreError(f"{self.prefix}: {type(exc).__name__}: {_short(exc)}") from None
+            detail = f"{type(exc).__name__}: {_short(exc)}"
+            if isinstance(exc, _checksum_errors()):
+                detail = f"damaged (the bytes read failed the checksum stored with the object: {detail})"
+            raise StoreError(f"{self.prefix}: {detail}") from None
         return False
 
 
