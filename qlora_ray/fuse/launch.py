@@ -216,7 +216,7 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
                         artifact.error = artifact.error or f"shard {unit[1]}: {error}"
                     else:
                         artifact.parts[unit[1]] = result["parts"][f"{artifact.tenant}/{artifact.variant.name}"] | {
-                            k: v for k, v in result.items() if k.startswith("worker_peak")}
+                            k: v for k, v in result.items() if k.startswith("worker_")}
             progress(f"fuse: shard {shards_done}/{len(layout.shard_files)} {unit[1]} "
                      + (f"FAILED: {error}" if error else
                         f"done for {len(result['parts'])} artifact(s) in {result['seconds']:.1f} s") + f" [{elapsed:.0f} s]")
@@ -316,6 +316,7 @@ def _seal(spec: JobSpec, store: Store, layout: BaseLayout, artifact: _Artifact, 
             "shards": len(artifact.parts),
             **{k: max(p.get(k, 0) for p in parts) for k in ("worker_peak_rss_bytes", "worker_peak_gpu_bytes")
                if any(k in p for p in parts)},
+            "worker_node_ids": sorted({p["worker_node_id"] for p in parts}),
         }
         manifest = store.seal(key, files, kind="fused", inputs=artifact.inputs, metrics=metrics)
     except StoreError as exc:

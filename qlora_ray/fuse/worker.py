@@ -43,10 +43,12 @@ def load_adapter_deltas(adapter_dir: Path, device: str = "cpu") -> dict[str, Lor
 
 
 def peak_memory() -> dict:
-    """This worker process's peak resident memory so far (and the GPU's, on a GPU worker)."""
+    """This worker process's peak resident memory so far (and the GPU's, on a GPU worker), and the
+    Ray node it runs on (a cluster's operators check that fusing landed on the nodes meant for it)."""
+    import ray
     import torch
 
-    peak = {"worker_peak_rss_bytes": peak_memory_bytes("cpu")}
+    peak = {"worker_peak_rss_bytes": peak_memory_bytes("cpu"), "worker_node_id": ray.get_runtime_context().get_node_id()}
     if torch.cuda.is_available():
         peak["worker_peak_gpu_bytes"] = peak_memory_bytes("cuda")
     return peak
@@ -127,6 +129,7 @@ class FuseWorker:
             texts = calibration_texts(rows, AutoTokenizer.from_pretrained(str(merged)), self.spec.fuse.gptq.calibration_samples)
             metrics = gptq_quantize(merged, work / "out", texts, self.spec.fuse.gptq, device=self.device)
             metrics.update(seconds=round(time.perf_counter() - started, 2), **peak_memory())
+            metrics["worker_node_ids"] = [metrics.pop("worker_node_id")]  # as a shard-wise artifact lists them
             metrics["size_bytes"] = sum(p.stat().st_size for p in (work / "out").rglob("*") if p.is_file())
             return self.store.publish(key, work / "out", kind="fused", inputs=inputs, metrics=metrics)
         finally:

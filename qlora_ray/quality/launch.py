@@ -49,7 +49,10 @@ def _eval_task(spec: JobSpec, tenant_id: str) -> dict:
 
     quiet_library_progress_bars()  # a loading bar per configuration would bury the progress lines
 
-    return evaluate_tenant(spec, tenant_id, device=_device(), progress=lambda line: print(line, flush=True))
+    import ray
+
+    return evaluate_tenant(spec, tenant_id, device=_device(), progress=lambda line: print(line, flush=True),
+                           node_id=ray.get_runtime_context().get_node_id())
 
 
 def eval_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> dict:

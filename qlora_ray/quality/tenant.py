@@ -60,10 +60,10 @@ def eval_inputs(spec: JobSpec, tenant: TenantSpec, store: Store) -> tuple[dict, 
 
 
 def evaluate_tenant(spec: JobSpec, tenant_id: str, *, device: str,
-                    progress: Callable[[str], None] = print) -> dict:
+                    progress: Callable[[str], None] = print, node_id: str | None = None) -> dict:
     """Score every configuration of one tenant whose artifacts are complete, and publish the
     results. Returns the results artifact's manifest (skips the work when it is already there for
-    the same inputs)."""
+    the same inputs). node_id, the Ray node it runs on, goes into the manifest's metrics."""
     tenant = spec.tenant(tenant_id)
     store = Store(spec.store, spec.storage_options)
     key = eval_key(spec.name, tenant_id)
@@ -96,7 +96,7 @@ def evaluate_tenant(spec: JobSpec, tenant_id: str, *, device: str,
         out = work / "out"
         out.mkdir()
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-        metrics = {"configurations": len(measured), "missing": len(missing), "eval_rows": len(rows)}
+        metrics = {"configurations": len(measured), "missing": len(missing), "eval_rows": len(rows), "node_id": node_id}
         return store.publish(key, out, kind="eval", inputs=inputs, metrics=metrics)
 
 
