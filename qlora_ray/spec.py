@@ -297,6 +297,16 @@ class ServeSpec(_Model):
     max_replicas: int | None = Field(
         None, gt=0, description="Autoscale the model deployments from num_replicas up to this many replicas.")
     target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica autoscaling aims for.")
+    max_ongoing_requests: int | None = Field(
+        None, gt=0, description="Requests one model replica takes at once: the batch generating and the next one "
+        "gathering in its batcher. Default: twice max_batch.")
+    max_queued_requests: int = Field(
+        64, gt=0, description="Requests the gateway holds for a model deployment while all its replicas have "
+        "max_ongoing_requests; beyond these, a request is answered 429 with Retry-After at once instead of queuing "
+        "without bound.")
+    retry_after_s: int = Field(
+        1, ge=1, le=60, description="The Retry-After (seconds) of a 429 overload answer and of a 503 while a replica "
+        "is lost; OpenAI's clients wait that long before they retry.")
     unmerged_baseline: bool = Field(True, description="Also serve base + adapter unmerged (peft), as <tenant>/unmerged.")
     allow_failed_quality: bool = Field(
         False, description="Serve fused models that failed the quality gate too (they are refused by default).")

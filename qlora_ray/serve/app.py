@@ -9,6 +9,12 @@ through Serve's model multiplexing, which also routes a model's requests to the 
 it and evicts the least recently used one beyond serve.max_resident_models. Requests to one model
 on one replica are generated together in batches (serve/batcher.py).
 
+Overload is answered, not queued without bound: a replica takes serve.max_ongoing_requests, the
+gateway's handle queues serve.max_queued_requests more per deployment (Ray Serve's own limits), and
+beyond them Serve raises BackPressureError, which the gateway answers 429 with Retry-After. A replica
+lost with its node is answered 503 with Retry-After while Serve starts another; a stream already
+under way ends with an error event instead.
+
 `qlora-ray serve JOB` runs it; `serve run serve/demo.yaml` builds it from `build_app`.
 """
 
@@ -17,6 +23,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import tempfile
 import time
 from dataclasses import dataclass
@@ -26,6 +33,9 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.config import BackpressureConfig
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from qlora_ray.serve import protocol
 from qlora_ray.serve.batcher import Batcher
@@ -35,7 +45,11 @@ from qlora_ray.store import Store, adapter_key, base_key, fused_key
 
 log = logging.getLogger(__name__)
 UNMERGED = "unmerged"
+GATEWAY_SPARE_REQUESTS = 32  # /health, /v1/models and the like, on top of what the models can hold
 CATALOG_RELOAD_SECONDS = 10.0
+# Failures of a model deployment that a client should retry: its queue is full, or its replica died
+# or cannot be reached (its node is gone), or it has no replica at all.
+RETRYABLE = (BackPressureError, RayActorError, DeploymentUnavailableError)
 
 
 # -- the models ---------------------------------------------------------------------------------
@@ -140,7 +154,8 @@ def load_model(spec: JobSpec, store: Store, entry: ModelEntry, cache_dir: Path, 
             resident += decoder.cache_bytes()
         except WeightFormatError as exc:
             log.warning("%s: %s; serving it through transformers instead", entry.id, exc)
-            model = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device).eval()
+            model = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, use_safetensors=True,
+                                                         trust_remote_code=False).eval()
             engine = TransformersEngine(model, stop_ids)
             resident = model.get_memory_footprint()
     return LoadedModel(entry, engine, tokenizer, resident, time.perf_counter() - started, spec.serve)
@@ -219,26 +234,46 @@ class ModelServer:
         yield {"type": "end", "finish_reason": finish, "completion_tokens": produced}
 
 
-async def _sse(events, request_id: str, body, prompt_tokens: int, chat: bool):
-    """Server-sent events in OpenAI's chunk shapes, ending with data: [DONE]."""
+def _retry_later(exc: BaseException, model: str, retry_after: int) -> protocol.APIError:
+    """The answer to one of the RETRYABLE failures: Serve's own status for back pressure (429, as
+    _options configures it) and its Retry-After, or 503 while the replica is replaced."""
+    if isinstance(exc, BackPressureError):
+        wait = math.ceil(exc.retry_after_s) if exc.retry_after_s is not None else retry_after
+        return protocol.APIError(exc.status_code, f"model {model!r} is at capacity ({exc.message}); retry after {wait} s",
+                                 kind="rate_limit_error", code="overloaded", retry_after=wait)
+    return protocol.APIError(503, f"model {model!r} lost its replica; retry after {retry_after} s",
+                             kind="server_error", code="model_unavailable", retry_after=retry_after)
+
+
+async def _sse(events, request_id: str, body, prompt_tokens: int, chat: bool, retry_after: int):
+    """Server-sent events in OpenAI's chunk shapes, ending with data: [DONE]. The 200 has been sent:
+    a failure on the way is told as an error event, as OpenAI's stream does, which its clients raise."""
     def line(payload: dict) -> str:
         return f"data: {json.dumps(payload)}\n\n"
 
     if chat:
         yield line(protocol.chat_chunk(request_id, body.model, {"role": "assistant", "content": ""}, None))
-    async for event in events:
-        if event["type"] == "text":
-            if chat:
-                yield line(protocol.chat_chunk(request_id, body.model, {"content": event["text"]}, None))
-            else:
-                yield line(protocol.completion_chunk(request_id, body.model, event["text"], None))
-        elif event["type"] == "end":
-            if chat:
-                yield line(protocol.chat_chunk(request_id, body.model, {}, event["finish_reason"]))
-            else:
-                yield line(protocol.completion_chunk(request_id, body.model, "", event["finish_reason"]))
-            if body.include_usage:
-                yield line(protocol.usage_chunk(request_id, body.model, chat, prompt_tokens, event["completion_tokens"]))
+    try:
+        async for event in events:
+            if event["type"] == "text":
+                if chat:
+                    yield line(protocol.chat_chunk(request_id, body.model, {"content": event["text"]}, None))
+                else:
+                    yield line(protocol.completion_chunk(request_id, body.model, event["text"], None))
+            elif event["type"] == "end":
+                if chat:
+                    yield line(protocol.chat_chunk(request_id, body.model, {}, event["finish_reason"]))
+                else:
+                    yield line(protocol.completion_chunk(request_id, body.model, "", event["finish_reason"]))
+                if body.include_usage:
+                    yield line(protocol.usage_chunk(request_id, body.model, chat, prompt_tokens,
+                                                    event["completion_tokens"]))
+    except RETRYABLE as exc:
+        yield line(_retry_later(exc, body.model, retry_after).body())
+    except Exception as exc:  # noqa: BLE001 - past the 200, an event is the only way left to tell the client
+        log.exception("%s: the stream failed", request_id)
+        yield line(protocol.APIError(500, f"generation failed ({type(exc).__name__}); the server's log has {request_id}",
+                                     kind="server_error").body())
     yield "data: [DONE]\n\n"
 
 
@@ -250,7 +285,7 @@ api = FastAPI(title="qlora_ray", docs_url=None, redoc_url=None)
 
 @api.exception_handler(protocol.APIError)
 async def _api_error(_request: Request, exc: protocol.APIError) -> JSONResponse:
-    return JSONResponse(exc.body(), status_code=exc.status)
+    return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers())
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -323,7 +358,10 @@ class Gateway:
         """Loads `model` if needed and reports its resident bytes on the replica that holds it."""
         entry = await self._model(model, self._tenant(request))
         handle = self.handles[entry.deployment].options(multiplexed_model_id=entry.id)
-        return await handle.resident.remote(entry.id)
+        try:
+            return await handle.resident.remote(entry.id)
+        except RETRYABLE as exc:
+            raise _retry_later(exc, model, self.spec.serve.retry_after_s) from None
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
@@ -349,30 +387,50 @@ class Gateway:
         else:
             payload["prompt"] = body.prompt
         handle = self.handles[entry.deployment].options(stream=True, multiplexed_model_id=entry.id)
+        retry_after = self.spec.serve.retry_after_s
         events = handle.generate.remote(payload)
-        first = await events.__anext__()
+        try:  # back pressure and a lost replica surface here, before any 200 is sent
+            first = await events.__anext__()
+        except RETRYABLE as exc:
+            raise _retry_later(exc, body.model, retry_after) from None
         if first["type"] == "error":
             raise protocol.APIError(first["status"], first["message"])
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
         if body.stream:
-            return StreamingResponse(_sse(events, request_id, body, first["prompt_tokens"], chat),
+            return StreamingResponse(_sse(events, request_id, body, first["prompt_tokens"], chat, retry_after),
                                      media_type="text/event-stream")
         text, end = [], None
-        async for event in events:
-            if event["type"] == "text":
-                text.append(event["text"])
-            elif event["type"] == "end":
-                end = event
+        try:
+            async for event in events:
+                if event["type"] == "text":
+                    text.append(event["text"])
+                elif event["type"] == "end":
+                    end = event
+        except RETRYABLE as exc:
+            raise _retry_later(exc, body.model, retry_after) from None
         build = protocol.chat_body if chat else protocol.completion_body
         return build(request_id, body.model, "".join(text), end["finish_reason"], first["prompt_tokens"],
                      end["completion_tokens"])
 
 
 # -- building the application -------------------------------------------------------------------
+def _backpressure(spec: JobSpec) -> BackpressureConfig:
+    """How Serve answers beyond a queue's bound: 429, which OpenAI's clients retry after Retry-After
+    (a 503 would read as the server being down)."""
+    return BackpressureConfig(status_code=429, retry_after_s=spec.serve.retry_after_s)
+
+
+def _max_ongoing(spec: JobSpec) -> int:
+    """Requests a model replica takes at once: by default a batch generating and the next gathering."""
+    return spec.serve.max_ongoing_requests or 2 * spec.serve.max_batch
+
+
 def _options(spec: JobSpec, name: str) -> dict:
     resources = spec.serve.resources
     options = {"name": name, "ray_actor_options": {
-        "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.custom)}}
+        "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.custom)},
+        "max_ongoing_requests": _max_ongoing(spec), "max_queued_requests": spec.serve.max_queued_requests,
+        "backpressure_config": _backpressure(spec)}
     if spec.serve.max_replicas:
         options["autoscaling_config"] = {"min_replicas": spec.serve.num_replicas, "max_replicas": spec.serve.max_replicas,
                                          "target_ongoing_requests": spec.serve.target_ongoing_requests}
@@ -381,12 +439,24 @@ def _options(spec: JobSpec, name: str) -> dict:
     return options
 
 
+def _gateway_options(spec: JobSpec) -> dict:
+    """The gateway only awaits the models, so it takes every request their replicas and queues can
+    hold, and room for the cheap routes: the models' bound is the one that answers overload, in
+    OpenAI's shape. Serve's proxy queues as many again for it, then answers the same 429 itself, in
+    plain text. (Serve counts a request as queued until it is assigned, so a queue bound as tight
+    as the models' would turn away bursts the gateway has room for.)"""
+    replicas = spec.serve.max_replicas or spec.serve.num_replicas
+    deployments = 2 if spec.serve.unmerged_baseline else 1
+    held = deployments * (replicas * _max_ongoing(spec) + spec.serve.max_queued_requests) + GATEWAY_SPARE_REQUESTS
+    return {"max_ongoing_requests": held, "max_queued_requests": held, "backpressure_config": _backpressure(spec)}
+
+
 def build_application(spec: JobSpec, extra_keys: dict[str, str] | None = None):
     """The bound Serve application for a job. extra_keys (key -> tenant) are accepted besides the
     store's keys: the bench uses them for its own run without writing keys to the store."""
     fused = ModelServer.options(**_options(spec, "fused")).bind(spec)
     unmerged = ModelServer.options(**_options(spec, UNMERGED)).bind(spec) if spec.serve.unmerged_baseline else None
-    return Gateway.bind(spec, fused, unmerged, extra_keys)
+    return Gateway.options(**_gateway_options(spec)).bind(spec, fused, unmerged, extra_keys)
 
 
 def build_app(args: dict):

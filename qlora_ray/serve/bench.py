@@ -4,7 +4,11 @@ Each request streams a completion (`stream_options.include_usage`), so the clien
 token and counts the tokens the server says it produced. `ignore_eos` (vLLM's extension, which this
 server implements) fixes the output length, so every model answers the same number of tokens.
 
-Per model and concurrency level: requests, errors and error rate, TTFT (time to first token),
+A server at capacity answers 429 (or 503) with Retry-After: such a request counts as overloaded, not
+as an error, and its client waits that long before its next request, as OpenAI's clients do. So
+`--concurrency 32 --duration 60` is a load test: any error that is not an overload answer is a fault.
+
+Per model and concurrency level: requests, errors and error rate, overload answers, TTFT (time to first token),
 TPOT (time per output token after the first), end-to-end latency, each at p50 and p99, output
 tokens per second over the run, and the model's resident memory when the server reports it.
 """
@@ -24,7 +28,8 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Sample:
-    """One request as the client saw it (seconds from the run's start; tokens from the server)."""
+    """One request as the client saw it (seconds from the run's start; tokens from the server).
+    status: the HTTP status, None without an answer; retry_after: the answer's Retry-After, seconds."""
 
     model: str
     concurrency: int
@@ -34,6 +39,13 @@ class Sample:
     prompt_tokens: int
     output_tokens: int
     error: str | None = None
+    status: int | None = None
+    retry_after: float | None = None
+
+    @property
+    def overloaded(self) -> bool:
+        """An explicit overload answer: the server asked to be tried again later."""
+        return self.status in (429, 503) and self.retry_after is not None
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -50,6 +62,7 @@ def percentile(values: list[float], q: float) -> float | None:
 def summarize(samples: list[Sample]) -> dict:
     """The figures for one model at one concurrency, from its raw samples."""
     ok = [s for s in samples if s.error is None]
+    errors = sum(1 for s in samples if s.error is not None and not s.overloaded)
     ttft = [s.first_token - s.started for s in ok if s.first_token is not None]
     tpot = [(s.finished - s.first_token) / (s.output_tokens - 1) for s in ok if s.first_token is not None and s.output_tokens > 1]
     latency = [s.finished - s.started for s in ok]
@@ -60,8 +73,8 @@ def summarize(samples: list[Sample]) -> dict:
         return None if value is None else round(value * 1000, 2)
 
     return {
-        "requests": len(samples), "errors": len(samples) - len(ok),
-        "error_rate": round((len(samples) - len(ok)) / len(samples), 4) if samples else 0.0,
+        "requests": len(samples), "errors": errors, "error_rate": round(errors / len(samples), 4) if samples else 0.0,
+        "overloaded": sum(1 for s in samples if s.overloaded),
         "ttft_ms_p50": ms(percentile(ttft, 50)), "ttft_ms_p99": ms(percentile(ttft, 99)),
         "tpot_ms_p50": ms(percentile(tpot, 50)), "tpot_ms_p99": ms(percentile(tpot, 99)),
         "latency_ms_p50": ms(percentile(latency, 50)), "latency_ms_p99": ms(percentile(latency, 99)),
@@ -76,31 +89,44 @@ async def _one(session, url: str, key: str, model: str, prompt: str, output_toke
     body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     started = time.perf_counter() - t0
-    first, prompt_tokens, produced = None, 0, 0
+    first, prompt_tokens, produced, status, done, error = None, 0, 0, None, False, None
     try:
         async with session.post(f"{url}/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as response:
-            if response.status != 200:
+            status = response.status
+            if status != 200:
+                retry_after = response.headers.get("Retry-After")
                 return Sample(model, concurrency, started, None, time.perf_counter() - t0, 0, 0,
-                              f"HTTP {response.status}: {(await response.text())[:200]}")
+                              f"HTTP {status}: {(await response.text())[:200]}", status,
+                              float(retry_after) if retry_after is not None else None)
             async for raw in response.content:
                 line = raw.decode().strip()
-                if not line.startswith("data:") or line == "data: [DONE]":
+                if line == "data: [DONE]":
+                    done = True
+                    break
+                if not line.startswith("data:"):
                     continue
                 chunk = json.loads(line[5:])
+                if "error" in chunk:  # the server failed after its 200
+                    error = f"stream error: {chunk['error']['message']}"
                 if chunk.get("choices") and first is None:  # a token's chunk, its text possibly empty
                     first = time.perf_counter() - t0
                 if chunk.get("usage"):
                     prompt_tokens = chunk["usage"]["prompt_tokens"]
                     produced = chunk["usage"]["completion_tokens"]
     except Exception as exc:  # noqa: BLE001 - a failed request is a sample, not a crash of the run
-        return Sample(model, concurrency, started, first, time.perf_counter() - t0, 0, 0, f"{type(exc).__name__}: {exc}")
-    return Sample(model, concurrency, started, first, time.perf_counter() - t0, prompt_tokens, produced)
+        error = f"{type(exc).__name__}: {exc}"
+    if error is None and not done:
+        error = "the stream ended before data: [DONE]"
+    if error is not None:
+        return Sample(model, concurrency, started, first, time.perf_counter() - t0, 0, 0, error, status)
+    return Sample(model, concurrency, started, first, time.perf_counter() - t0, prompt_tokens, produced, None, status)
 
 
 async def send_requests(url: str, key: str, model: str, *, concurrency: int, requests: int, prompt: str,
                         output_tokens: int, duration: float | None = None) -> list[Sample]:
-    """`concurrency` clients at once, each starting its next request on finishing: `requests` in all,
-    or, with `duration`, as many as start within that many seconds."""
+    """`concurrency` clients at once, each starting its next request on finishing (after Retry-After,
+    when the answer was an overload): `requests` in all, or, with `duration`, as many as start within
+    that many seconds."""
     import aiohttp
 
     t0 = time.perf_counter()
@@ -119,7 +145,10 @@ async def send_requests(url: str, key: str, model: str, *, concurrency: int, req
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async def client():
             while more():
-                samples.append(await _one(session, url, key, model, prompt, output_tokens, concurrency, t0))
+                sample = await _one(session, url, key, model, prompt, output_tokens, concurrency, t0)
+                samples.append(sample)
+                if sample.overloaded:
+                    await asyncio.sleep(sample.retry_after)
 
         await asyncio.gather(*(client() for _ in range(concurrency)))
     return samples
@@ -167,6 +196,7 @@ def run_bench(url: str, keys: dict[str, str], models: list[str], *, concurrency:
 
 
 COLUMNS = [("model", "model"), ("concurrency", "conc."), ("requests", "req."), ("error_rate", "errors"),
+           ("overloaded", "429/503"),
            ("mean_prompt_tokens", "prompt tok"),
            ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "TTFT p99 ms"), ("tpot_ms_p50", "TPOT p50 ms"),
            ("tpot_ms_p99", "TPOT p99 ms"), ("latency_ms_p50", "latency p50 ms"), ("latency_ms_p99", "latency p99 ms"),

@@ -16,15 +16,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 
 class APIError(Exception):
-    """An error answered as {"error": {...}} with an HTTP status."""
+    """An error answered as {"error": {...}} with an HTTP status; with retry_after (seconds), a
+    Retry-After header too, which OpenAI's clients wait for before they retry."""
 
     def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.retry_after = retry_after
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
 
 
 def validation_error(exc: ValidationError) -> APIError:
