@@ -3,13 +3,10 @@ accuracy and the gate's verdict; as JSON, a Markdown table, a terminal table and
 
 from __future__ import annotations
 
-import json
-import logging
 from pathlib import Path
 
+from qlora_ray.report_files import write_report_files
 from qlora_ray.tables import text_table
-
-log = logging.getLogger(__name__)
 
 REFERENCE_TEXT = {"unmerged": "the adapter unmerged on the 16-bit base",
                   "as-trained": "the adapter unmerged on the 4-bit base it was trained on"}
@@ -90,19 +87,8 @@ def render_markdown(report: dict) -> str:
 
 
 def write_report(report: dict, folder: Path) -> list[Path]:
-    """report.json, report.md and report.png into folder; returns the files written. A chart that
-    fails to draw is logged and left out (the JSON has every number)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "report.json").write_text(json.dumps(report, indent=2))
-    (folder / "report.md").write_text(render_markdown(report))
-    written = [folder / "report.json", folder / "report.md"]
-    try:
-        plot(report, folder / "report.png")
-    except Exception:  # noqa: BLE001 - e.g. a matplotlib without its fonts; the data is kept
-        log.exception("report.png could not be drawn")
-    else:
-        written.append(folder / "report.png")
-    return written
+    """report.json, report.md and report.png into folder; returns the files written."""
+    return write_report_files(folder, "report", report, render_markdown(report), plot)
 
 
 def plot(report: dict, path: Path) -> None:

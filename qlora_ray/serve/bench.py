@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from qlora_ray.report_files import write_report_files
 
 
 @dataclass
@@ -217,21 +216,10 @@ def render_table(report: dict) -> str:
 
 def write_report(report: dict, folder: Path) -> list[Path]:
     """bench.json, bench.md and bench.png (TTFT, TPOT and tokens/s per model and concurrency) into
-    folder; returns the files written. A plot that fails is logged and left out: the measurements
-    are in the JSON, and the PNG can be drawn from it again."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "bench.json").write_text(json.dumps(report, indent=2))
+    folder; returns the files written."""
     header = (f"# Bench: {report['url']}\n\n{report.get('when', '')}; prompt ~{report['prompt_tokens_asked']} tokens, "
               f"{report['output_tokens']} output tokens (ignore_eos), greedy.\n\n")
-    (folder / "bench.md").write_text(header + render_table(report) + "\n")
-    written = [folder / "bench.json", folder / "bench.md"]
-    try:
-        plot(report, folder / "bench.png")
-    except Exception:  # noqa: BLE001 - e.g. a matplotlib without its fonts; the data is kept
-        log.exception("bench.png could not be drawn")
-    else:
-        written.append(folder / "bench.png")
-    return written
+    return write_report_files(folder, "bench", report, header + render_table(report) + "\n", plot)
 
 
 def plot(report: dict, path: Path) -> None:
