@@ -52,6 +52,19 @@ def record_error(key, e):
     save()
 
 
+def record_chosen_configs(error_key):
+    """The Triton config gemlite's autotuner chose for each kernel and shape, into res."""
+    try:
+        cfgs = {}
+        for kname, kls in gemlite.core.GEMLITE_TRITON_MAPPING.items():
+            for kern in kls.kernel:
+                for key, cfg in getattr(kern, "cache", {}).items():
+                    cfgs[f"{kname}:{key[:3]}"] = str(cfg)
+        res["gemlite_chosen_configs"] = cfgs
+    except Exception as e:
+        record_error(error_key, e)
+
+
 def sync():
     if not MOCK:
         torch.cuda.synchronize()
@@ -241,15 +254,7 @@ for M in MS:
         save()
 res["warmup"] = warm
 if not MOCK:
-    try:
-        cfgs = {}
-        for kname, kls in gemlite.core.GEMLITE_TRITON_MAPPING.items():
-            for kern in kls.kernel:
-                for key, cfg in getattr(kern, "cache", {}).items():
-                    cfgs[f"{kname}:{key[:3]}"] = str(cfg)
-        res["gemlite_chosen_configs"] = cfgs
-    except Exception as e:
-        record_error("configs", e)
+    record_chosen_configs("configs")
 save()
 
 # ---------------------------------------------------------------- correctness
@@ -411,15 +416,7 @@ if MODE == "autotune" and not MOCK:
         except Exception as e:
             record_error(f"gemv_forced_{name}", e)
     res["forced_GEMV_M1"] = extra
-    try:
-        cfgs = {}
-        for kname, kls in gemlite.core.GEMLITE_TRITON_MAPPING.items():
-            for kern in kls.kernel:
-                for key, cfg in getattr(kern, "cache", {}).items():
-                    cfgs[f"{kname}:{key[:3]}"] = str(cfg)
-        res["gemlite_chosen_configs"] = cfgs
-    except Exception as e:
-        record_error("configs2", e)
+    record_chosen_configs("configs2")
     save()
 
 

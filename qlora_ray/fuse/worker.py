@@ -42,7 +42,7 @@ def load_adapter_deltas(adapter_dir: Path, device: str = "cpu") -> dict[str, Lor
     return adapter_deltas(state, config)
 
 
-def peak_memory() -> dict:
+def worker_facts() -> dict:
     """This worker process's peak resident memory so far (and the GPU's, on a GPU worker), and the
     Ray node it runs on (a cluster's operators check that fusing landed on the nodes meant for it)."""
     import ray
@@ -109,7 +109,7 @@ class FuseWorker:
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
         del base
-        return {"shard": shard_file, "parts": parts, "seconds": round(time.perf_counter() - started, 3), **peak_memory()}
+        return {"shard": shard_file, "parts": parts, "seconds": round(time.perf_counter() - started, 3), **worker_facts()}
 
     def fuse_gptq(self, target: ShardTarget, inputs: dict) -> dict:
         """Merge all shards for one tenant locally, GPTQ-quantize on its training rows, publish. Returns the manifest."""
@@ -128,7 +128,7 @@ class FuseWorker:
             rows = [json.loads(line) for line in (rows_dir / "train.jsonl").read_text(encoding="utf-8").splitlines() if line]
             texts = calibration_texts(rows, AutoTokenizer.from_pretrained(str(merged)), self.spec.fuse.gptq.calibration_samples)
             metrics = gptq_quantize(merged, work / "out", texts, self.spec.fuse.gptq, device=self.device)
-            metrics.update(seconds=round(time.perf_counter() - started, 2), **peak_memory())
+            metrics.update(seconds=round(time.perf_counter() - started, 2), **worker_facts())
             metrics["worker_node_ids"] = [metrics.pop("worker_node_id")]  # as a shard-wise artifact lists them
             metrics["size_bytes"] = sum(p.stat().st_size for p in (work / "out").rglob("*") if p.is_file())
             return self.store.publish(key, work / "out", kind="fused", inputs=inputs, metrics=metrics)
