@@ -7,7 +7,8 @@ Model: shape:llama3-8b with random weights (speed only), greedy, no stop token. 
   the merged model loaded 4-bit by transformers + bitsandbytes (BitsAndBytesConfig NF4);
 - ours, qlora_ray.serve.engine.StaticEngine over the same weights: bf16; nf4 (the fuse stage's
   bitsandbytes serialization, bitsandbytes' 4-bit matmul); gptq-int4 (a GPTQ-format checkpoint,
-  group 128, repacked at load for torch's int4 kernel).
+  group 128, repacked at load for GPTQModel's Marlin kernel, and again for torch's int4 kernel,
+  tinygemm, which serves where Marlin cannot be compiled).
 
 The GPTQ checkpoint is made by round-to-nearest in GPTQ's layout (sym, zero point 8, int32
 packing): GPTQModel does not run on this machine's image, and calibration changes the values in
@@ -28,6 +29,7 @@ import json
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -35,6 +37,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from qlora_ray.serve import marlin  # noqa: E402
 from qlora_ray.serve.engine import SamplingParams, StaticEngine  # noqa: E402
 from qlora_ray.serve.weights import build_decoder, pack_int32  # noqa: E402
 from qlora_ray.shapes import shape_config  # noqa: E402
@@ -161,6 +164,7 @@ def main() -> None:
     only = set(filter(None, args.only.split(",")))
     config = shape_config(args.shape)
     results: list[dict] = []
+    marlin_build_s = None
     started = time.time()
 
     def wanted(name):
@@ -201,8 +205,10 @@ def main() -> None:
     del model
     free()
 
-    def ours(label, kind, tensors, quant):
-        decoder = build_decoder(config, tensors, quant, device=torch.device("cuda"), dtype=torch.bfloat16)
+    def ours(label, kind, tensors, quant, int4_kernel="auto"):
+        decoder = build_decoder(config, tensors, quant, device=torch.device("cuda"), dtype=torch.bfloat16,
+                                int4_kernel=int4_kernel)
+        modules = Counter(type(m).__name__ for m in decoder.modules() if not list(m.children()))
         engine = StaticEngine(decoder, set(), context=args.context)
         warm = time.perf_counter()
         engine.warm_up(batches)
@@ -213,12 +219,13 @@ def main() -> None:
                 sum(t.nbytes for t in decoder.parameters()) + sum(t.nbytes for t in decoder.buffers())
                 + decoder.cache_bytes())
         results[-1]["warmup_s"] = round(warm, 1)
+        results[-1]["modules"] = dict(modules)
         del engine, decoder
         free()
 
     if wanted("ours-bf16"):
         ours("qlora_ray engine, fused bf16", "ours-bf16", dict(state), None)
-    if wanted("ours-gptq-int4"):
+    if wanted("ours-gptq-int4") or wanted("ours-gptq-int4-tinygemm"):
         tensors = {}
         for name, value in state.items():
             projection = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
@@ -228,7 +235,14 @@ def main() -> None:
             else:
                 tensors[name] = value
         quant = {"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "gptq", "pack_dtype": "int32"}
-        ours("qlora_ray engine, fused gptq-int4 (tinygemm)", "ours-gptq-int4", tensors, quant)
+        if wanted("ours-gptq-int4"):
+            built = time.perf_counter()
+            marlin.ops()  # compiled here, once, so that no row's warm-up includes the build
+            marlin_build_s = round(time.perf_counter() - built, 1)
+            ours("qlora_ray engine, fused gptq-int4 (Marlin)", "ours-gptq-int4", dict(tensors), quant, "marlin")
+        if wanted("ours-gptq-int4-tinygemm"):
+            ours("qlora_ray engine, fused gptq-int4 (tinygemm)", "ours-gptq-int4-tinygemm", dict(tensors), quant,
+                 "tinygemm")
         del tensors
     if wanted("ours-nf4"):
         from qlora_ray.fuse.quant import FourBit, serialize_4bit
@@ -244,7 +258,8 @@ def main() -> None:
     report = {
         "command": " ".join(sys.argv), "shape": args.shape, "device": torch.cuda.get_device_name(),
         "torch": torch.__version__, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-        "context": args.context, "repeats": args.repeats, "seconds": round(time.time() - started, 1), "results": results,
+        "context": args.context, "repeats": args.repeats, "seconds": round(time.time() - started, 1),
+        "marlin_build_s": marlin_build_s, "results": results,
     }
     (args.out / "serve-engine-speed.json").write_text(json.dumps(report, indent=2))
     print("| setup | " + " | ".join(f"bs{b} tok/s" for b in batches) + " | TTFT 512 ms | resident GiB |")

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from qlora_ray.serve.marlin import marlin_int4_mm
+
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
@@ -96,6 +98,25 @@ class Int4Linear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+class MarlinInt4Linear(nn.Module):
+    """y = x W^T with W packed for GPTQModel's Marlin kernel (serve/marlin.py), for prompts and
+    decode alike: Marlin is a GEMM, fast at one row and at hundreds."""
+
+    def __init__(self, packed: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, perm: torch.Tensor,
+                 out_features: int):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.register_buffer("scales", scales)
+        self.register_buffer("g_idx", g_idx)
+        self.register_buffer("perm", perm)
+        self.out_features = out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1]).contiguous()
+        y = marlin_int4_mm(flat, self.packed, self.scales, self.g_idx, self.perm, self.out_features)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
 class Parallel(nn.Module):
     """Several projections of one input, concatenated: for weights that cannot be fused into one
     matrix (bitsandbytes 4-bit states are per tensor)."""
@@ -140,6 +161,25 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                             mask: torch.Tensor) -> torch.Tensor:
+    """Attention for one new token per row: q [B, heads, 1, d] over keys/values [B, kv_heads, S, d],
+    mask [B, 1, 1, S] (True: may attend); returns [B, heads, 1, d].
+
+    The query heads that share a key head are the rows of one matmul against it, so K and V are read
+    as they are, never repeated per query head. Scores are scaled and soft-maxed in fp32. Measured on
+    an H100 (8B int4, benchmarks/results/2026-11-23-h100-serve.md, session 8) against SDPA, which
+    Inductor ran as cuDNN's attention: +1.6 % and +1.8 % tok/s at batch 1 (the latency target),
+    -1.8 % and -2.9 % at batch 8."""
+    batch, heads, _, head_dim = q.shape
+    kv_heads = keys.shape[1]
+    rows = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)
+    scores = (rows @ keys.transpose(-1, -2)).float() * head_dim ** -0.5  # [B, kv_heads, group, S]
+    scores = scores.masked_fill(~mask, float("-inf"))  # mask [B, 1, 1, S] broadcasts over heads and group
+    weights = torch.softmax(scores, dim=-1).to(values.dtype)
+    return (weights @ values).reshape(batch, heads, 1, head_dim)
+
+
 class Block(nn.Module):
     """One decoder layer: attention over the static cache, then the SwiGLU MLP."""
 
@@ -157,9 +197,14 @@ class Block(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x, cos, sin, slots, mask):
-        """x [B, T, hidden]; cos/sin [B, T, head_dim]; slots [T] cache positions written; mask
-        [B, 1, T, S]: attention reads the first S slots of the cache."""
+    def forward(self, x, pending, cos, sin, slots, mask):
+        """x [B, T, hidden] is the residual stream before the previous layer's MLP output `pending`
+        (same shape; zeros for the first layer) is added; returns this layer's (x, pending).
+        Adding a layer's output at the start of the next one puts the add in the same fused kernel as
+        the next RMSNorm (when each layer is compiled on its own), one kernel fewer per layer.
+        cos/sin [B, T, head_dim]; slots [T] cache positions written; mask [B, 1, T, S]: attention
+        reads the first S slots of the cache."""
+        x = x + pending
         batch, steps, _ = x.shape
         h = self.input_layernorm(x)
         q, k, v = self.qkv_proj(h).split(
@@ -173,16 +218,18 @@ class Block(nn.Module):
         self.k_cache.index_copy_(2, slots, k)
         self.v_cache.index_copy_(2, slots, v)
         seen = mask.shape[-1]
-        # With a mask and grouped-query attention, SDPA takes its math path, which Inductor fuses.
-        # Measured on an H100 (8B int4 decode, 2026-11-23), cuDNN's and the memory-efficient kernels,
-        # given the query heads of a group as rows of one attention, were 2-13 % slower: at one
-        # token per row they run one block per key head, too few to keep the GPU busy.
-        attended = F.scaled_dot_product_attention(q, self.k_cache[:, :, :seen], self.v_cache[:, :, :seen], attn_mask=mask,
-                                                  enable_gqa=self.heads != self.kv_heads)
+        keys, values = self.k_cache[:, :, :seen], self.v_cache[:, :, :seen]
+        if steps == 1:
+            attended = grouped_decode_attention(q, keys, values, mask)
+        else:
+            # Prompts: SDPA (its fused kernels on long prompts; with a mask and grouped-query heads,
+            # its math path, which Inductor fuses).
+            attended = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                      enable_gqa=self.heads != self.kv_heads)
         x = x + self.o_proj(attended.transpose(1, 2).reshape(batch, steps, self.heads * self.head_dim))
         h = self.post_attention_layernorm(x)
         gate, up = self.gate_up_proj(h).split(self.intermediate, dim=-1)
-        return x + self.down_proj(F.silu(gate) * up)
+        return x, self.down_proj(F.silu(gate) * up)
 
 
 class Decoder(nn.Module):
@@ -232,6 +279,8 @@ class Decoder(nn.Module):
         used. `layers`: callables standing in for self.layers (their compiled versions)."""
         x = F.embedding(tokens, self.embed_tokens)
         cos, sin = self.rotary(x, positions)
+        # Zeros, not None, for the first layer: every layer then has one signature, and compiles once.
+        pending = torch.zeros_like(x)
         for layer in layers or self.layers:
-            x = layer(x, cos, sin, slots, mask)
-        return self.lm_head(self.norm(x[:, -1])).float()
+            x, pending = layer(x, pending, cos, sin, slots, mask)
+        return self.lm_head(self.norm(x[:, -1] + pending[:, -1])).float()

@@ -14,15 +14,24 @@ GPTQ layout (GPTQModel `checkpoint_format: gptq`, int32 packing, 4 bits):
 
 from __future__ import annotations
 
+import functools
 import json
+import logging
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from qlora_ray.errors import UserError
-from qlora_ray.serve.decoder import (Block, Decoder, DenseLinear, Int4Linear, NF4Linear, Parallel, RMSNorm,
-                                   unsupported_reason)
+from qlora_ray.serve import marlin
+from qlora_ray.serve.decoder import (Block, Decoder, DenseLinear, Int4Linear, MarlinInt4Linear, NF4Linear, Parallel,
+                                   RMSNorm, unsupported_reason)
+
+log = logging.getLogger(__name__)
+
+# How GPTQ int4 weights run on a CUDA device: "auto" takes Marlin where it can (symmetric GPTQ, tile
+# sizes it covers, and the kernel compiled) and tinygemm otherwise; the others force one.
+INT4_KERNELS = ("auto", "marlin", "tinygemm")
 
 # tinygemm's supported quantization group sizes and inner K tiles (aten/src/ATen/native/cuda/int4mm.cu).
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
@@ -118,6 +127,60 @@ def gptq_to_tinygemm(linears: list[tuple[torch.Tensor, ...]], group_size: int, d
     return Int4Linear(packed, pack_int32(q.t().contiguous(), 0), scales_and_zeros, group_size, out_features, orders[0])
 
 
+@functools.cache
+def marlin_unavailable_reason() -> str | None:
+    """None if the Marlin kernel is loaded (compiling it on first call), else why not (logged once)."""
+    try:
+        marlin.ops()
+    except marlin.MarlinUnavailable as error:
+        log.warning("GPTQ int4 weights use torch's tinygemm kernel: Marlin is unavailable (%s)", error)
+        return str(error)
+    return None
+
+
+def gptq_to_marlin(linears: list[tuple[torch.Tensor, ...]], group_size: int, device) -> MarlinInt4Linear | None:
+    """GPTQ linears sharing one input as one MarlinInt4Linear (outputs concatenated); None where
+    Marlin cannot hold them: zero points other than 8 (asymmetric GPTQ), act-order linears that would
+    have to share a column order, or shapes off its tiles."""
+    qweights, scales, orders = [], [], []
+    for qweight, qzeros, scale, g_idx in linears:
+        if not bool((unpack_int32(qzeros, 1) == 7).all()):  # v1 stores zero - 1: symmetric is 8
+            return None
+        qweights.append(qweight)
+        scales.append(scale)
+        orders.append(g_idx)
+    in_features = qweights[0].shape[0] * 8
+    if len(linears) > 1 and not all(torch.equal(g.long(), torch.arange(in_features, device=g.device) // group_size)
+                                    for g in orders):
+        return None
+    qweight, scale = torch.cat(qweights, 1), torch.cat(scales, 1)
+    if not marlin.fits(in_features, qweight.shape[1], group_size):
+        return None
+    packed, permuted_scales, g_idx, perm = marlin.repack(qweight.to(device), scale.to(device), orders[0].to(device),
+                                                         group_size)
+    return MarlinInt4Linear(packed, permuted_scales, g_idx, perm, qweight.shape[1])
+
+
+def _gptq_on_cuda(parts: list[tuple[torch.Tensor, ...]], group_size: int, device, int4_kernel: str) -> nn.Module | None:
+    """GPTQ linears sharing one input on the fastest int4 kernel that holds them (one fused module,
+    or one per linear), or None if none does (they are then dequantized to 16 bits)."""
+    if int4_kernel == "marlin":
+        marlin.ops()  # raises MarlinUnavailable, with the reason
+        converters = (gptq_to_marlin,)
+    elif int4_kernel == "auto" and marlin_unavailable_reason() is None:
+        converters = (gptq_to_marlin, gptq_to_tinygemm)
+    else:
+        converters = (gptq_to_tinygemm,)
+    for convert in converters:
+        fused = convert(parts, group_size, device)
+        if fused is None and len(parts) > 1:
+            singles = [convert([part], group_size, device) for part in parts]
+            fused = Parallel(singles) if all(singles) else None
+        if fused is not None:
+            return fused
+    return None
+
+
 def _bnb_weight(tensors: dict, name: str, device):
     import bitsandbytes as bnb
 
@@ -127,7 +190,7 @@ def _bnb_weight(tensors: dict, name: str, device):
                                                requires_grad=False, device=device)
 
 
-def _projection(tensors: dict, names: list[str], quant: dict | None, dtype, device) -> nn.Module:
+def _projection(tensors: dict, names: list[str], quant: dict | None, dtype, device, int4_kernel: str) -> nn.Module:
     """The linears `names` (one input, outputs concatenated) as the fastest module this device has
     for their stored format; tensors are popped as they are used."""
     for name in names:
@@ -137,10 +200,7 @@ def _projection(tensors: dict, names: list[str], quant: dict | None, dtype, devi
     if method == "gptq" and f"{names[0]}.qweight" in tensors:
         parts = [tuple(tensors.pop(f"{name}.{key}") for key in ("qweight", "qzeros", "scales", "g_idx")) for name in names]
         if device.type == "cuda" and dtype == torch.bfloat16:
-            fused = gptq_to_tinygemm(parts, quant["group_size"], device)
-            if fused is None and len(parts) > 1:
-                singles = [gptq_to_tinygemm([part], quant["group_size"], device) for part in parts]
-                fused = Parallel(singles) if all(singles) else None
+            fused = _gptq_on_cuda(parts, quant["group_size"], device, int4_kernel)
             if fused is not None:
                 return fused
         return DenseLinear(torch.cat([gptq_dequantize(*part) for part in parts]).to(device=device, dtype=dtype))
@@ -168,9 +228,11 @@ def check_gptq_settings(quant: dict) -> None:
                                 f"{quant.get('pack_dtype')!r}: expected 'gptq' / 'int32'")
 
 
-def load_decoder(folder: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16) -> Decoder:
+def load_decoder(folder: Path, *, device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                 int4_kernel: str = "auto") -> Decoder:
     """The Decoder for a fused folder, weights on `device`. Raises WeightFormatError if the
-    folder's architecture or format is not one the decoder reproduces exactly."""
+    folder's architecture or format is not one the decoder reproduces exactly. `int4_kernel`: one of
+    INT4_KERNELS, for GPTQ weights on CUDA."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(str(folder))
@@ -181,12 +243,15 @@ def load_decoder(folder: Path, *, device: str | torch.device = "cpu", dtype: tor
     quant = quant if isinstance(quant, dict) or quant is None else quant.to_dict()
     if quant and quant.get("quant_method") == "gptq":
         check_gptq_settings(quant)
-    return build_decoder(config, read_tensors(folder), quant, device=torch.device(device), dtype=dtype)
+    return build_decoder(config, read_tensors(folder), quant, device=torch.device(device), dtype=dtype,
+                         int4_kernel=int4_kernel)
 
 
 def build_decoder(config, tensors: dict[str, torch.Tensor], quant: dict | None, *, device: torch.device,
-                  dtype: torch.dtype) -> Decoder:
+                  dtype: torch.dtype, int4_kernel: str = "auto") -> Decoder:
     """The Decoder from a transformers-layout state dict (consumed: tensors are popped as used)."""
+    if int4_kernel not in INT4_KERNELS:
+        raise ValueError(f"int4_kernel {int4_kernel!r}: expected one of {', '.join(INT4_KERNELS)}")
     prefix = "model."
 
     def dense(name: str) -> torch.Tensor:
@@ -198,7 +263,7 @@ def build_decoder(config, tensors: dict[str, torch.Tensor], quant: dict | None, 
     for index in range(config.num_hidden_layers):
         layer = f"{prefix}layers.{index}"
         attention, mlp = f"{layer}.self_attn", f"{layer}.mlp"
-        projections = [_projection(tensors, names, quant, dtype, device) for names in (
+        projections = [_projection(tensors, names, quant, dtype, device, int4_kernel) for names in (
             [f"{attention}.q_proj", f"{attention}.k_proj", f"{attention}.v_proj"], [f"{attention}.o_proj"],
             [f"{mlp}.gate_proj", f"{mlp}.up_proj"], [f"{mlp}.down_proj"])]
         norms = (RMSNorm(dense(f"{layer}.input_layernorm.weight"), config.rms_norm_eps),

@@ -1,0 +1,194 @@
+"""GPTQModel's Marlin int4 kernel for the serving decoder: the fastest 4-bit matmul this project can
+use on an NVIDIA GPU (compute capability 8.0+, bf16 activations).
+
+torch's own int4 kernel (tinygemm) reads the weights at about half of an H100's bandwidth at batch 1
+(benchmarks/results/2026-11-23-h100-serve.md); Marlin was built for exactly that case. GPTQModel
+ships Marlin as CUDA sources and compiles them on first use (nvcc needed). This module compiles the
+same sources itself rather than through `gptqmodel.utils.marlin`: importing `gptqmodel` sets
+process-wide allocator and device-order variables and loads its whole quantization stack, which a
+serving replica does not want. The sources come from the installed `gptqmodel_ext` package (the
+`gptq` extra), so the kernel is the version GPTQModel itself runs.
+
+Only symmetric 4-bit GPTQ (zero point 8, the fuse stage's setting) maps onto Marlin's uint4b8 type;
+other layouts stay on tinygemm (serve/weights.py decides).
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+EXTENSION_NAME = "qlora_ray_marlin_bf16"
+OPS_NAMESPACE = "gptqmodel_marlin_bf16"  # what the sources register (TORCH_LIBRARY in marlin_torch_bf16.cpp)
+
+
+def scalar_type_id(*, exponent: int, mantissa: int, signed: bool, bias: int, finite_values_only: bool,
+                   nan_repr: int) -> int:
+    """The int64 the kernel takes for a weight type: vLLM's ScalarType::id() bit layout (8 exponent
+    bits, 8 mantissa, 1 sign, 32 bias, 1 finite-only, 8 NaN representation), which GPTQModel keeps."""
+    value, offset = 0, 0
+    for member, width in ((exponent, 8), (mantissa, 8), (int(signed), 1), (bias, 32),
+                          (int(finite_values_only), 1), (nan_repr, 8)):
+        value |= (member & ((1 << width) - 1)) << offset
+        offset += width
+    return value
+
+
+# Unsigned 4-bit values with an implicit bias of 8: symmetric GPTQ's w = (q - 8) * scale.
+UINT4B8 = scalar_type_id(exponent=0, mantissa=4, signed=False, bias=8, finite_values_only=False, nan_repr=1)
+
+
+class MarlinUnavailable(RuntimeError):
+    """Why the kernel cannot be used here (no CUDA, old GPU, no nvcc, no gptqmodel sources)."""
+
+
+def _sources_folder() -> Path:
+    spec = importlib.util.find_spec("gptqmodel_ext")
+    if spec is None or not spec.submodule_search_locations:
+        raise MarlinUnavailable("the gptqmodel package (the 'gptq' extra) is not installed")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "marlin"
+    if not (folder / "generate_kernels.py").exists():
+        raise MarlinUnavailable(f"{folder} holds no Marlin sources")
+    return folder
+
+
+def _build_folder(source: Path) -> Path:
+    """Where the kernels are generated from `source`, beside torch's own extension builds; named by
+    the sources' contents, so another GPTQModel version builds afresh."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+        digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes())
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+    return root / f"{EXTENSION_NAME}-sources-{digest.hexdigest()[:12]}"
+
+
+@functools.cache
+def ops():
+    """torch.ops.gptqmodel_marlin_bf16, compiled and loaded on first call (minutes, once per machine:
+    torch keeps the build in TORCH_EXTENSIONS_DIR). Raises MarlinUnavailable with the reason."""
+    if not torch.cuda.is_available():
+        raise MarlinUnavailable("no CUDA device")
+    if torch.cuda.get_device_capability() < (8, 0):
+        raise MarlinUnavailable("bf16 Marlin needs compute capability 8.0 or newer")
+    namespace = getattr(torch.ops, OPS_NAMESPACE)
+    if hasattr(namespace, "gptq_marlin_gemm_bf16"):
+        return namespace  # GPTQModel itself loaded it in this process
+    from torch.utils.cpp_extension import CUDA_HOME, load
+
+    nvcc = CUDA_HOME and shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin"))
+    if not nvcc:
+        raise MarlinUnavailable("nvcc not found (set CUDA_HOME): Marlin is compiled on first use")
+    source = _sources_folder()
+    folder = _build_folder(source)
+    if not folder.exists():
+        # generate_kernels.py writes the kernel instantiations next to itself; the installed package
+        # may be read-only, so it runs in a copy.
+        staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        generated = subprocess.run([sys.executable, "generate_kernels.py"], cwd=staging, capture_output=True, text=True)
+        if generated.returncode:
+            raise MarlinUnavailable(f"generate_kernels.py failed: {(generated.stderr or generated.stdout)[-400:]}")
+        try:
+            staging.rename(folder)
+        except OSError:  # another process published it first
+            shutil.rmtree(staging, ignore_errors=True)
+    sources = [folder / "marlin_torch_bf16.cpp", folder / "gptq_marlin_bf16.cu", folder / "gptq_marlin_repack.cu",
+               folder / "awq_marlin_repack.cu", *sorted(folder.glob("kernel_bf16_*.cu"))]
+    log.info("loading GPTQModel's Marlin int4 kernel (compiled on a machine's first use: a few minutes)")
+    started = time.monotonic()
+    flags = ["-O3", "-std=c++17", "-DENABLE_BF16"]
+    cuda_flags = [*flags, "--threads", "4", "-diag-suppress=179,39,177"]
+    if _nvcc_version(nvcc) >= (12, 8):
+        # Since CUDA 12.8 a __global__ template instantiated in one file (kernel_bf16_*.cu) is a
+        # hidden symbol that the dispatcher in another cannot link against, unless told otherwise.
+        cuda_flags.insert(0, "-static-global-template-stub=false")
+    try:
+        load(EXTENSION_NAME, [str(s) for s in sources], extra_include_paths=[str(folder)], extra_cflags=flags,
+             extra_cuda_cflags=cuda_flags, is_python_module=False, verbose=False)
+    except (RuntimeError, OSError) as error:  # a compiler or linker error: torch has printed its output
+        raise MarlinUnavailable(f"compiling it failed: {str(error)[-400:]}") from error
+    log.info("Marlin kernel ready in %.0f s", time.monotonic() - started)
+    return namespace
+
+
+def _nvcc_version(nvcc: str) -> tuple[int, int]:
+    """(major, minor) from `nvcc --version` ("... release 13.0, V13.0.88")."""
+    output = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
+    match = re.search(r"release (\d+)\.(\d+)", output)
+    if not match:
+        raise MarlinUnavailable(f"cannot read nvcc's version from: {output.strip()[-200:]}")
+    return int(match.group(1)), int(match.group(2))
+
+
+@functools.cache
+def _workspace(device_index: int) -> torch.Tensor:
+    """The kernel's per-device lock array (one int per thread block, at least 128): it resets the
+    locks itself, so one zeroed array serves every call, CUDA graphs included."""
+    blocks = max(torch.cuda.get_device_properties(device_index).multi_processor_count, 128)
+    return torch.zeros(blocks, dtype=torch.int, device=f"cuda:{device_index}")
+
+
+# A custom op, so that torch.compile traces through the matmul (with the fake below) instead of
+# breaking the compiled layer in two around an unknown call. The kernel's lock workspace is internal
+# scratch it leaves as it found it, hence no declared mutation.
+@torch.library.custom_op("qlora_ray::marlin_int4_mm", mutates_args=())
+def marlin_int4_mm(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                   perm: torch.Tensor, size_n: int) -> torch.Tensor:
+    """x [M, K] bf16 @ the Marlin-packed int4 weight -> [M, size_n] bf16. g_idx/perm are empty
+    unless the weight is act-order."""
+    act_order = g_idx.numel() > 0
+    return ops().gptq_marlin_gemm_bf16(
+        x, None, qweight, None, scales, None, None, g_idx if act_order else None, perm if act_order else None,
+        _workspace(x.device.index or 0), UINT4B8, x.shape[0], size_n, x.shape[1],
+        is_k_full=True, use_atomic_add=False, use_fp32_reduce=True, is_zp_float=False)
+
+
+@marlin_int4_mm.register_fake
+def _(x, qweight, scales, g_idx, perm, size_n):
+    return x.new_empty(x.shape[0], size_n)
+
+
+def _scale_permutation(group_size: int, in_features: int) -> list[int]:
+    """The column order Marlin reads scales in (vLLM's get_scale_perms): per-group scales in blocks of
+    64 columns; one scale per column (group_size covering all of `in`) in blocks of 32."""
+    if group_size < in_features:
+        return [i + 8 * j for i in range(8) for j in range(8)]
+    return [2 * i + j for i in range(4) for j in (0, 1, 8, 9, 16, 17, 24, 25)]
+
+
+def fits(in_features: int, out_features: int, group_size: int) -> bool:
+    """Whether Marlin's tiles cover this weight (64 x 128 either way round; groups of whole tiles)."""
+    tiled = (out_features % 64 == 0 and in_features % 128 == 0) or (out_features % 128 == 0 and in_features % 64 == 0)
+    return tiled and group_size in (32, 64, 128, in_features) and in_features % group_size == 0
+
+
+def repack(qweight: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, group_size: int):
+    """Symmetric GPTQ (qweight [in/8, out] int32, scales [groups, out], g_idx [in]), on the GPU,
+    as Marlin's (qweight, scales bf16, g_idx, perm): g_idx/perm are empty tensors unless the columns
+    are in activation order, where Marlin reads them sorted by group."""
+    in_features, out_features = qweight.shape[0] * 8, qweight.shape[1]
+    device = qweight.device
+    groups = g_idx.long()
+    empty = torch.empty(0, dtype=torch.int, device=device)
+    if torch.equal(groups, torch.arange(in_features, device=device) // group_size):
+        sorted_g_idx, perm = empty, empty
+    else:
+        perm = torch.argsort(groups).to(torch.int)
+        sorted_g_idx = g_idx.to(torch.int)[perm.long()].contiguous()
+    packed = ops().gptq_marlin_repack(qweight.contiguous(), perm, in_features, out_features, 4)
+    order = torch.tensor(_scale_permutation(group_size, in_features), device=device)
+    permuted = scales.to(torch.bfloat16).reshape(-1, len(order)).index_select(1, order).reshape(-1, out_features)
+    return packed, permuted.contiguous(), sorted_g_idx, perm
