@@ -30,10 +30,17 @@ def test_fits_marlins_tiles(in_features, out_features, group_size, fits):
     assert marlin.fits(in_features, out_features, group_size) is fits
 
 
+def test_act_order_is_columns_out_of_group_order():
+    consecutive = (torch.arange(512) // 128).int()
+    assert not marlin.act_order(consecutive, 128)
+    assert marlin.act_order(consecutive[torch.randperm(512, generator=torch.Generator().manual_seed(0))], 128)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
 def test_without_cuda_the_reason_is_given_and_the_kernel_choice_is_checked():
     with pytest.raises(marlin.MarlinUnavailable, match="no CUDA device"):
         marlin.ops()
+    assert marlin.unavailable_reason() == "no CUDA device"
     with pytest.raises(ValueError, match="int4_kernel 'fast'"):
         build_decoder(shape_config("tiny"), {}, None, device=torch.device("cpu"), dtype=torch.float32,
                       int4_kernel="fast")

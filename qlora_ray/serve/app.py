@@ -175,11 +175,11 @@ class ModelServer:
         self.cache_dir = Path(tempfile.gettempdir()) / "qlora-ray-serve" / self.spec.name
         self.catalog = model_catalog(self.spec, self.store)
         if self.device == "cuda":
-            from qlora_ray.serve.weights import marlin_unavailable_reason
+            from qlora_ray.serve import marlin
 
             # The Marlin int4 kernel compiles on a machine's first use (minutes): here, while the
             # replica starts, rather than inside the first request for a GPTQ model.
-            marlin_unavailable_reason()
+            marlin.unavailable_reason()
 
         async def load(model_id: str) -> LoadedModel:
             if model_id not in self.catalog:

@@ -126,6 +126,18 @@ def ops():
     return namespace
 
 
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None if the kernel is loaded (compiling it on first call), else why not, logged once: GPTQ
+    weights then run on torch's tinygemm kernel."""
+    try:
+        ops()
+    except MarlinUnavailable as error:
+        log.warning("GPTQ int4 weights use torch's tinygemm kernel: Marlin is unavailable (%s)", error)
+        return str(error)
+    return None
+
+
 def _nvcc_version(nvcc: str) -> tuple[int, int]:
     """(major, minor) from `nvcc --version` ("... release 13.0, V13.0.88")."""
     output = subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True).stdout
@@ -177,18 +189,22 @@ def fits(in_features: int, out_features: int, group_size: int) -> bool:
     return tiled and group_size in (32, 64, 128, in_features) and in_features % group_size == 0
 
 
+def act_order(g_idx: torch.Tensor, group_size: int) -> bool:
+    """Whether GPTQ's input columns are in activation order, not in consecutive groups."""
+    return not torch.equal(g_idx.long(), torch.arange(g_idx.numel(), device=g_idx.device) // group_size)
+
+
 def repack(qweight: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, group_size: int):
     """Symmetric GPTQ (qweight [in/8, out] int32, scales [groups, out], g_idx [in]), on the GPU,
     as Marlin's (qweight, scales bf16, g_idx, perm): g_idx/perm are empty tensors unless the columns
     are in activation order, where Marlin reads them sorted by group."""
     in_features, out_features = qweight.shape[0] * 8, qweight.shape[1]
     device = qweight.device
-    groups = g_idx.long()
     empty = torch.empty(0, dtype=torch.int, device=device)
-    if torch.equal(groups, torch.arange(in_features, device=device) // group_size):
+    if not act_order(g_idx, group_size):
         sorted_g_idx, perm = empty, empty
     else:
-        perm = torch.argsort(groups).to(torch.int)
+        perm = torch.argsort(g_idx.long()).to(torch.int)
         sorted_g_idx = g_idx.to(torch.int)[perm.long()].contiguous()
     packed = ops().gptq_marlin_repack(qweight.contiguous(), perm, in_features, out_features, 4)
     order = torch.tensor(_scale_permutation(group_size, in_features), device=device)

@@ -14,9 +14,7 @@ GPTQ layout (GPTQModel `checkpoint_format: gptq`, int32 packing, 4 bits):
 
 from __future__ import annotations
 
-import functools
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -27,7 +25,6 @@ from qlora_ray.serve import marlin
 from qlora_ray.serve.decoder import (Block, Decoder, DenseLinear, Int4Linear, MarlinInt4Linear, NF4Linear, Parallel,
                                    RMSNorm, unsupported_reason)
 
-log = logging.getLogger(__name__)
 
 # How GPTQ int4 weights run on a CUDA device: "auto" takes Marlin where it can (symmetric GPTQ, tile
 # sizes it covers, and the kernel compiled) and tinygemm otherwise; the others force one.
@@ -127,17 +124,6 @@ def gptq_to_tinygemm(linears: list[tuple[torch.Tensor, ...]], group_size: int, d
     return Int4Linear(packed, pack_int32(q.t().contiguous(), 0), scales_and_zeros, group_size, out_features, orders[0])
 
 
-@functools.cache
-def marlin_unavailable_reason() -> str | None:
-    """None if the Marlin kernel is loaded (compiling it on first call), else why not (logged once)."""
-    try:
-        marlin.ops()
-    except marlin.MarlinUnavailable as error:
-        log.warning("GPTQ int4 weights use torch's tinygemm kernel: Marlin is unavailable (%s)", error)
-        return str(error)
-    return None
-
-
 def gptq_to_marlin(linears: list[tuple[torch.Tensor, ...]], group_size: int, device) -> MarlinInt4Linear | None:
     """GPTQ linears sharing one input as one MarlinInt4Linear (outputs concatenated); None where
     Marlin cannot hold them: zero points other than 8 (asymmetric GPTQ), act-order linears that would
@@ -150,8 +136,7 @@ def gptq_to_marlin(linears: list[tuple[torch.Tensor, ...]], group_size: int, dev
         scales.append(scale)
         orders.append(g_idx)
     in_features = qweights[0].shape[0] * 8
-    if len(linears) > 1 and not all(torch.equal(g.long(), torch.arange(in_features, device=g.device) // group_size)
-                                    for g in orders):
+    if len(linears) > 1 and any(marlin.act_order(g, group_size) for g in orders):
         return None
     qweight, scale = torch.cat(qweights, 1), torch.cat(scales, 1)
     if not marlin.fits(in_features, qweight.shape[1], group_size):
@@ -167,7 +152,7 @@ def _gptq_on_cuda(parts: list[tuple[torch.Tensor, ...]], group_size: int, device
     if int4_kernel == "marlin":
         marlin.ops()  # raises MarlinUnavailable, with the reason
         converters = (gptq_to_marlin,)
-    elif int4_kernel == "auto" and marlin_unavailable_reason() is None:
+    elif int4_kernel == "auto" and marlin.unavailable_reason() is None:
         converters = (gptq_to_marlin, gptq_to_tinygemm)
     else:
         converters = (gptq_to_tinygemm,)
