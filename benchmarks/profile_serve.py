@@ -19,7 +19,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.serve_speed import TARGETS, random_model, rtn_gptq  # noqa: E402
+from benchmarks.serve_speed import gptq_state, random_model  # noqa: E402
 from qlora_ray.serve.engine import StaticEngine  # noqa: E402
 from qlora_ray.serve.weights import build_decoder  # noqa: E402
 from qlora_ray.shapes import shape_config  # noqa: E402
@@ -52,14 +52,7 @@ def main() -> None:
     state = dict(random_model(config).state_dict())
     quant = None
     if args.quant == "gptq-int4":
-        tensors = {}
-        for name, value in state.items():
-            projection = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
-            if projection in TARGETS:
-                tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in rtn_gptq(value, 128).items()})
-            else:
-                tensors[name] = value
-        state = tensors
+        state = gptq_state(state)
         quant = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     decoder = build_decoder(config, state, quant, device=torch.device("cuda"), dtype=torch.bfloat16)
     del state

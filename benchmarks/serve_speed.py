@@ -7,8 +7,9 @@ Model: shape:llama3-8b with random weights (speed only), greedy, no stop token. 
   the merged model loaded 4-bit by transformers + bitsandbytes (BitsAndBytesConfig NF4);
 - ours, qlora_ray.serve.engine.StaticEngine over the same weights: bf16; nf4 (the fuse stage's
   bitsandbytes serialization, bitsandbytes' 4-bit matmul); gptq-int4 (a GPTQ-format checkpoint,
-  group 128, repacked at load for GPTQModel's Marlin kernel, and again for torch's int4 kernel,
-  tinygemm, which serves where Marlin cannot be compiled).
+  group 128, repacked at load for the engine's default ("auto": GPTQModel's Marlin kernel, with
+  torch's tinygemm for the one-row calls of small weights), for Marlin alone, and for tinygemm
+  alone, which serves where Marlin cannot be compiled).
 
 The GPTQ checkpoint is made by round-to-nearest in GPTQ's layout (sym, zero point 8, int32
 packing): GPTQModel does not run on this machine's image, and calibration changes the values in
@@ -58,6 +59,18 @@ def rtn_gptq(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
         "scales": scale.t().contiguous().half(),
         "g_idx": (torch.arange(in_features, device=weight.device) // group_size).int(),
     }
+
+
+def gptq_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict with every projection in TARGETS as round-to-nearest GPTQ tensors (group 128)."""
+    tensors = {}
+    for name, value in state.items():
+        projection = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
+        if projection in TARGETS:
+            tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in rtn_gptq(value, 128).items()})
+        else:
+            tensors[name] = value
+    return tensors
 
 
 def random_model(config):
@@ -225,21 +238,19 @@ def main() -> None:
 
     if wanted("ours-bf16"):
         ours("qlora_ray engine, fused bf16", "ours-bf16", dict(state), None)
-    if wanted("ours-gptq-int4") or wanted("ours-gptq-int4-tinygemm"):
-        tensors = {}
-        for name, value in state.items():
-            projection = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
-            if projection in TARGETS:
-                for key, part in rtn_gptq(value, 128).items():
-                    tensors[f"{name.removesuffix('.weight')}.{key}"] = part
-            else:
-                tensors[name] = value
+    if any(wanted(name) for name in ("ours-gptq-int4", "ours-gptq-int4-marlin", "ours-gptq-int4-tinygemm")):
+        tensors = gptq_state(state)
         quant = {"quant_method": "gptq", "bits": 4, "group_size": 128, "checkpoint_format": "gptq", "pack_dtype": "int32"}
-        if wanted("ours-gptq-int4"):
+        if wanted("ours-gptq-int4") or wanted("ours-gptq-int4-marlin"):
             built = time.perf_counter()
             marlin.ops()  # compiled here, once, so that no row's warm-up includes the build
             marlin_build_s = round(time.perf_counter() - built, 1)
-            ours("qlora_ray engine, fused gptq-int4 (Marlin)", "ours-gptq-int4", dict(tensors), quant, "marlin")
+        if wanted("ours-gptq-int4"):
+            ours("qlora_ray engine, fused gptq-int4 (auto: Marlin, tinygemm at one row for small weights)",
+                 "ours-gptq-int4", dict(tensors), quant, "auto")
+        if wanted("ours-gptq-int4-marlin"):
+            ours("qlora_ray engine, fused gptq-int4 (Marlin only)", "ours-gptq-int4-marlin", dict(tensors), quant,
+                 "marlin")
         if wanted("ours-gptq-int4-tinygemm"):
             ours("qlora_ray engine, fused gptq-int4 (tinygemm)", "ours-gptq-int4-tinygemm", dict(tensors), quant,
                  "tinygemm")

@@ -7,7 +7,8 @@ shapes never change, so that on CUDA the step is compiled and captured once as a
 (serve/engine.py) and replayed for every token.
 
 The weights come from the fused folders as written (serve/weights.py): bf16 weights are used as
-they are, GPTQ int4 weights are repacked at load time for torch's int4 matmul (tinygemm, CUDA), and
+they are, GPTQ int4 weights are repacked at load time for GPTQModel's Marlin kernel or torch's int4
+matmul (tinygemm) on CUDA, and
 bitsandbytes NF4 weights stay NF4 and go through bitsandbytes' 4-bit matmul. On the CPU the 4-bit
 weights are dequantized once at load time (the same values, exactly), so tests exercise the same
 decoder on any machine.
@@ -75,9 +76,10 @@ class Int4Linear(nn.Module):
     the input columns so that every quantization group is contiguous, as tinygemm requires.
     `packed_columns` holds the same 4-bit values eight per int32 along the input ([in/8, out]), which
     a fused kernel dequantizes quickly for prompts (DEQUANTIZE_ABOVE_ROWS); it doubles the int4 bytes.
+    Without it (a Marlin linear's one-row companion, which sees no prompts) every call runs tinygemm.
     """
 
-    def __init__(self, packed: torch.Tensor, packed_columns: torch.Tensor, scales_and_zeros: torch.Tensor,
+    def __init__(self, packed: torch.Tensor, packed_columns: torch.Tensor | None, scales_and_zeros: torch.Tensor,
                  group_size: int, out_features: int, column_order: torch.Tensor | None):
         super().__init__()
         self.register_buffer("packed", packed)
@@ -91,7 +93,7 @@ class Int4Linear(nn.Module):
         if self.column_order is not None:
             x = x.index_select(-1, self.column_order)
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > DEQUANTIZE_ABOVE_ROWS:
+        if self.packed_columns is not None and flat.shape[0] > DEQUANTIZE_ABOVE_ROWS:
             y = flat @ _dequantize_columns(self.packed_columns, self.scales_and_zeros, self.group_size)
         else:
             y = torch.ops.aten._weight_int4pack_mm(flat, self.packed, self.group_size, self.scales_and_zeros)
@@ -100,18 +102,25 @@ class Int4Linear(nn.Module):
 
 class MarlinInt4Linear(nn.Module):
     """y = x W^T with W packed for GPTQModel's Marlin kernel (serve/marlin.py), for prompts and
-    decode alike: Marlin is a GEMM, fast at one row and at hundreds."""
+    decode alike: Marlin is a GEMM, fast at one row and at hundreds.
+
+    `one_row`, if given, holds the same weight for tinygemm and runs the calls of exactly one row
+    (decode at batch 1): on small weights Marlin's one-row call is the slower of the two (see
+    serve/weights.py, ONE_ROW_TINYGEMM_BELOW_BYTES)."""
 
     def __init__(self, packed: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, perm: torch.Tensor,
-                 out_features: int):
+                 out_features: int, one_row: Int4Linear | None = None):
         super().__init__()
         self.register_buffer("packed", packed)
         self.register_buffer("scales", scales)
         self.register_buffer("g_idx", g_idx)
         self.register_buffer("perm", perm)
         self.out_features = out_features
+        self.one_row = one_row
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.one_row is not None and x.numel() == x.shape[-1]:
+            return self.one_row(x)
         flat = x.reshape(-1, x.shape[-1]).contiguous()
         y = marlin_int4_mm(flat, self.packed, self.scales, self.g_idx, self.perm, self.out_features)
         return y.reshape(*x.shape[:-1], self.out_features)

@@ -1,9 +1,9 @@
 """Load a fused model folder (bf16, bitsandbytes 4-bit or GPTQ) into serve/decoder.py's Decoder.
 
 The folders are the ones the fuse stage writes, which transformers loads too; reading them here
-instead of through from_pretrained lets the GPTQ weights be repacked for torch's int4 kernel
-(GPTQModel's own kernels are CUDA extensions this project does not build) and keeps NF4 weights in
-bitsandbytes' format without transformers' module replacement.
+instead of through from_pretrained lets the GPTQ weights be repacked at load time for the fastest
+int4 kernel the GPU has (GPTQModel's Marlin, serve/marlin.py, or torch's tinygemm) and keeps NF4
+weights in bitsandbytes' format without transformers' module replacement.
 
 GPTQ layout (GPTQModel `checkpoint_format: gptq`, int32 packing, 4 bits):
   qweight [in/8, out]: input row 8i+j of column o is bits 4j..4j+3 of qweight[i, o]
@@ -29,6 +29,13 @@ from qlora_ray.serve.decoder import (Block, Decoder, DenseLinear, Int4Linear, Ma
 # How GPTQ int4 weights run on a CUDA device: "auto" takes Marlin where it can (symmetric GPTQ, tile
 # sizes it covers, and the kernel compiled) and tinygemm otherwise; the others force one.
 INT4_KERNELS = ("auto", "marlin", "tinygemm")
+
+# Marlin linears whose packed weight is smaller than this also get a tinygemm copy for calls of one
+# row (decode at batch 1). Measured at one row on an H100 (benchmarks/decode_variants.py; results in
+# benchmarks/results/2026-11-23-h100-serve.md, session 9), per call, Marlin against tinygemm: the 8B's
+# q/k/v (12 MiB) 11.1 against 9.9 µs, o (8 MiB) 10.4 against 6.8 µs, down (28 MiB) 17.9 against
+# 18.0 µs, gate/up (56 MiB) 30.0 against 32.4 µs. The copy costs those weights' bytes once more.
+ONE_ROW_TINYGEMM_BELOW_BYTES = 16 * 2**20
 
 # tinygemm's supported quantization group sizes and inner K tiles (aten/src/ATen/native/cuda/int4mm.cu).
 TINYGEMM_GROUP_SIZES = (32, 64, 128, 256)
@@ -87,10 +94,12 @@ def gptq_dequantize(qweight, qzeros, scales, g_idx) -> torch.Tensor:
     return ((q - zeros[groups]) * scales.float()[groups]).t().contiguous()
 
 
-def gptq_to_tinygemm(linears: list[tuple[torch.Tensor, ...]], group_size: int, device) -> Int4Linear | None:
+def gptq_to_tinygemm(linears: list[tuple[torch.Tensor, ...]], group_size: int, device, *,
+                     prompt_copy: bool = True) -> Int4Linear | None:
     """Repack GPTQ linears sharing one input (qweight, qzeros, scales, g_idx each) as one Int4Linear
     whose outputs are theirs concatenated, for aten._weight_int4pack_mm; None if tinygemm cannot
-    hold them. The unpacking runs on `device`: seconds on a GPU for an 8B model, minutes on a few cores."""
+    hold them. `prompt_copy`: also keep the layout that prompts dequantize from (Int4Linear).
+    The unpacking runs on `device`: seconds on a GPU for an 8B model, minutes on a few cores."""
     values, scales, zeros, orders = [], [], [], []
     for qweight, qzeros, scale, g_idx in linears:
         qweight, qzeros, scale, g_idx = (t.to(device) for t in (qweight, qzeros, scale, g_idx))
@@ -121,7 +130,8 @@ def gptq_to_tinygemm(linears: list[tuple[torch.Tensor, ...]], group_size: int, d
     scales_and_zeros = torch.stack([torch.cat(scales, 1), torch.cat(zeros, 1)], dim=-1).to(torch.bfloat16).contiguous()
     pairs = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8)
     packed = torch.ops.aten._convert_weight_to_int4pack(pairs, inner_k_tiles)
-    return Int4Linear(packed, pack_int32(q.t().contiguous(), 0), scales_and_zeros, group_size, out_features, orders[0])
+    packed_columns = pack_int32(q.t().contiguous(), 0) if prompt_copy else None
+    return Int4Linear(packed, packed_columns, scales_and_zeros, group_size, out_features, orders[0])
 
 
 def gptq_to_marlin(linears: list[tuple[torch.Tensor, ...]], group_size: int, device) -> MarlinInt4Linear | None:
@@ -148,7 +158,8 @@ def gptq_to_marlin(linears: list[tuple[torch.Tensor, ...]], group_size: int, dev
 
 def _gptq_on_cuda(parts: list[tuple[torch.Tensor, ...]], group_size: int, device, int4_kernel: str) -> nn.Module | None:
     """GPTQ linears sharing one input on the fastest int4 kernel that holds them (one fused module,
-    or one per linear), or None if none does (they are then dequantized to 16 bits)."""
+    or one per linear), or None if none does (they are then dequantized to 16 bits). Under "auto",
+    a small fused Marlin linear runs its one-row calls on tinygemm (ONE_ROW_TINYGEMM_BELOW_BYTES)."""
     if int4_kernel == "marlin":
         marlin.ops()  # raises MarlinUnavailable, with the reason
         converters = (gptq_to_marlin,)
@@ -162,6 +173,9 @@ def _gptq_on_cuda(parts: list[tuple[torch.Tensor, ...]], group_size: int, device
             singles = [convert([part], group_size, device) for part in parts]
             fused = Parallel(singles) if all(singles) else None
         if fused is not None:
+            if (int4_kernel == "auto" and isinstance(fused, MarlinInt4Linear)
+                    and fused.packed.nbytes < ONE_ROW_TINYGEMM_BELOW_BYTES):
+                fused.one_row = gptq_to_tinygemm(parts, group_size, device, prompt_copy=False)
             return fused
     return None
 

@@ -67,9 +67,11 @@ def test_marlin_linear_matches_the_dequantized_weight(act_order):
     assert gptq_to_marlin([random_gptq(256, 512, 128, False, 0)], 128, torch.device("cuda")) is None  # zero points vary
 
 
-def test_marlin_decoder_generates_what_the_dequantized_decoder_generates():
+@pytest.mark.parametrize("int4_kernel", ["marlin", "auto"])
+def test_marlin_decoder_generates_what_the_dequantized_decoder_generates(int4_kernel):
     """A whole GPTQ model through compiled layers and CUDA graphs on Marlin, greedy, against the same
-    weights dequantized to bf16 (transformers' reference path for the math)."""
+    weights dequantized to bf16 (transformers' reference path for the math). Under "auto" these small
+    weights run their one-row calls (decode at batch 1) on tinygemm."""
     # Every projection on Marlin's tiles (tiny's 64-wide layers are not): 256 wide, head_dim 64.
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=512, initializer_range=0.2, tie_word_embeddings=False)
@@ -87,8 +89,10 @@ def test_marlin_decoder_generates_what_the_dequantized_decoder_generates():
         else:
             gptq[name] = dense[name] = value
     quant = {"quant_method": "gptq", "bits": 4, "group_size": 64}
-    marlin = build_decoder(config, gptq, quant, device=torch.device("cuda"), dtype=torch.bfloat16, int4_kernel="marlin")
-    assert any(isinstance(m, MarlinInt4Linear) for m in marlin.modules())
+    marlin = build_decoder(config, gptq, quant, device=torch.device("cuda"), dtype=torch.bfloat16, int4_kernel=int4_kernel)
+    linears = [m for m in marlin.modules() if isinstance(m, MarlinInt4Linear)]
+    assert len(linears) == 8
+    assert all((linear.one_row is not None) == (int4_kernel == "auto") for linear in linears)
     reference = build_decoder(config, dense, None, device=torch.device("cuda"), dtype=torch.bfloat16)
     prompts = [[5, 17, 99, 3, 42], [(7 * i) % 200 + 3 for i in range(40)]]
     # The prompt's logits (Marlin for 40 rows at once) against the dequantized weights' in bf16.
@@ -103,12 +107,13 @@ def test_marlin_decoder_generates_what_the_dequantized_decoder_generates():
     # Compiled layers and CUDA-graph decode steps on Marlin. Random 4-bit weights leave near-ties that
     # bf16 rounding in another order flips (seen at the third token), so only the prompt's token and
     # the first graph-replayed step are compared exactly.
-    params = [SamplingParams(max_new_tokens=8, temperature=0)] * 2
+    # Batch 1 too, where "auto" runs the one-row calls on tinygemm.
     compiled = StaticEngine(marlin, set(), context=256)
-    compiled.warm_up([2])
-    steps = list(compiled.generate(prompts, params))
-    eager = list(StaticEngine(reference, set(), context=256, cuda_graphs=False).generate(prompts, params))
-    assert steps[:2] == eager[:2]
+    compiled.warm_up([1, 2])
+    eager = StaticEngine(reference, set(), context=256, cuda_graphs=False)
+    for batch in (prompts, prompts[1:]):
+        params = [SamplingParams(max_new_tokens=8, temperature=0)] * len(batch)
+        assert list(compiled.generate(batch, params))[:2] == list(eager.generate(batch, params))[:2]
 
 
 def test_cuda_graph_decode_generates_what_transformers_generates():
