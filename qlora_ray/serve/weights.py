@@ -27,7 +27,8 @@ from qlora_ray.serve.decoder import (Block, Decoder, DenseLinear, Int4Linear, Ma
 
 
 # How GPTQ int4 weights run on a CUDA device: "auto" takes Marlin where it can (symmetric GPTQ, tile
-# sizes it covers, and the kernel compiled) and tinygemm otherwise; the others force one.
+# sizes it covers, and the kernel compiled), with a tinygemm copy of small weights for one-row calls
+# (ONE_ROW_TINYGEMM_BELOW_BYTES), and tinygemm otherwise; the others force one kernel.
 INT4_KERNELS = ("auto", "marlin", "tinygemm")
 
 # Marlin linears whose packed weight is smaller than this also get a tinygemm copy for calls of one
@@ -104,14 +105,11 @@ def gptq_to_tinygemm(linears: list[tuple[torch.Tensor, ...]], group_size: int, d
     for qweight, qzeros, scale, g_idx in linears:
         qweight, qzeros, scale, g_idx = (t.to(device) for t in (qweight, qzeros, scale, g_idx))
         q = unpack_int32(qweight, 0).t()  # [out, in], values 0..15
-        in_features = q.shape[1]
-        groups = g_idx.long()
-        contiguous = torch.arange(in_features, device=device) // group_size
         order = None
-        if not torch.equal(groups, contiguous):
+        if marlin.act_order(g_idx, group_size):
             # Act-order GPTQ: sort the input columns by group; the activations are permuted to match.
-            order = torch.argsort(groups, stable=True)
-            if not torch.equal(groups[order], contiguous):
+            order = torch.argsort(g_idx.long(), stable=True)
+            if marlin.act_order(g_idx[order], group_size):
                 return None  # groups of unequal size: not expressible as contiguous groups
             q = q[:, order]
         values.append(q)

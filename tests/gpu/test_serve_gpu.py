@@ -11,9 +11,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qlora_ray.serve.decoder import DEQUANTIZE_ABOVE_ROWS
+from qlora_ray.serve.decoder import DEQUANTIZE_ABOVE_ROWS, MarlinInt4Linear
 from qlora_ray.serve.engine import FIRST_SPAN, SamplingParams, StaticEngine
-from qlora_ray.serve.decoder import MarlinInt4Linear
 from qlora_ray.serve.weights import build_decoder, gptq_dequantize, gptq_to_marlin, gptq_to_tinygemm, pack_int32
 from qlora_ray.shapes import shape_config
 
