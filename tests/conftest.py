@@ -7,16 +7,29 @@ package, and S3 is moto's ThreadedMotoServer (the way s3fs's own tests do it).
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import uuid
 from pathlib import Path
 
 import pytest
 
 import qlora_ray  # noqa: F401 - sets the offline defaults before transformers is imported
+from qlora_ray.local_disk import LOCAL_DIR_ENV
 from qlora_ray.store import Store
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The node-local scratch and cache of this test session (and of the Ray workers it starts, which
+# inherit the environment): set before any of them exists, removed at the end.
+os.environ[LOCAL_DIR_ENV] = tempfile.mkdtemp(prefix="qlora-ray-tests-")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _local_disk_removed_at_the_end():
+    yield
+    shutil.rmtree(os.environ[LOCAL_DIR_ENV], ignore_errors=True)
 
 # Dummy credentials for moto; set before any boto client exists so no real account is ever used.
 AWS_TEST_ENV = {

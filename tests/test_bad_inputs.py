@@ -22,8 +22,9 @@ import yaml
 from qlora_ray.bases import _smollm2_gguf
 from qlora_ray.cli import main
 from qlora_ray.manifest import sha256_file
-from qlora_ray.store import Store, adapter_key
+from qlora_ray.store import Store, adapter_key, api_keys_key
 from tests.conftest import REPO, free_port
+from tests.helpers import forge_manifest, stored_file
 
 DATES = REPO / "jobs" / "data" / "dates" / "train.jsonl"
 
@@ -57,6 +58,12 @@ class Ctx:
         """`qlora-ray fuse` on a job whose tenant's adapter, published to the store, was edited first."""
         self.store.publish(adapter_key("j", "a"), _lora_adapter(self.store, self.tmp, edit), kind="adapter", inputs={})
         return ["fuse", self.job()]
+
+    def tampered_adapter_job(self, tamper: Callable[[Store, str], None]) -> list[str]:
+        """`qlora-ray fuse` on a job whose tenant's adapter was published, then tampered with in the store."""
+        args = self.adapter_job(lambda folder: None)
+        tamper(self.store, adapter_key("j", "a"))
+        return args
 
 
 @dataclass(frozen=True)
@@ -143,6 +150,28 @@ def _huge_data(ctx: Ctx) -> list[str]:
     return ctx.data_job(DATES.read_text())
 
 
+def _manifest_lists(name: str) -> Callable[[Store, str], None]:
+    """A tamper that adds a file name to the adapter's manifest (keeping it vouched for)."""
+    return lambda store, key: forge_manifest(store, key, lambda m: {
+        **m, "files": {**m["files"], name: {"sha256": "0" * 64, "size": 1}}})
+
+
+def _safetensors_gone_pickle_beside(ctx: Ctx) -> list[str]:
+    """A lifecycle rule (or an operator) removed the weights; someone put a pickle beside them."""
+    def tamper(store: Store, key: str) -> None:
+        weights = stored_file(store, key, "adapter_model.safetensors")
+        store.fs.rm_file(weights)
+        store.fs.pipe_file(weights.replace(".safetensors", ".bin"), _booby_trapped_pickle(ctx.tmp / "pickle-ran"))
+
+    return ctx.tampered_adapter_job(tamper)
+
+
+def _damaged_key_record(ctx: Ctx) -> list[str]:
+    ctx.store.fs.makedirs(ctx.store.path("runs/j/serve"), exist_ok=True)
+    ctx.store.fs.pipe_file(ctx.store.path(api_keys_key("j")), b'{"keys": "everyone\'s keys, cut short')
+    return ["keys", ctx.job(), "a"]
+
+
 def _unreachable_store(ctx: Ctx) -> list[str]:
     dead = f"http://127.0.0.1:{free_port()}"
     return ["run", ctx.job(store="s3://some-bucket/x", storage_options={
@@ -167,6 +196,11 @@ CASES = [
     Case("tenant-id-slash", lambda c: ["run", c.job(tenants=[{"id": "a/../../b", "train_data": str(DATES)}])],
          "tenants[0].id: must be lower-case"),
     Case("job-name-traversal", lambda c: ["run", c.job(name="../other-job")], "name: must be lower-case"),
+    Case("tenant-id-newline", lambda c: ["run", c.job(tenants=[{"id": "a\n", "train_data": str(DATES)}])],
+         "tenants[0].id: must be lower-case"),
+    Case("job-name-newline", lambda c: ["run", c.job(name="j\n")], "name: must be lower-case"),
+    Case("base-source-url", lambda c: ["run", c.job(base={"name": "b", "source": "https://example.invalid/m.gguf"})],
+         "base.source: a base source is a local file or folder"),
     Case("duplicate-tenant-ids", lambda c: ["run", c.job(tenants=[{"id": "a", "train_data": str(DATES)}] * 2)],
          "tenant id 'a' is used by tenants[0] and tenants[1]"),
     Case("unknown-scheme", lambda c: ["run", c.job(fuse={"schemes": ["int3"]})], "fuse.schemes"),
@@ -190,7 +224,11 @@ CASES = [
     Case("data-huge", _huge_data, "larger than the 1,000-byte limit"),
     # -- stores
     Case("store-unreachable", _unreachable_store, "cannot reach the store"),
-    Case("store-unknown-protocol", lambda c: ["run", c.job(store="nosuch://bucket/x")], "store nosuch://bucket/x: cannot open"),
+    Case("store-unknown-protocol", lambda c: ["run", c.job(store="nosuch://bucket/x")], "store: unsupported scheme 'nosuch'"),
+    Case("store-ftp", lambda c: ["validate", c.job(store="ftp://nowhere.invalid/x")], "store: unsupported scheme 'ftp'"),
+    Case("data-ftp", lambda c: ["run", c.job(tenants=[{"id": "a", "train_data": "ftp://nowhere.invalid/t.jsonl"}])],
+         "tenants[0].train_data: unsupported scheme 'ftp'"),
+    Case("keys-damaged-record", _damaged_key_record, "api-keys.json: the record is damaged"),
     # -- adapters put in the store by hand (`qlora-ray fuse`: the tenant fails by name, nothing is published)
     Case("adapter-wrong-shapes", lambda c: c.adapter_job(lambda f: _rewrite_tensors(
         f, lambda t: {k: v[:, :-1].contiguous() if "lora_A" in k else v for k, v in t.items()})), "does not fit base tiny"),
@@ -207,6 +245,15 @@ CASES = [
          "adapter_config.json: not valid JSON"),
     Case("adapter-not-lora", lambda c: c.adapter_job(lambda f: _edit_config(f, peft_type="IA3")),
          "only LoRA adapters can be fused"),
+    # -- adapters whose manifest or files were tampered with in the store (`qlora-ray fuse`)
+    Case("adapter-manifest-absolute-name", lambda c: c.tampered_adapter_job(_manifest_lists(str(c.tmp / "escaped"))),
+         "the manifest lists a file name that is absolute"),
+    Case("adapter-manifest-climbs-out", lambda c: c.tampered_adapter_job(_manifest_lists("../../../escaped")),
+         "the manifest lists a file name that holds an empty, '.' or '..' segment"),
+    Case("adapter-manifest-backslash", lambda c: c.tampered_adapter_job(_manifest_lists("..\\escaped")),
+         "the manifest lists a file name that holds a backslash"),
+    Case("adapter-weights-gone-pickle-beside", _safetensors_gone_pickle_beside,
+         "adapter_model.safetensors: missing, though the manifest lists it (damaged); republish the artifact"),
     # -- base sources (`qlora-ray base import`)
     Case("gguf-truncated", lambda c: _base_import(c.write("cut.gguf", _smollm2_gguf().read_bytes()[:2_000_000]), c),
          "cannot load this GGUF as a causal LM"),
@@ -242,5 +289,6 @@ def test_bad_input_is_named_and_changes_nothing(case, tiny_job_store, tmp_path, 
     assert "Traceback" not in said
     assert _snapshot(tiny_job_store) == before
     assert not (tmp_path / "input" / "pickle-ran").exists(), "a pickle was unpickled"
+    assert not list(tmp_path.rglob("escaped*")), "a file was written outside its folder"
     assert "corpus-secret-never-shown" not in said
 

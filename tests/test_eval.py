@@ -172,7 +172,7 @@ def test_each_row_is_the_configuration_it_claims(evaluated):
 
 
 def spec_layers(store: Store) -> int:
-    config = json.loads(store.fs.cat_file(store.path("bases/tiny/config.json")))
+    config = store.read_json("bases/tiny", "config.json")
     return config["num_hidden_layers"]
 
 
@@ -225,7 +225,8 @@ def test_the_report_is_published_and_a_rerun_evaluates_nothing_again(evaluated):
     spec, store, report, lines, _ = evaluated
     key = eval_report_key("t")
     assert set(store.read_manifest(key)["files"]) == {"report.json", "report.md", "report.png"}
-    markdown = store.fs.cat_file(store.path(f"{key}/report.md")).decode()
+    with store.local_copy(key, ["report.md"]) as folder:
+        markdown = (folder / "report.md").read_text()
     assert "| gptq-int4.original |" in markdown and f"FAILED {WORSENED[0]}/{WORSENED[1]}" in markdown
     assert any("eval acme: done" in line for line in lines)
     before = {t: store.read_manifest(eval_key("t", t))["created_at"] for t in TENANTS}

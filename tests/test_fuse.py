@@ -17,9 +17,11 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_ray.fuse.launch import fuse_job
 from qlora_ray.fuse.quant import FourBit, roundtrip_4bit
+from qlora_ray.quality.configs import gptq_layer_shapes
 from qlora_ray.spec import load_spec
 from qlora_ray.store import Store, adapter_key, data_key, fused_key
 from tests.conftest import REPO, copy_base
+from tests.helpers import stored_file
 
 DATES = REPO / "jobs" / "data" / "dates"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -236,6 +238,7 @@ def test_gptq_scheme_loads_in_plain_transformers_and_keeps_the_adapter(fused_tin
     folder = fetch_fused(store, "acme", "gptq-int4.original", tmp_path)
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert (config["quant_method"], config["bits"], config["group_size"]) == ("gptq", 4, 32)
+    assert gptq_layer_shapes(folder) == {(64, 64), (64, 32), (64, 128), (128, 64)}  # what the eval stage checks kernels on
     quantized = AutoModelForCausalLM.from_pretrained(str(folder))
     assert type(quantized.model.layers[0].self_attn.q_proj).__module__.startswith("gptqmodel.")
     merged = logits(AutoModelForCausalLM.from_pretrained(str(fetch_fused(store, "acme", "bf16.original", tmp_path)),
@@ -270,8 +273,10 @@ def test_bad_adapters_and_a_damaged_base_publish_nothing(tiny_job_store, tmp_pat
     peft_model.save_pretrained(str(renamed))
     corrupt_keys(renamed, "mlp.gate_proj", "mlp.gate2_proj")
     tiny_job_store.publish(adapter_key("t", "unknown-target"), renamed, kind="adapter", inputs={})
+    publish_adapter(tiny_job_store, "weights-gone", base_dir, tmp_path, seed=4, r=4, lora_alpha=8)
+    tiny_job_store.fs.rm_file(stored_file(tiny_job_store, adapter_key("t", "weights-gone"), "adapter_model.safetensors"))
 
-    spec = fuse_spec(tmp_path, tiny_job_store, ["good", "other-base", "unknown-target", "missing"])
+    spec = fuse_spec(tmp_path, tiny_job_store, ["good", "other-base", "unknown-target", "missing", "weights-gone"])
     outcomes = {(o.tenant, o.variant): o for o in fuse_job(spec, progress=lambda _: None)}
     assert outcomes[("good", "nf4.original")].state == "done"
     mismatch = outcomes[("other-base", "bf16.original")]
@@ -281,13 +286,15 @@ def test_bad_adapters_and_a_damaged_base_publish_nothing(tiny_job_store, tmp_pat
     assert unknown.state == "failed" and "gate2_proj" in unknown.error and "does not have" in unknown.error
     missing = outcomes[("missing", "bf16.original")]
     assert missing.state == "failed" and "no adapter" in missing.error
+    gone = outcomes[("weights-gone", "nf4.original")]
+    assert gone.state == "failed" and "adapter_model.safetensors: missing, though the manifest lists it" in gone.error
     assert tiny_job_store.list_complete("runs/t/fused/good") == ["bf16.original", "nf4.original"]
-    for tenant in ("other-base", "unknown-target", "missing"):
+    for tenant in ("other-base", "unknown-target", "missing", "weights-gone"):
         assert not tiny_job_store.fs.exists(tiny_job_store.path(f"runs/t/fused/{tenant}"))
 
     # a base shard damaged in the store after import: caught by its checksum, nothing published
     shard = sorted(f for f in tiny_job_store.read_manifest("bases/tiny")["files"] if f.endswith(".safetensors"))[1]
-    path = Path(tiny_job_store.path(f"bases/tiny/{shard}"))
+    path = Path(stored_file(tiny_job_store, "bases/tiny", shard))
     data = bytearray(path.read_bytes())
     data[-100] ^= 0xFF
     path.write_bytes(bytes(data))
@@ -297,3 +304,38 @@ def test_bad_adapters_and_a_damaged_base_publish_nothing(tiny_job_store, tmp_pat
     assert all(shard in o.error and "damaged" in o.error for o in outcomes), outcomes[0].error
     assert tiny_job_store.list_complete("runs/t/fused/good") == ["bf16.original", "nf4.original"]
     assert not tiny_job_store.fs.exists(tiny_job_store.path("runs/t/fused/good/nf4.nf4-dequantized"))
+
+
+def test_a_failed_or_late_fuse_never_deletes_what_another_run_published(tiny_job_store, tmp_path):
+    """Two runs of one job fuse the same variant: the one that fails, or seals second, keeps its hands
+    off the artifact the other published (a gateway may be serving it)."""
+    from qlora_ray.fuse.launch import _Artifact, _seal, output_format
+    from qlora_ray.fuse.layout import read_layout
+    from qlora_ray.fuse.shards import ShardTarget
+    from qlora_ray.spec import FusedVariant
+
+    base_dir = base_dir_of(tiny_job_store, tmp_path)
+    spec = fuse_spec(tmp_path, tiny_job_store, ["acme"])
+    layout = read_layout(base_dir)
+    key = fused_key("t", "acme", "bf16.original")
+    variant = FusedVariant("bf16", "original")
+    target = ShardTarget("acme", "original", ("bf16",), None, output_format(spec.tenant("acme")))
+    failed = _Artifact("acme", variant, target, {}, tiny_job_store.begin(key), error="shard x: worker lost")
+    late = _Artifact("acme", variant, target, {}, tiny_job_store.begin(key))
+    other_run = tmp_path / "other-run"
+    other_run.mkdir()
+    (other_run / "config.json").write_text("{}")
+    for shard in layout.shard_files:  # every part of the late run is in: it only has to seal
+        late.parts[shard] = {**tiny_job_store.put_part(late.draft, shard, other_run / "config.json"), "tensors": [],
+                             "tensor_bytes": 0, "seconds": 0.0, "worker_node_id": "node"}
+    tiny_job_store.publish(key, other_run, kind="fused", inputs={"run": "other"})
+
+    small_files = tmp_path / "base-small-files"  # what the driver holds of the base
+    tiny_job_store.fetch("bases/tiny", small_files,
+                         only=[f for f in tiny_job_store.read_manifest("bases/tiny")["files"] if not f.endswith(".safetensors")])
+    assert _seal(spec, tiny_job_store, layout, failed, small_files).state == "failed"
+    tiny_job_store.verify(key)
+    outcome = _seal(spec, tiny_job_store, layout, late, small_files)
+    assert outcome.state == "skipped", outcome.error
+    tiny_job_store.verify(key)
+    assert tiny_job_store.read_manifest(key)["inputs"] == {"run": "other"}

@@ -7,13 +7,11 @@ A module of its own: it runs its own three-process Ray cluster, where test_fuse 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 from qlora_ray.fuse.launch import fuse_job
+from qlora_ray.local_disk import local_root, sweep_scratch
 from qlora_ray.store import fused_key
 from tests.test_fuse import base_dir_of, fuse_spec, publish_adapter
 
@@ -22,13 +20,14 @@ def test_a_killed_fuse_worker_is_redone_on_another_node(tiny_job_store, tmp_path
     import ray
     from ray.cluster_utils import Cluster
 
-    tenant = f"killed{os.getpid()}"  # its work folder under the temp dir is this run's alone
+    tenant = f"killed{os.getpid()}"
     publish_adapter(tiny_job_store, tenant, base_dir_of(tiny_job_store, tmp_path), tmp_path, seed=5, r=4, lora_alpha=8)
     spec = fuse_spec(tmp_path, tiny_job_store, [tenant], schemes=["gptq-int4"], workers=1,
                      gptq={"group_size": 32, "calibration_samples": 16},
                      resources={"num_cpus": 1, "custom": {"fuse_node": 1}})
     # A GPTQ unit fetches its calibration rows, then quantizes for seconds: the node dies in between.
-    in_flight = f"qlora-ray-fuse-*/gptq/{tenant}/*/data/train.jsonl"
+    in_flight = f"fuse-worker--*/gptq/{tenant}/*/data/train.jsonl"
+    work = local_root() / "work"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     first = cluster.add_node(num_cpus=1, resources={"fuse_node": 1})
     ray.init(address=cluster.address, log_to_driver=False)
@@ -38,7 +37,7 @@ def test_a_killed_fuse_worker_is_redone_on_another_node(tiny_job_store, tmp_path
         driver = threading.Thread(target=lambda: result.update(outcomes=fuse_job(spec, progress=lambda _: None)))
         driver.start()
         deadline = time.monotonic() + 240
-        while not list(Path(tempfile.gettempdir()).glob(in_flight)):
+        while not list(work.glob(in_flight)):
             assert time.monotonic() < deadline, "the GPTQ unit never started"
             assert driver.is_alive(), "the fuse ended before its worker could be killed"
             time.sleep(0.05)
@@ -55,7 +54,7 @@ def test_a_killed_fuse_worker_is_redone_on_another_node(tiny_job_store, tmp_path
     key = fused_key("t", tenant, "gptq-int4.original")
     tiny_job_store.verify(key)
     assert tiny_job_store.read_manifest(key)["metrics"]["calibration_rows"] == 16
-    # The killed attempt never reached its clean-up; the attempt on the new node did.
-    leftovers = list(Path(tempfile.gettempdir()).glob(in_flight))
-    assert len(leftovers) == 1
-    shutil.rmtree(leftovers[0].parents[4])
+    # The killed attempt never reached its clean-up; the next process of this host to make a scratch
+    # folder removes it (the restarted worker's, or this sweep's, whichever comes once it is gone).
+    sweep_scratch()
+    assert not list(work.glob(f"fuse-worker--*/gptq/{tenant}"))

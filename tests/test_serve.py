@@ -197,9 +197,11 @@ def test_bench_runs_end_to_end_and_its_summary_agrees_with_its_samples(served, t
     assert len(report["results"]) == 4
     for row in report["results"]:
         samples = [Sample(**s) for s in report["samples"] if s["model"] == row["model"] and s["concurrency"] == row["concurrency"]]
-        assert row == {"model": row["model"], "concurrency": row["concurrency"],
-                       "resident_bytes": row["resident_bytes"], **summarize(samples)}
+        assert row == {"model": row["model"], "concurrency": row["concurrency"], "resident_bytes": row["resident_bytes"],
+                       "load_seconds": row["load_seconds"], "replica_start_seconds": row["replica_start_seconds"],
+                       **summarize(samples)}
         assert row["errors"] == 0 and row["requests"] == 2 and row["resident_bytes"] > 50e6
+        assert row["load_seconds"] > 0 and row["replica_start_seconds"] > 0
         assert all(s.output_tokens == 6 for s in samples)  # ignore_eos: every answer has the asked length
         ttfts = sorted(s.first_token - s.started for s in samples)
         assert row["ttft_ms_p50"] == round((ttfts[0] + ttfts[1]) / 2 * 1000, 2)

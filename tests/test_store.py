@@ -2,14 +2,25 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
 
 from qlora_ray.errors import StoreError
 from qlora_ray.store import Store, adapter_key, base_key, display_uri, fused_key
+
+
+def versions(store: Store, key: str) -> list[str]:
+    """The version folders at key (sealed or not)."""
+    try:
+        entries = store.fs.ls(store.path(key), detail=False, refresh=True)
+    except FileNotFoundError:
+        return []
+    return sorted(name for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries) if name.startswith("v"))
 
 
 def make_artifact(root: Path) -> Path:
@@ -61,10 +72,13 @@ def test_publish_refuses_to_overwrite_a_complete_artifact(any_store, tmp_path):
 
 @pytest.mark.parametrize("crash_at", ["between files", "writing the manifest", "writing _SUCCESS"])
 def test_a_crash_never_exposes_half_an_artifact(any_store, tmp_path, monkeypatch, crash_at):
-    """Kill the publish at each step: readers see nothing; a rerun clears the leftovers and publishes."""
+    """Kill the publish at each step: readers see nothing; a rerun publishes, and once the dead writer
+    is known to be gone its version is removed."""
+    import qlora_ray.store as store_module
+
     source = make_artifact(tmp_path / "src")
     fs = any_store.fs
-    real_put, real_pipe = fs.put_file, fs.pipe_file
+    real_put, real_write, real_swap = fs.put_file, any_store._write_small, any_store._compare_and_swap
     calls = {"put": 0}
 
     def crashing_put(local, remote, *args, **kwargs):
@@ -73,30 +87,56 @@ def test_a_crash_never_exposes_half_an_artifact(any_store, tmp_path, monkeypatch
             raise KeyboardInterrupt("worker killed")
         return real_put(local, remote, *args, **kwargs)
 
-    def crashing_pipe(path, data, *args, **kwargs):
-        name = path.rsplit("/", 1)[-1].removesuffix(".partial")
-        if (crash_at, name) in {("writing the manifest", "manifest.json"), ("writing _SUCCESS", "_SUCCESS")}:
+    def crashing_write(path, data):
+        if crash_at == "writing the manifest" and path.endswith("/manifest.json"):
             raise KeyboardInterrupt("worker killed")
-        return real_pipe(path, data, *args, **kwargs)
+        return real_write(path, data)
+
+    def crashing_swap(key, change):
+        if crash_at == "writing _SUCCESS":
+            raise KeyboardInterrupt("worker killed")
+        return real_swap(key, change)
 
     monkeypatch.setattr(fs, "put_file", crashing_put)
-    monkeypatch.setattr(fs, "pipe_file", crashing_pipe)
+    monkeypatch.setattr(any_store, "_write_small", crashing_write)
+    monkeypatch.setattr(any_store, "_compare_and_swap", crashing_swap)
+    monkeypatch.setattr(any_store, "abandon", lambda draft: None)  # a killed process cleans nothing up
     with pytest.raises(KeyboardInterrupt):
         any_store.publish("runs/j/adapters/t", source, kind="adapter", inputs={})
-    monkeypatch.setattr(fs, "put_file", real_put)
-    monkeypatch.setattr(fs, "pipe_file", real_pipe)
+    monkeypatch.undo()
 
-    assert fs.exists(any_store.path("runs/j/adapters/t"))  # debris is there ...
+    assert len(versions(any_store, "runs/j/adapters/t")) == 1  # debris is there ...
     assert not any_store.is_complete("runs/j/adapters/t")  # ... but nobody sees an artifact
     assert any_store.list_complete("runs/j/adapters") == []
     with pytest.raises(StoreError, match="no complete artifact"):
         any_store.fetch("runs/j/adapters/t", tmp_path / "out")
 
+    # The crashed writer was this process, which still runs: its version is not taken for dead yet.
+    monkeypatch.setattr(store_module, "process_is_running", lambda identity: False)
     (source / "weights" / "shard-2.bin").write_bytes(b"second attempt")
     any_store.publish("runs/j/adapters/t", source, kind="adapter", inputs={})
     any_store.fetch("runs/j/adapters/t", tmp_path / "out2")
     assert (tmp_path / "out2" / "weights" / "shard-2.bin").read_bytes() == b"second attempt"
     any_store.verify("runs/j/adapters/t")
+    assert len(versions(any_store, "runs/j/adapters/t")) == 1  # the dead writer's version was swept
+
+
+def test_a_version_of_a_writer_on_another_host_is_swept_only_when_idle(any_store, tmp_path, monkeypatch):
+    import qlora_ray.store as store_module
+
+    key = "runs/j/adapters/t"
+    elsewhere = any_store.begin(key)
+    any_store.put_part(elsewhere, "config.json", make_artifact(tmp_path / "src") / "config.json")
+    owner = f"{key}/_drafts/{elsewhere.version}.json"
+    any_store.write_record(owner, {**any_store.read_record(owner), "host": "another-host"})
+    any_store.abandon(any_store.begin(key))
+    assert versions(any_store, key) == [elsewhere.version]  # it may be alive over there
+    monkeypatch.setattr(store_module, "STALE_DRAFT_SECONDS", -1)
+    here = any_store.begin(key)
+    assert versions(any_store, key) == []  # idle too long: swept
+    any_store.put_part(here, "config.json", tmp_path / "src" / "config.json")
+    any_store.begin(key)
+    assert versions(any_store, key) == [here.version]  # this process still runs: never swept
 
 
 def test_a_marker_that_does_not_vouch_for_the_manifest_is_ignored(any_store, tmp_path):
@@ -107,7 +147,7 @@ def test_a_marker_that_does_not_vouch_for_the_manifest_is_ignored(any_store, tmp
 
 def test_damaged_files_are_caught_on_load(any_store, tmp_path):
     any_store.publish("bases/b", make_artifact(tmp_path / "src"), kind="base", inputs={})
-    any_store.fs.pipe_file(any_store.path("bases/b/weights/shard-2.bin"), b"tampered")
+    any_store.fs.pipe_file(any_store.path(f"bases/b/{versions(any_store, 'bases/b')[0]}/weights/shard-2.bin"), b"tampered")
     with pytest.raises(StoreError, match="shard-2.bin: damaged"):
         any_store.fetch("bases/b", tmp_path / "out")
     with pytest.raises(StoreError, match="damaged"):
@@ -134,14 +174,17 @@ def test_a_real_s3_client_sees_exactly_what_we_wrote(s3_bucket, tmp_path):
     client = boto3.client("s3")
     listed = client.list_objects_v2(Bucket=s3_bucket, Prefix="team/")["Contents"]
     keys = sorted(obj["Key"] for obj in listed)
-    expected = sorted([f"team/runs/j/adapters/t/{rel}" for rel in manifest["files"]]
-                      + ["team/runs/j/adapters/t/manifest.json", "team/runs/j/adapters/t/_SUCCESS"])
+    marker = json.loads(client.get_object(Bucket=s3_bucket, Key="team/runs/j/adapters/t/_SUCCESS")["Body"].read())
+    folder = f"team/runs/j/adapters/t/{marker['version']}"
+    expected = sorted([f"{folder}/{rel}" for rel in manifest["files"]]
+                      + [f"{folder}/manifest.json", "team/runs/j/adapters/t/_SUCCESS"])
     assert keys == expected
     for rel in manifest["files"]:
-        body = client.get_object(Bucket=s3_bucket, Key=f"team/runs/j/adapters/t/{rel}")["Body"].read()
+        body = client.get_object(Bucket=s3_bucket, Key=f"{folder}/{rel}")["Body"].read()
         assert body == (source / rel).read_bytes()
-    stored_manifest = json.loads(client.get_object(Bucket=s3_bucket, Key="team/runs/j/adapters/t/manifest.json")["Body"].read())
-    assert stored_manifest == manifest
+    stored_manifest = client.get_object(Bucket=s3_bucket, Key=f"{folder}/manifest.json")["Body"].read()
+    assert json.loads(stored_manifest) == manifest
+    assert marker["manifest_sha256"] == hashlib.sha256(stored_manifest).hexdigest()
 
 
 def test_storage_options_reach_s3fs(s3_endpoint, s3_bucket, tmp_path, monkeypatch):
@@ -189,3 +232,69 @@ def test_a_marker_cut_short_by_a_crash_is_not_complete_and_a_rerun_publishes(any
     assert not any_store.is_complete("bases/b")
     any_store.publish("bases/b", source, kind="base", inputs={})
     assert any_store.is_complete("bases/b")
+
+
+@pytest.mark.parametrize("name", ["{tmp}/escaped", "../escaped", "weights/../../escaped", "weights\\..\\escaped",
+                                  "weights//shard", "./config.json", "_SUCCESS", "_drafts/x.json", ""])
+def test_a_manifest_naming_a_file_outside_its_folder_is_refused(any_store, tmp_path, name):
+    """A manifest is as untrusted as the files beside it: names that are absolute, climb with '..', use
+    backslashes or empty segments are refused on read, and nothing is written anywhere."""
+    from tests.helpers import forge_manifest
+
+    name = name.format(tmp=tmp_path)
+    any_store.publish("runs/j/adapters/t", make_artifact(tmp_path / "src"), kind="adapter", inputs={})
+    entry = {"sha256": "0" * 64, "size": 3}
+    forge_manifest(any_store, "runs/j/adapters/t", lambda m: {**m, "files": {**m["files"], name: entry}})
+    assert any_store.is_complete("runs/j/adapters/t")
+    out = tmp_path / "deep" / "out"
+    for read in (lambda: any_store.fetch("runs/j/adapters/t", out), lambda: any_store.verify("runs/j/adapters/t"),
+                 lambda: any_store.read_json("runs/j/adapters/t", "config.json"),
+                 lambda: any_store.local_copy("runs/j/adapters/t").__enter__()):
+        with pytest.raises(StoreError, match="the artifact is refused"):
+            read()
+    assert not list(tmp_path.rglob("escaped*")) and not out.exists()
+
+
+def test_a_file_that_would_land_outside_the_folder_through_a_link_is_refused(any_store, tmp_path):
+    any_store.publish("runs/j/adapters/t", make_artifact(tmp_path / "src"), kind="adapter", inputs={})
+    out, elsewhere = tmp_path / "out", tmp_path / "elsewhere"
+    out.mkdir()
+    elsewhere.mkdir()
+    (out / "weights").symlink_to(elsewhere)
+    with pytest.raises(StoreError, match="outside"):
+        any_store.fetch("runs/j/adapters/t", out)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_a_file_missing_under_a_complete_manifest_is_damaged_not_absent(any_store, tmp_path):
+    from tests.helpers import stored_file
+
+    any_store.publish("runs/j/adapters/t", make_artifact(tmp_path / "src"), kind="adapter", inputs={})
+    any_store.fs.rm_file(stored_file(any_store, "runs/j/adapters/t", "config.json"))
+    message = "config.json: missing, though the manifest lists it (damaged); republish the artifact"
+    with pytest.raises(StoreError, match=re.escape(message)):
+        any_store.fetch("runs/j/adapters/t", tmp_path / "out")
+    with pytest.raises(StoreError, match=re.escape(message)):
+        any_store.verify("runs/j/adapters/t")
+    with pytest.raises(StoreError, match=re.escape(message)):
+        any_store.read_json("runs/j/adapters/t", "config.json")
+    with pytest.raises(StoreError, match="config.json: missing"):
+        with any_store.local_copy("runs/j/adapters/t"):
+            pass
+
+
+@pytest.mark.parametrize("uri", ["ftp://nowhere.invalid/x", "http://127.0.0.1:9/x", "simplecache::s3://b/x",
+                                 "gcs://bucket/x"])
+def test_unsupported_schemes_are_refused_before_any_connection(uri, monkeypatch):
+    import fsspec
+
+    monkeypatch.setattr(fsspec.core, "url_to_fs", lambda *a, **k: pytest.fail("fsspec was asked to connect"))
+    with pytest.raises(StoreError, match="not supported|unsupported scheme"):
+        Store(uri)
+
+
+def test_names_with_a_trailing_newline_are_not_safe_segments():
+    with pytest.raises(ValueError):
+        adapter_key("demo", "acme\n")
+    with pytest.raises(ValueError):
+        base_key("smollm2\n")

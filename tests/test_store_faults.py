@@ -18,6 +18,7 @@ from qlora_ray.errors import StoreError
 from qlora_ray.store import S3_RETRIES, Store
 from tests.conftest import AWS_TEST_ENV
 from tests.faulty_proxy import FaultyProxy
+from tests.helpers import stored_file
 from tests.test_store import make_artifact
 
 KEY = "runs/j/adapters/t"
@@ -84,7 +85,7 @@ def test_a_publish_that_cannot_finish_is_never_visible_and_a_rerun_publishes(s3_
     upload, nothing is complete, and once the endpoint is healthy the rerun publishes."""
     store = proxied(s3_bucket, proxy, config_kwargs={"retries": {"mode": "standard", "total_max_attempts": 2}})
     source = make_artifact(tmp_path / "src")
-    proxy.inject("500", method="PUT", path_contains=f"/{KEY}/{failing}")
+    proxy.inject("500", method="PUT", path_contains=f"/{failing}")
     with pytest.raises(StoreError) as caught:
         store.publish(KEY, source, kind="adapter", inputs={})
     action = "upload" if failing.startswith("weights/") else "write"
@@ -145,7 +146,7 @@ def test_small_reads_corrupted_once_are_read_again(s3_bucket, proxy, tmp_path):
     store = proxied(s3_bucket, proxy)
     store.publish(KEY, make_artifact(tmp_path / "src"), kind="adapter", inputs={})
     for name in ("_SUCCESS", "manifest.json", "config.json"):
-        proxy.inject("flip", method="GET", path_contains=f"/{KEY}/{name}", times=1)
+        proxy.inject("flip", method="GET", path_contains=f"/{name}", times=1)
         assert store.is_complete(KEY)
         assert store.read_json(KEY, "config.json") == {"hidden_size": 64}
         assert proxy.faults["flip"] == 1, name
@@ -180,7 +181,7 @@ def test_folder_and_memory_stores_are_not_retried(tmp_path, monkeypatch, root):
     """A damaged file on a store with no transfer is reported after one read, not three."""
     store = Store(str(tmp_path / "store") if root == "folder" else f"memory://faults-{os.getpid()}-{tmp_path.name}")
     store.publish(KEY, make_artifact(tmp_path / "src"), kind="adapter", inputs={})
-    store.fs.pipe_file(store.path(f"{KEY}/config.json"), json.dumps({"hidden_size": 65}).encode())
+    store.fs.pipe_file(stored_file(store, KEY, "config.json"), json.dumps({"hidden_size": 65}).encode())
     reads = []
     real_get = store.fs.get_file
     monkeypatch.setattr(store.fs, "get_file", lambda *a, **k: reads.append(a) or real_get(*a, **k))

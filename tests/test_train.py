@@ -288,3 +288,35 @@ def test_a_memory_store_is_refused_for_training(tmp_path):
     job = tiny_job(tmp_path, Store("memory://qlora-ray-train"), [{"id": "a", "train_data": str(UNITS / "train.jsonl")}])
     with pytest.raises(UserError, match="memory:// store lives in one process"):
         train_job(load_spec(job), progress=lambda _: None)
+
+
+def test_a_checkpoint_whose_optimizer_state_is_a_pickle_is_refused_not_run(tiny_job_store, tmp_path, monkeypatch):
+    """Resuming reads the Trainer's optimizer, scheduler and RNG states from the store. A booby-trapped
+    optimizer.pt (someone with write access to the store) is refused by torch's weights-only loader;
+    the tenant fails with a message naming the checkpoint, and the pickle never runs."""
+    import qlora_ray.train.tenant as tenant_module
+    from qlora_ray.errors import StoreError
+    from qlora_ray.train.tenant import stage_data, train_tenant
+    from tests.test_bad_inputs import _booby_trapped_pickle
+
+    spec = load_spec(tiny_job(tmp_path, tiny_job_store, [{"id": "a", "train_data": str(DATES / "train.jsonl")}],
+                              max_steps=4, checkpoint_every=2))
+    stage_data(spec, spec.tenant("a"), tiny_job_store)
+    monkeypatch.setattr(tenant_module, "_delete_checkpoints", lambda *args: None)  # keep them after publishing
+    train_tenant(spec, "a")
+    tiny_job_store.delete(adapter_key("t", "a"))
+    (step,) = tiny_job_store.list_complete(checkpoint_key("t", "a"))
+    key = f"{checkpoint_key('t', 'a')}/{step}"
+    inputs = tiny_job_store.read_manifest(key)["inputs"]
+    folder = tmp_path / "checkpoint"
+    tiny_job_store.fetch(key, folder)
+    assert (folder / "optimizer.pt").exists()
+    sentinel = tmp_path / "pickle-ran"
+    (folder / "optimizer.pt").write_bytes(_booby_trapped_pickle(sentinel))
+    tiny_job_store.delete(key)
+    tiny_job_store.publish(key, folder, kind="checkpoint", inputs=inputs)
+
+    with pytest.raises(StoreError, match=f"{step}: a trainer state file holds more than tensors"):
+        train_tenant(spec, "a")
+    assert not sentinel.exists(), "the pickle ran"
+    assert not tiny_job_store.is_complete(adapter_key("t", "a"))

@@ -78,9 +78,13 @@ def gptq_quantize(merged_dir: Path, out_dir: Path, texts: list[str], spec: GptqS
     with open(log_path, "w") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
         os.chdir(merged_dir.parent)
         try:
+            marks = [time.perf_counter()]
             model = GPTQModel.load(str(merged_dir), config, device=device, trust_remote_code=False)
+            marks.append(time.perf_counter())
             model.quantize(calibration, batch_size=CALIBRATION_BATCH, tokenizer=tokenizer)
+            marks.append(time.perf_counter())
             model.save(str(out_dir))
+            marks.append(time.perf_counter())
         except Exception:
             log.flush()
             tail = log_path.read_text(errors="replace").splitlines()[-15:]
@@ -90,6 +94,8 @@ def gptq_quantize(merged_dir: Path, out_dir: Path, texts: list[str], spec: GptqS
             os.chdir(previous)
     return {
         "gptq_seconds": round(time.perf_counter() - started, 2),
+        **{f"gptq_{phase}_seconds": round(end - start, 2)
+           for phase, start, end in zip(("load", "quantize", "save"), marks, marks[1:])},
         "calibration_rows": len(calibration),
         "calibration_tokens": sum(len(row["input_ids"]) for row in calibration),
     }

@@ -4,18 +4,19 @@ The driver:
 1. reads the base's layout (index and config, not its weights) and checks every tenant's adapter
    against it: an adapter for another base, or with targets the base lacks, fails that tenant
    now, before anything is written, and the others go on;
-2. skips artifacts already complete, and clears the leftovers of unfinished ones;
+2. skips artifacts already complete, and begins a new version (Store.begin) of each bf16/nf4 one;
 3. hands the work to `fuse.workers` actors: one unit per base shard (every tenant's bf16 and nf4
-   outputs for that shard), then one unit per tenant and merge base for gptq-int4;
-4. seals each bf16/nf4 artifact (config, tokenizer, index, manifest, _SUCCESS) once all its
-   shards are in. An artifact with a failed part is deleted, never sealed.
+   outputs for that shard, uploaded into their versions), then one unit per tenant and merge base
+   for gptq-int4, which publishes its own;
+4. seals each bf16/nf4 version (config, tokenizer, index, manifest, _SUCCESS) once all its
+   shards are in. A version with a failed part is abandoned, never sealed; a failure removes only
+   this run's version, never a complete artifact another run published meanwhile.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,9 +29,10 @@ from qlora_ray.fuse.layout import BaseLayout, adapter_problems, read_layout
 from qlora_ray.fuse.quant import FourBit
 from qlora_ray.fuse.shards import SHARD_SCHEMES, ShardTarget
 from qlora_ray.fuse.worker import FuseWorker, load_adapter_deltas
+from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.spec import FusedVariant, JobSpec, TenantSpec
-from qlora_ray.store import Store, adapter_key, base_key, data_key, fused_key
+from qlora_ray.store import AlreadyPublished, Draft, Store, adapter_key, base_key, data_key, fused_key
 from qlora_ray.tables import text_table
 
 # Restarts of a dead fuse actor (its unfinished unit runs again after each) before it counts as gone.
@@ -56,6 +58,7 @@ class _Artifact:
     variant: FusedVariant
     target: ShardTarget
     inputs: dict
+    draft: Draft
     parts: dict[str, dict] = field(default_factory=dict)
     error: str | None = None
 
@@ -82,24 +85,28 @@ def fuse_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list[
                         "or `qlora-ray run JOB` first")
     base_manifest = store.read_manifest(bkey)
     outcomes: list[FuseOutcome] = []
-    with tempfile.TemporaryDirectory(prefix="qlora-ray-fuse-driver-") as tmp:
+    with scratch_dir("fuse-driver") as tmp:
         small_files = [rel for rel in base_manifest["files"] if not rel.endswith(".safetensors")]
-        base_dir = Path(tmp) / "base"
+        base_dir = tmp / "base"
         store.fetch(bkey, base_dir, only=small_files)
         layout = read_layout(base_dir)
         gptq_problems = _gptq_problems(spec, layout)
         artifacts, gptq_jobs = [], []
         for tenant in spec.tenants:
-            planned, settled = _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, Path(tmp), progress)
+            planned, settled = _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp, progress)
             outcomes += settled
             for variant, inputs in planned:
-                store.begin(fused_key(spec.name, tenant.id, variant.name))
                 target = ShardTarget(tenant.id, variant.merge_base, (variant.scheme,), trained_format(tenant),
                                      output_format(tenant))
-                if variant.scheme in SHARD_SCHEMES:
-                    artifacts.append(_Artifact(tenant.id, variant, target, inputs))
-                else:
+                if variant.scheme not in SHARD_SCHEMES:
                     gptq_jobs.append((target, inputs))
+                    continue
+                try:
+                    draft = store.begin(fused_key(spec.name, tenant.id, variant.name))
+                except AlreadyPublished:  # another run of this job published it since the plan
+                    outcomes.append(_published_meanwhile(store, spec, tenant.id, variant.name, progress))
+                    continue
+                artifacts.append(_Artifact(tenant.id, variant, target, inputs, draft))
         if artifacts or gptq_jobs:
             outcomes += _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress)
     order = {(t.id, v.name): i for i, t in enumerate(spec.tenants) for v in spec.fused_variants(t)}
@@ -133,9 +140,9 @@ def _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp,
 
     if not store.is_complete(akey):
         return [], skipped + fail(f"no adapter at {store.url(akey)}; train it first (qlora-ray train JOB)")
-    adapter_manifest = store.read_manifest(akey)
     folder = tmp / "adapters" / tenant.id
     try:  # the factors' shapes are enough to check the adapter against the base
+        adapter_manifest = store.read_manifest(akey)
         check_adapter_files(list(adapter_manifest["files"]), store.url(akey))
         store.fetch(akey, folder, only=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
         deltas = load_adapter_deltas(folder, device="meta")
@@ -186,8 +193,9 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
     init_ray()
     resources = spec.fuse.resources
     targets = _shard_targets(artifacts)
-    units = [("shard", shard_file, targets) for shard_file in layout.shard_files] if targets else []
-    units += [("gptq", target, inputs) for target, inputs in gptq_jobs]
+    drafts = {f"{a.tenant}/{a.variant.name}": a.draft for a in artifacts}
+    units = [("shard", shard_file, (targets, drafts)) for shard_file in layout.shard_files] if targets else []
+    units += [("gptq", target, (inputs,)) for target, inputs in gptq_jobs]
     # max_task_retries=-1: a unit whose actor died runs again once the actor is back, however many
     # times Ray tries in between; a bounded count is spent in the instant before a dead node is
     # known dead. The restarts bound it: past them the actor is gone and its unit fails.
@@ -209,7 +217,7 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
         elapsed = time.monotonic() - started
         if unit[0] == "shard":
             shards_done += 1
-            for target in unit[2]:
+            for target in unit[2][0]:
                 for scheme in target.schemes:
                     artifact = by_key[(target.tenant, FusedVariant(scheme, target.merge_base).name)]
                     if error:
@@ -223,8 +231,7 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
         else:
             target = unit[1]
             variant = FusedVariant("gptq-int4", target.merge_base).name
-            if error:
-                store.delete(fused_key(spec.name, target.tenant, variant))
+            if error:  # the worker's publish removed its own version; nothing else is touched
                 outcomes.append(FuseOutcome(target.tenant, variant, "failed", error=error))
                 progress(f"fuse {target.tenant} {variant}: FAILED: {error}")
             else:
@@ -243,7 +250,7 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
             worker, index = idle.pop(), pending.pop(0)
             kind, subject, extra = units[index]
             call = worker.fuse_shard if kind == "shard" else worker.fuse_gptq
-            running[call.remote(subject, extra)] = (worker, index)
+            running[call.remote(subject, *extra)] = (worker, index)
         if not running:  # every worker is gone for good
             for index in pending:
                 settle(units[index], None, f"no fuse worker left: each died {MAX_RESTARTS + 1} times")
@@ -297,17 +304,15 @@ def _shard_targets(artifacts: list[_Artifact]) -> list[ShardTarget]:
 
 
 def _seal(spec: JobSpec, store: Store, layout: BaseLayout, artifact: _Artifact, base_dir: Path) -> FuseOutcome:
-    key = fused_key(spec.name, artifact.tenant, artifact.variant.name)
     name = artifact.variant.name
     missing = [f for f in layout.shard_files if f not in artifact.parts]
     if artifact.error or missing:
-        store.delete(key)
+        store.abandon(artifact.draft)
         return FuseOutcome(artifact.tenant, name, "failed", error=artifact.error or f"shards missing: {missing}")
     try:
-        with tempfile.TemporaryDirectory(prefix="qlora-ray-seal-") as tmp:
-            folder = Path(tmp)
+        with scratch_dir("fuse-seal") as folder:
             _write_model_files(base_dir, folder, artifact)
-            files = {rel: store.put_part(key, rel, folder / rel) for rel in sorted(p.name for p in folder.iterdir())}
+            files = {rel: store.put_part(artifact.draft, rel, folder / rel) for rel in sorted(p.name for p in folder.iterdir())}
         files.update({shard: {"sha256": part["sha256"], "size": part["size"]} for shard, part in artifact.parts.items()})
         parts = artifact.parts.values()
         metrics = {
@@ -318,11 +323,22 @@ def _seal(spec: JobSpec, store: Store, layout: BaseLayout, artifact: _Artifact, 
                if any(k in p for p in parts)},
             "worker_node_ids": sorted({p["worker_node_id"] for p in parts}),
         }
-        manifest = store.seal(key, files, kind="fused", inputs=artifact.inputs, metrics=metrics)
+        manifest = store.seal(artifact.draft, files, kind="fused", inputs=artifact.inputs, metrics=metrics)
+    except AlreadyPublished:  # sealed by another run of this job first; this run's version is gone
+        return _published_meanwhile(store, spec, artifact.tenant, name)
     except StoreError as exc:
-        store.delete(key)
+        store.abandon(artifact.draft)
         return FuseOutcome(artifact.tenant, name, "failed", error=str(exc))
     return FuseOutcome(artifact.tenant, name, "done", manifest["metrics"])
+
+
+def _published_meanwhile(store: Store, spec: JobSpec, tenant: str, variant: str,
+                         progress: Callable[[str], None] | None = None) -> FuseOutcome:
+    """The outcome of a variant another run published while this one planned or built it: kept."""
+    key = fused_key(spec.name, tenant, variant)
+    if progress:
+        progress(f"fuse {tenant} {variant}: published meanwhile by another run; kept")
+    return FuseOutcome(tenant, variant, "skipped", store.read_manifest(key)["metrics"])
 
 
 def _write_model_files(base_dir: Path, folder: Path, artifact: _Artifact) -> None:

@@ -1,18 +1,18 @@
 """The fuse actor: a thin Ray layer between the store and the local functions of fuse/shards.py and gptq.py.
 
-Each actor keeps what it downloaded (base shards, adapters) in a local cache for its lifetime, so a
-shard is fetched once per worker and verified against the base's manifest when it is; a folder
-store's base is read in place, verified the same way, without a copy. Outputs go
-straight into their artifact folders in the store (Store.put_part); the driver seals each artifact
-once all its parts are in. If an actor dies, Ray restarts it (maybe on another node) and re-runs
-its unfinished unit there, which uploads the same parts again.
+Base shards come through Store.local_copy: a folder store's are read in place, any other store's are
+fetched once into the node's cache, which the node's workers share; either way each is verified
+against the base's manifest. Adapters are kept in the actor's scratch folder for its lifetime.
+Outputs go straight into their artifact versions in the store (Store.put_part); the driver seals
+each version once all its parts are in. If an actor dies, Ray restarts it (maybe on another node)
+and re-runs its unfinished unit there, which uploads the same parts again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
@@ -20,8 +20,9 @@ from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
 from qlora_ray.errors import AdapterError
 from qlora_ray.fuse.math import LoraDelta, adapter_deltas
 from qlora_ray.fuse.shards import ShardTarget, fuse_shard, load_shard
+from qlora_ray.local_disk import scratch_dir
 from qlora_ray.spec import FusedVariant, JobSpec
-from qlora_ray.store import Store, adapter_key, base_key, data_key, fused_key
+from qlora_ray.store import Draft, Store, adapter_key, base_key, data_key, fused_key
 from qlora_ray.train.finetune import peak_memory_bytes
 
 def load_adapter_deltas(adapter_dir: Path, device: str = "cpu") -> dict[str, LoraDelta]:
@@ -65,23 +66,21 @@ class FuseWorker:
         self.store = Store(spec.store, spec.storage_options)
         self.quantized = quantized
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.cache = Path(tempfile.mkdtemp(prefix="qlora-ray-fuse-"))
+        self._scratch = contextlib.ExitStack()
+        self.cache = self._scratch.enter_context(scratch_dir("fuse-worker"))
         self._deltas: dict[str, dict[str, LoraDelta]] = {}
-        self._verified: set[str] = set()  # base files checked against the manifest (and fetched) already
 
     def device_name(self) -> str:
         return self.device
 
     def close(self) -> None:
-        """Remove this worker's cache (the driver calls it before ending the actor)."""
-        shutil.rmtree(self.cache, ignore_errors=True)
+        """Remove this worker's scratch folder (the driver calls it before ending the actor; a worker
+        that died has its folder removed by the next process of the node that makes one)."""
+        self._scratch.close()
 
-    def _base(self, files: list[str]) -> Path:
-        key = base_key(self.spec.base.name)
-        wanted = [f for f in files if f not in self._verified]
-        folder = self.store.readable_copy(key, self.cache / "base", wanted)
-        self._verified.update(wanted)
-        return folder
+    def _base(self, files: list[str]):
+        """A context: a local folder holding these verified files of the base."""
+        return self.store.local_copy(base_key(self.spec.base.name), files)
 
     def _tenant_deltas(self, tenant: str) -> dict[str, LoraDelta]:
         if tenant not in self._deltas:
@@ -90,16 +89,18 @@ class FuseWorker:
             self._deltas[tenant] = load_adapter_deltas(folder, self.device)
         return self._deltas[tenant]
 
-    def fuse_shard(self, shard_file: str, targets: list[ShardTarget]) -> dict:
-        """Merge one base shard for every target and upload each output as a part of its artifact."""
+    def fuse_shard(self, shard_file: str, targets: list[ShardTarget], drafts: dict[str, Draft]) -> dict:
+        """Merge one base shard for every target and upload each output as a part of its artifact's
+        version (drafts: "<tenant>/<variant>" -> the version the driver began)."""
         started = time.perf_counter()
-        base = load_shard(self._base([shard_file]) / shard_file, self.device)
+        with self._base([shard_file]) as folder:
+            base = load_shard(folder / shard_file, self.device)
         deltas = {target.tenant: self._tenant_deltas(target.tenant) for target in targets}
         out_dir = self.cache / "out" / shard_file
         parts = {}
 
         def upload(tenant: str, variant: str, output) -> None:
-            described = self.store.put_part(fused_key(self.spec.name, tenant, variant), shard_file, output.path)
+            described = self.store.put_part(drafts[f"{tenant}/{variant}"], shard_file, output.path)
             output.path.unlink()
             parts[f"{tenant}/{variant}"] = {**described, "tensors": list(output.tensors),
                                             "tensor_bytes": output.tensor_bytes, "seconds": output.seconds}
@@ -123,31 +124,33 @@ class FuseWorker:
         work = self.cache / "gptq" / target.tenant / variant
         try:
             merged = self._merge_locally(target, work / "merged")
+            merge_seconds = round(time.perf_counter() - started, 2)
             rows_dir = work / "data"
             self.store.fetch(data_key(self.spec.name, target.tenant), rows_dir, only=["train.jsonl"])
             rows = [json.loads(line) for line in (rows_dir / "train.jsonl").read_text(encoding="utf-8").splitlines() if line]
             texts = calibration_texts(rows, AutoTokenizer.from_pretrained(str(merged)), self.spec.fuse.gptq.calibration_samples)
             metrics = gptq_quantize(merged, work / "out", texts, self.spec.fuse.gptq, device=self.device)
-            metrics.update(seconds=round(time.perf_counter() - started, 2), **worker_facts())
+            metrics.update(seconds=round(time.perf_counter() - started, 2), merge_seconds=merge_seconds, **worker_facts())
             metrics["worker_node_ids"] = [metrics.pop("worker_node_id")]  # as a shard-wise artifact lists them
             metrics["size_bytes"] = sum(p.stat().st_size for p in (work / "out").rglob("*") if p.is_file())
-            return self.store.publish(key, work / "out", kind="fused", inputs=inputs, metrics=metrics)
+            # Another run of this job may have published it first: then that one is kept.
+            return self.store.publish(key, work / "out", kind="fused", inputs=inputs, metrics=metrics, keep_existing=True)
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
     def _merge_locally(self, target: ShardTarget, out: Path) -> Path:
         """A complete 16-bit HF folder of one tenant merged into one merge base, built shard by shard."""
         files = list(self.store.read_manifest(base_key(self.spec.base.name))["files"])
-        base_dir = self._base(files)
         bf16 = ShardTarget(target.tenant, target.merge_base, ("bf16",), target.trained_format, target.output_format)
         deltas = {target.tenant: self._tenant_deltas(target.tenant)}
-        for shard_file in sorted(f for f in files if f.endswith(".safetensors")):
-            base = load_shard(base_dir / shard_file, self.device)
-            (output,) = fuse_shard(base, [bf16], deltas, self.quantized, out / "parts", shard_file).values()
-            output.path.rename(out / shard_file)
-            del base
-        shutil.rmtree(out / "parts")
-        for rel in files:  # config, tokenizer, chat template, index: as the base's
-            if not rel.endswith(".safetensors"):
-                shutil.copy2(base_dir / rel, out / rel)
+        with self._base(files) as base_dir:
+            for shard_file in sorted(f for f in files if f.endswith(".safetensors")):
+                base = load_shard(base_dir / shard_file, self.device)
+                (output,) = fuse_shard(base, [bf16], deltas, self.quantized, out / "parts", shard_file).values()
+                output.path.rename(out / shard_file)
+                del base
+            shutil.rmtree(out / "parts")
+            for rel in files:  # config, tokenizer, chat template, index: as the base's
+                if not rel.endswith(".safetensors"):
+                    shutil.copy2(base_dir / rel, out / rel)
         return out

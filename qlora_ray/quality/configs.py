@@ -8,10 +8,14 @@ so a row can be checked to really be the configuration it claims.
 
 from __future__ import annotations
 
+import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_ray.spec import FusedVariant, JobSpec, TenantSpec
+
+log = logging.getLogger(__name__)
 
 # Naive post-training quantization with GPTQ: the job's base quantized once (no adapter merged),
 # the tenant's bf16 adapter attached on top.
@@ -85,6 +89,11 @@ def load_config(config: EvalConfig, tenant: TenantSpec, paths: dict[str, Path], 
     else:  # fused or naive PTQ: the folder's config.json says how it is quantized
         folder = paths["model"]
         kwargs = {"dtype": dtype} if config.kind == "fused" and config.variant.scheme == "bf16" else {}
+        backend = gptq_kernel(folder, device)
+        if backend is not None:
+            from transformers import GPTQConfig
+
+            kwargs["quantization_config"] = GPTQConfig(bits=_gptq_settings(folder)["bits"], backend=backend)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), **common, **kwargs)
     if config.has_adapter:
@@ -95,6 +104,72 @@ def load_config(config: EvalConfig, tenant: TenantSpec, paths: dict[str, Path], 
         model = PeftModel.from_pretrained(model, str(checked_adapter_dir(paths["adapter"])))
     model.eval()
     return Loaded(model, tokenizer, linear_module_types(model))
+
+
+def _gptq_settings(folder: Path) -> dict | None:
+    settings = json.loads((folder / "config.json").read_text()).get("quantization_config") or {}
+    return settings if settings.get("quant_method") == "gptq" else None
+
+
+def gptq_layer_shapes(folder: Path) -> set[tuple[int, int]]:
+    """(in_features, out_features) of every GPTQ linear in a folder, from its qweight headers
+    ([in * bits / 32, out] int32), without reading the weights."""
+    from safetensors import safe_open
+
+    bits = _gptq_settings(folder)["bits"]
+    shapes = set()
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            for name in handle.keys():
+                if name.endswith(".qweight"):
+                    packed, out_features = handle.get_slice(name).get_shape()
+                    shapes.add((packed * 32 // bits, out_features))
+    return shapes
+
+
+def gptq_kernel(folder: Path, device: str) -> str | None:
+    """The GPTQModel kernel (its `backend` name) to load a GPTQ folder with on `device`; None off CUDA
+    and for folders that are not GPTQ.
+
+    transformers asks GPTQModel for one kernel per model, chosen on the bits, group size and device
+    alone; the layers are checked against it only as they are built. On Hopper its first choice,
+    Machete, refuses widths that are not multiples of 128 (SmolLM2's 192-wide k/v projections), and
+    the load fails. So the kernels GPTQModel would choose from, in its own order of preference, are
+    checked here against every layer's shape with GPTQModel's own validation, and the first that
+    takes them all is named explicitly; a fallback from its first choice is logged."""
+    if device != "cuda":
+        return None  # on the CPU GPTQModel's kernels take any shape its group size divides
+    settings = _gptq_settings(folder)
+    if settings is None:
+        return None
+    import torch
+    from gptqmodel.models._const import DEVICE
+    from gptqmodel.quantization import FORMAT, METHOD
+    from gptqmodel.utils.importer import AUTO_BACKEND_KERNEL_MAPPING, validate_quant_linear
+
+    contract = {"bits": settings["bits"], "group_size": settings["group_size"], "desc_act": settings.get("desc_act", False),
+                "sym": settings.get("sym", True)}
+    shapes = sorted(gptq_layer_shapes(folder))
+    fmt = FORMAT(str(settings.get("checkpoint_format", settings.get("format", "gptq"))).lower())
+    refusals = []
+    # GPTQModel's own order of preference. A kernel's shape rules are read from its class first:
+    # validating one builds its extension on first use (minutes for some), so only the kernel that
+    # will be used is validated in full.
+    for backend, kernel in AUTO_BACKEND_KERNEL_MAPPING[METHOD.GPTQ].get(fmt, {}).items():
+        if DEVICE.CUDA not in kernel.SUPPORTS_DEVICES and DEVICE.ALL not in kernel.SUPPORTS_DEVICES:
+            continue
+        misfit = next(((i, o) for i, o in shapes if any(i % d for d in kernel.SUPPORTS_IN_FEATURES_DIVISIBLE_BY)
+                       or any(o % d for d in kernel.SUPPORTS_OUT_FEATURES_DIVISIBLE_BY)), None)
+        refused = f"layer shape {misfit[0]}x{misfit[1]}" if misfit else next(
+            (error for i, o in shapes for ok, error in [validate_quant_linear(
+                kernel, **contract, in_features=i, out_features=o, pack_dtype=torch.int32, dtype=torch.bfloat16,
+                device=DEVICE.CUDA)] if not ok), None)
+        if refused is None:
+            if refusals:
+                log.warning("%s: loading it with GPTQModel's %s (%s)", folder.name, kernel.__name__, "; ".join(refusals))
+            return backend.value
+        refusals.append(f"{kernel.__name__} refuses {refused}")
+    raise RuntimeError(f"{folder}: no GPTQModel kernel on this GPU takes every layer shape ({'; '.join(refusals)})")
 
 
 def linear_module_types(model) -> dict[str, int]:

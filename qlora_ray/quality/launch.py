@@ -12,12 +12,11 @@ The driver:
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 from typing import Callable
 
 from qlora_ray.errors import StoreError, UserError
+from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.quality.configs import reference_name
 from qlora_ray.quality.gate import default_variants, judge
@@ -156,10 +155,10 @@ def annotate_fused(spec: JobSpec, store: Store, report: dict) -> None:
 def publish_report(store: Store, spec: JobSpec, report: dict) -> None:
     """Replace the job's report with this one (a report describes the store as it is now)."""
     key = eval_report_key(spec.name)
-    with tempfile.TemporaryDirectory(prefix="qlora-ray-report-") as tmp:
-        write_report(report, Path(tmp))
+    with scratch_dir("report") as tmp:
+        write_report(report, tmp)
         store.delete(key)
-        store.publish(key, Path(tmp), kind="eval-report", inputs={
+        store.publish(key, tmp, kind="eval-report", keep_existing=True, inputs={
             "tenants": {t: r["results"] for t, r in report["tenants"].items()}, "quality_gate": report["quality_gate"]})
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
-from pathlib import Path
 
 from qlora_ray.fuse.gptq import calibration_texts, gptq_quantize
+from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.spec import JobSpec
 from qlora_ray.store import Store, base_key, data_key, ptq_key
@@ -54,9 +53,7 @@ def build_gptq_base(spec: JobSpec, tenant_ids: list[str], *, device: str) -> dic
         if manifest["inputs"] == inputs:
             return manifest
         store.delete(key)
-    with tempfile.TemporaryDirectory(prefix="qlora-ray-ptq-") as tmp:
-        work = Path(tmp)
-        base_dir = store.readable_copy(base_key(spec.base.name), work / "base")
+    with scratch_dir("ptq") as work, store.local_copy(base_key(spec.base.name)) as base_dir:
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
         per_tenant = []
         for tenant in sorted(tenant_ids):
@@ -71,4 +68,4 @@ def build_gptq_base(spec: JobSpec, tenant_ids: list[str], *, device: str) -> dic
         shutil.copytree(base_dir, source, ignore=shutil.ignore_patterns("manifest.json", "_SUCCESS"))
         metrics = gptq_quantize(source, work / "out", texts, spec.fuse.gptq, device=device)
         metrics["size_bytes"] = sum(p.stat().st_size for p in (work / "out").rglob("*") if p.is_file())
-        return store.publish(key, work / "out", kind="ptq", inputs=inputs, metrics=metrics)
+        return store.publish(key, work / "out", kind="ptq", inputs=inputs, metrics=metrics, keep_existing=True)

@@ -7,13 +7,14 @@ digest: a rerun skips a tenant whose inputs did not change, and evaluates it aga
 
 from __future__ import annotations
 
+import contextlib
 import json
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 from qlora_ray.evaluation import score
+from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.quality.configs import EvalConfig, configurations, load_config, resident_bytes
 from qlora_ray.spec import JobSpec, TenantSpec
@@ -73,8 +74,7 @@ def evaluate_tenant(spec: JobSpec, tenant_id: str, *, device: str,
         if manifest["inputs"] == inputs:
             return manifest
         store.delete(key)  # an artifact it measured changed (fused again, retrained)
-    with tempfile.TemporaryDirectory(prefix="qlora-ray-eval-") as tmp:
-        work = Path(tmp)
+    with scratch_dir("eval") as work:
         store.fetch(data_key(spec.name, tenant_id), work / "data", only=[EVAL_ROWS_FILE])
         rows = [json.loads(line) for line in (work / "data" / EVAL_ROWS_FILE).read_text(encoding="utf-8").splitlines()
                 if line.strip()]
@@ -83,12 +83,12 @@ def evaluate_tenant(spec: JobSpec, tenant_id: str, *, device: str,
             sources = config_sources(spec, tenant, config)
             if not all(key in inputs["artifacts"] for key in sources.values()):
                 continue
-            paths = {role: store.readable_copy(source, work / "artifacts" / source.replace("/", "_"))
-                     for role, source in sources.items()}
-            measured.append(measure(config, tenant, rows, paths, device=device, batch_size=spec.eval.batch_size,
-                                    sizes={role: sizes[k] for role, k in sources.items()},
-                                    sources={role: {"key": k, "manifest_sha256": inputs["artifacts"][k]}
-                                             for role, k in sources.items()}))
+            with contextlib.ExitStack() as copies:
+                paths = {role: copies.enter_context(store.local_copy(source)) for role, source in sources.items()}
+                measured.append(measure(config, tenant, rows, paths, device=device, batch_size=spec.eval.batch_size,
+                                        sizes={role: sizes[k] for role, k in sources.items()},
+                                        sources={role: {"key": k, "manifest_sha256": inputs["artifacts"][k]}
+                                                 for role, k in sources.items()}))
             row = measured[-1]
             progress(f"eval {tenant_id}: {config.name}: accuracy {row['accuracy']:.1%}, perplexity "
                      f"{row['perplexity']:.4f}, {row['tokens_per_second']:.1f} tok/s ({row['seconds']:.0f} s)")
@@ -97,7 +97,7 @@ def evaluate_tenant(spec: JobSpec, tenant_id: str, *, device: str,
         out.mkdir()
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
         metrics = {"configurations": len(measured), "missing": len(missing), "eval_rows": len(rows), "node_id": node_id}
-        return store.publish(key, out, kind="eval", inputs=inputs, metrics=metrics)
+        return store.publish(key, out, kind="eval", inputs=inputs, metrics=metrics, keep_existing=True)
 
 
 def measure(config: EvalConfig, tenant: TenantSpec, rows: list[dict], paths: dict[str, Path], *, device: str,

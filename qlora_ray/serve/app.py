@@ -24,7 +24,6 @@ import contextlib
 import json
 import logging
 import math
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,43 +121,52 @@ def _stop_ids(folder: Path, tokenizer) -> set[int]:
     return ids
 
 
-def load_model(spec: JobSpec, store: Store, entry: ModelEntry, cache_dir: Path, device: str) -> LoadedModel:
-    """Fetch an artifact and build the fastest engine for it on `device`."""
+def load_model(spec: JobSpec, store: Store, entry: ModelEntry, device: str) -> LoadedModel:
+    """Fetch an artifact (through the node's bounded cache, Store.local_copy) and build the fastest
+    engine for it on `device`."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_ray.serve.engine import StaticEngine, TransformersEngine, buckets_up_to
-    from qlora_ray.serve.weights import WeightFormatError, load_decoder
+    from qlora_ray.serve.engine import TransformersEngine
 
     started = time.perf_counter()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # fp32 is the fast CPU path
     if entry.variant == UNMERGED:
         from qlora_ray.evaluation import load_model as load_with_adapter
 
-        base_dir = store.readable_copy(base_key(spec.base.name), cache_dir / "base")
-        adapter_dir = store.readable_copy(entry.key, cache_dir / "adapters" / entry.tenant)
-        model, tokenizer = load_with_adapter(base_dir, adapter_dir, dtype=str(dtype).removeprefix("torch."))
+        with store.local_copy(base_key(spec.base.name)) as base_dir, store.local_copy(entry.key) as adapter_dir:
+            model, tokenizer = load_with_adapter(base_dir, adapter_dir, dtype=str(dtype).removeprefix("torch."))
+            stop_ids = _stop_ids(base_dir, tokenizer)
         model.to(device)
-        engine = TransformersEngine(model, _stop_ids(base_dir, tokenizer))
+        engine = TransformersEngine(model, stop_ids)
         resident = sum(p.nbytes for p in model.parameters())
     else:
-        folder = store.readable_copy(entry.key, cache_dir / "fused" / entry.tenant / entry.variant)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
-        stop_ids = _stop_ids(folder, tokenizer)
-        try:
-            decoder = load_decoder(folder, device=device, dtype=dtype)
-            context = min(spec.serve.context, decoder.config.max_position_embeddings)
-            engine = StaticEngine(decoder, stop_ids, context=context)
-            engine.warm_up(buckets_up_to(spec.serve.max_batch))
-            resident = sum(t.nbytes for t in decoder.parameters()) + sum(t.nbytes for t in decoder.buffers())
-            resident += decoder.cache_bytes()
-        except WeightFormatError as exc:
-            log.warning("%s: %s; serving it through transformers instead", entry.id, exc)
-            model = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, use_safetensors=True,
-                                                         trust_remote_code=False).eval()
-            engine = TransformersEngine(model, stop_ids)
-            resident = model.get_memory_footprint()
+        with store.local_copy(entry.key) as folder:
+            engine, tokenizer, resident = _fused_engine(spec, entry, folder, device, dtype)
     return LoadedModel(entry, engine, tokenizer, resident, time.perf_counter() - started, spec.serve)
+
+
+def _fused_engine(spec: JobSpec, entry: ModelEntry, folder: Path, device: str, dtype):
+    """(engine, tokenizer, resident bytes) for a fused model's folder: our decoder where its weight
+    format allows, transformers otherwise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qlora_ray.serve.engine import StaticEngine, TransformersEngine, buckets_up_to
+    from qlora_ray.serve.weights import WeightFormatError, load_decoder
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    stop_ids = _stop_ids(folder, tokenizer)
+    try:
+        decoder = load_decoder(folder, device=device, dtype=dtype)
+    except WeightFormatError as exc:
+        log.warning("%s: %s; serving it through transformers instead", entry.id, exc)
+        model = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, use_safetensors=True,
+                                                     trust_remote_code=False).eval()
+        return TransformersEngine(model, stop_ids), tokenizer, model.get_memory_footprint()
+    context = min(spec.serve.context, decoder.config.max_position_embeddings)
+    engine = StaticEngine(decoder, stop_ids, context=context)
+    engine.warm_up(buckets_up_to(spec.serve.max_batch))
+    resident = sum(t.nbytes for t in decoder.parameters()) + sum(t.nbytes for t in decoder.buffers())
+    return engine, tokenizer, resident + decoder.cache_bytes()
 
 
 # -- the model deployment -----------------------------------------------------------------------
@@ -167,25 +175,29 @@ class ModelServer:
     """Loads models on demand (multiplexed, LRU-bounded) and streams their generations."""
 
     def __init__(self, spec: JobSpec):
+        started = time.perf_counter()
         import torch
 
         self.spec = spec
         self.store = Store(self.spec.store, self.spec.storage_options)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.cache_dir = Path(tempfile.gettempdir()) / "qlora-ray-serve" / self.spec.name
         self.catalog = model_catalog(self.spec, self.store)
         if self.device == "cuda":
             from qlora_ray.serve import marlin
 
-            # The Marlin int4 kernel compiles on a machine's first use (minutes): here, while the
-            # replica starts, rather than inside the first request for a GPTQ model.
+            # The Marlin int4 kernel is compiled on a machine's first use (minutes) unless the store
+            # holds a build: here, while the replica starts, rather than inside the first request.
+            if self.spec.serve.share_compiled_kernels:
+                marlin.share_builds_through(self.store)
             marlin.unavailable_reason()
+        self.start_seconds = time.perf_counter() - started
+        log.info("model replica ready in %.1f s (before its first model load)", self.start_seconds)
 
         async def load(model_id: str) -> LoadedModel:
             if model_id not in self.catalog:
                 self.catalog = model_catalog(self.spec, self.store)
             entry = self.catalog[model_id]
-            return await asyncio.to_thread(load_model, self.spec, self.store, entry, self.cache_dir, self.device)
+            return await asyncio.to_thread(load_model, self.spec, self.store, entry, self.device)
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.spec.serve.max_resident_models)(load)
 
@@ -194,6 +206,7 @@ class ModelServer:
         sizes = model.batcher.batch_sizes
         return {"model": model_id, "resident_bytes": model.resident_bytes, "engine": model.engine_name,
                 "device": self.device, "load_seconds": round(model.load_seconds, 2),
+                "replica_start_seconds": round(self.start_seconds, 2),
                 "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None}
 
     async def generate(self, payload: dict):

@@ -159,8 +159,10 @@ def synthetic_prompt(tokens: int) -> str:
     return " ".join(words[i % len(words)] for i in range(tokens))
 
 
-def resident_bytes(url: str, key: str, model: str) -> int | None:
-    """The model's resident bytes as this server reports them (None for servers without the route)."""
+def server_facts(url: str, key: str, model: str) -> dict:
+    """What this server reports of a model once it is loaded (loading it if it is not): its resident
+    bytes, how long its load took, and how long its replica took to start. Empty for servers
+    without the route (any other OpenAI-compatible server)."""
     import urllib.error
     import urllib.parse
     import urllib.request
@@ -169,9 +171,11 @@ def resident_bytes(url: str, key: str, model: str) -> int | None:
                                      headers={"Authorization": f"Bearer {key}"})
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
-            return json.loads(response.read())["resident_bytes"]
-    except (urllib.error.URLError, KeyError, ValueError):
-        return None
+            facts = json.loads(response.read())
+    except (urllib.error.URLError, ValueError):
+        return {}
+    keep = ("resident_bytes", "load_seconds", "replica_start_seconds")
+    return {name: facts[name] for name in keep if name in facts} if isinstance(facts, dict) else {}
 
 
 def run_bench(url: str, keys: dict[str, str], models: list[str], *, concurrency: list[int], requests: int,
@@ -181,14 +185,16 @@ def run_bench(url: str, keys: dict[str, str], models: list[str], *, concurrency:
     prompt = synthetic_prompt(prompt_tokens)
     rows, raw = [], []
     for model in models:
-        memory = resident_bytes(url, keys[model], model)  # also loads it before the timed requests
+        facts = server_facts(url, keys[model], model)  # also loads it before the timed requests
         asyncio.run(send_requests(url, keys[model], model, concurrency=1, requests=1, prompt=prompt, output_tokens=2))
         for level in concurrency:
             amount = f"{duration:g} s" if duration is not None else f"{max(requests, level)} requests"
             progress(f"bench: {model} at concurrency {level}: {amount}")
             samples = asyncio.run(send_requests(url, keys[model], model, concurrency=level, requests=max(requests, level),
                                                 prompt=prompt, output_tokens=output_tokens, duration=duration))
-            rows.append({"model": model, "concurrency": level, "resident_bytes": memory, **summarize(samples)})
+            rows.append({"model": model, "concurrency": level, "resident_bytes": facts.get("resident_bytes"),
+                         "load_seconds": facts.get("load_seconds"),
+                         "replica_start_seconds": facts.get("replica_start_seconds"), **summarize(samples)})
             raw += [asdict(s) for s in samples]
     return {"url": url, "prompt_tokens_asked": prompt_tokens, "output_tokens": output_tokens, "requests": requests,
             "duration_s": duration, "concurrency": concurrency, "results": rows, "samples": raw}
@@ -199,7 +205,7 @@ COLUMNS = [("model", "model"), ("concurrency", "conc."), ("requests", "req."), (
            ("mean_prompt_tokens", "prompt tok"),
            ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "TTFT p99 ms"), ("tpot_ms_p50", "TPOT p50 ms"),
            ("tpot_ms_p99", "TPOT p99 ms"), ("latency_ms_p50", "latency p50 ms"), ("latency_ms_p99", "latency p99 ms"),
-           ("output_tok_s", "output tok/s"), ("resident_bytes", "resident MiB")]
+           ("output_tok_s", "output tok/s"), ("resident_bytes", "resident MiB"), ("load_seconds", "load s")]
 
 
 def render_table(report: dict) -> str:

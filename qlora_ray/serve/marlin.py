@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -67,20 +68,90 @@ def _sources_folder() -> Path:
     return folder
 
 
-def _build_folder(source: Path) -> Path:
-    """Where the kernels are generated from `source`, beside torch's own extension builds; named by
-    the sources' contents, so another GPTQModel version builds afresh."""
+def _source_files(source: Path) -> list[Path]:
+    """The Marlin sources as GPTQModel's package installed them (its RECORD lists them). GPTQModel's own
+    JIT writes generated kernels beside them on first use; those are not sources, and must change
+    neither the digest nor what is compiled here. Without a RECORD (an editable install), every file."""
+    from importlib import metadata
+
+    try:
+        listed = {source.parent.parent / str(f) for f in metadata.files("gptqmodel") or []}
+    except metadata.PackageNotFoundError:
+        listed = set()
+    return sorted(p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts
+                  and (not listed or p in listed))
+
+
+def _sources_digest(source: Path) -> str:
     digest = hashlib.sha256()
-    for path in sorted(p for p in source.rglob("*") if p.is_file() and "__pycache__" not in p.parts):
+    for path in _source_files(source):
         digest.update(str(path.relative_to(source)).encode() + b"\0" + path.read_bytes())
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
-    return root / f"{EXTENSION_NAME}-sources-{digest.hexdigest()[:12]}"
+    return digest.hexdigest()[:12]
+
+
+def _extensions_root() -> Path:
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
+
+
+def fingerprint(sources_digest: str) -> str:
+    """What a build of the kernel depends on: its sources, torch and its CUDA, and the GPU architecture
+    (torch compiles for the visible device's). Names the build here and in the store."""
+    major, minor = torch.cuda.get_device_capability()
+    facts = {"extension": EXTENSION_NAME, "sources": sources_digest, "torch": torch.__version__,
+             "cuda": torch.version.cuda, "arch": f"sm_{major}{minor}"}
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
+
+
+# Where builds are shared between replicas, nodes and starts (share_builds_through); None: local only.
+_shared_store = None
+
+
+def share_builds_through(store) -> None:
+    """Keep the compiled kernel in `store` (store.kernel_key("marlin", fingerprint)): a replica on
+    another node, or a later start on a fresh machine, loads it in seconds instead of compiling it
+    for minutes. The first replica that compiles publishes it. Whoever can write that key can run
+    native code on the replicas that load it: the store must be trusted as the code is
+    (serve.share_compiled_kernels: false turns this off)."""
+    global _shared_store
+    _shared_store = store
+
+
+def _load_shared(key: str) -> bool:
+    """Load the build the store holds at key, if any. True if it is loaded."""
+    from qlora_ray.errors import UserError
+
+    try:
+        if not _shared_store.is_complete(key):
+            return False
+        started = time.monotonic()
+        with _shared_store.local_copy(key) as folder:
+            torch.ops.load_library(str(folder / f"{EXTENSION_NAME}.so"))
+    except (UserError, OSError, RuntimeError) as error:
+        log.warning("Marlin kernel: the shared build at %s cannot be loaded (%s); compiling it here",
+                    _shared_store.url(key), error)
+        return False
+    log.info("Marlin kernel: loaded the shared build from %s in %.1f s", _shared_store.url(key), time.monotonic() - started)
+    return True
+
+
+def _publish_shared(key: str, library: Path, facts: dict) -> None:
+    from qlora_ray.errors import UserError
+    from qlora_ray.local_disk import scratch_dir
+
+    try:
+        with scratch_dir("marlin-share") as folder:
+            shutil.copy2(library, folder / library.name)
+            _shared_store.publish(key, folder, kind="kernel", inputs=facts, keep_existing=True)
+        log.info("Marlin kernel: shared the build through %s", _shared_store.url(key))
+    except UserError as error:  # the replica serves either way; the next start compiles again
+        log.warning("Marlin kernel: the build could not be shared through the store (%s)", error)
 
 
 @functools.cache
 def ops():
-    """torch.ops.gptqmodel_marlin_bf16, compiled and loaded on first call (minutes, once per machine:
-    torch keeps the build in TORCH_EXTENSIONS_DIR). Raises MarlinUnavailable with the reason."""
+    """torch.ops.gptqmodel_marlin_bf16, loaded on first call: the shared build from the store (see
+    share_builds_through) or this machine's own, else compiled (minutes: torch keeps the build in
+    TORCH_EXTENSIONS_DIR). Raises MarlinUnavailable with the reason."""
     if not torch.cuda.is_available():
         raise MarlinUnavailable("no CUDA device")
     if torch.cuda.get_device_capability() < (8, 0):
@@ -88,18 +159,38 @@ def ops():
     namespace = getattr(torch.ops, OPS_NAMESPACE)
     if hasattr(namespace, "gptq_marlin_gemm_bf16"):
         return namespace  # GPTQModel itself loaded it in this process
+    from qlora_ray.store import kernel_key
+
+    source = _sources_folder()
+    digest = _sources_digest(source)
+    key = kernel_key("marlin", fingerprint(digest))
+    build = _extensions_root() / f"{EXTENSION_NAME}-{fingerprint(digest)}"
+    library = build / f"{EXTENSION_NAME}.so"
+    if library.exists():
+        torch.ops.load_library(str(library))
+    elif _shared_store is None or not _load_shared(key):
+        _compile(source, _extensions_root() / f"{EXTENSION_NAME}-sources-{digest}", build)
+        if _shared_store is not None:
+            _publish_shared(key, library, {"sources": digest, "torch": torch.__version__, "cuda": torch.version.cuda,
+                                           "device": torch.cuda.get_device_name()})
+    return namespace
+
+
+def _compile(source: Path, folder: Path, build: Path) -> None:
+    """Generate the kernel instantiations from `source` into `folder`, then compile and load them,
+    building in `build`."""
     from torch.utils.cpp_extension import CUDA_HOME, load
 
     nvcc = CUDA_HOME and shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin"))
     if not nvcc:
         raise MarlinUnavailable("nvcc not found (set CUDA_HOME): Marlin is compiled on first use")
-    source = _sources_folder()
-    folder = _build_folder(source)
     if not folder.exists():
         # generate_kernels.py writes the kernel instantiations next to itself; the installed package
         # may be read-only, so it runs in a copy.
         staging = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        shutil.copytree(source, staging, ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        for path in _source_files(source):
+            (staging / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, staging / path.relative_to(source))
         generated = subprocess.run([sys.executable, "generate_kernels.py"], cwd=staging, capture_output=True, text=True)
         if generated.returncode:
             raise MarlinUnavailable(f"generate_kernels.py failed: {(generated.stderr or generated.stdout)[-400:]}")
@@ -109,7 +200,7 @@ def ops():
             shutil.rmtree(staging, ignore_errors=True)
     sources = [folder / "marlin_torch_bf16.cpp", folder / "gptq_marlin_bf16.cu", folder / "gptq_marlin_repack.cu",
                folder / "awq_marlin_repack.cu", *sorted(folder.glob("kernel_bf16_*.cu"))]
-    log.info("loading GPTQModel's Marlin int4 kernel (compiled on a machine's first use: a few minutes)")
+    log.info("compiling GPTQModel's Marlin int4 kernel (once per machine or store: a few minutes)")
     started = time.monotonic()
     flags = ["-O3", "-std=c++17", "-DENABLE_BF16"]
     cuda_flags = [*flags, "--threads", "4", "-diag-suppress=179,39,177"]
@@ -117,13 +208,13 @@ def ops():
         # Since CUDA 12.8 a __global__ template instantiated in one file (kernel_bf16_*.cu) is a
         # hidden symbol that the dispatcher in another cannot link against, unless told otherwise.
         cuda_flags.insert(0, "-static-global-template-stub=false")
+    build.mkdir(parents=True, exist_ok=True)
     try:
         load(EXTENSION_NAME, [str(s) for s in sources], extra_include_paths=[str(folder)], extra_cflags=flags,
-             extra_cuda_cflags=cuda_flags, is_python_module=False, verbose=False)
+             extra_cuda_cflags=cuda_flags, build_directory=str(build), is_python_module=False, verbose=False)
     except (RuntimeError, OSError) as error:  # a compiler or linker error: torch has printed its output
         raise MarlinUnavailable(f"compiling it failed: {str(error)[-400:]}") from error
-    log.info("Marlin kernel ready in %.0f s", time.monotonic() - started)
-    return namespace
+    log.info("Marlin kernel compiled in %.0f s", time.monotonic() - started)
 
 
 @functools.cache

@@ -9,8 +9,10 @@ completion-only loss, covers every supported data shape and any chat template.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import resource
 import warnings
 import time
@@ -223,7 +225,8 @@ def finetune(
         torch.cuda.reset_peak_memory_stats()
     tokens_before = _tokens_at(resume_from)  # read now: the Trainer rotates old checkpoints away
     started = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    with weights_only_loads():
+        output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     train_seconds = time.perf_counter() - started
     state = trainer.state
     tokens = int(state.num_input_tokens_seen) - tokens_before  # this attempt's tokens only
@@ -252,6 +255,23 @@ def finetune(
             config.base_model_name_or_path = base_model_name
     trainer.model.save_pretrained(str(adapter_dir))
     return FinetuneResult(adapter_dir=adapter_dir, metrics=metrics)
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """Every torch.load in the block refuses what is not tensors and plain containers, whatever its
+    caller passes: resuming reads the optimizer, scheduler and RNG states from a checkpoint in the
+    store, which is as untrusted as an adapter. transformers passes weights_only=True already; this
+    makes it hold for every library on the path, and against TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD."""
+    saved = {name: os.environ.pop(name, None) for name in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
 
 
 def quiet_library_progress_bars() -> None:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
+import pickle
 import time
 from pathlib import Path
 from typing import Callable
 
 from qlora_ray.data import read_rows
 from qlora_ray.errors import StoreError
+from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.store import Store, adapter_key, base_key, checkpoint_key, data_key
@@ -46,14 +47,13 @@ def stage_data(spec: JobSpec, tenant: TenantSpec, store: Store) -> dict:
         if manifest["inputs"] == inputs:
             return manifest
         store.delete(key)  # the tenant's data changed since it was staged
-    with tempfile.TemporaryDirectory(prefix="qlora-ray-data-") as tmp:
-        folder = Path(tmp)
+    with scratch_dir("data") as folder:
         _write_jsonl(folder / TRAIN_FILE, train.rows)
         if evaluation:
             _write_jsonl(folder / EVAL_FILE, evaluation.rows)
         metrics = {"train_rows": len(train.rows), "eval_rows": len(evaluation.rows) if evaluation else 0,
                    "format": train.format}
-        return store.publish(key, folder, kind="data", inputs=inputs, metrics=metrics)
+        return store.publish(key, folder, kind="data", inputs=inputs, metrics=metrics, keep_existing=True)
 
 
 def training_fingerprint(tenant: TenantSpec, data_inputs: dict) -> str:
@@ -96,9 +96,8 @@ def train_tenant(spec: JobSpec, tenant_id: str, *, progress_bar: ProgressBar | N
 
 def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: StatusWriter, bar) -> dict:
     key = adapter_key(spec.name, tenant.id)
-    with tempfile.TemporaryDirectory(prefix=f"qlora-ray-{tenant.id}-") as tmp:
-        work = Path(tmp)
-        base_manifest = store.fetch(base_key(spec.base.name), work / "base")
+    with scratch_dir(f"train-{tenant.id}") as work, store.local_copy(base_key(spec.base.name)) as base_dir:
+        base_manifest = store.read_manifest(base_key(spec.base.name))
         data_manifest = store.fetch(data_key(spec.name, tenant.id), work / "data")
         train_rows = read_rows(str(work / "data" / TRAIN_FILE)).rows
         eval_rows = read_rows(str(work / "data" / EVAL_FILE)).rows if (work / "data" / EVAL_FILE).exists() else None
@@ -116,9 +115,17 @@ def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: 
         def on_checkpoint(step: int, folder: Path) -> None:
             _publish_checkpoint(store, spec.name, tenant.id, step, folder, fingerprint)
 
-        result = finetune(tenant.training, work / "base", train_rows, eval_rows, work, resume_from=resume,
-                          on_progress=on_progress, on_checkpoint=on_checkpoint,
-                          base_model_name=store.url(base_key(spec.base.name)))
+        try:
+            result = finetune(tenant.training, base_dir, train_rows, eval_rows, work, resume_from=resume,
+                              on_progress=on_progress, on_checkpoint=on_checkpoint,
+                              base_model_name=store.url(base_key(spec.base.name)))
+        except pickle.UnpicklingError as exc:  # torch's weights-only loader refused a checkpoint's state file
+            if resume is None:
+                raise
+            where = store.url(checkpoint_key(spec.name, tenant.id, int(resume.name.removeprefix("checkpoint-"))))
+            raise StoreError(f"{where}: a trainer state file holds more than tensors, so it was not loaded "
+                             f"({str(exc).splitlines()[0][:200]}); delete {store.url(checkpoint_key(spec.name, tenant.id))} "
+                             "to train this tenant from the start") from None
         inputs = {
             "job": spec.name,
             "tenant": tenant.id,
@@ -131,21 +138,17 @@ def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: 
             "data": {"key": data_key(spec.name, tenant.id), "manifest_sha256": manifest_digest(data_manifest),
                      **data_manifest["inputs"]},
         }
-        if store.is_complete(key):  # another attempt of this tenant published first: keep that one
-            return store.read_manifest(key)
-        try:
-            return store.publish(key, result.adapter_dir, kind="adapter", inputs=inputs, metrics=result.metrics)
-        except StoreError:
-            if store.is_complete(key):
-                return store.read_manifest(key)
-            raise
+        # Another attempt of this tenant (a retry racing one cut off from the cluster, or another run of
+        # the job) may have published first: then that adapter is kept.
+        return store.publish(key, result.adapter_dir, kind="adapter", inputs=inputs, metrics=result.metrics,
+                             keep_existing=True)
 
 
 def _publish_checkpoint(store: Store, job: str, tenant: str, step: int, folder: Path, fingerprint: str) -> None:
     """Publish a trainer checkpoint as checkpoints/<tenant>/step-N, then drop the older ones."""
     key = checkpoint_key(job, tenant, step)
-    if not store.is_complete(key):
-        store.publish(key, folder, kind="checkpoint", inputs={"step": step, "training_fingerprint": fingerprint})
+    store.publish(key, folder, kind="checkpoint", inputs={"step": step, "training_fingerprint": fingerprint},
+                  keep_existing=True)
     for name in store.list_complete(checkpoint_key(job, tenant)):
         if name != key.rsplit("/", 1)[-1]:
             store.delete(f"{checkpoint_key(job, tenant)}/{name}")
