@@ -1,0 +1,348 @@
+"""The whole pipeline on a GPU machine, as a user runs it, in one command.
+
+    python3 benchmarks/gpu_pipeline.py --out OUT_DIR                  # the pipeline (at most 9 minutes on an H200)
+    python3 benchmarks/gpu_pipeline.py --out OUT_DIR --part starts    # a model replica's cold and warm start
+    python3 benchmarks/gpu_pipeline.py --out OUT_DIR --part gptq-8b   # the fuse stage's per-tenant GPTQ on an 8B
+
+`pipeline`, in order:
+1. installs the wheelhouse that ../shared/tools/device-wheelhouse builds (`.whl/`, carried with the
+   checkout) into /tmp/site;
+2. builds, in the background while training runs, the serving engine's Marlin kernel, shared through
+   the store as a first replica would, and GPTQModel's own, which the eval stage's GPTQ rows use;
+3. `qlora-ray run` on a GPU job: two tenants (the demo's dates and kv2json rows) on
+   shape:smollm2-135m, every scheme, both merge bases, half a GPU per task;
+4. `qlora-ray bench` through Ray Serve on one fused model of each scheme and the unmerged baseline,
+   with a fresh kernel folder, so the replica loads the kernel from the store as one on another node
+   would.
+
+`starts` deploys one model replica twice on fresh kernel folders: with no build in the store (it
+compiles: cold) and with the build the first one shared (warm). `gptq-8b` fuses one
+shape:llama3-8b tenant (random LoRA factors, r 16 on the seven projections) into gptq-int4 at the
+job defaults (group size 128, 128 calibration rows): the unit cost of per-tenant GPTQ.
+
+The base has random weights (the real SmolLM2 ships as a GGUF too large to carry), so the eval
+table's accuracies measure nothing but that every configuration loads and runs; its timings and the
+bench's are real. Every stage's time, the eval table, the bench table and the replica starts go to
+OUT_DIR/pipeline.json and .md (or starts.*, gptq-8b.*), with the whole log in OUT_DIR/<part>.log.
+Without a GPU, `--device cpu` runs the same steps on shape:tiny (to try the script).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+DATA = REPO / "jobs" / "data"
+TENANTS = {"dates": "exact", "kv2json": "json"}
+EVAL_ROWS = 20
+
+
+class Run:
+    """One part's run: a log under OUT that every step's output is copied to, and its results."""
+
+    def __init__(self, out: Path, part: str, work: Path, device: str, shape: str, install: bool):
+        self.out, self.part, self.work, self.device = out, part, work, device
+        self.shape, self.install = shape, install
+        self.log = open(out / f"{part}.log", "a", buffering=1)
+        self.results: dict = {"part": part, "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                              "command": " ".join([Path(sys.executable).name, *sys.argv]), "steps": {}}
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1", RAY_USAGE_STATS_ENABLED="0",
+                        PYTHONPATH=os.pathsep.join(p for p in ("/tmp/site", str(REPO), os.environ.get("PYTHONPATH")) if p))
+
+    def say(self, line: str) -> None:
+        print(line, flush=True)
+        self.log.write(line + "\n")
+
+    def step(self, name: str, args: list[str], *, env: dict | None = None, check: bool = True) -> str:
+        """Run a command, its output teed to the log; record its wall time. Returns its output."""
+        self.say(f"== {name}: {' '.join(args)}")
+        started = time.perf_counter()
+        process = subprocess.Popen(args, cwd=REPO, env={**self.env, **(env or {})}, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True)
+        lines = []
+        for line in process.stdout:
+            lines.append(line)
+            self.log.write(line)
+        process.wait()
+        seconds = round(time.perf_counter() - started, 1)
+        self.results["steps"][name] = {"seconds": seconds, "exit": process.returncode}
+        self.say(f"== {name}: exit {process.returncode} in {seconds} s")
+        if check and process.returncode:
+            self.save()
+            raise SystemExit(f"{name} failed (exit {process.returncode}); the log is {self.log.name}")
+        return "".join(lines)
+
+    def cli(self, name: str, *args: str, env: dict | None = None, check: bool = True) -> str:
+        return self.step(name, [sys.executable, "-m", "qlora_ray", *args], env=env, check=check)
+
+    def save(self, markdown: str = "") -> None:
+        (self.out / f"{self.part}.json").write_text(json.dumps(self.results, indent=2))
+        if markdown:
+            (self.out / f"{self.part}.md").write_text(markdown)
+
+
+def write_job(run: Run, *, name: str, share_kernels: bool = True, **overrides) -> Path:
+    """The GPU job: two tenants on SmolLM2's shape, every scheme, both merge bases, half a GPU a task."""
+    gpu = 0.5 if run.device == "cuda" else 0
+    resources = {"num_cpus": 2 if run.device == "cuda" else 1, "num_gpus": gpu}
+    job = {
+        "name": name,
+        "store": str(run.work / "store"),
+        "base": {"name": run.shape, "source": f"shape:{run.shape}", "shard_size": "100MB"},
+        "train": {"max_steps": 20, "batch_size": 8, "seq_len": 256, "learning_rate": 4e-4, "lr_scheduler": "constant",
+                  "checkpoint_every": 1000, "resources": resources},
+        "tenants": [{"id": tenant, "train_data": str(DATA / tenant / "train.jsonl"),
+                     "eval_data": str(eval_rows(run, tenant)), "scorer": scorer}
+                    for tenant, scorer in TENANTS.items()],
+        "fuse": {"schemes": ["bf16", "nf4", "gptq-int4"], "merge_base": "both",
+                 "gptq": {"group_size": 64 if run.shape == "smollm2-135m" else 32, "calibration_samples": 32},
+                 "workers": 2, "resources": resources},
+        "eval": {"resources": resources},
+        # Random weights: the gate's verdicts mean nothing here, and every model must be servable.
+        "serve": {"max_resident_models": 8, "allow_failed_quality": True, "share_compiled_kernels": share_kernels,
+                  "resources": resources},
+    }
+    job.update(overrides)
+    path = run.work / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(job, sort_keys=False))
+    return path
+
+
+def eval_rows(run: Run, tenant: str, count: int = EVAL_ROWS) -> Path:
+    """The first `count` of the tenant's held-out rows (on random weights more rows add only time)."""
+    path = run.work / f"{tenant}-eval.jsonl"
+    lines = (DATA / tenant / "eval.jsonl").read_text().splitlines()[:count]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def install(run: Run) -> None:
+    if not run.install:
+        run.say("== install: skipped (the environment has the packages)")
+        return
+    if not (REPO / ".whl" / "install.sh").exists():
+        raise SystemExit("no .whl/install.sh: build the wheelhouse with ../shared/tools/device-wheelhouse and carry .whl")
+    run.step("install", ["bash", str(REPO / ".whl" / "install.sh")])
+    sys.path.insert(0, "/tmp/site")  # for this process's own reads of the store
+
+
+def store_of(job: Path):
+    from qlora_ray.spec import load_spec
+    from qlora_ray.store import Store
+
+    spec = load_spec(job)
+    return spec, Store(spec.store, spec.storage_options)
+
+
+def bench_report(job: Path) -> dict:
+    from qlora_ray.store import run_key
+
+    spec, store = store_of(job)
+    latest = store.list_complete(f"{run_key(spec.name)}/bench")[-1]
+    return store.read_json(f"{run_key(spec.name)}/bench/{latest}", "bench.json")
+
+
+def pipeline(run: Run, args) -> str:
+    install(run)
+    job = write_job(run, name="gpu-pipeline")
+    kernel_build = None
+    if run.device == "cuda":
+        # While the GPU trains: the serving kernel's build, shared through the store as a first replica
+        # shares it; then GPTQModel's own Marlin build, which the eval stage's GPTQ rows load (on a
+        # fresh machine it is compiled inside the eval stage: 270-290 s measured on an H200).
+        script = ("import time, sys, torch; from qlora_ray.serve import marlin; from qlora_ray.store import Store; "
+                  f"marlin.share_builds_through(Store({str(run.work / 'store')!r})); t = time.perf_counter(); "
+                  "r = marlin.unavailable_reason(); print('kernel', r, round(time.perf_counter() - t, 1)); "
+                  "from gptqmodel.utils.marlin import prewarm_marlin_extension; t = time.perf_counter(); "
+                  "ok = prewarm_marlin_extension(torch.bfloat16); print('gptqmodel-marlin', ok, round(time.perf_counter() - t, 1)); "
+                  "sys.exit(r is not None or not ok)")
+        kernel_log = open(run.out / "kernel.log", "w")
+        started = time.perf_counter()
+        kernel_build = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=kernel_log, stderr=subprocess.STDOUT,
+                                        env={**run.env, "TORCH_EXTENSIONS_DIR": str(run.work / "ext-build")})
+    output = run.cli("qlora-ray run", "run", str(job))
+    run.results["stages"] = {name: float(seconds) for name, seconds in
+                             re.findall(r"stage (\w+): done in ([\d.]+) s", output)}
+    if kernel_build is not None:
+        code = kernel_build.wait()
+        run.results["kernel_build"] = {"seconds": round(time.perf_counter() - started, 1), "exit": code,
+                                       "output": (run.out / "kernel.log").read_text()[-400:]}
+    spec, store = store_of(job)
+    from qlora_ray.store import eval_report_key
+
+    report = store.read_json(eval_report_key(spec.name), "report.json")
+    run.results["eval"] = {tenant: {"rows": [{k: row.get(k) for k in ("name", "accuracy", "perplexity", "tokens_per_second",
+                                                                       "size_bytes", "resident_bytes", "module_types")}
+                                             for row in part["rows"]], "verdicts": part["verdicts"]}
+                           for tenant, part in report["tenants"].items()}
+    models = ",".join(f"dates/{variant}" for variant in ("bf16.original", "nf4.original", "gptq-int4.original", "unmerged"))
+    run.cli("qlora-ray bench", "bench", str(job), "--models", models, "--concurrency", "1,8", "--duration",
+            str(args.bench_seconds), "--prompt-tokens", "128", "--output-tokens", "64",
+            env={"TORCH_EXTENSIONS_DIR": str(run.work / "ext-replica")})
+    bench = bench_report(job)
+    run.results["bench"] = {"deploy_seconds": bench.get("deploy_seconds"), "rows": bench["results"]}
+    return render_pipeline(run.results)
+
+
+def starts(run: Run, args) -> str:
+    """A model replica's start, cold (compiling the kernel) and warm (loading the store's build)."""
+    install(run)
+    job = write_job(run, name="gpu-starts", train={"max_steps": 2, "resources": {"num_gpus": 0.5 if run.device == "cuda" else 0}},
+                    fuse={"schemes": ["bf16"], "merge_base": "original"}, tenants=[
+                        {"id": "dates", "train_data": str(DATA / "dates" / "train.jsonl")}])
+    run.cli("train and fuse one tenant", "run", str(job))
+    rows = []
+    for label in ("cold", "warm"):
+        run.cli(f"bench ({label} start)", "bench", str(job), "--models", "dates/bf16.original", "--concurrency", "1",
+                "--requests", "2", env={"TORCH_EXTENSIONS_DIR": str(run.work / f"ext-{label}")})
+        bench = bench_report(job)
+        rows.append({"start": label, "deploy_seconds": bench.get("deploy_seconds"),
+                     "replica_start_seconds": bench["results"][0].get("replica_start_seconds"),
+                     "first_model_load_seconds": bench["results"][0].get("load_seconds")})
+    run.results["starts"] = rows
+    lines = ["| start | deploy (s) | replica start (s) | first model load (s) |", "|---|---|---|---|"]
+    lines += [f"| {r['start']} | {r['deploy_seconds']} | {r['replica_start_seconds']} | {r['first_model_load_seconds']} |"
+              for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def gptq_8b(run: Run, args) -> str:
+    """One shape:llama3-8b tenant through the fuse stage's gptq-int4, at the job defaults."""
+    install(run)
+    shape = "llama3-8b" if run.device == "cuda" else "tiny"
+    job = write_job(run, name="gpu-gptq", base={"name": shape, "source": f"shape:{shape}", "shard_size": "5GB"},
+                    tenants=[{"id": "acme", "train_data": str(DATA / "dates" / "train.jsonl")}],
+                    fuse={"schemes": ["gptq-int4"], "merge_base": "original", "workers": 1,
+                          "gptq": {} if run.device == "cuda" else {"group_size": 32},
+                          "resources": {"num_cpus": 8 if run.device == "cuda" else 1, "num_gpus": 1 if run.device == "cuda" else 0}})
+    run.cli("base import", "base", "import", "--job", str(job), "--device", run.device)
+    spec, store = store_of(job)
+    publish_random_adapter(run, spec, store)
+    run.cli("qlora-ray fuse", "fuse", str(job))
+    from qlora_ray.store import fused_key
+
+    manifest = store.read_manifest(fused_key(spec.name, "acme", "gptq-int4.original"))
+    run.results["gptq"] = {"settings": manifest["inputs"]["gptq"], "metrics": manifest["metrics"]}
+    m = manifest["metrics"]
+    return ("| base | group size | calibration rows | fuse unit s | merge s | GPTQModel load s | quantize s | save s | "
+            "size GB |\n|---|---|---|---|---|---|---|---|---|\n"
+            f"| shape:{shape} | {manifest['inputs']['gptq']['group_size']} | {m.get('calibration_rows')} | {m.get('seconds')} | "
+            f"{m.get('merge_seconds')} | {m.get('gptq_load_seconds')} | {m.get('gptq_quantize_seconds')} | "
+            f"{m.get('gptq_save_seconds')} | {m.get('size_bytes', 0) / 1e9:.2f} |\n")
+
+
+def publish_random_adapter(run: Run, spec, store) -> None:
+    """A PEFT adapter with random factors (r 16, alpha 32, the seven projections), and the tenant's
+    training rows to calibrate on, published as the train stage would."""
+    import torch
+    from safetensors.torch import save_file
+
+    from qlora_ray.store import adapter_key, base_key, data_key
+
+    config = store.read_json(base_key(spec.base.name), "config.json")
+    hidden, inter = config["hidden_size"], config["intermediate_size"]
+    head = config.get("head_dim") or hidden // config["num_attention_heads"]
+    kv = config["num_key_value_heads"] * head
+    shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
+              "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
+    generator = torch.Generator().manual_seed(0)
+    tensors = {}
+    for layer in range(config["num_hidden_layers"]):
+        for name, (fan_in, fan_out) in shapes.items():
+            where = "self_attn" if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj")) else "mlp"
+            prefix = f"base_model.model.model.layers.{layer}.{where}.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = (torch.randn(16, fan_in, generator=generator) / fan_in ** 0.5).to(torch.bfloat16)
+            tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, 16, generator=generator) * 0.01).to(torch.bfloat16)
+    folder = run.work / "adapter"
+    folder.mkdir(exist_ok=True)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (folder / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": list(shapes), "bias": "none",
+        "task_type": "CAUSAL_LM", "use_rslora": False, "lora_dropout": 0.0}))
+    store.publish(adapter_key(spec.name, "acme"), folder, kind="adapter", inputs={"training_fingerprint": "random"},
+                  keep_existing=True)
+    rows = run.work / "rows"
+    rows.mkdir(exist_ok=True)
+    shutil.copy(DATA / "dates" / "train.jsonl", rows / "train.jsonl")
+    store.publish(data_key(spec.name, "acme"), rows, kind="data", inputs={"train_sha256": "dates"}, keep_existing=True)
+
+
+def render_pipeline(results: dict) -> str:
+    lines = ["## Stages (`qlora-ray run`)", "", "| step | seconds |", "|---|---|"]
+    lines += [f"| {name} | {step['seconds']} |" for name, step in results["steps"].items()]
+    lines += [f"| stage {name} | {seconds} |" for name, seconds in results.get("stages", {}).items()]
+    if "kernel_build" in results:
+        lines.append(f"| Marlin build, in the background (exit {results['kernel_build']['exit']}) | "
+                     f"{results['kernel_build']['seconds']} |")
+    lines += ["", "## Eval (random base weights: accuracies mean nothing; every configuration loaded and ran)", "",
+              "| tenant | configuration | accuracy | perplexity | tok/s | kernels |", "|---|---|---|---|---|---|"]
+    for tenant, part in results.get("eval", {}).items():
+        for row in part["rows"]:
+            kernels = ", ".join(f"{k} x{v}" for k, v in (row.get("module_types") or {}).items())
+            lines.append(f"| {tenant} | {row['name']} | {row['accuracy']:.1%} | {row['perplexity']:.3g} | "
+                         f"{row['tokens_per_second']:.1f} | {kernels} |")
+    bench = results.get("bench")
+    if bench:
+        lines += ["", f"## Bench through Ray Serve (deployed in {bench['deploy_seconds']} s)", "",
+                  "| model | conc. | requests | errors | TTFT p50 ms | TPOT p50 ms | output tok/s | replica start s | load s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for row in bench["rows"]:
+            lines.append(f"| {row['model']} | {row['concurrency']} | {row['requests']} | {row['errors']} | "
+                         f"{row.get('ttft_ms_p50')} | {row.get('tpot_ms_p50')} | {row.get('output_tok_s')} | "
+                         f"{row.get('replica_start_seconds')} | {row.get('load_seconds')} |")
+    return "\n".join(lines) + "\n"
+
+
+PARTS = {"pipeline": pipeline, "starts": starts, "gptq-8b": gptq_8b}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--part", choices=list(PARTS), default="pipeline")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qlora-ray-gpu-pipeline"))
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--shape", help="the pipeline's base shape (default: smollm2-135m on cuda, tiny on cpu)")
+    parser.add_argument("--no-install", action="store_true", help="use the environment as it is (default on cpu)")
+    parser.add_argument("--bench-seconds", type=float, default=4.0, help="seconds per model and concurrency")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work / args.part
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    shape = args.shape or ("smollm2-135m" if args.device == "cuda" else "tiny")
+    run = Run(args.out, args.part, work, args.device, shape, install=args.device == "cuda" and not args.no_install)
+    started = time.perf_counter()
+    try:
+        markdown = PARTS[args.part](run, args)
+    finally:
+        run.results["seconds"] = round(time.perf_counter() - started, 1)
+        run.save()
+    header = (f"# {args.part} on {gpu_name()} ({run.results['date']})\n\n`{run.results['command']}`: "
+              f"{run.results['seconds']} s in all.\n\n")
+    run.save(header + markdown)
+    print(header + markdown)
+
+
+def gpu_name() -> str:
+    try:
+        return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                              text=True, timeout=30).stdout.strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "CPU"
+
+
+if __name__ == "__main__":
+    main()
