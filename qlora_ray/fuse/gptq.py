@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from qlora_ray.evaluation import render_prompt
+from qlora_ray.hardware import compute_dtype
 from qlora_ray.spec import GptqSpec
 
 # Longest calibration row, in tokens: the tenant's rows are its real traffic; this only guards memory.
@@ -79,11 +80,14 @@ def gptq_quantize(merged_dir: Path, out_dir: Path, texts: list[str], spec: GptqS
         os.chdir(merged_dir.parent)
         try:
             marks = [time.perf_counter()]
-            model = GPTQModel.load(str(merged_dir), config, device=device, trust_remote_code=False)
+            # GPTQModel computes in bf16 on any CPU; where that is emulated, fp32 is many times faster.
+            model = GPTQModel.load(str(merged_dir), config, device=device, trust_remote_code=False,
+                                   dtype=compute_dtype(device))
             marks.append(time.perf_counter())
             model.quantize(calibration, batch_size=CALIBRATION_BATCH, tokenizer=tokenizer)
             marks.append(time.perf_counter())
             model.save(str(out_dir))
+            dense_in_bf16(out_dir)
             marks.append(time.perf_counter())
         except Exception:
             log.flush()
@@ -99,3 +103,25 @@ def gptq_quantize(merged_dir: Path, out_dir: Path, texts: list[str], spec: GptqS
         "calibration_rows": len(calibration),
         "calibration_tokens": sum(len(row["input_ids"]) for row in calibration),
     }
+
+
+def dense_in_bf16(folder: Path) -> None:
+    """Store a GPTQ checkpoint's dense tensors (embeddings, norms, LM head) in bf16, as every other
+    fused model holds them, whatever dtype GPTQModel computed in (fp32 on CPUs without native bf16):
+    the artifact must not depend on the machine that made it. Quantized tensors keep their dtypes."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    for path in sorted(folder.glob("*.safetensors")):
+        tensors = load_file(str(path))
+        if any(t.dtype == torch.float32 for t in tensors.values()):
+            save_file({k: t.to(torch.bfloat16) if t.dtype == torch.float32 else t for k, t in tensors.items()},
+                      str(path), metadata={"format": "pt"})
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text())
+    if config.get("dtype") == "float32" or config.get("torch_dtype") == "float32":
+        config["dtype"] = "bfloat16"
+        config.pop("torch_dtype", None)
+        config_path.write_text(json.dumps(config, indent=2, sort_keys=True))

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_ray.hardware import native_bf16
 from qlora_ray.spec import FusedVariant, JobSpec, TenantSpec
 
 log = logging.getLogger(__name__)
@@ -96,6 +97,8 @@ def load_config(config: EvalConfig, tenant: TenantSpec, paths: dict[str, Path], 
             kwargs["quantization_config"] = GPTQConfig(bits=_gptq_settings(folder)["bits"], backend=backend)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), **common, **kwargs)
+    if device == "cpu" and not native_bf16(device):
+        _bitsandbytes_in_fp32(model)
     if config.has_adapter:
         from peft import PeftModel
 
@@ -104,6 +107,16 @@ def load_config(config: EvalConfig, tenant: TenantSpec, paths: dict[str, Path], 
         model = PeftModel.from_pretrained(model, str(checked_adapter_dir(paths["adapter"])))
     model.eval()
     return Loaded(model, tokenizer, linear_module_types(model))
+
+
+def _bitsandbytes_in_fp32(model) -> None:
+    """4-bit bitsandbytes layers compute in the dtype their config names (bf16 for ours); on a CPU
+    where bf16 is emulated that is several times slower than fp32, which the CPU path uses anyway."""
+    import torch
+
+    for module in model.modules():
+        if getattr(module, "compute_dtype", None) == torch.bfloat16 and type(module).__module__.startswith("bitsandbytes"):
+            module.compute_dtype = torch.float32
 
 
 def _gptq_settings(folder: Path) -> dict | None:

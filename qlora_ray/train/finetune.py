@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from qlora_ray import hardware
 from qlora_ray.spec import TrainSpec
 
 ProgressFn = Callable[[dict], None]
@@ -57,8 +58,7 @@ def load_base_for_training(base_dir: Path, spec: TrainSpec, device: str):
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    # bf16 compute: the H100's native rate; on CPU bnb's 4-bit kernels are also fastest in bf16.
-    compute_dtype = torch.bfloat16
+    compute_dtype = hardware.compute_dtype(device)  # bf16 where native: the H100's rate, and bnb's CPU kernels
     kwargs: dict = {"dtype": compute_dtype, "use_safetensors": True, "trust_remote_code": False}
     if spec.quantization != "none":
         kwargs["quantization_config"] = BitsAndBytesConfig(
