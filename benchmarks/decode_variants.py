@@ -34,7 +34,9 @@ sys.path.insert(0, str(REPO))
 from benchmarks.serve_speed import gptq_state, random_model, rtn_gptq, time_engine  # noqa: E402
 from qlora_ray.serve import decoder as decoder_module  # noqa: E402
 from qlora_ray.serve import marlin  # noqa: E402
-from qlora_ray.serve.engine import SamplingParams, StaticEngine  # noqa: E402
+from qlora_ray.serve.engine import StaticEngine  # noqa: E402
+from qlora_ray.serve.sampling import SamplingParams  # noqa: E402
+from qlora_ray.serve.scheduler import generate  # noqa: E402
 from qlora_ray.serve.weights import build_decoder, gptq_dequantize, gptq_to_tinygemm  # noqa: E402
 
 SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]
@@ -209,12 +211,12 @@ def engine_variants(results: dict, args) -> None:
     for variant in variants:
         apply(variant)
         torch._dynamo.reset()
-        engine = StaticEngine(decoder, set(), context=args.context)
+        engine = StaticEngine(decoder, set(), context=args.context, max_batch=1)
         warm = time.perf_counter()
-        engine.warm_up([1])
+        engine.warm_up()
         warm = time.perf_counter() - warm
         figures = time_engine(engine, 1, 128, 128, args.repeats)
-        tokens = [step[0] for step in engine.generate([[5, 6, 7]], [SamplingParams(max_new_tokens=16, temperature=0)])]
+        tokens = [step[0] for step in generate(engine, [[5, 6, 7]], [SamplingParams(max_new_tokens=16, temperature=0)])]
         row = {"variant": variant, "bs1_tok_s": round(figures["tok_s"], 1), "warmup_s": round(warm, 1),
                "greedy_tokens": tokens}
         rows.append(row)

@@ -56,23 +56,22 @@ def main() -> None:
         quant = {"quant_method": "gptq", "bits": 4, "group_size": 128}
     decoder = build_decoder(config, state, quant, device=torch.device("cuda"), dtype=torch.bfloat16)
     del state
-    engine = StaticEngine(decoder, set(), context=args.context)
-    decoder.use_cache(1, args.context)
+    engine = StaticEngine(decoder, set(), context=args.context, max_batch=1)
     tokens = torch.tensor([[7]], device="cuda")
-    slot = torch.tensor([300], device="cuda")
-    pads = torch.zeros(1, dtype=torch.long, device="cuda")
+    positions = torch.tensor([300], device="cuda")
 
     def step():
         with torch.inference_mode():
-            engine._decode_step(tokens, slot, pads, span=next(s for s in engine.spans if s > 300))
+            engine._decode_step(tokens, positions, span=next(s for s in engine.spans if s > 300))
 
     profile(f"{args.quant} decode step, batch 1, context {args.context} (compiled, no graph)", step, args.rows)
     prompt = [[(5 * i) % 250 + 3 for i in range(512)]]
 
     def prefill():
-        from qlora_ray.serve.engine import SamplingParams
+        from qlora_ray.serve.sampling import SamplingParams
+        from qlora_ray.serve.scheduler import generate
 
-        for _ in engine.generate(prompt, [SamplingParams(max_new_tokens=1, temperature=0)]):
+        for _ in generate(engine, prompt, [SamplingParams(max_new_tokens=1, temperature=0)]):
             pass
 
     profile(f"{args.quant} prefill of 512 tokens", prefill, args.rows)

@@ -39,7 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from qlora_ray.serve import marlin  # noqa: E402
-from qlora_ray.serve.engine import SamplingParams, StaticEngine  # noqa: E402
+from qlora_ray.serve.engine import StaticEngine  # noqa: E402
+from qlora_ray.serve.sampling import SamplingParams  # noqa: E402
+from qlora_ray.serve.scheduler import generate  # noqa: E402
 from qlora_ray.serve.weights import build_decoder, pack_int32  # noqa: E402
 from qlora_ray.shapes import shape_config  # noqa: E402
 
@@ -92,7 +94,7 @@ def time_engine(engine, batch: int, prompt_tokens: int, new_tokens: int, repeats
         torch.cuda.synchronize()
         started = time.perf_counter()
         first = None
-        for _step in engine.generate(prompts, params):
+        for _step in generate(engine, prompts, params):
             if first is None:
                 first = time.perf_counter()
         torch.cuda.synchronize()
@@ -108,7 +110,7 @@ def time_engine_ttft(engine, repeats: int) -> float:
     for _ in range(repeats + 1):
         torch.cuda.synchronize()
         started = time.perf_counter()
-        for _step in engine.generate(prompt, [SamplingParams(max_new_tokens=1, temperature=0)]):
+        for _step in generate(engine, prompt, [SamplingParams(max_new_tokens=1, temperature=0)]):
             torch.cuda.synchronize()
             times.append(time.perf_counter() - started)
     return statistics.median(times[1:])
@@ -222,9 +224,9 @@ def main() -> None:
         decoder = build_decoder(config, tensors, quant, device=torch.device("cuda"), dtype=torch.bfloat16,
                                 int4_kernel=int4_kernel)
         modules = Counter(type(m).__name__ for m in decoder.modules() if not list(m.children()))
-        engine = StaticEngine(decoder, set(), context=args.context)
+        engine = StaticEngine(decoder, set(), context=args.context, max_batch=max(batches))
         warm = time.perf_counter()
-        engine.warm_up(batches)
+        engine.warm_up()
         warm = time.perf_counter() - warm
         measure(label, kind,
                 lambda b: time_engine(engine, b, args.prompt_tokens, args.new_tokens, args.repeats),

@@ -299,15 +299,14 @@ class ServeSpec(_Model):
     max_resident_models: int = Field(4, gt=0, description="Fused models held per replica; least recently used leave first.")
     max_tokens: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for.")
     context: int = Field(2048, ge=64, description="Prompt plus answer tokens a request may use (the KV cache size).")
-    max_batch: int = Field(8, ge=1, le=32, description="Requests to one model generated together as one batch.")
-    batch_wait_ms: float = Field(
-        5.0, ge=0, le=1000, description="How long a batch waits for more requests to join before it starts.")
+    max_batch: int = Field(8, ge=1, le=64, description="Requests to one model generated at once (its KV cache's "
+                           "slots); a request joins at the next decode step and leaves when it is done.")
     max_replicas: int | None = Field(
         None, gt=0, description="Autoscale the model deployments from num_replicas up to this many replicas.")
     target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica autoscaling aims for.")
     max_ongoing_requests: int | None = Field(
-        None, gt=0, description="Requests one model replica takes at once: the batch generating and the next one "
-        "gathering in its batcher. Default: twice max_batch.")
+        None, gt=0, description="Requests one model replica takes at once: those generating and those waiting for "
+        "a free slot. Default: twice max_batch.")
     max_queued_requests: int = Field(
         64, gt=0, description="Requests the gateway holds for a model deployment while all its replicas have "
         "max_ongoing_requests; beyond these, a request is answered 429 with Retry-After at once instead of queuing "

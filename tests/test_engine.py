@@ -1,5 +1,6 @@
-"""The serving engines and the batcher on a tiny random Llama (fp32, CPU): every row of a padded
-batch must generate exactly what transformers generates for that prompt alone."""
+"""The serving engines and the scheduler on a tiny random Llama (fp32, CPU): every sequence must
+generate exactly what transformers generates for that prompt alone, whether it runs in a batch,
+joins one mid-generation, or is prefilled in chunks between other sequences' decode steps."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import torch
 from transformers import LlamaForCausalLM
 
 from qlora_ray.serve.batcher import Batcher
-from qlora_ray.serve.engine import FIRST_SPAN, SamplingParams, StaticEngine, TransformersEngine
+from qlora_ray.serve.engine import FIRST_SPAN, StaticEngine, TransformersEngine
+from qlora_ray.serve.sampling import SamplingParams
+from qlora_ray.serve.scheduler import Scheduler, Sequence, generate
 from qlora_ray.serve.weights import build_decoder
 from qlora_ray.shapes import shape_config
 
@@ -34,9 +37,13 @@ def model():
 
 
 @pytest.fixture(scope="module")
-def static_engine(model):
-    decoder = build_decoder(model.config, dict(model.state_dict()), None, device=torch.device("cpu"), dtype=torch.float32)
-    return StaticEngine(decoder, set(), context=64)
+def decoder(model):
+    return build_decoder(model.config, dict(model.state_dict()), None, device=torch.device("cpu"), dtype=torch.float32)
+
+
+@pytest.fixture
+def static_engine(decoder):
+    return StaticEngine(decoder, set(), context=64, max_batch=8)
 
 
 def alone(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
@@ -53,28 +60,28 @@ def columns(steps: list[list[int | None]]) -> list[list[int]]:
 
 
 @pytest.mark.parametrize("engine_kind", ["static", "transformers"])
-def test_each_row_of_a_padded_batch_generates_as_if_alone(model, static_engine, engine_kind):
-    engine = static_engine if engine_kind == "static" else TransformersEngine(model, set())
-    rows = columns(list(engine.generate(PROMPTS, [greedy()] * len(PROMPTS))))
+def test_each_row_of_a_batch_generates_as_if_alone(model, static_engine, engine_kind):
+    engine = static_engine if engine_kind == "static" else TransformersEngine(model, set(), context=64)
+    rows = columns(list(generate(engine, PROMPTS, [greedy()] * len(PROMPTS))))
     assert rows == [alone(model, prompt) for prompt in PROMPTS]
 
 
-def test_decoding_across_attention_spans_generates_as_if_alone(model, static_engine):
+def test_decoding_across_attention_spans_generates_as_if_alone(model, decoder):
     """Decode steps attend over a span of the cache that doubles as the answer grows: tokens on
     either side of each span boundary are the same as transformers' (which attends over all)."""
-    engine = StaticEngine(static_engine.decoder, set(), context=2 * FIRST_SPAN + 40)
+    engine = StaticEngine(decoder, set(), context=2 * FIRST_SPAN + 40, max_batch=2)
     assert engine.spans == [FIRST_SPAN, 2 * FIRST_SPAN, 2 * FIRST_SPAN + 40]
     long_prompt = [(7 * i) % 200 + 3 for i in range(FIRST_SPAN - 8)]
-    rows = columns(list(engine.generate([long_prompt, PROMPTS[0]], [greedy(FIRST_SPAN + 20)] * 2)))
+    rows = columns(list(generate(engine, [long_prompt, PROMPTS[0]], [greedy(FIRST_SPAN + 20)] * 2)))
     assert rows == [alone(model, long_prompt, FIRST_SPAN + 20), alone(model, PROMPTS[0], FIRST_SPAN + 20)]
 
 
-def test_a_stop_token_ends_its_row_only(model, static_engine):
+def test_a_stop_token_ends_its_row_only(model, decoder):
     expected = [alone(model, prompt) for prompt in PROMPTS]
     stop = expected[0][3]
-    engine = StaticEngine(static_engine.decoder, {stop}, context=64)
+    engine = StaticEngine(decoder, {stop}, context=64)
     params = [greedy(), greedy(ignore_eos=True), greedy()]
-    rows = columns(list(engine.generate(PROMPTS, params)))
+    rows = columns(list(generate(engine, PROMPTS, params)))
     for row, (got, want) in enumerate(zip(rows, expected)):
         if params[row].ignore_eos or stop not in want:
             assert got == want
@@ -83,7 +90,7 @@ def test_a_stop_token_ends_its_row_only(model, static_engine):
 
 
 def test_rows_end_at_their_own_max_tokens(model, static_engine):
-    steps = list(static_engine.generate(PROMPTS[:2], [greedy(3), greedy(7)]))
+    steps = list(generate(static_engine, PROMPTS[:2], [greedy(3), greedy(7)]))
     assert len(steps) == 7
     assert columns(steps) == [alone(model, PROMPTS[0], 3), alone(model, PROMPTS[1], 7)]
 
@@ -91,64 +98,80 @@ def test_rows_end_at_their_own_max_tokens(model, static_engine):
 def test_sampling_with_a_tiny_top_p_is_greedy_and_rows_keep_their_own_settings(model, static_engine):
     params = [SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.5, top_p=1e-6), greedy(),
               SamplingParams(max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1.0)]
-    rows = columns(list(static_engine.generate(PROMPTS, params)))
+    rows = columns(list(generate(static_engine, PROMPTS, params)))
     assert rows[:2] == [alone(model, PROMPTS[0]), alone(model, PROMPTS[1])]
     assert len(rows[2]) == NEW_TOKENS and all(0 <= t < model.config.vocab_size for t in rows[2])
 
 
 def test_a_batch_beyond_the_cache_is_refused(static_engine):
     with pytest.raises(ValueError, match="context of 64"):
-        list(static_engine.generate([[1] * 60], [greedy(8)]))
+        list(generate(static_engine, [[1] * 60], [greedy(8)]))
+
+
+def test_sequences_joining_mid_generation_and_prefilled_in_chunks_generate_as_if_alone(model, static_engine):
+    """Continuous batching: a sequence is added while others decode (it joins at the next step),
+    its prompt prefilled 4 tokens a step between their decode steps; one finishes early and its
+    slot is taken by a later one. Every answer equals transformers' for its prompt alone."""
+    scheduler = Scheduler(static_engine, max_batch=2, prefill_chunk=4)
+    prompts = PROMPTS + [[11, 12, 13, 14, 15, 16, 17]]
+    lengths = [NEW_TOKENS, 3, NEW_TOKENS, 6]
+    sequences = [Sequence(prompt, greedy(n)) for prompt, n in zip(prompts, lengths)]
+    got = {id(s): [] for s in sequences}
+    arrivals = {0: [sequences[0]], 2: [sequences[1]], 5: [sequences[2], sequences[3]]}
+    step = 0
+    while step < 100 and (step <= max(arrivals) or scheduler.has_work()):
+        for sequence in arrivals.get(step, []):
+            scheduler.add(sequence)
+        for item in scheduler.step():
+            got[id(item.sequence)].append(item.token)
+        step += 1
+    assert [got[id(s)] for s in sequences] == [alone(model, p, n) for p, n in zip(prompts, lengths)]
+    assert max(scheduler.decode_batches) == 2 and not scheduler.has_work()
 
 
 def collect(batcher: Batcher, prompt: list[int], params: SamplingParams, take: int | None = None):
     async def run():
         tokens = []
         async with contextlib.aclosing(batcher.tokens(prompt, params)) as stream:
-            async for token in stream:
-                tokens.append(token)
-                if take is not None and len(tokens) == take:
+            async for batch in stream:
+                tokens.extend(batch)
+                if take is not None and len(tokens) >= take:
                     break
-        return tokens
+        return tokens[:take] if take is not None else tokens
     return run()
 
 
-def test_concurrent_requests_share_a_batch_and_each_gets_its_own_answer(model, static_engine):
-    batcher = Batcher(static_engine, max_batch=8, wait=0.5)
+@pytest.mark.parametrize("engine_kind", ["static", "transformers"])
+def test_concurrent_requests_each_get_their_own_answer(model, static_engine, engine_kind):
+    engine = static_engine if engine_kind == "static" else TransformersEngine(model, set(), context=64)
+    batcher = Batcher(engine, max_batch=8)
 
     async def main():
         return await asyncio.gather(*(collect(batcher, prompt, greedy()) for prompt in PROMPTS),
-                                    collect(batcher, PROMPTS[0], greedy(), take=2))
+                                    collect(batcher, PROMPTS[0], greedy(), take=2),
+                                    collect(batcher, list(range(1, 51)), greedy(10)))
 
-    *answers, cut = asyncio.run(main())
+    *answers, cut, long_answer = asyncio.run(main())
     assert answers == [alone(model, prompt) for prompt in PROMPTS]
     assert cut == alone(model, PROMPTS[0])[:2]
-    assert list(batcher.batch_sizes) == [4]
+    assert long_answer == alone(model, list(range(1, 51)), 10)
 
 
-def test_requests_that_cannot_share_the_cache_run_in_separate_batches(model, static_engine):
-    batcher = Batcher(static_engine, max_batch=8, wait=0.5)
-    long_prompt, short_prompt = list(range(1, 51)), [9, 8, 7]
+def test_an_engine_error_reaches_every_request_and_the_next_ones_still_run(model, static_engine):
+    class Broken(StaticEngine):
+        broken = True
 
-    async def main():
-        return await asyncio.gather(collect(batcher, long_prompt, greedy(10)), collect(batcher, short_prompt, greedy(40)))
+        def decode(self, slots, tokens):
+            if self.broken:
+                raise RuntimeError("device lost")
+            return super().decode(slots, tokens)
 
-    long_answer, short_answer = asyncio.run(main())
-    assert long_answer == alone(model, long_prompt, 10) and short_answer == alone(model, short_prompt, 40)
-    assert sorted(batcher.batch_sizes) == [1, 1]
-
-
-def test_an_engine_error_reaches_every_request_of_the_batch(static_engine):
-    class Broken:
-        max_batch, context, stop_ids = 8, 64, set()
-
-        def generate(self, prompts, params):
-            raise RuntimeError("device lost")
-            yield
-
-    batcher = Batcher(Broken(), max_batch=8, wait=0.2)
+    engine = Broken(static_engine.decoder, set(), context=64)
+    batcher = Batcher(engine, max_batch=8)
 
     async def main():
         return await asyncio.gather(*(collect(batcher, [1, 2], greedy()) for _ in range(2)), return_exceptions=True)
 
     assert [str(e) for e in asyncio.run(main())] == ["device lost", "device lost"]
+    engine.broken = False
+    assert asyncio.run(collect(batcher, PROMPTS[0], greedy())) == alone(model, PROMPTS[0])

@@ -7,7 +7,8 @@
 Model ids name a tenant's artifact. Each ModelServer replica loads models from the store on demand
 through Serve's model multiplexing, which also routes a model's requests to the replica that holds
 it and evicts the least recently used one beyond serve.max_resident_models. Requests to one model
-on one replica are generated together in batches (serve/batcher.py).
+on one replica are generated together, joining and leaving the batch between decode steps
+(continuous batching: serve/scheduler.py, run by serve/batcher.py).
 
 Overload is answered, not queued without bound: a replica takes serve.max_ongoing_requests, the
 gateway's handle queues serve.max_queued_requests more per deployment (Ray Serve's own limits), and
@@ -108,8 +109,13 @@ class LoadedModel:
     def __init__(self, entry: ModelEntry, engine, tokenizer, resident_bytes: int, load_seconds: float, serve_spec):
         self.entry, self.engine, self.tokenizer = entry, engine, tokenizer
         self.resident_bytes, self.load_seconds = resident_bytes, load_seconds
-        self.batcher = Batcher(engine, serve_spec.max_batch, serve_spec.batch_wait_ms / 1000)
+        self.batcher = Batcher(engine, serve_spec.max_batch)
         self.engine_name = type(engine).__name__
+
+
+def _context(spec: JobSpec, config) -> int:
+    """Prompt and answer tokens a request may use: serve.context, or less if the model knows fewer positions."""
+    return min(spec.serve.context, getattr(config, "max_position_embeddings", None) or spec.serve.context)
 
 
 def _stop_ids(folder: Path, tokenizer) -> set[int]:
@@ -137,7 +143,7 @@ def load_model(spec: JobSpec, store: Store, entry: ModelEntry, device: str) -> L
             model, tokenizer = load_with_adapter(base_dir, adapter_dir, dtype=str(dtype).removeprefix("torch."))
             stop_ids = _stop_ids(base_dir, tokenizer)
         model.to(device)
-        engine = TransformersEngine(model, stop_ids)
+        engine = TransformersEngine(model, stop_ids, context=_context(spec, model.config), max_batch=spec.serve.max_batch)
         resident = sum(p.nbytes for p in model.parameters())
     else:
         with store.local_copy(entry.key) as folder:
@@ -150,7 +156,7 @@ def _fused_engine(spec: JobSpec, entry: ModelEntry, folder: Path, device: str, d
     format allows, transformers otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from qlora_ray.serve.engine import StaticEngine, TransformersEngine, buckets_up_to
+    from qlora_ray.serve.engine import StaticEngine, TransformersEngine
     from qlora_ray.serve.weights import WeightFormatError, load_decoder
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -161,10 +167,10 @@ def _fused_engine(spec: JobSpec, entry: ModelEntry, folder: Path, device: str, d
         log.warning("%s: %s; serving it through transformers instead", entry.id, exc)
         model = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, use_safetensors=True,
                                                      trust_remote_code=False).eval()
-        return TransformersEngine(model, stop_ids), tokenizer, model.get_memory_footprint()
-    context = min(spec.serve.context, decoder.config.max_position_embeddings)
-    engine = StaticEngine(decoder, stop_ids, context=context)
-    engine.warm_up(buckets_up_to(spec.serve.max_batch))
+        engine = TransformersEngine(model, stop_ids, context=_context(spec, model.config), max_batch=spec.serve.max_batch)
+        return engine, tokenizer, model.get_memory_footprint()
+    engine = StaticEngine(decoder, stop_ids, context=_context(spec, decoder.config), max_batch=spec.serve.max_batch)
+    engine.warm_up()
     resident = sum(t.nbytes for t in decoder.parameters()) + sum(t.nbytes for t in decoder.buffers())
     return engine, tokenizer, resident + decoder.cache_bytes()
 
@@ -172,13 +178,16 @@ def _fused_engine(spec: JobSpec, entry: ModelEntry, folder: Path, device: str, d
 # -- the model deployment -----------------------------------------------------------------------
 @serve.deployment
 class ModelServer:
-    """Loads models on demand (multiplexed, LRU-bounded) and streams their generations."""
+    """Loads models on demand (multiplexed, LRU-bounded) and streams their generations. `loader`
+    (default load_model) builds a LoadedModel for a catalog entry: tests inject fake engines here,
+    as Ray Serve LLM injects its engine class."""
 
-    def __init__(self, spec: JobSpec):
+    def __init__(self, spec: JobSpec, loader=None):
         started = time.perf_counter()
         import torch
 
         self.spec = spec
+        self.loader = loader or load_model
         self.store = Store(self.spec.store, self.spec.storage_options)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         self.catalog = model_catalog(self.spec, self.store)
@@ -197,7 +206,7 @@ class ModelServer:
             if model_id not in self.catalog:
                 self.catalog = model_catalog(self.spec, self.store)
             entry = self.catalog[model_id]
-            return await asyncio.to_thread(load_model, self.spec, self.store, entry, self.device)
+            return await asyncio.to_thread(self.loader, self.spec, self.store, entry, self.device)
 
         self.get_model = serve.multiplexed(max_num_models_per_replica=self.spec.serve.max_resident_models)(load)
 
@@ -212,22 +221,19 @@ class ModelServer:
     async def generate(self, payload: dict):
         """Events: {"type": "start", "prompt_tokens"} | {"type": "error", "status", "message"}, then
         {"type": "text", "text"} per token..., then {"type": "end", "finish_reason", "completion_tokens"}."""
-        from qlora_ray.serve.engine import SamplingParams
+        from qlora_ray.serve.sampling import SamplingParams
         from qlora_ray.serve.text import TextStream
 
         model = await self.get_model(payload["model"])
         tokenizer = model.tokenizer
-        if "messages" in payload:
-            ids = tokenizer.apply_chat_template(payload["messages"], add_generation_prompt=True, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-        elif isinstance(payload["prompt"], list):
+        if isinstance(payload.get("prompt"), list):
             ids = list(payload["prompt"])
             if any(not 0 <= token < len(tokenizer) for token in ids):
                 yield {"type": "error", "status": 400, "message": f"prompt: token ids must be in [0, {len(tokenizer)})"}
                 return
-        else:
-            ids = tokenizer(payload["prompt"], add_special_tokens=False)["input_ids"]
-        context = getattr(model.engine, "context", self.spec.serve.context)
+        else:  # on a thread: a long prompt would hold up every stream of this replica's event loop
+            ids = await asyncio.to_thread(_prompt_ids, tokenizer, payload)
+        context = model.engine.context
         limit = payload["max_tokens"] or min(self.spec.serve.max_tokens, context - len(ids))
         if not ids or limit < 1 or len(ids) + limit > context:
             yield {"type": "error", "status": 400,
@@ -238,19 +244,33 @@ class ModelServer:
         yield {"type": "start", "prompt_tokens": len(ids)}
         stream = TextStream(tokenizer, payload["stop"])
         produced, finish = 0, "length"
-        async with contextlib.aclosing(model.batcher.tokens(ids, params)) as tokens:
-            async for token in tokens:
-                produced += 1
-                # One event per token, its text possibly empty (held back: part of a character or
-                # maybe of a stop string), as OpenAI's stream does: clients see every token arrive.
-                yield {"type": "text", "text": stream.add(token)}
-                if stream.stopped or (token in model.engine.stop_ids and not params.ignore_eos):
-                    finish = "stop"
+        async with contextlib.aclosing(model.batcher.tokens(ids, params)) as batches:
+            async for tokens in batches:
+                # One event per batch of tokens, its text possibly empty (held back: part of a
+                # character or maybe of a stop string): one per token while the stream keeps up with
+                # the engine, several when it falls behind, so each hop carries more.
+                text = []
+                for token in tokens:
+                    produced += 1
+                    text.append(stream.add(token))
+                    if stream.stopped or (token in model.engine.stop_ids and not params.ignore_eos):
+                        finish = "stop"
+                        break
+                yield {"type": "text", "text": "".join(text)}
+                if finish == "stop":
                     break
         tail = stream.finish()
         if tail:
             yield {"type": "text", "text": tail}
         yield {"type": "end", "finish_reason": finish, "completion_tokens": produced}
+
+
+def _prompt_ids(tokenizer, payload: dict) -> list[int]:
+    """A request's prompt as token ids: its messages through the chat template, or its text."""
+    if "messages" in payload:
+        ids = tokenizer.apply_chat_template(payload["messages"], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(payload["prompt"], add_special_tokens=False)["input_ids"]
 
 
 def _retry_later(exc: BaseException, model: str, retry_after: int) -> protocol.APIError:
@@ -470,11 +490,12 @@ def _gateway_options(spec: JobSpec) -> dict:
     return {"max_ongoing_requests": held, "max_queued_requests": held, "backpressure_config": _backpressure(spec)}
 
 
-def build_application(spec: JobSpec, extra_keys: dict[str, str] | None = None):
+def build_application(spec: JobSpec, extra_keys: dict[str, str] | None = None, loader=None):
     """The bound Serve application for a job. extra_keys (key -> tenant) are accepted besides the
-    store's keys: the bench uses them for its own run without writing keys to the store."""
-    fused = ModelServer.options(**_options(spec, "fused")).bind(spec)
-    unmerged = ModelServer.options(**_options(spec, UNMERGED)).bind(spec) if spec.serve.unmerged_baseline else None
+    store's keys: the bench uses them for its own run without writing keys to the store. loader:
+    see ModelServer."""
+    fused = ModelServer.options(**_options(spec, "fused")).bind(spec, loader)
+    unmerged = ModelServer.options(**_options(spec, UNMERGED)).bind(spec, loader) if spec.serve.unmerged_baseline else None
     return Gateway.options(**_gateway_options(spec)).bind(spec, fused, unmerged, extra_keys)
 
 

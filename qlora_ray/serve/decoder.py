@@ -206,13 +206,15 @@ class Block(nn.Module):
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
-    def forward(self, x, pending, cos, sin, slots, mask):
+    def forward(self, x, pending, cos, sin, positions, mask, rows=None):
         """x [B, T, hidden] is the residual stream before the previous layer's MLP output `pending`
         (same shape; zeros for the first layer) is added; returns this layer's (x, pending).
         Adding a layer's output at the start of the next one puts the add in the same fused kernel as
         the next RMSNorm (when each layer is compiled on its own), one kernel fewer per layer.
-        cos/sin [B, T, head_dim]; slots [T] cache positions written; mask [B, 1, T, S]: attention
-        reads the first S slots of the cache."""
+        cos/sin [B, T, head_dim]; positions [B, T]: each token's position, which is also the cache
+        slot it is written to (every row starts at slot 0); mask [B, 1, T, S]: attention reads the
+        first S slots. rows: None for a decode step over the cache's first B rows (views, no copy);
+        else [B] the cache rows a prompt (chunk) is written to and read from."""
         x = x + pending
         batch, steps, _ = x.shape
         h = self.input_layernorm(x)
@@ -224,10 +226,20 @@ class Block(nn.Module):
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        self.k_cache.index_copy_(2, slots, k)
-        self.v_cache.index_copy_(2, slots, v)
         seen = mask.shape[-1]
-        keys, values = self.k_cache[:, :, :seen], self.v_cache[:, :, :seen]
+        if rows is None:
+            key_rows, value_rows = self.k_cache[:batch], self.v_cache[:batch]
+            index = positions[:, None, :, None].expand(batch, self.kv_heads, steps, self.head_dim)
+            key_rows.scatter_(2, index, k)
+            value_rows.scatter_(2, index, v)
+            keys, values = key_rows[:, :, :seen], value_rows[:, :, :seen]
+        else:
+            heads = torch.arange(self.kv_heads, device=x.device)
+            where = (rows[:, None, None], heads[None, :, None], positions[:, None, :])
+            self.k_cache.index_put_(where, k)
+            self.v_cache.index_put_(where, v)
+            keys = self.k_cache[:, :, :seen].index_select(0, rows)
+            values = self.v_cache[:, :, :seen].index_select(0, rows)
         if steps == 1:
             attended = grouped_decode_attention(q, keys, values, mask)
         else:
@@ -242,7 +254,7 @@ class Block(nn.Module):
 
 
 class Decoder(nn.Module):
-    """The whole model over a static cache of `batch` rows by `context` positions."""
+    """The whole model over a static KV cache of rows (one per sequence) by positions."""
 
     def __init__(self, config, embed: torch.Tensor, blocks: list[Block], norm: RMSNorm, lm_head: nn.Module):
         super().__init__()
@@ -251,7 +263,6 @@ class Decoder(nn.Module):
         self.layers = nn.ModuleList(blocks)
         self.norm = norm
         self.lm_head = lm_head
-        self._caches: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}
         from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
         # transformers' own rotary module, so every rope scaling it knows (llama3, yarn, ...) is right.
@@ -265,31 +276,34 @@ class Decoder(nn.Module):
     def device(self) -> torch.device:
         return self.embed_tokens.device
 
-    def use_cache(self, batch: int, context: int) -> None:
-        """Point every layer at the KV cache for `batch` rows of `context` positions, allocated on
-        first use and kept: a CUDA graph captured over one cache must find the same tensors again."""
-        if (batch, context) not in self._caches:
-            first = self.layers[0]
-            shape = (batch, first.kv_heads, context, first.head_dim)
-            self._caches[batch, context] = [
-                (torch.zeros(shape, dtype=self.dtype, device=self.device),
-                 torch.zeros(shape, dtype=self.dtype, device=self.device)) for _ in self.layers]
-        for layer, (keys, values) in zip(self.layers, self._caches[batch, context]):
-            layer.k_cache, layer.v_cache = keys, values
+    def reserve_cache(self, rows: int, context: int) -> None:
+        """Give every layer a KV cache of `rows` rows by `context` positions: a row per sequence,
+        each starting at slot 0. Allocated once and kept, since a CUDA graph captured over the cache
+        must find the same tensors again; asking for another size replaces it (graphs captured over
+        the old one must then be dropped)."""
+        first = self.layers[0]
+        shape = (rows, first.kv_heads, context, first.head_dim)
+        if first.k_cache is not None and tuple(first.k_cache.shape) == shape:
+            return
+        for layer in self.layers:
+            layer.k_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            layer.v_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def cache_bytes(self) -> int:
-        return sum(k.nbytes + v.nbytes for cache in self._caches.values() for k, v in cache)
+        return sum(layer.k_cache.nbytes + layer.v_cache.nbytes for layer in self.layers if layer.k_cache is not None)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, mask: torch.Tensor,
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None,
                 layers=None):
-        """Next-token logits [B, vocab] (fp32) after tokens [B, T] at rotary positions [B, T], written
-        to cache slots [T]; mask [B, 1, T, S] says which of the first S cache slots each token may
-        attend to. Only the last position goes through the LM head: a prompt's other logits are never
-        used. `layers`: callables standing in for self.layers (their compiled versions)."""
+        """Next-token logits [B, vocab] (fp32) after tokens [B, T] at positions [B, T] (also the
+        cache slots they are written to); mask [B, 1, T, S] says which of the first S slots each
+        token may attend to; rows: None for a decode step over the cache's first B rows, else the
+        cache row of each prompt (Block.forward). Only the last position goes through the LM head:
+        a prompt's other logits are never used. `layers`: callables standing in for self.layers
+        (their compiled versions)."""
         x = F.embedding(tokens, self.embed_tokens)
         cos, sin = self.rotary(x, positions)
         # Zeros, not None, for the first layer: every layer then has one signature, and compiles once.
         pending = torch.zeros_like(x)
         for layer in layers or self.layers:
-            x, pending = layer(x, pending, cos, sin, slots, mask)
+            x, pending = layer(x, pending, cos, sin, positions, mask, rows)
         return self.lm_head(self.norm(x[:, -1] + pending[:, -1])).float()

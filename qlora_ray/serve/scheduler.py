@@ -1,0 +1,249 @@
+"""Iteration-level scheduling (continuous batching) over one engine (serve/engine.py).
+
+Every `step()`:
+1. samples the tokens of the decode step launched by the previous one;
+2. admits waiting sequences into free slots and prefills prompts: while other sequences are
+   decoding, at most PREFILL_CHUNK prompt tokens a step (long prompts in chunks, so decode is never
+   stalled for long), else whole prompts; a prompt's last chunk gives its first token;
+3. launches the next decode step for every sequence still generating, the ones that just got their
+   first token included, before reading the sampled tokens back: the device runs the next step while
+   the host checks stops and hands tokens out;
+4. reads the tokens back and returns them; a sequence that meets a stop token or its max_new_tokens
+   leaves at once, and its slot is free for the next step.
+
+So a request joins the running batch at the next step, and a short answer is not held back by a
+long one. A sequence's output for a step launched before it was known to be finished is dropped.
+Engines that cannot batch sequences at different positions (`continuous = False`) get whole groups:
+a group is admitted only when the previous one is over, and its slots are released together.
+
+The scheduler is plain synchronous Python, so tests drive it directly with a fake engine;
+serve/batcher.py runs it on a worker thread for the async server, and `generate` runs it to the end.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from qlora_ray.serve.engine import Engine
+from qlora_ray.serve.sampling import Sampler, SamplingParams
+
+# Prompt tokens prefilled per step while other sequences decode: a prefill of 512 tokens takes about
+# as long as a few decode steps of an 8B model, so a long prompt delays the others' next tokens by a
+# few steps at most, and reaches its first token in a few steps.
+PREFILL_CHUNK = 512
+
+
+@dataclass(eq=False)
+class Sequence:
+    """One request as the scheduler sees it."""
+
+    prompt: list[int]
+    params: SamplingParams
+    slot: int | None = None
+    prefilled: int = 0
+    generated: int = 0
+    done: bool = False
+    cancelled: bool = field(default=False, repr=False)
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """A sequence's new token; `finished` if it is its last (a stop token or max_new_tokens)."""
+
+    sequence: Sequence
+    token: int
+    finished: bool
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, *, max_batch: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+        self.engine = engine
+        self.rows = min(max_batch or engine.max_batch, engine.max_batch)
+        self.prefill_chunk = prefill_chunk
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: list[Sequence] = []
+        self.running: list[Sequence] = []  # sequences whose next token comes from a decode step
+        self.free = list(range(self.rows))
+        self._inflight: tuple[list[Sequence], torch.Tensor] | None = None  # a decode step not yet sampled
+        self._samplers: dict[tuple[int, ...], Sampler] = {}
+        self._lock = threading.Lock()  # add and cancel come from other threads than step
+        self.decode_batches: deque[int] = deque(maxlen=1000)  # rows of recent decode steps
+
+    def add(self, sequence: Sequence) -> None:
+        """Queue a sequence; ValueError if its prompt and max_new_tokens do not fit a slot."""
+        needed = len(sequence.prompt) + sequence.params.max_new_tokens
+        if not sequence.prompt or sequence.params.max_new_tokens < 1 or needed > self.engine.context:
+            raise ValueError(f"prompt ({len(sequence.prompt)} tokens) plus max_tokens "
+                             f"({sequence.params.max_new_tokens}) exceeds the context of {self.engine.context}")
+        with self._lock:
+            self.waiting.append(sequence)
+
+    def cancel(self, sequence: Sequence) -> None:
+        """Drop a sequence (its client is gone): its slot is free at the next step."""
+        sequence.cancelled = True
+
+    def has_work(self) -> bool:
+        with self._lock:
+            return bool(self.waiting or self.prefilling or self.running or self._inflight)
+
+    def step(self) -> list[Emitted]:
+        self._retire_cancelled()
+        decoded_rows, decoded = self._sample_inflight()
+        first_rows, firsts = self._prefill()
+        self._launch(decoded_rows, decoded, first_rows, firsts)
+        emitted = []
+        for rows, tokens in ((decoded_rows, decoded), (first_rows, firsts)):
+            for sequence, token in zip(rows, tokens.tolist() if rows else []):
+                if sequence.done:
+                    continue
+                sequence.generated += 1
+                finished = (token in self.engine.stop_ids and not sequence.params.ignore_eos) or \
+                    sequence.generated >= sequence.params.max_new_tokens
+                emitted.append(Emitted(sequence, token, finished))
+                if finished:
+                    self._finish(sequence)
+        return emitted
+
+    def reset(self) -> list[Sequence]:
+        """Drop every sequence and free every slot (after an engine error); returns the dropped ones."""
+        with self._lock:
+            dropped = list(self.waiting) + self.prefilling + self.running
+            self.waiting.clear()
+        for sequence in self.prefilling + self.running:
+            if sequence.slot is not None:
+                self.engine.release(sequence.slot)
+        self.prefilling, self.running, self._inflight = [], [], None
+        self.free = list(range(self.rows))
+        return dropped
+
+    # -- the parts of a step -----------------------------------------------------------------
+    def _retire_cancelled(self) -> None:
+        with self._lock:
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)
+        for sequence in [s for s in self.prefilling + self.running if s.cancelled and not s.done]:
+            self._finish(sequence)
+
+    def _sample_inflight(self) -> tuple[list[Sequence], torch.Tensor | None]:
+        if self._inflight is None:
+            return [], None
+        rows, logits = self._inflight
+        self._inflight = None
+        return rows, self._sample(rows, logits)
+
+    def _prefill(self) -> tuple[list[Sequence], torch.Tensor | None]:
+        """Admit waiting sequences into free slots; prefill within the step's budget. Returns the
+        sequences whose prompt is complete and their first tokens (sampled, on the device)."""
+        self._admit()
+        decoding = bool(self.running)
+        budget = self.prefill_chunk if decoding and self.engine.continuous else None
+        work = []
+        for sequence in self.prefilling:
+            left = len(sequence.prompt) - sequence.prefilled
+            take = left if budget is None else min(left, budget)
+            if take <= 0:
+                break
+            work.append((sequence, sequence.prompt[sequence.prefilled:sequence.prefilled + take], sequence.prefilled))
+            if budget is not None:
+                budget -= take
+        if not work:
+            return [], None
+        logits = self.engine.prefill([s.slot for s, _, _ in work], [chunk for _, chunk, _ in work],
+                                     [start for _, _, start in work])
+        complete = []
+        for index, (sequence, chunk, _) in enumerate(work):
+            sequence.prefilled += len(chunk)
+            if sequence.prefilled == len(sequence.prompt):
+                complete.append(index)
+        if not complete:
+            return [], None
+        rows = [work[index][0] for index in complete]
+        for sequence in rows:
+            self.prefilling.remove(sequence)
+            self.running.append(sequence)
+        chosen = logits if len(complete) == len(work) else logits[torch.tensor(complete, device=logits.device)]
+        return rows, self._sample(rows, chosen)
+
+    def _admit(self) -> None:
+        if not self.engine.continuous and (self.running or self.prefilling):
+            return  # a group at a time
+        with self._lock:
+            while self.waiting and self.free:
+                sequence = self.waiting.popleft()
+                if sequence.cancelled:
+                    continue
+                sequence.slot = self.free.pop(0)
+                self.prefilling.append(sequence)
+
+    def _launch(self, decoded_rows, decoded, first_rows, firsts) -> None:
+        """Queue the next decode step for every sequence that may still generate. Whether a sampled
+        token is a stop token is not known before it is read back, so such rows are included; their
+        output is dropped if it was. Engines of whole groups decode every row of the group."""
+        rows, tokens = [], []
+        for group, sampled in ((decoded_rows, decoded), (first_rows, firsts)):
+            for index, sequence in enumerate(group):
+                if not sequence.done and sequence.generated + 1 < sequence.params.max_new_tokens:
+                    rows.append(sequence)
+                    tokens.append(sampled[index:index + 1])
+        if not self.engine.continuous and rows:
+            # the whole group, its finished rows with a filler token
+            filler = tokens[0].new_zeros(1)
+            chosen = {id(s): t for s, t in zip(rows, tokens)}
+            rows = list(self.running)
+            tokens = [chosen.get(id(s), filler) for s in rows]
+        if not rows:
+            return
+        self.decode_batches.append(len(rows))
+        logits = self.engine.decode([s.slot for s in rows], torch.cat(tokens))
+        self._inflight = (rows, logits)
+
+    def _finish(self, sequence: Sequence) -> None:
+        sequence.done = True
+        if sequence in self.prefilling:
+            self.prefilling.remove(sequence)
+        if not self.engine.continuous:
+            if all(s.done for s in self.running + self.prefilling):
+                for member in self.running + self.prefilling:
+                    self.engine.release(member.slot)
+                    self.free.append(member.slot)
+                self.running, self.prefilling = [], []
+                self.free.sort()
+            return
+        if sequence in self.running:
+            self.running.remove(sequence)
+        # The step already launched for it (if any) runs first: the device works in order.
+        self.engine.release(sequence.slot)
+        self.free.append(sequence.slot)
+        self.free.sort()
+
+    def _sample(self, rows: list[Sequence], logits: torch.Tensor) -> torch.Tensor:
+        key = tuple((id(s), s.params) for s in rows)  # params too: a finished sequence's id may be reused
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            if len(self._samplers) > 64:
+                self._samplers.clear()
+            sampler = self._samplers[key] = Sampler([s.params for s in rows], logits.device)
+        return sampler(logits)
+
+
+def generate(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> Iterator[list[int | None]]:
+    """Run prompts to the end together, as one batch: yields per step each row's new token (None for
+    a row that is done). Warm-ups, benchmarks and tests use it; the server uses the scheduler itself."""
+    if not prompts or len(prompts) > engine.max_batch:
+        raise ValueError(f"a batch holds 1 to {engine.max_batch} prompts (got {len(prompts)})")
+    scheduler = Scheduler(engine)
+    sequences = [Sequence(list(prompt), p) for prompt, p in zip(prompts, params)]
+    for sequence in sequences:
+        scheduler.add(sequence)
+    row_of = {id(s): row for row, s in enumerate(sequences)}
+    while scheduler.has_work():
+        emitted = scheduler.step()
+        if emitted:
+            out: list[int | None] = [None] * len(sequences)
+            for item in emitted:
+                out[row_of[id(item.sequence)]] = item.token
+            yield out
