@@ -238,7 +238,7 @@ def _start_app(spec, extra_keys: dict[str, str] | None = None) -> tuple[str, flo
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from qlora_ray.serve.app import model_catalog
+    from qlora_ray.serve.catalog import model_catalog
 
     spec = _load(args.job)
     store = _store(spec)
@@ -289,6 +289,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import tempfile
 
     from qlora_ray.serve.bench import render_table, run_bench, write_report
+    from qlora_ray.serve.mixed_bench import render_mixed, run_mixed_bench, write_mixed_report
     from qlora_ray.store import bench_key
 
     spec = _load(args.job)
@@ -300,26 +301,44 @@ def cmd_bench(args: argparse.Namespace) -> int:
         url, keys = args.url.rstrip("/"), {model: args.api_key for model in args.models.split(",")}
         deploy_seconds = None
     else:
-        from qlora_ray.serve.app import model_catalog
+        from qlora_ray.serve.catalog import model_catalog
 
         catalog = {name: entry for name, entry in model_catalog(spec, store).items() if not entry.refused}
-        # by default each served model once, under its full name (not again under its scheme's alias)
-        wanted = args.models.split(",") if args.models else [name for name, entry in catalog.items() if entry.id == name]
+        if args.models:
+            wanted = args.models.split(",")
+        elif args.mixed:  # one model per tenant: its first fused model, under its full name
+            firsts = {}
+            for name, entry in catalog.items():
+                if entry.id == name and entry.variant != "unmerged":
+                    firsts.setdefault(entry.tenant, name)
+            wanted = list(firsts.values())
+        else:  # each served model once, under its full name (not again under its scheme's alias)
+            wanted = [name for name, entry in catalog.items() if entry.id == name]
         missing = [model for model in wanted if model not in catalog]
         if missing or not wanted:
             raise UserError(f"not served: {', '.join(missing) or 'any model'}; served: {', '.join(catalog) or 'none'}")
         tenant_keys = {tenant.id: "bench-" + secrets.token_urlsafe(16) for tenant in spec.tenants}
         url, deploy_seconds = _start_app(spec, extra_keys={key: tenant for tenant, key in tenant_keys.items()})
         keys = {model: tenant_keys[catalog[model].tenant] for model in wanted}
-    report = run_bench(url, keys, list(keys), concurrency=args.concurrency, requests=args.requests,
-                       prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, duration=args.duration,
-                       progress=_progress)
+    if args.mixed:
+        counts = args.tenants or [len(keys)]
+        if max(counts) > len(keys):
+            raise UserError(f"--tenants {max(counts)}: only {len(keys)} model(s) to bench ({', '.join(keys)})")
+        report = run_mixed_bench(url, keys, list(keys), tenant_counts=counts, concurrency=args.concurrency,
+                                 duration=args.duration or 30.0, zipf=args.zipf, prompt_tokens=args.prompt_tokens,
+                                 output_tokens=args.output_tokens, seed=args.seed, progress=_progress)
+        render, write = render_mixed, write_mixed_report
+    else:
+        report = run_bench(url, keys, list(keys), concurrency=args.concurrency, requests=args.requests,
+                           prompt_tokens=args.prompt_tokens, output_tokens=args.output_tokens, duration=args.duration,
+                           progress=_progress)
+        render, write = render_table, write_report
     run_id = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
     report["when"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     report["deploy_seconds"] = None if deploy_seconds is None else round(deploy_seconds, 2)
-    print(render_table(report))
+    print(render(report))
     with tempfile.TemporaryDirectory() as scratch:
-        written = write_report(report, Path(scratch))
+        written = write(report, Path(scratch))
         store.publish(bench_key(spec.name, run_id), Path(scratch), kind="bench", inputs={"url": url})
     print(f"\nreport ({', '.join(path.name for path in written)}): {store.url(bench_key(spec.name, run_id))}")
     return 1 if any(row["errors"] for row in report["results"]) else 0
@@ -412,6 +431,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--duration", type=_positive_float, help="seconds per model and level, instead of --requests")
     bench.add_argument("--prompt-tokens", type=_positive_int, default=128, help="prompt length, about (default 128)")
     bench.add_argument("--output-tokens", type=_positive_int, default=64, help="tokens per answer (default 64)")
+    bench.add_argument("--mixed", action="store_true",
+                       help="many tenants at once: each request's model drawn by Zipf weight, prompt and answer "
+                       "lengths varied around --prompt-tokens/--output-tokens; reports per-tenant TTFT, aggregate "
+                       "tokens/s, model switches and 429s (default models: one per tenant)")
+    bench.add_argument("--tenants", type=_positive_ints, help="with --mixed: comma-separated tenant counts, each "
+                       "the first N models (default: all of them)")
+    bench.add_argument("--zipf", type=_positive_float, default=1.1, help="with --mixed: the Zipf exponent (default 1.1)")
+    bench.add_argument("--seed", type=int, default=0, help="with --mixed: the random seed of the traffic (default 0)")
     job_verb("eval", "score every tenant's configurations (base, adapter unmerged, each fused model, naive PTQ) on "
              "its eval rows: accuracy and perplexity; mark fused models that fail the quality gate (serve refuses "
              "them); report (JSON, Markdown, PNG) to the store", cmd_eval)

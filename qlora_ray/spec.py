@@ -296,7 +296,21 @@ class ServeSpec(_Model):
     host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
     port: int = Field(8000, gt=0, lt=65536, description="HTTP port of the Serve proxy.")
     num_replicas: int = Field(1, gt=0, description="Replicas of the model deployment.")
-    max_resident_models: int = Field(4, gt=0, description="Fused models held per replica; least recently used leave first.")
+    max_resident_models: int = Field(
+        4, gt=0, description="Models a replica holds at once. When another must load, an idle one leaves: the "
+        "asking tenant's own if it holds its share of the room, else one of a tenant over its share, least recently "
+        "used first; never one with requests in flight.")
+    resident_memory: str | None = Field(
+        None, description="Bytes a replica's models may hold (e.g. 60GB), besides max_resident_models. Default: on a "
+        "GPU, 85% of the replica's share of it (resources.num_gpus); no byte bound on a CPU.")
+    loads_per_tenant: int = Field(
+        1, gt=0, description="Model loads of one tenant running or waiting on a replica at once; a request that "
+        "would start another is answered 429 with Retry-After, so no tenant can queue up switches.")
+    catalog_refresh_s: float = Field(
+        10.0, gt=0, description="How often the gateway rereads API keys and the model catalog (in a thread): new "
+        "keys, models and quality verdicts take effect within this time.")
+    max_request_bytes: int = Field(
+        1_048_576, ge=1024, description="Largest request body; a larger one is answered 413 before it is read whole.")
     max_tokens: int = Field(1024, gt=0, description="Largest max_tokens a request may ask for.")
     context: int = Field(2048, ge=64, description="Prompt plus answer tokens a request may use (the KV cache size).")
     max_batch: int = Field(8, ge=1, le=64, description="Requests to one model generated at once (its KV cache's "
@@ -322,6 +336,13 @@ class ServeSpec(_Model):
         "other nodes and later starts load it in seconds. Whoever can write the store's kernels/ can then run code "
         "on the replicas.")
     resources: Resources = Field(default_factory=Resources)
+
+    @field_validator("resident_memory")
+    @classmethod
+    def _check_resident_memory(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_size(value)
+        return value
 
     @model_validator(mode="after")
     def _replica_range(self) -> "ServeSpec":

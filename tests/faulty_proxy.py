@@ -7,6 +7,7 @@ this between s3fs and moto and choose at run time which requests go wrong and ho
     truncate  relay the answer but cut its body in half and close the connection
     500, 503  answer an S3 XML error (InternalError, SlowDown) instead of relaying
     flip      relay the answer with one byte of its body inverted (a GET body corrupted in transit)
+    stall     relay the answer after STALL_SECONDS (a store that has stopped answering, for a while)
 
 It counts every request and every fault it injected, so a test can assert the faults happened.
 stdlib only: one thread per client connection (HTTP/1.1 keep-alive, as aiohttp pools them), one
@@ -18,12 +19,14 @@ from __future__ import annotations
 import http.client
 import sys
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlsplit
 
-FAULTS = ("drop", "truncate", "500", "503", "flip")
+FAULTS = ("drop", "truncate", "500", "503", "flip", "stall")
+STALL_SECONDS = 3.0
 
 _S3_ERRORS = {
     "500": ("InternalError", "We encountered an internal error. Please try again."),
@@ -142,6 +145,8 @@ def _handler_for(proxy: FaultyProxy) -> type[BaseHTTPRequestHandler]:
                             f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code>"
                             f"<Message>{message}</Message></Error>".encode())
                 return
+            if fault == "stall":
+                time.sleep(STALL_SECONDS)
             status, headers, answer = self.forward(body)
             if fault == "truncate" and answer:
                 self.answer(status, headers, answer, cut_at=len(answer) // 2)

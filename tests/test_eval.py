@@ -20,7 +20,7 @@ from qlora_ray.manifest import manifest_digest
 from qlora_ray.quality.gate import default_variants, judge
 from qlora_ray.quality.launch import eval_job
 from qlora_ray.quality.tenant import RESULTS_FILE
-from qlora_ray.serve.app import model_catalog
+from qlora_ray.serve.catalog import model_catalog
 from qlora_ray.spec import FusedVariant, QualityGate, load_spec
 from qlora_ray.store import Store, data_key, eval_key, eval_report_key, fused_key
 from tests.conftest import REPO, copy_base

@@ -112,3 +112,32 @@ def test_local_copies_of_a_remote_store_come_from_the_cache_once(backend, tmp_pa
     with store.local_copy("bases/b") as again:
         assert again == folder and (again / "weights" / "shard-1.bin").stat().st_size == 300_000
     assert len(downloads) == 3  # each file once
+
+
+def _copy_after_barrier(uri: str, local_dir: str, barrier, results) -> None:
+    """A replica's load: the whole artifact through the node cache, every file's hash checked."""
+    import hashlib
+
+    os.environ[local_disk.LOCAL_DIR_ENV] = local_dir
+    store = Store(uri)
+    barrier.wait()
+    with store.local_copy("fused/m") as folder:
+        results.put({rel: hashlib.sha256((folder / rel).read_bytes()).hexdigest()
+                     for rel in store.read_manifest("fused/m")["files"]})
+
+
+def test_two_replicas_fetching_one_model_into_one_node_cache_at_once_do_not_tear_it(s3_bucket, tmp_path):
+    store = Store(f"s3://{s3_bucket}/x")
+    manifest = store.publish("fused/m", make_artifact(tmp_path / "src"), kind="fused", inputs={})
+    barrier, results = SPAWN.Barrier(2), SPAWN.Queue()
+    replicas = [SPAWN.Process(target=_copy_after_barrier, args=(store.uri, str(tmp_path / "node"), barrier, results))
+                for _ in range(2)]
+    for replica in replicas:
+        replica.start()
+    for replica in replicas:
+        replica.join(timeout=120)
+        assert replica.exitcode == 0
+    expected = {rel: entry["sha256"] for rel, entry in manifest["files"].items()}
+    assert [results.get(timeout=5), results.get(timeout=5)] == [expected, expected]
+    entries = list((tmp_path / "node" / "cache").iterdir())
+    assert len(entries) == 1 and not list(entries[0].rglob(f"*{local_disk.PARTIAL_SUFFIX}"))

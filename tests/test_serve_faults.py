@@ -61,7 +61,7 @@ def test_a_killed_model_node_is_replaced_and_its_requests_fail_retryably(tiny_jo
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from qlora_ray.serve.app import Gateway, ModelServer, _gateway_options, _options
+    from qlora_ray.serve.app import Gateway, ModelServer, gateway_options, model_options
 
     publish_adapter(tiny_job_store, "acme", base_dir_of(tiny_job_store, tmp_path), tmp_path, seed=1, r=4, lora_alpha=8)
     port = free_port()
@@ -85,8 +85,8 @@ def test_a_killed_model_node_is_replaced_and_its_requests_fail_retryably(tiny_jo
         outcomes = fuse_job(spec, progress=lambda _: None)
         assert [o.state for o in outcomes] == ["done"], [o.error for o in outcomes]
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-        gateway = Gateway.options(**_gateway_options(spec), ray_actor_options={"num_cpus": 0, "resources": {"gateway": 0.01}})
-        serve.run(gateway.bind(spec, ModelServer.options(**_options(spec, "fused")).bind(spec), None, {KEY: "acme"}),
+        gateway = Gateway.options(**gateway_options(spec), ray_actor_options={"num_cpus": 0, "resources": {"gateway": 0.01}})
+        serve.run(gateway.bind(spec, ModelServer.options(**model_options(spec, "fused")).bind(spec), None, {KEY: "acme"}),
                   name="faults", route_prefix="/")
         url = f"http://127.0.0.1:{port}/v1"
         warm = requests.post(f"{url}/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2},

@@ -52,7 +52,7 @@ class SlowCountingEngine:
 
 
 def fake_loader(spec, store, entry, device):
-    from qlora_ray.serve.app import LoadedModel
+    from qlora_ray.serve.loading import LoadedModel
     from qlora_ray.shapes import byte_tokenizer
 
     return LoadedModel(entry, SlowCountingEngine(spec.serve.max_batch), byte_tokenizer(), 0, 0.0, spec.serve)

@@ -4,13 +4,14 @@ A worker thread runs the scheduler (serve/scheduler.py) step after step while it
 request's tokens are handed to its own asyncio queue the moment they are read back, and a request
 that ends (a stop token, max_tokens, or its client gone) leaves the batch at the next step, while
 others keep generating and new ones join. The thread ends when no request is left, so an evicted
-model leaves no thread behind holding its weights.
+model leaves no thread behind holding its weights; close() waits for that and refuses new requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 
 from qlora_ray.serve.engine import Engine
@@ -27,6 +28,9 @@ class Batcher:
         self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._lock = threading.Lock()
         self._working = False
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.last_step_at = time.monotonic()  # when the worker last finished a step (or started)
 
     @property
     def batch_sizes(self):
@@ -42,6 +46,8 @@ class Batcher:
         sequence = Sequence(list(ids), params)
         queue: asyncio.Queue = asyncio.Queue()
         with self._lock:  # the queue first: the worker may emit as soon as the sequence is added
+            if self._closed:
+                raise RuntimeError("this model was unloaded")
             self._queues[id(sequence)] = (asyncio.get_running_loop(), queue)
         try:
             self.scheduler.add(sequence)
@@ -52,7 +58,9 @@ class Batcher:
         with self._lock:
             if not self._working:
                 self._working = True
-                threading.Thread(target=self._work, name="qlora-ray-scheduler", daemon=True).start()
+                self.last_step_at = time.monotonic()
+                self._thread = threading.Thread(target=self._work, name="qlora-ray-scheduler", daemon=True)
+                self._thread.start()
         try:
             while True:
                 items = [await queue.get()]
@@ -70,6 +78,19 @@ class Batcher:
             with self._lock:
                 self._queues.pop(id(sequence), None)
 
+    def stalled_for(self) -> float:
+        """Seconds the worker has spent on its current step while it has work (0 when idle): a step
+        takes milliseconds, so minutes mean a wedged device."""
+        return time.monotonic() - self.last_step_at if self._working else 0.0
+
+    def close(self) -> None:
+        """Refuse new requests and wait for the worker to finish (it does once no request is left)."""
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+
     def _work(self) -> None:
         while True:
             with self._lock:
@@ -78,6 +99,7 @@ class Batcher:
                     return
             try:
                 emitted = self.scheduler.step()
+                self.last_step_at = time.monotonic()
             except BaseException as exc:  # noqa: BLE001 - handed to each request's event loop, raised there
                 for sequence in self.scheduler.reset():
                     self._put(sequence, exc)

@@ -40,6 +40,7 @@ class Sample:
     error: str | None = None
     status: int | None = None
     retry_after: float | None = None
+    load_seconds: float | None = None  # how long the request waited for its model to load (a switch), if it did
 
     @property
     def overloaded(self) -> bool:
@@ -84,14 +85,16 @@ def summarize(samples: list[Sample]) -> dict:
     }
 
 
-async def _one(session, url: str, key: str, model: str, prompt: str, output_tokens: int, concurrency: int, t0: float) -> Sample:
+async def one_request(session, url: str, key: str, model: str, prompt: str, output_tokens: int, concurrency: int, t0: float) -> Sample:
     body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     started = time.perf_counter() - t0
-    first, prompt_tokens, produced, status, done, error = None, 0, 0, None, False, None
+    first, prompt_tokens, produced, status, done, error, load_seconds = None, 0, 0, None, False, None, None
     try:
         async with session.post(f"{url}/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as response:
             status = response.status
+            load_header = response.headers.get("X-Model-Load-Seconds")
+            load_seconds = float(load_header) if load_header is not None else None
             if status != 200:
                 retry_after = response.headers.get("Retry-After")
                 return Sample(model, concurrency, started, None, time.perf_counter() - t0, 0, 0,
@@ -117,8 +120,10 @@ async def _one(session, url: str, key: str, model: str, prompt: str, output_toke
     if error is None and not done:
         error = "the stream ended before data: [DONE]"
     if error is not None:
-        return Sample(model, concurrency, started, first, time.perf_counter() - t0, 0, 0, error, status)
-    return Sample(model, concurrency, started, first, time.perf_counter() - t0, prompt_tokens, produced, None, status)
+        return Sample(model, concurrency, started, first, time.perf_counter() - t0, 0, 0, error, status,
+                      load_seconds=load_seconds)
+    return Sample(model, concurrency, started, first, time.perf_counter() - t0, prompt_tokens, produced, None, status,
+                  load_seconds=load_seconds)
 
 
 async def send_requests(url: str, key: str, model: str, *, concurrency: int, requests: int, prompt: str,
@@ -144,7 +149,7 @@ async def send_requests(url: str, key: str, model: str, *, concurrency: int, req
     async with aiohttp.ClientSession(timeout=timeout) as session:
         async def client():
             while more():
-                sample = await _one(session, url, key, model, prompt, output_tokens, concurrency, t0)
+                sample = await one_request(session, url, key, model, prompt, output_tokens, concurrency, t0)
                 samples.append(sample)
                 if sample.overloaded:
                     await asyncio.sleep(sample.retry_after)
@@ -229,18 +234,24 @@ def write_report(report: dict, folder: Path) -> list[Path]:
 
 
 def plot(report: dict, path: Path) -> None:
+    plot_by_concurrency(report, path, "model", str, [("ttft_ms_p50", "TTFT p50 (ms)"), ("tpot_ms_p50", "TPOT p50 (ms)"),
+                                                     ("output_tok_s", "output tokens/s")])
+
+
+def plot_by_concurrency(report: dict, path: Path, series: str, label, panels: list[tuple[str, str]]) -> None:
+    """One panel per (figure, title) of `panels` over the concurrency levels, one line per value of
+    the rows' `series` field (named by label(value))."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for model in dict.fromkeys(row["model"] for row in report["results"]):
-        rows = [row for row in report["results"] if row["model"] == model]
-        levels = [row["concurrency"] for row in rows]
-        for axis, key in zip(axes, ("ttft_ms_p50", "tpot_ms_p50", "output_tok_s")):
-            axis.plot(levels, [row[key] or 0 for row in rows], marker="o", label=model)
-    for axis, title in zip(axes, ("TTFT p50 (ms)", "TPOT p50 (ms)", "output tokens/s")):
+    figure, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5))
+    for value in dict.fromkeys(row[series] for row in report["results"]):
+        rows = [row for row in report["results"] if row[series] == value]
+        for axis, (key, _) in zip(axes, panels):
+            axis.plot([row["concurrency"] for row in rows], [row[key] or 0 for row in rows], marker="o", label=label(value))
+    for axis, (_, title) in zip(axes, panels):
         axis.set_title(title)
         axis.set_xlabel("concurrent requests")
         axis.grid(alpha=0.3)

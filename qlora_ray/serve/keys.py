@@ -3,9 +3,10 @@
 `qlora-ray keys JOB TENANT` makes a key and prints it once; the store keeps only its sha256 (in
 store.api_keys_key), so a leaked store listing leaks no key. Changes go through
 Store.update_record, so concurrent `keys` commands neither lose a key nor bring a revoked one back,
-and a damaged record is refused rather than overwritten. The gateway rereads the record at most
-every RELOAD_SECONDS, so a new key works without a restart and a revoked one stops working within
-that time; while the store cannot be read, the keys known last stay valid, and the log says so.
+and a damaged record is refused rather than overwritten. The gateway rereads the record in a thread
+every serve.catalog_refresh_s (serve/catalog.py), so a new key works without a restart and a revoked
+one stops working within that time; while the store cannot be read, the keys known last stay valid,
+and the log says so.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from qlora_ray.store import Store, api_keys_key
 
 log = logging.getLogger(__name__)
 
-RELOAD_SECONDS = 10.0
 KEY_PREFIX = "qr-"
 
 
@@ -62,24 +62,21 @@ def _keys_of(store: Store, job: str, record: dict | None) -> dict[str, dict]:
 
 
 class KeyRing:
-    """Resolves a bearer key to its tenant, from the store record plus keys given at start-up."""
+    """Resolves a bearer key to its tenant, from the store record as last reloaded plus keys given at
+    start-up. Lookups never read the store; reload() does."""
 
     def __init__(self, store: Store | None, job: str, extra: dict[str, str] | None = None):
         self.store, self.job = store, job
         self.extra = {key_digest(key): tenant for key, tenant in (extra or {}).items()}
         self.known: dict[str, str] = {}
-        self.loaded_at = float("-inf")
         self.stale_since: float | None = None  # when reloading started to fail, while it does
-        self._reload()
+        self.reload()
 
     def tenant(self, key: str) -> str | None:
         digest = key_digest(key)
-        if time.monotonic() - self.loaded_at > RELOAD_SECONDS:
-            self._reload()
         return self.extra.get(digest) or self.known.get(digest)
 
-    def _reload(self) -> None:
-        self.loaded_at = time.monotonic()
+    def reload(self) -> None:
         if self.store is None:
             return
         try:

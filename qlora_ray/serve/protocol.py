@@ -1,9 +1,12 @@
 """The OpenAI API's request bodies and response shapes, as far as this server implements them.
 
 Requests are validated here, before any model is touched: a body that does not parse or asks for
-something this server does not do gets a 400 with OpenAI's error shape, naming the field. Unknown
-fields are ignored, as OpenAI's clients send fields (user, seed, ...) that change nothing here.
-`ignore_eos` is vLLM's extension, used by benchmarks to fix the output length.
+something this server does not do gets a 400 with OpenAI's error shape, naming the field. OpenAI
+fields that would change the answer but are not implemented (tools, logprobs, response_format, ...)
+are refused by name rather than silently ignored; other unknown fields (user, seed, metadata, ...)
+are ignored, as OpenAI's clients send them. Strings are bounded (model names, stop strings), so no
+request can make the server do unbounded work per token. `ignore_eos` is vLLM's extension, used by
+benchmarks to fix the output length.
 """
 
 from __future__ import annotations
@@ -13,6 +16,32 @@ import uuid
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+MAX_MODEL_NAME = 256
+MAX_STOP_CHARS = 256
+
+
+def _given(value) -> bool:
+    return value not in (None, False, 0, "", [], {})
+
+
+# OpenAI request fields that change what is answered, none of which this server implements, each
+# with the test of a value that asks for it (a default value is harmless, and clients send those).
+UNSUPPORTED_FIELDS = {
+    "tools": _given, "tool_choice": lambda v: _given(v) and v != "none", "functions": _given,
+    "function_call": lambda v: _given(v) and v != "none", "logprobs": _given, "top_logprobs": _given,
+    "response_format": lambda v: _given(v) and not (isinstance(v, dict) and v.get("type") == "text"),
+    "logit_bias": _given, "presence_penalty": _given, "frequency_penalty": _given,
+    "best_of": lambda v: _given(v) and v != 1, "echo": _given, "suffix": _given, "audio": _given,
+    "modalities": lambda v: _given(v) and v != ["text"], "prediction": _given,
+}
+
+
+def refuse_unsupported(raw: dict) -> None:
+    """A 400 naming the first field that asks for something this server does not do."""
+    for name, asks in UNSUPPORTED_FIELDS.items():
+        if name in raw and asks(raw[name]):
+            raise APIError(400, f"{name}: not supported by this server", param=name, code="unsupported_parameter")
 
 
 class APIError(Exception):
@@ -42,7 +71,7 @@ def validation_error(exc: ValidationError) -> APIError:
 class _Request(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    model: str = Field(min_length=1)
+    model: str = Field(min_length=1, max_length=MAX_MODEL_NAME)
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
@@ -56,8 +85,8 @@ class _Request(BaseModel):
     @classmethod
     def _stops(cls, value):
         stops = [value] if isinstance(value, str) else (value or [])
-        if len(stops) > 4 or any(not s for s in stops):
-            raise ValueError("at most 4 non-empty stop strings")
+        if len(stops) > 4 or any(not s or len(s) > MAX_STOP_CHARS for s in stops):
+            raise ValueError(f"at most 4 stop strings, each of 1 to {MAX_STOP_CHARS} characters")
         return stops
 
     @property
@@ -84,6 +113,10 @@ class CompletionRequest(_Request):
             raise ValueError("empty prompt")
         return value
 
+    def prompt_size(self) -> int:
+        """Characters of the prompt's text, or its token ids."""
+        return len(self.prompt)
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -108,6 +141,10 @@ class ChatRequest(_Request):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def prompt_size(self) -> int:
+        """Characters of the messages' text."""
+        return sum(len(m.as_template_message()["content"]) for m in self.messages)
 
 
 def new_id(prefix: str) -> str:

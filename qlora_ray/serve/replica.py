@@ -1,0 +1,171 @@
+"""The model deployment: a replica holds several tenants' models (serve/residency.py decides which)
+and streams their generations, each model's requests batched continuously (serve/batcher.py).
+
+The gateway sends each request with its catalog entry, so a replica never reads the catalog. Serve's
+model multiplexing is used only to tell Serve's router which models a replica has served, so that a
+model's requests go where it is likely resident; which models stay resident is decided here.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from ray import serve
+
+from qlora_ray.serve.catalog import ModelEntry
+from qlora_ray.serve.loading import LoadedModel, load_model
+from qlora_ray.serve.residency import ResidentModels, TenantLoadsExceeded
+from qlora_ray.spec import JobSpec, parse_size
+from qlora_ray.store import Store
+
+log = logging.getLogger(__name__)
+# A scheduler step takes milliseconds; one running this long means the device is wedged.
+STALLED_STEP_SECONDS = 120.0
+
+
+def _memory_budget(spec: JobSpec, device: str) -> int | None:
+    """Bytes the replica's models may hold: serve.resident_memory, else on a GPU its share of the
+    device (serve.resources.num_gpus of it) less room for activations and the allocator."""
+    if spec.serve.resident_memory:
+        return parse_size(spec.serve.resident_memory)
+    if device != "cuda":
+        return None
+    import torch
+
+    total = torch.cuda.get_device_properties(0).total_memory
+    return int(0.85 * total * min(1.0, spec.serve.resources.num_gpus or 1.0))
+
+
+@serve.deployment
+class ModelServer:
+    """`loader` (default loading.load_model) builds a LoadedModel for a catalog entry: tests inject
+    fake engines here, as Ray Serve LLM injects its engine class."""
+
+    def __init__(self, spec: JobSpec, loader=None):
+        started = time.perf_counter()
+        import torch
+
+        self.spec = spec
+        self.loader = loader or load_model
+        self.store = Store(self.spec.store, self.spec.storage_options)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda":
+            from qlora_ray.serve import marlin
+
+            # The Marlin int4 kernel is compiled on a machine's first use (minutes) unless the store
+            # holds a build: here, while the replica starts, rather than inside the first request.
+            if self.spec.serve.share_compiled_kernels:
+                marlin.share_builds_through(self.store)
+            marlin.unavailable_reason()
+        self.models = ResidentModels(self._load, LoadedModel.close, max_models=spec.serve.max_resident_models,
+                                     memory_budget=_memory_budget(spec, self.device),
+                                     loads_per_tenant=spec.serve.loads_per_tenant)
+
+        async def note_model(model_id: str) -> str:  # what Serve's router learns; nothing is loaded here
+            return model_id
+
+        self._route = serve.multiplexed(max_num_models_per_replica=spec.serve.max_resident_models)(note_model)
+        self.start_seconds = time.perf_counter() - started
+        log.info("model replica ready in %.1f s (before its first model load)", self.start_seconds)
+
+    async def _load(self, entry: ModelEntry) -> LoadedModel:
+        return await asyncio.to_thread(self.loader, self.spec, self.store, entry, self.device)
+
+    @contextlib.asynccontextmanager
+    async def _using(self, entry: dict):
+        """(the model, the seconds this request waited for it to load: None when it was resident)."""
+        entry = ModelEntry(**entry)
+        await self._route(entry.id)
+        arrived, resident = time.perf_counter(), self.models.is_resident(entry.id)
+        async with self.models.use(entry) as model:
+            yield model, None if resident else time.perf_counter() - arrived
+
+    def check_health(self) -> None:
+        """Serve's periodic probe: a replica whose generation is wedged, or whose GPU is gone, is replaced."""
+        for model in self.models.models():
+            stalled = model.batcher.stalled_for() if model.batcher else 0.0
+            if stalled > STALLED_STEP_SECONDS:
+                raise RuntimeError(f"{model.entry.id}: one generation step has run for {stalled:.0f} s")
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.mem_get_info()  # raises once the device's context is lost
+
+    async def resident(self, entry: dict) -> dict:
+        async with self._using(entry) as (model, _):
+            sizes = model.batcher.batch_sizes
+            return {"model": model.entry.id, "resident_bytes": model.resident_bytes, "engine": model.engine_name,
+                    "device": self.device, "load_seconds": round(model.load_seconds, 2),
+                    "replica_start_seconds": round(self.start_seconds, 2),
+                    "resident_models": self.models.resident_ids(),
+                    "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None}
+
+    async def generate(self, payload: dict):
+        """Events: {"type": "start", "prompt_tokens"} | {"type": "error", "status", "message"}, then
+        {"type": "text", "text"} per step..., then {"type": "end", "finish_reason", "completion_tokens"}.
+        The start event's load_seconds: how long the request waited for its model to load (a model
+        switch), None when the model was resident."""
+        try:
+            async with self._using(payload["entry"]) as (model, load_seconds):
+                async for event in self._generate(model, payload, load_seconds):
+                    yield event
+        except TenantLoadsExceeded as exc:
+            yield {"type": "error", "status": 429, "retry_after": self.spec.serve.retry_after_s,
+                   "message": f"{exc}; retry after {self.spec.serve.retry_after_s} s"}
+
+    async def _generate(self, model: LoadedModel, payload: dict, load_seconds: float | None):
+        from qlora_ray.serve.sampling import SamplingParams
+        from qlora_ray.serve.text import TextStream
+
+        tokenizer = model.tokenizer
+        if isinstance(payload.get("prompt"), list):
+            ids = list(payload["prompt"])
+            if any(not 0 <= token < len(tokenizer) for token in ids):
+                yield {"type": "error", "status": 400, "message": f"prompt: token ids must be in [0, {len(tokenizer)})"}
+                return
+        else:  # on a thread: a long prompt would hold up every stream of this replica's event loop
+            try:
+                ids = await asyncio.to_thread(_prompt_ids, tokenizer, payload)
+            except Exception as exc:  # noqa: BLE001 - a template's own error (jinja raises its own types)
+                yield {"type": "error", "status": 400,
+                       "message": f"messages: the model's chat template refused them ({type(exc).__name__}: {exc})"}
+                return
+        context = model.engine.context
+        limit = payload["max_tokens"] or min(self.spec.serve.max_tokens, context - len(ids))
+        if not ids or limit < 1 or len(ids) + limit > context:
+            yield {"type": "error", "status": 400,
+                   "message": f"the prompt is {len(ids)} tokens and max_tokens {limit}: together at most {context}"}
+            return
+        params = SamplingParams(max_new_tokens=limit, temperature=payload["temperature"], top_p=payload["top_p"],
+                                ignore_eos=payload["ignore_eos"])
+        yield {"type": "start", "prompt_tokens": len(ids), "load_seconds": load_seconds}
+        stream = TextStream(tokenizer, payload["stop"])
+        produced, finish = 0, "length"
+        async with contextlib.aclosing(model.batcher.tokens(ids, params)) as batches:
+            async for tokens in batches:
+                # One event per batch of tokens, its text possibly empty (held back: part of a
+                # character or maybe of a stop string): one per token while the stream keeps up with
+                # the engine, several when it falls behind, so each hop carries more.
+                text = []
+                for token in tokens:
+                    produced += 1
+                    text.append(stream.add(token))
+                    if stream.stopped or (token in model.engine.stop_ids and not params.ignore_eos):
+                        finish = "stop"
+                        break
+                yield {"type": "text", "text": "".join(text)}
+                if finish == "stop":
+                    break
+        tail = stream.finish()
+        if tail:
+            yield {"type": "text", "text": tail}
+        yield {"type": "end", "finish_reason": finish, "completion_tokens": produced}
+
+
+def _prompt_ids(tokenizer, payload: dict) -> list[int]:
+    """A request's prompt as token ids: its messages through the chat template, or its text."""
+    if "messages" in payload:
+        ids = tokenizer.apply_chat_template(payload["messages"], add_generation_prompt=True, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    return tokenizer(payload["prompt"], add_special_tokens=False)["input_ids"]
