@@ -9,7 +9,6 @@ import argparse
 import sys
 import time
 from pathlib import Path
-from typing import Callable
 
 from qlora_ray.errors import UserError
 

@@ -119,3 +119,23 @@ def copy_base(source: Store, target: Store, tmp_path: Path, name: str = "tiny") 
     source.fetch(f"bases/{name}", local)
     manifest = source.read_manifest(f"bases/{name}")
     target.publish(f"bases/{name}", local, kind="base", inputs=manifest["inputs"], metrics=manifest["metrics"])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray of 2 CPUs shared by a module's tests (never a stray cluster)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture
+def fresh_local_ray():
+    """A local Ray for one test: for modules whose other tests start clusters of their own."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stray cluster
+    yield
+    ray.shutdown()

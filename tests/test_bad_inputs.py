@@ -10,7 +10,6 @@ lists the whole corpus.
 from __future__ import annotations
 
 import json
-import pickle
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,7 @@ from qlora_ray.cli import main
 from qlora_ray.manifest import sha256_file
 from qlora_ray.store import Store, adapter_key, api_keys_key
 from tests.conftest import REPO, free_port
-from tests.helpers import forge_manifest, stored_file
+from tests.helpers import booby_trapped_pickle, forge_manifest, stored_file
 
 DATES = REPO / "jobs" / "data" / "dates" / "train.jsonl"
 
@@ -104,19 +103,7 @@ def _edit_config(folder: Path, **changes) -> None:
 def _pickle_only(folder: Path) -> None:
     """adapter_model.bin instead of safetensors, holding a pickle that would create a file if unpickled."""
     (folder / "adapter_model.safetensors").unlink()
-    (folder / "adapter_model.bin").write_bytes(_booby_trapped_pickle(folder.parent / "pickle-ran"))
-
-
-class _Trap:
-    def __init__(self, sentinel: Path):
-        self.sentinel = sentinel
-
-    def __reduce__(self):
-        return (open, (str(self.sentinel), "w"))
-
-
-def _booby_trapped_pickle(sentinel: Path) -> bytes:
-    return pickle.dumps(_Trap(sentinel))
+    (folder / "adapter_model.bin").write_bytes(booby_trapped_pickle(folder.parent / "pickle-ran"))
 
 
 def _forged_safetensors(header_length: int, payload: bytes = b"{}") -> bytes:
@@ -161,7 +148,7 @@ def _safetensors_gone_pickle_beside(ctx: Ctx) -> list[str]:
     def tamper(store: Store, key: str) -> None:
         weights = stored_file(store, key, "adapter_model.safetensors")
         store.fs.rm_file(weights)
-        store.fs.pipe_file(weights.replace(".safetensors", ".bin"), _booby_trapped_pickle(ctx.tmp / "pickle-ran"))
+        store.fs.pipe_file(weights.replace(".safetensors", ".bin"), booby_trapped_pickle(ctx.tmp / "pickle-ran"))
 
     return ctx.tampered_adapter_job(tamper)
 
@@ -260,11 +247,11 @@ CASES = [
     Case("gguf-forged", lambda c: _base_import(c.write("fake.gguf", b"GGUF" + struct.pack("<I", 3) + b"\xff" * 64), c),
          "cannot load this GGUF as a causal LM"),
     Case("gguf-not-gguf", lambda c: _base_import(c.write("model.gguf", "just text"), c), "not a GGUF file"),
-    Case("hf-pickle-only", lambda c: _base_import(_hf_folder(c, None, {"pytorch_model.bin": _booby_trapped_pickle(c.tmp / "pickle-ran")}), c),
+    Case("hf-pickle-only", lambda c: _base_import(_hf_folder(c, None, {"pytorch_model.bin": booby_trapped_pickle(c.tmp / "pickle-ran")}), c),
          "pickle files are never loaded"),
     Case("hf-truncated-safetensors", lambda c: _base_import(_hf_folder(c, lambda b: b[: len(b) // 2]), c), "cannot load as a causal LM"),
     Case("hf-forged-safetensors-and-pickle", lambda c: _base_import(_hf_folder(
-        c, lambda b: _forged_safetensors(2**62), {"pytorch_model.bin": _booby_trapped_pickle(c.tmp / "pickle-ran")}), c),
+        c, lambda b: _forged_safetensors(2**62), {"pytorch_model.bin": booby_trapped_pickle(c.tmp / "pickle-ran")}), c),
          "cannot load as a causal LM"),
     Case("unknown-shape", lambda c: _base_import("shape:giant", c), "unknown shape"),
 ]

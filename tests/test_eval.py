@@ -24,7 +24,7 @@ from qlora_ray.serve.catalog import model_catalog
 from qlora_ray.spec import FusedVariant, QualityGate, load_spec
 from qlora_ray.store import Store, data_key, eval_key, eval_report_key, fused_key
 from tests.conftest import REPO, copy_base
-from tests.test_fuse import base_dir_of, local_ray, publish_adapter  # noqa: F401 - local_ray is a fixture
+from tests.helpers import base_dir_of, publish_adapter
 
 DATES = REPO / "jobs" / "data" / "dates"
 GATE = QualityGate(min_accuracy_ratio=0.98, max_perplexity_rise=0.05)
@@ -120,7 +120,7 @@ def worsen(store: Store, tenant: str, variant: str, tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tiny_store, tmp_path_factory, local_ray):  # noqa: F811 - local_ray is the imported fixture
+def evaluated(tiny_store, tmp_path_factory, local_ray):
     tmp_path = tmp_path_factory.mktemp("eval-tiny")
     store = Store(str(tmp_path / "store"))
     copy_base(tiny_store, store, tmp_path)

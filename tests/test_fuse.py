@@ -11,20 +11,16 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from qlora_ray.fuse.launch import fuse_job
 from qlora_ray.fuse.quant import FourBit, roundtrip_4bit
 from qlora_ray.quality.configs import gptq_layer_shapes
-from qlora_ray.spec import load_spec
-from qlora_ray.store import Store, adapter_key, data_key, fused_key
-from tests.conftest import REPO, copy_base
-from tests.helpers import stored_file
+from qlora_ray.store import Store, adapter_key, fused_key
+from tests.conftest import copy_base
+from tests.helpers import base_dir_of, fuse_spec, publish_adapter, stored_file
 
-DATES = REPO / "jobs" / "data" / "dates"
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 LORAS = {
     # alpha != r, and per-module patterns: a wrong scale or rank shows in the merged weights
     "acme": dict(r=4, lora_alpha=16, rank_pattern={"q_proj": 2}, alpha_pattern={r"layers\.1\.mlp\.down_proj": 3}),
@@ -32,57 +28,10 @@ LORAS = {
 }
 
 
-def base_dir_of(store: Store, tmp_path: Path, name: str = "tiny") -> Path:
-    local = tmp_path / f"base-{name}"
-    store.fetch(f"bases/{name}", local)
-    return local
-
-
-def publish_adapter(store: Store, tenant: str, base_dir: Path, tmp_path: Path, *, seed: int,
-                    model=None, **lora) -> Path:
-    """A peft adapter with random A and B factors, published as runs/t/adapters/<tenant>, plus its data."""
-    torch.manual_seed(seed)
-    model = model or AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
-    peft_model = get_peft_model(model, LoraConfig(target_modules=lora.pop("target_modules", TARGETS), **lora))
-    for name, param in peft_model.named_parameters():
-        if "lora_B" in name:
-            torch.nn.init.normal_(param, std=0.05)
-    folder = tmp_path / f"adapter-{tenant}"
-    peft_model.save_pretrained(str(folder))
-    store.publish(adapter_key("t", tenant), folder, kind="adapter", inputs={"training_fingerprint": tenant})
-    data = tmp_path / f"data-{tenant}"
-    data.mkdir()
-    (data / "train.jsonl").write_text((DATES / "train.jsonl").read_text())
-    store.publish(data_key("t", tenant), data, kind="data", inputs={"train_sha256": "x"})
-    return folder
-
-
-def fuse_spec(tmp_path: Path, store: Store, tenants: list[str], **fuse):
-    job = {
-        "name": "t", "store": store.uri,
-        "base": {"name": "tiny", "source": "shape:tiny"},
-        "tenants": [{"id": t, "train_data": str(DATES / "train.jsonl")} for t in tenants],
-        "fuse": {"schemes": ["bf16", "nf4"], "merge_base": "original", "workers": 2,
-                 "resources": {"num_cpus": 1}, **fuse},
-    }
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return load_spec(path)
-
-
 def fetch_fused(store: Store, tenant: str, variant: str, tmp_path: Path) -> Path:
     local = tmp_path / "fetched" / tenant / variant
     store.fetch(fused_key("t", tenant, variant), local)
     return local
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import time
 from qlora_ray.fuse.launch import fuse_job
 from qlora_ray.local_disk import local_root, sweep_scratch
 from qlora_ray.store import fused_key
-from tests.test_fuse import base_dir_of, fuse_spec, publish_adapter
+from tests.helpers import base_dir_of, fuse_spec, publish_adapter
 
 
 def test_a_killed_fuse_worker_is_redone_on_another_node(tiny_job_store, tmp_path):

@@ -18,7 +18,7 @@ import yaml
 from qlora_ray.store import Store, fused_key
 from tests.conftest import REPO, free_port
 from tests.faulty_proxy import FaultyProxy
-from tests.test_serve_streams import MODEL, SlowCountingEngine
+from tests.helpers import MODEL, SlowCountingEngine
 
 HEADERS = {"Authorization": "Bearer key-acme"}
 TENANTS = ["acme", "globex", "initech"]
@@ -72,7 +72,7 @@ def app(s3_endpoint, tmp_path_factory):
     spec = load_spec(path)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas need no tests package
-    ray.cloudpickle.register_pickle_by_value(sys.modules["tests.test_serve_streams"])
+    ray.cloudpickle.register_pickle_by_value(sys.modules["tests.helpers"])
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_application(spec, {f"key-{t}": t for t in TENANTS}, loader=refusing_loader), name="t", route_prefix="/")

@@ -14,7 +14,7 @@ import pytest
 from qlora_ray import local_disk
 from qlora_ray.local_disk import NodeCache, scratch_dir, sweep_scratch
 from qlora_ray.store import Store
-from tests.test_store import make_artifact
+from tests.helpers import make_artifact
 
 SPAWN = multiprocessing.get_context("spawn")
 

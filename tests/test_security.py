@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import re
-from pathlib import Path
 
 import boto3
 import pytest
@@ -20,7 +19,7 @@ from qlora_ray.cli import main
 from qlora_ray.errors import AdapterError
 from qlora_ray.spec import load_spec
 from tests.conftest import REPO, free_port
-from tests.test_bad_inputs import _booby_trapped_pickle
+from tests.helpers import booby_trapped_pickle
 
 PACKAGE = REPO / "qlora_ray"
 # Calls that can run code from a file or a model repository. None may appear in the package.
@@ -58,7 +57,7 @@ def test_peft_never_sees_a_pickled_adapter(tiny_store, tmp_path):
     adapter = tmp_path / "adapter"
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}')
-    (adapter / "adapter_model.bin").write_bytes(_booby_trapped_pickle(tmp_path / "pickle-ran"))
+    (adapter / "adapter_model.bin").write_bytes(booby_trapped_pickle(tmp_path / "pickle-ran"))
     base = tmp_path / "base"
     tiny_store.fetch("bases/tiny", base)
     with pytest.raises(AdapterError, match="adapter_model.bin: pickle files are never loaded"):

@@ -22,7 +22,7 @@ from qlora_ray.serve.keys import new_key
 from qlora_ray.spec import load_spec
 from qlora_ray.store import Store, fused_key
 from tests.conftest import REPO, copy_base, free_port
-from tests.test_fuse import publish_adapter
+from tests.helpers import publish_adapter
 
 TENANTS = ["acme", "globex", "initech"]
 QUESTION = [{"role": "user", "content": "the 3rd of May, 2021"}]

@@ -23,8 +23,7 @@ from qlora_ray.fuse.launch import fuse_job
 from qlora_ray.serve.bench import Sample, send_requests, synthetic_prompt
 from qlora_ray.spec import load_spec
 from tests.conftest import REPO, free_port
-from tests.test_fuse import base_dir_of, publish_adapter
-from tests.test_serve_load import title
+from tests.helpers import base_dir_of, process_title, publish_adapter
 
 MODEL, KEY, OUTPUT_TOKENS = "acme/bf16.original", "qr-fault-test-key", 160
 
@@ -49,7 +48,7 @@ def replica_node(nodes: list[ray_node.Node]) -> ray_node.Node | None:
     """The node whose raylet runs the model's replica (its worker processes are the raylet's children)."""
     for node in nodes:
         raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
-        if any(title(p) == "ray::ServeReplica:faults:fused" for p in raylet.children(recursive=True)):
+        if any(process_title(p) == "ray::ServeReplica:faults:fused" for p in raylet.children(recursive=True)):
             return node
     return None
 

@@ -22,7 +22,7 @@ from qlora_ray.serve.bench import Sample, run_bench, summarize
 from qlora_ray.spec import load_spec
 from qlora_ray.store import Store
 from tests.conftest import REPO, copy_base, free_port
-from tests.test_fuse import publish_adapter
+from tests.helpers import process_title, publish_adapter
 
 MODEL, KEY = "acme/bf16.original", "qr-load-test-key"
 
@@ -77,20 +77,11 @@ def deploy(fused):
     serve.delete("load")
 
 
-def title(process: psutil.Process) -> str:
-    """The actor a Ray worker process runs, e.g. ray::ServeReplica:load:fused, from its process title
-    (which names the method running too, after a dot); "" for a process already gone."""
-    try:
-        return (process.cmdline() or [""])[0].split(" ")[0].split(".")[0]
-    except psutil.Error:
-        return ""
-
-
 def serve_processes() -> list[psutil.Process]:
     """This test's Serve actors (proxy, gateway, model replica): the Ray workers started under this
     process, as a local Ray's raylet is its child; another Ray on the machine is not counted."""
     return [p for p in psutil.Process().children(recursive=True)
-            if title(p).startswith(("ray::ServeReplica", "ray::ProxyActor"))]
+            if process_title(p).startswith(("ray::ServeReplica", "ray::ProxyActor"))]
 
 
 def rss_bytes(processes: list[psutil.Process]) -> int:
@@ -158,7 +149,7 @@ def test_a_minute_at_concurrency_32_gets_completions_or_overload_answers_and_mem
     loaded = requests.get(f"{url}/qlora-ray/resident", params={"model": MODEL}, headers={"Authorization": f"Bearer {KEY}"})
     assert loaded.status_code == 200, loaded.text
     processes = serve_processes()
-    assert sorted(map(title, processes)) == [
+    assert sorted(map(process_title, processes)) == [
         "ray::ProxyActor", "ray::ServeReplica:load:Gateway", "ray::ServeReplica:load:fused"], processes
     readings: list[tuple[float, int]] = []  # (seconds into the load, RSS of the Serve processes)
     stop = threading.Event()

@@ -5,58 +5,17 @@ and [DONE]; a request sent mid-generation joins the running batch; a closed stre
 from __future__ import annotations
 
 import json
-import string
 import sys
 import threading
 import time
 
 import pytest
 import requests
-import torch
 import yaml
 
 from qlora_ray.store import Store, fused_key
 from tests.conftest import REPO, free_port
-
-STEP_SECONDS = 0.02
-MODEL = "acme/bf16.original"
-
-
-class SlowCountingEngine:
-    """Each token the next letter of the alphabet after the last one, in the byte tokenizer's ids;
-    every decode step takes STEP_SECONDS whatever the batch, as a memory-bound GPU step does."""
-
-    continuous, device, stop_ids, context = True, torch.device("cpu"), set(), 4096
-
-    def __init__(self, max_batch: int):
-        from qlora_ray.shapes import byte_tokenizer
-
-        self.max_batch = max_batch
-        self.letters = byte_tokenizer()(string.ascii_lowercase, add_special_tokens=False)["input_ids"]
-
-    def prefill(self, slots, chunks, starts):
-        return torch.stack([self._logits_after(chunk[-1]) for chunk in chunks])
-
-    def decode(self, slots, tokens):
-        time.sleep(STEP_SECONDS)
-        return torch.stack([self._logits_after(int(token)) for token in tokens])
-
-    def release(self, slot):
-        pass
-
-    def _logits_after(self, token: int) -> torch.Tensor:
-        logits = torch.zeros(259)
-        following = (self.letters.index(token) + 1) % 26 if token in self.letters else 0
-        logits[self.letters[following]] = 1e4  # sampled or not: every token is one letter of text
-        return logits
-
-
-def fake_loader(spec, store, entry, device):
-    from qlora_ray.serve.loading import LoadedModel
-    from qlora_ray.shapes import byte_tokenizer
-
-    return LoadedModel(entry, SlowCountingEngine(spec.serve.max_batch), byte_tokenizer(), 0, 0.0, spec.serve)
-
+from tests.helpers import MODEL, STEP_SECONDS, fake_loader
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
@@ -83,6 +42,7 @@ def app(tmp_path_factory):
     spec = load_spec(path)
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas need no tests package
+    ray.cloudpickle.register_pickle_by_value(sys.modules["tests.helpers"])
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_application(spec, {"key-acme": "acme"}, loader=fake_loader), name="t", route_prefix="/")

@@ -6,30 +6,12 @@ import hashlib
 import json
 import os
 import re
-from pathlib import Path
 
 import pytest
 
 from qlora_ray.errors import StoreError
 from qlora_ray.store import Store, adapter_key, base_key, display_uri, fused_key
-
-
-def versions(store: Store, key: str) -> list[str]:
-    """The version folders at key (sealed or not)."""
-    try:
-        entries = store.fs.ls(store.path(key), detail=False, refresh=True)
-    except FileNotFoundError:
-        return []
-    return sorted(name for name in (e.rstrip("/").rsplit("/", 1)[-1] for e in entries) if name.startswith("v"))
-
-
-def make_artifact(root: Path) -> Path:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "config.json").write_text(json.dumps({"hidden_size": 64}))
-    (root / "weights").mkdir(exist_ok=True)
-    (root / "weights" / "shard-1.bin").write_bytes(os.urandom(300_000))
-    (root / "weights" / "shard-2.bin").write_bytes(os.urandom(1000))
-    return root
+from tests.helpers import make_artifact, versions
 
 
 def test_layout_is_built_only_from_safe_segments():

@@ -19,7 +19,7 @@ from qlora_ray.store import S3_RETRIES, Store
 from tests.conftest import AWS_TEST_ENV
 from tests.faulty_proxy import FaultyProxy
 from tests.helpers import stored_file
-from tests.test_store import make_artifact
+from tests.helpers import make_artifact
 
 KEY = "runs/j/adapters/t"
 # s3fs downloads a file larger than its block size as concurrent ranged GETs (weight shards, in

@@ -16,7 +16,7 @@ import pytest
 from qlora_ray.errors import StoreError
 from qlora_ray.serve.keys import key_digest, new_key, revoke_tenant
 from qlora_ray.store import AlreadyPublished, Store, api_keys_key
-from tests.test_store import make_artifact, versions
+from tests.helpers import make_artifact, versions
 
 KEY = "runs/j/fused/t/bf16.original"
 SPAWN = multiprocessing.get_context("spawn")

@@ -38,15 +38,6 @@ def tiny_job(tmp_path: Path, store: Store, tenants: list[dict], **train) -> Path
     return path
 
 
-@pytest.fixture
-def local_ray():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # never a stray cluster
-    yield
-    ray.shutdown()
-
-
 def test_4bit_cpu_training_survives_an_eval_forward(tiny_store, tmp_path):
     """bitsandbytes' CPU inference repack silently kills QLoRA gradients; our fix keeps them."""
     from peft import LoraConfig, get_peft_model
@@ -69,7 +60,7 @@ def test_4bit_cpu_training_survives_an_eval_forward(tiny_store, tmp_path):
     assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
 
 
-def test_train_stage_trains_skips_and_isolates_bad_tenants(tiny_job_store, tmp_path, local_ray):
+def test_train_stage_trains_skips_and_isolates_bad_tenants(tiny_job_store, tmp_path, fresh_local_ray):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -119,7 +110,7 @@ def test_train_stage_trains_skips_and_isolates_bad_tenants(tiny_job_store, tmp_p
     assert tiny_job_store.read_manifest(adapter_key("t", "dates")) == manifest
 
 
-def test_loss_falls_on_the_tiny_model(tiny_job_store, tmp_path, local_ray):
+def test_loss_falls_on_the_tiny_model(tiny_job_store, tmp_path, fresh_local_ray):
     from qlora_ray.train.launch import train_job
 
     job = tiny_job(tmp_path, tiny_job_store, [{"id": "units", "train_data": str(UNITS / "train.jsonl")}],
@@ -130,7 +121,7 @@ def test_loss_falls_on_the_tiny_model(tiny_job_store, tmp_path, local_ray):
     assert metrics["final_loss"] < 0.6 * metrics["first_loss"]
 
 
-def test_cli_train_and_status(tiny_job_store, tmp_path, local_ray, capsys):
+def test_cli_train_and_status(tiny_job_store, tmp_path, fresh_local_ray, capsys):
     from qlora_ray.cli import main
 
     (tmp_path / "bad.jsonl").write_text("not json\n")
@@ -269,7 +260,7 @@ def test_packed_training_learns(tiny_store, tmp_path):
     assert metrics["final_loss"] < 0.6 * metrics["first_loss"]
 
 
-def test_requests_no_node_can_meet_fail_at_once(tiny_job_store, tmp_path, local_ray):
+def test_requests_no_node_can_meet_fail_at_once(tiny_job_store, tmp_path, fresh_local_ray):
     from qlora_ray.train.launch import train_job
 
     job = tiny_job(tmp_path, tiny_job_store, [
@@ -297,7 +288,7 @@ def test_a_checkpoint_whose_optimizer_state_is_a_pickle_is_refused_not_run(tiny_
     import qlora_ray.train.tenant as tenant_module
     from qlora_ray.errors import StoreError
     from qlora_ray.train.tenant import stage_data, train_tenant
-    from tests.test_bad_inputs import _booby_trapped_pickle
+    from tests.helpers import booby_trapped_pickle
 
     spec = load_spec(tiny_job(tmp_path, tiny_job_store, [{"id": "a", "train_data": str(DATES / "train.jsonl")}],
                               max_steps=4, checkpoint_every=2))
@@ -312,7 +303,7 @@ def test_a_checkpoint_whose_optimizer_state_is_a_pickle_is_refused_not_run(tiny_
     tiny_job_store.fetch(key, folder)
     assert (folder / "optimizer.pt").exists()
     sentinel = tmp_path / "pickle-ran"
-    (folder / "optimizer.pt").write_bytes(_booby_trapped_pickle(sentinel))
+    (folder / "optimizer.pt").write_bytes(booby_trapped_pickle(sentinel))
     tiny_job_store.delete(key)
     tiny_job_store.publish(key, folder, kind="checkpoint", inputs=inputs)
 

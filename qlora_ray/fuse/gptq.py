@@ -15,7 +15,6 @@ import sys
 import time
 from pathlib import Path
 
-from qlora_ray.evaluation import render_prompt
 from qlora_ray.hardware import compute_dtype
 from qlora_ray.spec import GptqSpec
 

@@ -51,8 +51,8 @@ class DenseLinear(nn.Module):
 
 
 # Above this many rows (prompt tokens) an int4 matmul dequantizes its weight and runs a 16-bit
-# matmul: tinygemm is built for decode's few rows and took 248 ms for a 512-token 8B prefill on an
-# H100, where bf16 takes 21 ms (benchmarks/results/2026-11-23-h100-serve.md).
+# matmul: tinygemm is built for decode's few rows and is about ten times slower than bf16 on a long
+# prompt (figures in benchmarks/results/).
 DEQUANTIZE_ABOVE_ROWS = 32
 
 
@@ -176,10 +176,9 @@ def grouped_decode_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.
     mask [B, 1, 1, S] (True: may attend); returns [B, heads, 1, d].
 
     The query heads that share a key head are the rows of one matmul against it, so K and V are read
-    as they are, never repeated per query head. Scores are scaled and soft-maxed in fp32. Measured on
-    an H100 (8B int4, benchmarks/results/2026-11-23-h100-serve.md, session 8) against SDPA, which
-    Inductor ran as cuDNN's attention: +1.6 % and +1.8 % tok/s at batch 1 (the latency target),
-    -1.8 % and -2.9 % at batch 8."""
+    as they are, never repeated per query head. Scores are scaled and soft-maxed in fp32. Against
+    SDPA (which Inductor runs as cuDNN's attention) it is a little faster at batch 1, the latency
+    target, and a little slower at batch 8 (benchmarks/results/)."""
     batch, heads, _, head_dim = q.shape
     kv_heads = keys.shape[1]
     rows = q.reshape(batch, kv_heads, heads // kv_heads, head_dim)

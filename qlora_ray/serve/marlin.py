@@ -1,10 +1,9 @@
 """GPTQModel's Marlin int4 kernel for the serving decoder: the fastest 4-bit matmul this project can
 use on an NVIDIA GPU (compute capability 8.0+, bf16 activations).
 
-Against torch's own int4 kernel (tinygemm), measured on an H100 with an 8B model
-(benchmarks/results/2026-11-23-h100-serve.md, run E): 1.75x the decode rate at batch 8, the same at
-batch 1, and no second copy of the weights for prompts (6.43 against 9.79 GiB), since Marlin is a
-GEMM fast at any number of rows. GPTQModel
+Against torch's own int4 kernel (tinygemm) it decodes much faster at batch 8, as fast at batch 1,
+and needs no second copy of the weights for prompts, since Marlin is a GEMM fast at any number of
+rows (figures in benchmarks/results/ and the README). GPTQModel
 ships Marlin as CUDA sources and compiles them on first use (nvcc needed). This module compiles the
 same sources itself rather than through `gptqmodel.utils.marlin`: importing `gptqmodel` sets
 process-wide allocator and device-order variables and loads its whole quantization stack, which a

@@ -32,10 +32,9 @@ from qlora_ray.serve.decoder import (Block, Decoder, DenseLinear, Int4Linear, Ma
 INT4_KERNELS = ("auto", "marlin", "tinygemm")
 
 # Marlin linears whose packed weight is smaller than this also get a tinygemm copy for calls of one
-# row (decode at batch 1). Measured at one row on an H100 (benchmarks/decode_variants.py; results in
-# benchmarks/results/2026-11-23-h100-serve.md, session 9), per call, Marlin against tinygemm: the 8B's
-# q/k/v (12 MiB) 11.1 against 9.9 µs, o (8 MiB) 10.4 against 6.8 µs, down (28 MiB) 17.9 against
-# 18.0 µs, gate/up (56 MiB) 30.0 against 32.4 µs. The copy costs those weights' bytes once more.
+# row (decode at batch 1): at one row Marlin is slowest on small matrices (an 8B's q/k/v and o) and
+# tinygemm faster there, while on the large ones the two are even (benchmarks/decode_variants.py;
+# figures in benchmarks/results/). The copy costs those weights' bytes once more.
 ONE_ROW_TINYGEMM_BELOW_BYTES = 16 * 2**20
 
 # tinygemm's supported quantization group sizes and inner K tiles (aten/src/ATen/native/cuda/int4mm.cu).

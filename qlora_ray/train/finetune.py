@@ -58,7 +58,7 @@ def load_base_for_training(base_dir: Path, spec: TrainSpec, device: str):
     tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    compute_dtype = hardware.compute_dtype(device)  # bf16 where native: the H100's rate, and bnb's CPU kernels
+    compute_dtype = hardware.compute_dtype(device)  # bf16 where native: a GPU's rate, and bnb's CPU kernels
     kwargs: dict = {"dtype": compute_dtype, "use_safetensors": True, "trust_remote_code": False}
     if spec.quantization != "none":
         kwargs["quantization_config"] = BitsAndBytesConfig(
@@ -121,7 +121,7 @@ def configure_layers(model, *, uncheckpointed_layers: int, compile_layers: bool)
 
     The last `uncheckpointed_layers` layers keep their activations (no recompute in the backward
     pass); with compile_layers each layer is compiled by torch.compile (identical layers share
-    one compiled graph). Both were measured on an H100: benchmarks/results/.
+    one compiled graph). What each buys is in benchmarks/results/.
     """
     layers = decoder_layers(model)
     for index, layer in enumerate(layers):
