@@ -75,6 +75,39 @@ TENANTS = {"acme": dict(r=4, lora_alpha=16), "globex": dict(r=8, lora_alpha=16)}
 WORSENED = ("globex", "bf16.original")
 
 
+def test_the_as_trained_row_is_the_format_the_adapters_manifest_records(tmp_path):
+    """The job file says NF4; the adapter's manifest says FP4 without double quantization: the row, its
+    loading format and the gate's as-trained reference follow the manifest. A 16-bit adapter has no
+    such row, and a record naming no known format is a store error naming the adapter."""
+    from qlora_ray.errors import StoreError
+    from qlora_ray.fuse.quant import FourBit
+    from qlora_ray.quality.configs import configurations, reference_name
+    from qlora_ray.quality.tenant import adapter_trained_format
+    from qlora_ray.store import adapter_key
+
+    store = Store(str(tmp_path / "store"))
+    spec = eval_spec(tmp_path, store)
+    tenant = spec.tenants[0]
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text("{}")
+    store.publish(adapter_key("t", tenant.id), folder, kind="adapter",
+                  inputs={"training": {"quantization": "fp4", "double_quant": False}})
+    trained = adapter_trained_format(spec, tenant, store)
+    assert trained == FourBit("fp4", False) and tenant.training.quantization == "nf4"
+    (row,) = [c for c in configurations(spec, tenant, trained) if c.kind == "unmerged-4bit"]
+    assert row.name == "unmerged.fp4-base" and row.trained == trained
+    assert not [c for c in configurations(spec, tenant, None) if c.kind == "unmerged-4bit"]
+    rows = [{"name": "unmerged", "kind": "unmerged"}, {"name": "unmerged.fp4-base", "kind": "unmerged-4bit"}]
+    as_trained = spec.model_copy(update={"quality_gate": spec.quality_gate.model_copy(update={"reference": "as-trained"})})
+    assert reference_name(as_trained, rows) == "unmerged.fp4-base" and reference_name(spec, rows) == "unmerged"
+    assert reference_name(as_trained, rows[:1]) == "unmerged"  # not measured: the 16-bit reference
+    store.delete(adapter_key("t", tenant.id))
+    store.publish(adapter_key("t", tenant.id), folder, kind="adapter", inputs={"training": {"quantization": "int3"}})
+    with pytest.raises(StoreError, match=r"adapters/.*training quantization 'int3'"):
+        adapter_trained_format(spec, tenant, store)
+
+
 def eval_spec(tmp_path: Path, store: Store):
     job = {
         "name": "t", "store": store.uri,

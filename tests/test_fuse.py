@@ -166,6 +166,39 @@ def test_many_shards_equal_one_shard(fused_tiny, tmp_path, local_ray):
             assert torch.equal(many[name], one[name]), (variant, name)
 
 
+def test_the_merge_base_is_the_format_the_adapter_was_trained_on_not_todays_job_file(tiny_job_store, tmp_path,
+                                                                                      local_ray):
+    """The adapter's manifest says it trained on FP4 without double quantization; the job file (edited
+    since) says NF4 with it. The nf4-dequantized merge base follows the manifest. A manifest naming no
+    known format fails that tenant alone, by name."""
+    from safetensors.torch import load_file
+
+    from qlora_ray.fuse.math import fuse_weight
+    from qlora_ray.fuse.worker import load_adapter_deltas
+
+    base_dir = base_dir_of(tiny_job_store, tmp_path)
+    fp4 = {"quantization": "fp4", "double_quant": False}
+    for tenant, seed, training in (("acme", 1, fp4), ("globex", 2, {"quantization": "int3", "double_quant": True})):
+        folder = publish_adapter(tiny_job_store, tenant, base_dir, tmp_path, seed=seed, r=4, lora_alpha=8)
+        tiny_job_store.delete(adapter_key("t", tenant))
+        tiny_job_store.publish(adapter_key("t", tenant), folder, kind="adapter", inputs={"training": training})
+    spec = fuse_spec(tmp_path, tiny_job_store, ["acme", "globex"], schemes=["bf16"], merge_base="nf4-dequantized")
+    assert spec.tenant("acme").training.quantization == "nf4" and spec.tenant("acme").training.double_quant
+    acme, globex = fuse_job(spec, progress=lambda _: None)
+    assert acme.state == "done", acme.error
+    assert globex.state == "failed" and "training quantization 'int3'" in globex.error
+    key = fused_key("t", "acme", "bf16.nf4-dequantized")
+    assert tiny_job_store.read_manifest(key)["inputs"]["trained_format"] == {"quant_type": "fp4", "double_quant": False}
+    fused = {}
+    for shard in fetch_fused(tiny_job_store, "acme", "bf16.nf4-dequantized", tmp_path).glob("*.safetensors"):
+        fused.update(load_file(str(shard)))
+    name = "model.layers.1.mlp.down_proj.weight"
+    original = AutoModelForCausalLM.from_pretrained(str(base_dir)).model.layers[1].mlp.down_proj.weight.data
+    delta = load_adapter_deltas(tmp_path / "adapter-acme")[name]
+    assert torch.equal(fused[name], fuse_weight(roundtrip_4bit(original, FourBit("fp4", False)), delta))
+    assert not torch.equal(fused[name], fuse_weight(roundtrip_4bit(original, FourBit("nf4", True)), delta))
+
+
 def test_a_rerun_skips_complete_artifacts(fused_tiny):
     store, _, _, _, tmp_path = fused_tiny
     spec = fuse_spec(tmp_path, store, list(LORAS), merge_base="both")

@@ -26,7 +26,7 @@ from qlora_ray.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapt
 from qlora_ray.bases import INDEX_NAME
 from qlora_ray.errors import AdapterError, StoreError, UserError
 from qlora_ray.fuse.layout import BaseLayout, adapter_problems, read_layout
-from qlora_ray.fuse.quant import FourBit
+from qlora_ray.fuse.quant import FourBit, trained_format
 from qlora_ray.fuse.shards import SHARD_SCHEMES, ShardTarget
 from qlora_ray.fuse.worker import FuseWorker, load_adapter_deltas
 from qlora_ray.local_disk import scratch_dir
@@ -63,9 +63,9 @@ class _Artifact:
     error: str | None = None
 
 
-def trained_format(tenant: TenantSpec) -> FourBit | None:
-    training = tenant.training
-    return None if training.quantization == "none" else FourBit(training.quantization, training.double_quant)
+def adapter_format(tenant: TenantSpec, adapter_manifest: dict) -> FourBit | None:
+    """The format the tenant's adapter was trained against, by its manifest (fuse/quant.trained_format)."""
+    return trained_format(adapter_manifest, tenant.training.quantization, tenant.training.double_quant)
 
 
 def output_format(tenant: TenantSpec) -> FourBit:
@@ -95,9 +95,8 @@ def fuse_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list[
         for tenant in spec.tenants:
             planned, settled = _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp, progress)
             outcomes += settled
-            for variant, inputs in planned:
-                target = ShardTarget(tenant.id, variant.merge_base, (variant.scheme,), trained_format(tenant),
-                                     output_format(tenant))
+            for variant, inputs, trained in planned:
+                target = ShardTarget(tenant.id, variant.merge_base, (variant.scheme,), trained, output_format(tenant))
                 if variant.scheme not in SHARD_SCHEMES:
                     gptq_jobs.append((target, inputs))
                     continue
@@ -122,7 +121,8 @@ def _gptq_problems(spec: JobSpec, layout: BaseLayout) -> list[str]:
 
 
 def _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp, progress):
-    """(variants to build with their manifest inputs, outcomes settled now: skipped or failed) for one tenant."""
+    """(variants to build, each with its manifest inputs and the adapter's trained format; outcomes
+    settled now: skipped or failed) for one tenant."""
     akey = adapter_key(spec.name, tenant.id)
     todo, skipped = [], []
     for variant in spec.fused_variants(tenant):
@@ -146,6 +146,7 @@ def _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp,
         check_adapter_files(list(adapter_manifest["files"]), store.url(akey))
         store.fetch(akey, folder, only=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
         deltas = load_adapter_deltas(folder, device="meta")
+        trained = adapter_format(tenant, adapter_manifest)
     except (AdapterError, StoreError) as exc:
         return [], skipped + fail(str(exc))
     except ValueError as exc:
@@ -171,7 +172,11 @@ def _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp,
                         "training_fingerprint": adapter_manifest["inputs"].get("training_fingerprint")},
         }
         if variant.merge_base == "nf4-dequantized":
-            inputs["trained_format"] = vars(trained_format(tenant))
+            if trained is None:
+                failed += fail("its adapter was trained on the 16-bit base (the adapter's manifest says so): there is "
+                               "no 4-bit base to merge into; use merge_base: original", [variant])
+                continue
+            inputs["trained_format"] = vars(trained)
         if variant.scheme == "nf4":
             inputs["output_format"] = vars(output_format(tenant))
         if variant.scheme == "gptq-int4":
@@ -181,7 +186,7 @@ def _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp,
             inputs["gptq"] = spec.fuse.gptq.model_dump(mode="json")
             inputs["calibration"] = {"key": data_key(spec.name, tenant.id),
                                      "train_sha256": data_manifest["inputs"].get("train_sha256")}
-        planned.append((variant, inputs))
+        planned.append((variant, inputs, trained))
     return planned, skipped + failed
 
 

@@ -50,6 +50,22 @@ def quantize_4bit(weight: torch.Tensor, fmt: FourBit):
     )
 
 
+def trained_format(adapter_manifest: dict, default_quantization: str, default_double_quant: bool) -> FourBit | None:
+    """The 4-bit format an adapter was trained against (None: a 16-bit LoRA), as its manifest
+    records it (inputs.training, written by the train stage), so that a job file edited since
+    training cannot change the base it is merged into or evaluated on. An adapter put in the store
+    by hand has no record: the job file's settings (the defaults) are all there is. A record that
+    names no known format is refused (ValueError)."""
+    recorded = (adapter_manifest.get("inputs") or {}).get("training")
+    recorded = recorded if isinstance(recorded, dict) else {}
+    quantization = recorded.get("quantization", default_quantization)
+    double_quant = recorded.get("double_quant", default_double_quant)
+    if quantization not in ("nf4", "fp4", "none") or not isinstance(double_quant, bool):
+        raise ValueError(f"the adapter's manifest records training quantization {quantization!r} and double_quant "
+                         f"{double_quant!r}; expected nf4, fp4 or none, and true or false")
+    return None if quantization == "none" else FourBit(quantization, double_quant)
+
+
 def roundtrip_4bit(weight: torch.Tensor, fmt: FourBit) -> torch.Tensor:
     """dequantize(quantize(weight)) in weight.dtype: the weight a QLoRA adapter was trained against."""
     import bitsandbytes.functional as bnbf

@@ -13,6 +13,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from qlora_ray.fuse.quant import FourBit
 from qlora_ray.hardware import native_bf16
 from qlora_ray.spec import FusedVariant, JobSpec, TenantSpec
 
@@ -29,23 +30,25 @@ class EvalConfig:
     kind: str  # "base" | "unmerged" | "unmerged-4bit" | "fused" | "ptq"
     description: str
     variant: FusedVariant | None = None  # the fused artifact, for kind "fused"
+    trained: FourBit | None = None  # the 4-bit format the adapter was trained against, for kind "unmerged-4bit"
 
     @property
     def has_adapter(self) -> bool:
         return self.kind in ("unmerged", "unmerged-4bit", "ptq")
 
 
-def configurations(spec: JobSpec, tenant: TenantSpec) -> list[EvalConfig]:
+def configurations(spec: JobSpec, tenant: TenantSpec, trained: FourBit | None) -> list[EvalConfig]:
     """The rows of a tenant's table, in order: the base, the adapter unmerged (on the 16-bit base,
-    and on the 4-bit base it was trained on), every fused artifact, and naive PTQ with GPTQ. Naive
-    PTQ with bitsandbytes 4-bit is the "unmerged on the 4-bit base" row: the same quantized base."""
+    and on the 4-bit base it was trained on: `trained`, as the adapter's manifest records it), every
+    fused artifact, and naive PTQ with GPTQ. Naive PTQ with bitsandbytes 4-bit is the "unmerged on
+    the 4-bit base" row: the same quantized base."""
     rows = [EvalConfig("base", "base", "the base model alone (16-bit)"),
             EvalConfig("unmerged", "unmerged", "adapter unmerged on the 16-bit base (what <tenant>/unmerged serves)")]
-    quantization = tenant.training.quantization
-    if quantization != "none":
-        rows.append(EvalConfig(f"unmerged.{quantization}-base", "unmerged-4bit",
-                               f"adapter unmerged on the {quantization.upper()} base, as trained (= naive PTQ, "
-                               f"bitsandbytes {quantization.upper()})"))
+    if trained is not None:
+        kind = trained.quant_type.upper()
+        rows.append(EvalConfig(f"unmerged.{trained.quant_type}-base", "unmerged-4bit",
+                               f"adapter unmerged on the {kind} base, as trained (= naive PTQ, bitsandbytes {kind})",
+                               trained=trained))
     for variant in spec.fused_variants(tenant):
         base = "16-bit original" if variant.merge_base == "original" else "NF4-dequantized base"
         rows.append(EvalConfig(variant.name, "fused", f"fused {variant.scheme}, merged into the {base}", variant))
@@ -54,12 +57,11 @@ def configurations(spec: JobSpec, tenant: TenantSpec) -> list[EvalConfig]:
     return rows
 
 
-def reference_name(spec: JobSpec, tenant: TenantSpec) -> str:
-    """The row the gate compares every fused artifact with (quality_gate.reference)."""
-    quantization = tenant.training.quantization
-    if spec.quality_gate.reference == "as-trained" and quantization != "none":
-        return f"unmerged.{quantization}-base"
-    return "unmerged"
+def reference_name(spec: JobSpec, rows: list[dict]) -> str:
+    """The row the gate compares every fused artifact with (quality_gate.reference): the adapter on
+    the 4-bit base it was trained on, if asked and measured, else the adapter on the 16-bit base."""
+    as_trained = next((row["name"] for row in rows if row["kind"] == "unmerged-4bit"), None)
+    return as_trained if spec.quality_gate.reference == "as-trained" and as_trained else "unmerged"
 
 
 @dataclass
@@ -69,7 +71,7 @@ class Loaded:
     module_types: dict[str, int]  # library.class -> count, for the linear layers (quantized or LoRA-wrapped)
 
 
-def load_config(config: EvalConfig, tenant: TenantSpec, paths: dict[str, Path], device: str) -> Loaded:
+def load_config(config: EvalConfig, paths: dict[str, Path], device: str) -> Loaded:
     """Load one configuration. paths: "base" (16-bit base folder), "adapter", and "model" (the fused
     or naive-PTQ folder) as the configuration needs them."""
     import torch
@@ -81,12 +83,10 @@ def load_config(config: EvalConfig, tenant: TenantSpec, paths: dict[str, Path], 
     if config.kind in ("base", "unmerged"):
         folder, kwargs = paths["base"], {"dtype": dtype}
     elif config.kind == "unmerged-4bit":
-        from qlora_ray.fuse.launch import trained_format
         from transformers import BitsAndBytesConfig
 
         folder = paths["base"]
-        kwargs = {"dtype": dtype,
-                  "quantization_config": BitsAndBytesConfig.from_dict(trained_format(tenant).quantization_config())}
+        kwargs = {"dtype": dtype, "quantization_config": BitsAndBytesConfig.from_dict(config.trained.quantization_config())}
     else:  # fused or naive PTQ: the folder's config.json says how it is quantized
         folder = paths["model"]
         kwargs = {"dtype": dtype} if config.kind == "fused" and config.variant.scheme == "bf16" else {}

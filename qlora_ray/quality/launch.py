@@ -119,12 +119,12 @@ def build_report(spec: JobSpec, store: Store, tenant_ids: list[str]) -> dict:
         results = store.read_json(key, RESULTS_FILE)
         rows = [{k: v for k, v in row.items() if k != "answers"} for row in results["rows"]]
         by_name = {row["name"]: row for row in rows}
-        reference = by_name.get(reference_name(spec, tenant))
+        reference = by_name.get(reference_name(spec, rows))
         variants = [v for v in spec.fused_variants(tenant) if v.name in by_name]
         verdicts = {v.name: judge(by_name[v.name], reference, spec.quality_gate) for v in variants} if reference else {}
         tenants[tenant_id] = {
             "scorer": tenant.scorer, "device": results["device"], "eval_rows": rows[0]["total"] if rows else 0,
-            "reference": reference_name(spec, tenant), "rows": rows, "missing": results["missing"],
+            "reference": reference_name(spec, rows), "rows": rows, "missing": results["missing"],
             "verdicts": {name: verdict.to_dict() for name, verdict in verdicts.items()},
             "defaults": default_variants(variants, by_name, verdicts) if reference else {},
             "merge_bases": len({v.merge_base for v in variants}),

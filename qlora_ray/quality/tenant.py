@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from qlora_ray.errors import StoreError
 from qlora_ray.evaluation import score
+from qlora_ray.fuse.quant import FourBit, trained_format
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.quality.configs import EvalConfig, configurations, load_config, resident_bytes
@@ -38,12 +40,24 @@ def config_sources(spec: JobSpec, tenant: TenantSpec, config: EvalConfig) -> dic
     return sources
 
 
-def eval_inputs(spec: JobSpec, tenant: TenantSpec, store: Store) -> tuple[dict, list[str], dict[str, int]]:
+def adapter_trained_format(spec: JobSpec, tenant: TenantSpec, store: Store) -> FourBit | None:
+    """The 4-bit format the tenant's adapter was trained against, as its manifest records it (the job
+    file's settings while there is no adapter yet: its configurations are missing then anyway)."""
+    key = adapter_key(spec.name, tenant.id)
+    manifest = store.read_manifest(key) if store.is_complete(key) else {}
+    try:
+        return trained_format(manifest, tenant.training.quantization, tenant.training.double_quant)
+    except ValueError as exc:
+        raise StoreError(f"{store.url(key)}: {exc}") from None
+
+
+def eval_inputs(spec: JobSpec, tenant: TenantSpec, store: Store,
+                trained: FourBit | None) -> tuple[dict, list[str], dict[str, int]]:
     """(the evaluation's inputs: each source's manifest digest and the eval rows' checksum; the
     configurations left out because an artifact is missing, each with why; each source's bytes on
     disk, from the same manifest reads)."""
     digests, missing, sizes = {}, [], {}
-    for config in configurations(spec, tenant):
+    for config in configurations(spec, tenant, trained):
         sources = config_sources(spec, tenant, config)
         absent = [key for key in sources.values() if not store.is_complete(key)]
         if absent:
@@ -68,7 +82,8 @@ def evaluate_tenant(spec: JobSpec, tenant_id: str, *, device: str,
     tenant = spec.tenant(tenant_id)
     store = Store(spec.store, spec.storage_options)
     key = eval_key(spec.name, tenant_id)
-    inputs, missing, sizes = eval_inputs(spec, tenant, store)
+    trained = adapter_trained_format(spec, tenant, store)
+    inputs, missing, sizes = eval_inputs(spec, tenant, store, trained)
     if store.is_complete(key):
         manifest = store.read_manifest(key)
         if manifest["inputs"] == inputs:
@@ -79,7 +94,7 @@ def evaluate_tenant(spec: JobSpec, tenant_id: str, *, device: str,
         rows = [json.loads(line) for line in (work / "data" / EVAL_ROWS_FILE).read_text(encoding="utf-8").splitlines()
                 if line.strip()]
         measured = []
-        for config in configurations(spec, tenant):
+        for config in configurations(spec, tenant, trained):
             sources = config_sources(spec, tenant, config)
             if not all(key in inputs["artifacts"] for key in sources.values()):
                 continue
@@ -105,7 +120,7 @@ def measure(config: EvalConfig, tenant: TenantSpec, rows: list[dict], paths: dic
     """One configuration's row: accuracy, perplexity, generation speed, memory, size on disk, and
     what was loaded (the sources' digests and the linear module types)."""
     started = time.perf_counter()
-    loaded = load_config(config, tenant, paths, device)
+    loaded = load_config(config, paths, device)
     load_seconds = time.perf_counter() - started
     accuracy, perplexity = score(loaded.model, loaded.tokenizer, rows, tenant.scorer, batch_size=batch_size)
     row = {

@@ -39,7 +39,7 @@ def test_a_gptq_model_with_smollm2_widths_loads_for_eval_on_this_gpu(tmp_path):
     assert chosen and "machete" not in chosen
 
     loaded = load_config(EvalConfig("gptq-int4.original", "fused", "", FusedVariant("gptq-int4", "original")),
-                         None, {"model": out}, "cuda")
+                         {"model": out}, "cuda")
     kernels = {name for name in loaded.module_types if name.startswith("gptqmodel.")}
     assert kernels and not any("Machete" in name for name in kernels), loaded.module_types
     ids = torch.tensor([byte_tokenizer()("the 7th of March, 2024")["input_ids"]], device="cuda")
