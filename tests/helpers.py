@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import pickle
 import string
+import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import psutil
 import torch
 import yaml
 
 from qlora_ray.spec import load_spec
-from qlora_ray.store import Store, adapter_key, data_key
-from tests.conftest import REPO
+from qlora_ray.store import Store, adapter_key, data_key, fused_key
+from tests.conftest import REPO, free_port
 
 DATES = REPO / "jobs" / "data" / "dates"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -165,3 +167,40 @@ def fake_loader(spec, store, entry, device):
     from qlora_ray.shapes import byte_tokenizer
 
     return LoadedModel(entry, SlowCountingEngine(spec.serve.max_batch), byte_tokenizer(), 0, 0.0, spec.serve)
+
+
+@contextlib.contextmanager
+def fake_engine_app(store: Store, tmp_path: Path, tenants: list[str], loader, serve_settings: dict,
+                    storage_options: dict | None = None) -> Iterator[tuple[str, object]]:
+    """The whole Serve app on a local Ray, every tenant's bf16.original model served by `loader` (an
+    injected engine): only a placeholder artifact is published, since the loader reads nothing.
+    Yields (the server's base URL, the job spec); keys are key-<tenant>."""
+    import ray
+    from ray import serve
+
+    from qlora_ray.serve.app import build_application
+
+    artifact = tmp_path / "artifact"
+    artifact.mkdir()
+    (artifact / "config.json").write_text("{}")  # what the catalog sees
+    for tenant in tenants:
+        store.publish(fused_key("t", tenant, "bf16.original"), artifact, kind="fused", inputs={})
+    port = free_port()
+    job = {"name": "t", "store": store.uri, "storage_options": storage_options or {},
+           "base": {"name": "b", "source": "shape:tiny"},
+           "tenants": [{"id": t, "train_data": str(DATES / "train.jsonl")} for t in tenants],
+           "fuse": {"schemes": ["bf16"]},
+           "serve": {"port": port, "unmerged_baseline": False, "resources": {"num_cpus": 1}, **serve_settings}}
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    spec = load_spec(path)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    for module in {loader.__module__, __name__}:  # replicas need no tests package
+        ray.cloudpickle.register_pickle_by_value(sys.modules[module])
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_application(spec, {f"key-{t}": t for t in tenants}, loader=loader), name="t", route_prefix="/")
+        yield f"http://127.0.0.1:{port}", spec
+    finally:
+        serve.shutdown()
+        ray.shutdown()

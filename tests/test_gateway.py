@@ -7,18 +7,15 @@ share a replica with room for two models, so `bench --mixed` meets model switche
 
 from __future__ import annotations
 
-import sys
 import threading
 import time
 
 import pytest
 import requests
-import yaml
 
-from qlora_ray.store import Store, fused_key
-from tests.conftest import REPO, free_port
+from qlora_ray.store import Store
 from tests.faulty_proxy import FaultyProxy
-from tests.helpers import MODEL, SlowCountingEngine
+from tests.helpers import MODEL, SlowCountingEngine, fake_engine_app
 
 HEADERS = {"Authorization": "Bearer key-acme"}
 TENANTS = ["acme", "globex", "initech"]
@@ -42,44 +39,18 @@ def refusing_loader(spec, store, entry, device):
 @pytest.fixture(scope="module")
 def app(s3_endpoint, tmp_path_factory):
     import boto3
-    import ray
-    from ray import serve
-
-    from qlora_ray.serve.app import build_application
-    from qlora_ray.spec import load_spec
 
     proxy = FaultyProxy(s3_endpoint).start()
     bucket = f"qlora-ray-gateway-{time.time_ns()}"
     boto3.client("s3").create_bucket(Bucket=bucket)
     options = {"client_kwargs": {"endpoint_url": proxy.url}}
     tmp_path = tmp_path_factory.mktemp("gateway")
-    store = Store(f"s3://{bucket}/root", options)
-    artifact = tmp_path / "artifact"
-    artifact.mkdir()
-    (artifact / "config.json").write_text("{}")  # what the catalog sees; the fake loader reads nothing
-    for tenant in TENANTS:
-        store.publish(fused_key("t", tenant, "bf16.original"), artifact, kind="fused", inputs={})
-    port = free_port()
-    job = {"name": "t", "store": store.uri, "storage_options": options,
-           "base": {"name": "b", "source": "shape:tiny"},
-           "tenants": [{"id": t, "train_data": str(REPO / "jobs" / "data" / "dates" / "train.jsonl")} for t in TENANTS],
-           "fuse": {"schemes": ["bf16"]},
-           "serve": {"port": port, "max_batch": 2, "max_tokens": 400, "context": 1024, "unmerged_baseline": False,
-                     "max_resident_models": 2,
-                     "catalog_refresh_s": 0.5, "resources": {"num_cpus": 1}}}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    spec = load_spec(path)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas need no tests package
-    ray.cloudpickle.register_pickle_by_value(sys.modules["tests.helpers"])
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_application(spec, {f"key-{t}": t for t in TENANTS}, loader=refusing_loader), name="t", route_prefix="/")
-        yield {"url": f"http://127.0.0.1:{port}", "proxy": proxy, "spec": spec}
+        with fake_engine_app(Store(f"s3://{bucket}/root", options), tmp_path, TENANTS, refusing_loader,
+                             {"max_batch": 2, "max_tokens": 400, "context": 1024, "max_resident_models": 2,
+                              "catalog_refresh_s": 0.5}, storage_options=options) as (url, spec):
+            yield {"url": url, "proxy": proxy, "spec": spec}
     finally:
-        serve.shutdown()
-        ray.shutdown()
         proxy.stop()
 
 

@@ -5,51 +5,21 @@ and [DONE]; a request sent mid-generation joins the running batch; a closed stre
 from __future__ import annotations
 
 import json
-import sys
 import threading
 import time
 
 import pytest
 import requests
-import yaml
 
-from qlora_ray.store import Store, fused_key
-from tests.conftest import REPO, free_port
-from tests.helpers import MODEL, STEP_SECONDS, fake_loader
+from qlora_ray.store import Store
+from tests.helpers import MODEL, STEP_SECONDS, fake_engine_app, fake_loader
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    import ray
-    from ray import serve
-
-    from qlora_ray.serve.app import build_application
-    from qlora_ray.spec import load_spec
-
     tmp_path = tmp_path_factory.mktemp("streams")
-    store = Store(str(tmp_path / "store"))
-    artifact = tmp_path / "artifact"
-    artifact.mkdir()
-    (artifact / "config.json").write_text("{}")  # what the catalog sees; the fake loader reads nothing
-    store.publish(fused_key("t", "acme", "bf16.original"), artifact, kind="fused", inputs={})
-    port = free_port()
-    job = {"name": "t", "store": store.uri, "base": {"name": "b", "source": "shape:tiny"},
-           "tenants": [{"id": "acme", "train_data": str(REPO / "jobs" / "data" / "dates" / "train.jsonl")}],
-           "fuse": {"schemes": ["bf16"]},
-           "serve": {"port": port, "max_batch": 2, "max_tokens": 400, "unmerged_baseline": False,
-                     "resources": {"num_cpus": 1}}}
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    spec = load_spec(path)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # replicas need no tests package
-    ray.cloudpickle.register_pickle_by_value(sys.modules["tests.helpers"])
-    try:
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(build_application(spec, {"key-acme": "acme"}, loader=fake_loader), name="t", route_prefix="/")
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        serve.shutdown()
-        ray.shutdown()
+    with fake_engine_app(Store(str(tmp_path / "store")), tmp_path, ["acme"], fake_loader,
+                         {"max_batch": 2, "max_tokens": 400}) as (url, _):
+        yield f"{url}/v1"
 
 
 class Arrivals:
