@@ -93,7 +93,6 @@ class StoreView:
         self.spec, self.store = spec, store
         self.keys = KeyRing(store, spec.name, extra_keys)
         self.catalog: dict[str, ModelEntry] = model_catalog(spec, store)
-        self.refreshed_at = time.monotonic()
         self._stale_since: float | None = None
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._refresh_forever, name="qlora-ray-store-view", daemon=True)
@@ -116,7 +115,7 @@ class StoreView:
         if self._stale_since is not None:
             log.warning("model catalog reloaded after %.0f s without the store", time.monotonic() - self._stale_since)
             self._stale_since = None
-        self.catalog, self.refreshed_at = catalog, time.monotonic()  # one assignment: readers see old or new
+        self.catalog = catalog  # one assignment: readers see the old reading or the new one
 
     def close(self) -> None:
         self._stop.set()
