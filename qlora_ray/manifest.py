@@ -61,12 +61,6 @@ def build_manifest(kind: str, key: str, files: dict[str, dict], inputs: dict, me
     }
 
 
-# Manifest fields set after publishing (Store.annotate): they describe an artifact, not what it is.
-ANNOTATIONS = ("quality",)
-
-
 def manifest_digest(manifest: dict) -> str:
-    """sha256 of a manifest's canonical JSON without its annotations: how a downstream artifact
-    names the exact input it used (a quality verdict added later does not change the input)."""
-    content = {k: v for k, v in manifest.items() if k not in ANNOTATIONS}
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+    """sha256 of a manifest's canonical JSON: how a downstream artifact names the exact input it used."""
+    return hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from qlora_ray.data import Dataset, read_rows
 from qlora_ray.errors import DataError, StoreError
 from qlora_ray.spec import JobSpec, TenantSpec
+from qlora_ray.quality.verdicts import read_verdicts
 from qlora_ray.store import Store, adapter_key, base_key, display_uri, fused_key
 from qlora_ray.tables import text_table
 from qlora_ray.train.status import is_stale, read_status, silent_seconds
@@ -115,6 +116,7 @@ def _read_store_state(plan: Plan, store: Store) -> None:
             )
         plan.base_config = store.read_json(key, "config.json")
         plan.base_config["_chat_template"] = manifest["metrics"].get("chat_template", True)
+    verdicts = read_verdicts(store, plan.spec.name)
     for tenant_plan in plan.tenants:
         key = adapter_key(plan.spec.name, tenant_plan.tenant.id)
         tenant_plan.adapter_done = store.is_complete(key)
@@ -126,7 +128,7 @@ def _read_store_state(plan: Plan, store: Store) -> None:
             fused = fused_key(plan.spec.name, tenant_plan.tenant.id, variant.name)
             if store.is_complete(fused):
                 tenant_plan.fused_done.append(variant.name)
-                quality = store.read_manifest(fused).get("quality")
+                quality = verdicts.of(tenant_plan.tenant.id, variant.name, store.read_manifest(fused))
                 tenant_plan.gate_judged += quality is not None
                 if quality is not None and not quality["passed"]:
                     tenant_plan.gate_failed.append(variant.name)

@@ -15,6 +15,7 @@ Layout under the root (only the functions below build these keys):
     runs/<job>/fused/<tenant>/<variant>/       HF model folder per fused scheme and merge base
     runs/<job>/ptq/<scheme>/                   the base quantized alone (naive PTQ, for the eval stage)
     runs/<job>/eval/tenants/<tenant>/          a tenant's measured configurations (results.json)
+    runs/<job>/eval/verdicts/                  the quality gate's verdict on each fused model (verdicts.json)
     runs/<job>/eval/report/   runs/<job>/bench/    reports
     runs/<job>/serve/api-keys.json             the serve stage's keys (a record)
     kernels/<name>/<fingerprint>/              a compiled GPU kernel (the serve stage's Marlin build)
@@ -95,7 +96,7 @@ import fsspec
 
 from qlora_ray.errors import StoreError
 from qlora_ray.local_disk import PARTIAL_SUFFIX, NodeCache, cache_entry_id, process_identity, process_is_running
-from qlora_ray.manifest import ANNOTATIONS, MANIFEST_NAME, RESERVED_NAMES, SUCCESS_NAME, build_manifest, describe_files, manifest_digest, sha256_file
+from qlora_ray.manifest import MANIFEST_NAME, RESERVED_NAMES, SUCCESS_NAME, build_manifest, describe_files, manifest_digest, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -168,6 +169,10 @@ def eval_key(job: str, tenant: str) -> str:
 
 def eval_report_key(job: str) -> str:
     return f"{run_key(job)}/eval/report"
+
+
+def verdicts_key(job: str) -> str:
+    return f"{run_key(job)}/eval/verdicts"
 
 
 def api_keys_key(job: str) -> str:
@@ -397,20 +402,34 @@ class Store:
                 return self.publish(key, local_dir, kind=kind, inputs=inputs, metrics=metrics, progress=progress)
             except AlreadyPublished:
                 return self.read_manifest(key)
+        return self._publish(key, local_dir, kind=kind, inputs=inputs, metrics=metrics, progress=progress,
+                             replacing=False)
+
+    def replace(self, key: str, local_dir: Path, *, kind: str, inputs: dict, metrics: dict | None = None) -> dict:
+        """Publish the files of local_dir at key in place of the complete artifact there, if any: for
+        what describes the store as it is now (the eval report, the quality verdicts). Readers see the
+        old artifact or the new one, never neither: the new version is written beside the old, and
+        one conditional write of _SUCCESS switches to it. The replaced version stays until a publish
+        at this key finds it idle for STALE_DRAFT_SECONDS, so a reader that read the old _SUCCESS can
+        still read its files. Of two writers replacing at once, the later seal wins. Returns the manifest."""
+        return self._publish(key, local_dir, kind=kind, inputs=inputs, metrics=metrics, progress=None, replacing=True)
+
+    def _publish(self, key: str, local_dir: Path, *, kind: str, inputs: dict, metrics: dict | None,
+                 progress: Callable[[str], None] | None, replacing: bool) -> dict:
         files = describe_files(local_dir)
         if not files:
             raise ValueError(f"{local_dir}: nothing to publish")
         for reserved in RESERVED_NAMES:
             if reserved in files:
                 raise ValueError(f"{self.url(key)}: {reserved} is written by the store, not by a stage")
-        draft = self.begin(key)
+        draft = self.begin(key, replacing=replacing)
         try:
             total = sum(f["size"] for f in files.values())
             if progress:
                 progress(f"uploading {len(files)} files ({total / 1e6:.1f} MB) to {self.url(key)}")
             for rel in files:
                 self._upload(draft, rel, local_dir / rel)
-            return self.seal(draft, files, kind=kind, inputs=inputs, metrics=metrics)
+            return self.seal(draft, files, kind=kind, inputs=inputs, metrics=metrics, replacing=replacing)
         except BaseException:
             self.abandon(draft)
             raise
@@ -419,10 +438,11 @@ class Store:
     # three steps: begin() once, put_part() from any worker for each file, seal() once at the end
     # (or abandon() if it failed). Until seal() writes _SUCCESS, readers see nothing; a retried
     # worker simply uploads its parts again.
-    def begin(self, key: str) -> Draft:
-        """Start a new version of the artifact at key. Refuses a complete artifact (AlreadyPublished).
-        Removes the versions that crashed writers left (see the module docstring), never a live one's."""
-        if self.is_complete(key):
+    def begin(self, key: str, *, replacing: bool = False) -> Draft:
+        """Start a new version of the artifact at key. Refuses a complete artifact (AlreadyPublished)
+        unless replacing it. Removes the versions that crashed writers left (see the module
+        docstring), never a live one's."""
+        if not replacing and self.is_complete(key):
             raise AlreadyPublished(f"{self.url(key)}: already published; delete it first to replace it")
         self._sweep_drafts(key)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S")
@@ -438,9 +458,11 @@ class Store:
         self._upload(draft, rel, local_file)
         return described
 
-    def seal(self, draft: Draft, files: dict[str, dict], *, kind: str, inputs: dict, metrics: dict | None = None) -> dict:
+    def seal(self, draft: Draft, files: dict[str, dict], *, kind: str, inputs: dict, metrics: dict | None = None,
+             replacing: bool = False) -> dict:
         """Write the version's manifest.json, then claim _SUCCESS for it, unless another version got
-        there first: then this version is removed and AlreadyPublished raised.
+        there first (and this one is not replacing it): then this version is removed and
+        AlreadyPublished raised.
 
         Checks that every listed file is there with its size first (a part lost to a crash would
         otherwise be vouched for). Returns the manifest.
@@ -466,8 +488,9 @@ class Store:
         marker = _marker(draft.version, manifest_bytes)
         # Claim an empty place, or one whose marker vouches for nothing (damaged, forged): never a
         # complete artifact.
-        won = self._compare_and_swap(f"{key}/{SUCCESS_NAME}",
-                                     lambda current: marker if current is None or not self.is_complete(key) else None)
+        won = self._compare_and_swap(
+            f"{key}/{SUCCESS_NAME}",
+            lambda current: marker if replacing or current is None or not self.is_complete(key) else None)
         if won != marker:
             self.abandon(draft)
             raise AlreadyPublished(f"{self.url(key)}: published meanwhile by another writer; this copy was discarded")
@@ -488,23 +511,6 @@ class Store:
             self._forget_draft(draft)
         except StoreError as exc:
             log.warning("%s; it will be removed by a later publish at this key", exc)
-
-    def annotate(self, key: str, field: str, value) -> dict:
-        """Set a top-level field of a complete artifact's manifest (the eval stage's quality verdict
-        on a fused model): manifest.json, then _SUCCESS vouching for it. The files are untouched.
-        A crash between the two writes leaves the artifact unfinished, as a crash while publishing
-        would: readers skip it and the next run of its stage publishes it again. Returns the manifest."""
-        if field not in ANNOTATIONS:
-            raise ValueError(f"manifest field {field!r} is not an annotation (those are: {', '.join(ANNOTATIONS)})")
-        published = self._read(key)
-        manifest = {**published.manifest, field: value}
-        manifest_bytes = _manifest_bytes(manifest)
-        version = published.prefix.rsplit("/", 1)[-1] if published.prefix != key else None
-        with self._errors(f"write {self.url(key)}/{MANIFEST_NAME}"):
-            self._write_small(self.path(f"{published.prefix}/{MANIFEST_NAME}"), manifest_bytes)
-        with self._errors(f"write {self.url(key)}/{SUCCESS_NAME}"):
-            self._write_small(self.path(f"{key}/{SUCCESS_NAME}"), _marker(version, manifest_bytes))
-        return manifest
 
     def delete(self, key: str) -> None:
         """Remove everything at key (complete or not, every version). The _SUCCESS marker goes first,

@@ -9,6 +9,7 @@ import os
 import pickle
 import string
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -117,6 +118,36 @@ class PickleTrap:
 
 def booby_trapped_pickle(sentinel: Path) -> bytes:
     return pickle.dumps(PickleTrap(sentinel))
+
+
+def set_verdict(store: Store, job: str, tenant: str, variant: str, passed: bool, reasons: list[str]) -> None:
+    """Replace the job's verdict on one fused model, the others kept, as the eval stage would after
+    judging it (the verdict names the artifact's current manifest)."""
+    from qlora_ray.manifest import manifest_digest
+    from qlora_ray.quality.verdicts import VERDICTS_FILE, read_verdicts
+    from qlora_ray.store import verdicts_key
+
+    key = fused_key(job, tenant, variant)
+    verdicts = {**read_verdicts(store, job).by_model, f"{tenant}/{variant}": {
+        "passed": passed, "reasons": reasons, "default_for_scheme": False,
+        "fused": {"key": key, "manifest_sha256": manifest_digest(store.read_manifest(key))}}}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / VERDICTS_FILE).write_text(json.dumps(verdicts))
+        store.replace(verdicts_key(job), Path(tmp), kind="eval-verdicts", inputs={})
+
+
+# -- clusters
+def kill_node(cluster, node) -> None:
+    """Kill a node as a machine dies: every process at once. `remove_node` kills the raylet alone, and a
+    worker notices its raylet's death only later, so on a loaded machine the replica could finish what
+    it was serving (or training, or fusing) first."""
+    raylet = psutil.Process(node.all_processes["raylet"][0].process.pid)
+    for process in raylet.children(recursive=True):
+        try:
+            process.kill()
+        except psutil.NoSuchProcess:
+            pass
+    cluster.remove_node(node, allow_graceful=False)
 
 
 # -- serving

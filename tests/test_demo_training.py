@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from qlora_ray.data import read_rows
 from qlora_ray.evaluation import answer_perplexity, exact_match
 from qlora_ray.quality.gate import judge
+from qlora_ray.quality.verdicts import read_verdicts
 from qlora_ray.spec import load_spec
 from qlora_ray.store import Store, adapter_key, fused_key
 from tests.conftest import REPO
@@ -71,7 +72,8 @@ def test_demo_tenants_learn_their_tasks(smollm2_store, tmp_path):
                 # another, and 18% of a units adapter's 52%). The gate decides what ships; this test
                 # checks that some of the adapter's gain is there, and that the gate decided.
                 assert row["accuracy"] > before + 0.25 * (after - before), (tenant.id, variant.name, row)
-            quality = store.read_manifest(fused_key(spec.name, tenant.id, variant.name))["quality"]
+            fused = store.read_manifest(fused_key(spec.name, tenant.id, variant.name))
+            quality = read_verdicts(store, spec.name).of(tenant.id, variant.name, fused)
             assert quality["passed"] == judge(row, rows["unmerged"], spec.quality_gate).passed
         assert "bitsandbytes.Linear4bit" in rows["unmerged.nf4-base"]["module_types"]
         assert any(name.startswith("gptqmodel.") for name in rows["gptq-int4.original"]["module_types"])

@@ -20,11 +20,13 @@ from qlora_ray.manifest import manifest_digest
 from qlora_ray.quality.gate import default_variants, judge
 from qlora_ray.quality.launch import eval_job
 from qlora_ray.quality.tenant import RESULTS_FILE
+from qlora_ray.quality.verdicts import VERDICTS_FILE, read_verdicts
 from qlora_ray.serve.catalog import model_catalog
 from qlora_ray.spec import FusedVariant, QualityGate, load_spec
-from qlora_ray.store import Store, data_key, eval_key, eval_report_key, fused_key
+from qlora_ray.errors import StoreError
+from qlora_ray.store import Store, data_key, eval_key, eval_report_key, fused_key, verdicts_key
 from tests.conftest import REPO, copy_base
-from tests.helpers import base_dir_of, publish_adapter
+from tests.helpers import base_dir_of, make_artifact, publish_adapter, set_verdict
 
 DATES = REPO / "jobs" / "data" / "dates"
 GATE = QualityGate(min_accuracy_ratio=0.98, max_perplexity_rise=0.05)
@@ -56,18 +58,21 @@ def test_the_default_merge_base_is_the_better_one_that_passed():
     assert default_variants(variants, rows, verdicts)["nf4"] == "nf4.original"
 
 
-def test_an_annotation_keeps_the_artifact_complete_and_its_digest(tmp_path):
+def test_a_verdict_holds_for_the_build_it_judged_and_a_hand_edited_one_is_refused(tmp_path):
     store = Store(str(tmp_path / "store"))
-    (tmp_path / "a").mkdir()
-    (tmp_path / "a" / "w.bin").write_bytes(b"weights")
-    published = store.publish("runs/j/fused/t/bf16.original", tmp_path / "a", kind="fused", inputs={"x": 1})
-    annotated = store.annotate("runs/j/fused/t/bf16.original", "quality", {"passed": False})
-    assert store.is_complete("runs/j/fused/t/bf16.original")
-    assert store.read_manifest("runs/j/fused/t/bf16.original")["quality"] == {"passed": False}
-    assert manifest_digest(annotated) == manifest_digest(published)  # downstream inputs stay the same
-    store.verify("runs/j/fused/t/bf16.original")
-    with pytest.raises(ValueError, match="not an annotation"):
-        store.annotate("runs/j/fused/t/bf16.original", "files", {})
+    key = fused_key("j", "t", "bf16.original")
+    store.publish(key, make_artifact(tmp_path / "a"), kind="fused", inputs={"x": 1})
+    assert read_verdicts(store, "j").of("t", "bf16.original", store.read_manifest(key)) is None  # not judged yet
+    set_verdict(store, "j", "t", "bf16.original", False, ["perplexity too high"])
+    assert read_verdicts(store, "j").of("t", "bf16.original", store.read_manifest(key))["reasons"] == ["perplexity too high"]
+    store.delete(key)
+    store.publish(key, tmp_path / "a", kind="fused", inputs={"x": 2})  # fused again since: judged again later
+    assert read_verdicts(store, "j").of("t", "bf16.original", store.read_manifest(key)) is None
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / VERDICTS_FILE).write_text(json.dumps({"t/bf16.original": {"passed": "yes"}}))
+    store.replace(verdicts_key("j"), tmp_path / "edited", kind="eval-verdicts", inputs={})
+    with pytest.raises(StoreError, match="not the eval stage's verdicts"):
+        read_verdicts(store, "j")
 
 
 # -- the stage on the tiny base -----------------------------------------------------------------
@@ -233,7 +238,7 @@ def test_the_gate_blocks_the_worsened_model_and_serve_refuses_it(evaluated):
     verdicts = report["tenants"][tenant]["verdicts"]
     assert not verdicts[variant]["passed"] and "perplexity" in verdicts[variant]["reasons"][0]
     assert report["tenants"]["acme"]["verdicts"]["bf16.original"]["passed"]  # the same model, not worsened
-    quality = store.read_manifest(fused_key("t", tenant, variant))["quality"]
+    quality = read_verdicts(store, "t").of(tenant, variant, store.read_manifest(fused_key("t", tenant, variant)))
     assert quality["passed"] is False and quality["reference"]["name"] == "unmerged"
     catalog = model_catalog(spec, store)
     assert "failed the quality gate" in catalog[f"{tenant}/{variant}"].refused

@@ -13,7 +13,7 @@ import time
 from qlora_ray.fuse.launch import fuse_job
 from qlora_ray.local_disk import local_root, sweep_scratch
 from qlora_ray.store import fused_key
-from tests.helpers import base_dir_of, fuse_spec, publish_adapter
+from tests.helpers import base_dir_of, fuse_spec, kill_node, publish_adapter
 
 
 def test_a_killed_fuse_worker_is_redone_on_another_node(tiny_job_store, tmp_path):
@@ -41,7 +41,7 @@ def test_a_killed_fuse_worker_is_redone_on_another_node(tiny_job_store, tmp_path
             assert time.monotonic() < deadline, "the GPTQ unit never started"
             assert driver.is_alive(), "the fuse ended before its worker could be killed"
             time.sleep(0.05)
-        cluster.remove_node(first, allow_graceful=False)
+        kill_node(cluster, first)
         cluster.add_node(num_cpus=1, resources={"fuse_node": 1})
         driver.join(timeout=300)
         assert not driver.is_alive()

@@ -22,7 +22,7 @@ from qlora_ray.serve.keys import new_key
 from qlora_ray.spec import load_spec
 from qlora_ray.store import Store, fused_key
 from tests.conftest import REPO, copy_base, free_port
-from tests.helpers import publish_adapter
+from tests.helpers import publish_adapter, set_verdict
 
 TENANTS = ["acme", "globex", "initech"]
 QUESTION = [{"role": "user", "content": "the 3rd of May, 2021"}]
@@ -154,20 +154,20 @@ def listed_after_refresh(served, tenant: str, condition) -> set[str]:
 
 
 def test_a_model_that_failed_the_quality_gate_is_refused(served):
-    """The eval stage's verdict in the manifest: 403 with the reason, not listed, its scheme's name
+    """The eval stage's verdict: 403 with the reason, not listed, its scheme's name
     gone too (no other merge base passed), until the verdict changes."""
     from openai import PermissionDeniedError
 
-    store, key = served["store"], fused_key("t", "globex", "nf4.original")
+    store = served["store"]
     reason = "perplexity 9.9 is +500.0% against the adapter's 1.65 (at most +5% allowed)"
-    store.annotate(key, "quality", {"passed": False, "reasons": [reason]})
+    set_verdict(store, "t", "globex", "nf4.original", False, [reason])
     try:
         listed = listed_after_refresh(served, "globex", lambda names: "globex/nf4.original" not in names)
         assert "globex/nf4.original" not in listed and "globex/nf4" not in listed and "globex/bf16" in listed
         with pytest.raises(PermissionDeniedError, match=r"failed the quality gate \(perplexity 9.9"):
             client(served, "globex").chat.completions.create(model="globex/nf4.original", messages=QUESTION)
     finally:
-        store.annotate(key, "quality", {"passed": True, "reasons": []})
+        set_verdict(store, "t", "globex", "nf4.original", True, [])
         assert "globex/nf4.original" in listed_after_refresh(served, "globex", lambda names: "globex/nf4.original" in names)
 
 

@@ -23,7 +23,7 @@ from qlora_ray.fuse.launch import fuse_job
 from qlora_ray.serve.bench import Sample, send_requests, synthetic_prompt
 from qlora_ray.spec import load_spec
 from tests.conftest import REPO, free_port
-from tests.helpers import base_dir_of, process_title, publish_adapter
+from tests.helpers import base_dir_of, kill_node, process_title, publish_adapter
 
 MODEL, KEY, OUTPUT_TOKENS = "acme/bf16.original", "qr-fault-test-key", 160
 
@@ -108,7 +108,7 @@ def test_a_killed_model_node_is_replaced_and_its_requests_fail_retryably(tiny_jo
         for client in clients:
             client.start()
         time.sleep(5)
-        cluster.remove_node(doomed, allow_graceful=False)
+        kill_node(cluster, doomed)
         killed_at = time.perf_counter() - started
         for client in clients:
             client.join(timeout=240)

@@ -121,6 +121,38 @@ def test_a_version_of_a_writer_on_another_host_is_swept_only_when_idle(any_store
     assert versions(any_store, key) == [here.version]  # this process still runs: never swept
 
 
+def test_replace_switches_readers_from_the_old_artifact_to_the_new_and_a_failed_one_changes_nothing(
+        any_store, tmp_path, monkeypatch):
+    """What describes the store as it is now (a report, the quality verdicts) is replaced, never
+    deleted first: readers see the old artifact or the new one. The replaced version stays for a
+    reader that read the old _SUCCESS, until it has been idle for STALE_DRAFT_SECONDS."""
+    import qlora_ray.store as store_module
+
+    key = "runs/j/eval/verdicts"
+    first = any_store.replace(key, make_artifact(tmp_path / "one"), kind="eval-verdicts", inputs={"n": 1})
+    assert any_store.read_manifest(key) == first  # nothing to replace: a plain publish
+
+    def cut_off(self, draft, rel, local):
+        raise StoreError("connection lost")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Store, "_upload", cut_off)
+        with pytest.raises(StoreError, match="connection lost"):
+            any_store.replace(key, make_artifact(tmp_path / "two"), kind="eval-verdicts", inputs={"n": 2})
+    assert any_store.read_manifest(key) == first
+    (first_version,) = versions(any_store, key)  # the failed attempt removed its own version
+
+    second = any_store.replace(key, tmp_path / "two", kind="eval-verdicts", inputs={"n": 2})
+    assert any_store.read_manifest(key) == second
+    any_store.fetch(key, tmp_path / "out")
+    assert (tmp_path / "out" / "weights" / "shard-1.bin").read_bytes() == (tmp_path / "two" / "weights" / "shard-1.bin").read_bytes()
+    any_store.verify(key)
+    assert first_version in versions(any_store, key) and len(versions(any_store, key)) == 2
+    monkeypatch.setattr(store_module, "STALE_DRAFT_SECONDS", -1)
+    third = any_store.replace(key, tmp_path / "one", kind="eval-verdicts", inputs={"n": 3})
+    assert any_store.read_manifest(key) == third and len(versions(any_store, key)) == 1
+
+
 def test_a_marker_that_does_not_vouch_for_the_manifest_is_ignored(any_store, tmp_path):
     any_store.publish("bases/b", make_artifact(tmp_path / "src"), kind="base", inputs={})
     any_store.fs.pipe_file(any_store.path("bases/b/_SUCCESS"), b'{"manifest_sha256": "forged"}')

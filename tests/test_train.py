@@ -17,6 +17,7 @@ from qlora_ray.store import Store, adapter_key, checkpoint_key
 from qlora_ray.train.finetune import disable_bnb_cpu_inference_repack, load_base_for_training
 from qlora_ray.train.status import read_status
 from tests.conftest import REPO
+from tests.helpers import kill_node
 
 DATES = REPO / "jobs" / "data" / "dates"
 UNITS = REPO / "jobs" / "data" / "units"
@@ -196,7 +197,7 @@ def test_a_killed_node_still_yields_every_adapter_once(tiny_job_store, tmp_path,
         assert driver.is_alive(), "training ended before a checkpoint could be interrupted"
         time.sleep(0.2)
     assert read_status(tiny_job_store, "t", "long")["node_id"] == cpu_node.node_id
-    cluster.remove_node(cpu_node, allow_graceful=False)
+    kill_node(cluster, cpu_node)
     replacement = cluster.add_node(num_cpus=1, resources={"cpu_node": 1})
     driver.join(timeout=300)
     assert not driver.is_alive()

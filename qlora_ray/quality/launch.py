@@ -5,8 +5,8 @@ The driver:
 2. runs one Ray task per tenant with eval rows and an adapter (quality/tenant.py); each publishes
    its measurements, and a rerun skips tenants whose inputs did not change;
 3. applies the job's quality gate to every fused artifact, against the adapter unmerged on the
-   16-bit base, and records the verdict in the artifact's manifest (`quality`): serve refuses an
-   artifact that failed, and serves each scheme's better merge base as `<tenant>/<scheme>`;
+   16-bit base, and publishes the verdicts (verdicts.py): serve refuses an artifact that failed, and
+   serves each scheme's better merge base as `<tenant>/<scheme>`;
 4. publishes the report (JSON, Markdown, PNG) at runs/<job>/eval/report and returns it.
 """
 
@@ -22,8 +22,9 @@ from qlora_ray.quality.configs import reference_name
 from qlora_ray.quality.gate import default_variants, judge
 from qlora_ray.quality.report import write_report
 from qlora_ray.quality.tenant import RESULTS_FILE
+from qlora_ray.quality.verdicts import publish_verdicts
 from qlora_ray.spec import JobSpec
-from qlora_ray.store import Store, adapter_key, data_key, eval_key, eval_report_key, fused_key
+from qlora_ray.store import Store, adapter_key, data_key, eval_key, eval_report_key
 from qlora_ray.train.launch import init_ray
 
 # A task whose worker or node died runs again this many times (the store keeps what was finished).
@@ -105,7 +106,7 @@ def eval_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> dict:
                 progress(f"eval {tenant_id}: FAILED: {failed[tenant_id]}")
     report = build_report(spec, store, [t for t in ready if t not in failed])
     report["skipped"], report["failed"] = skipped, failed
-    annotate_fused(spec, store, report)
+    publish_verdicts(store, spec.name, report)
     publish_report(store, spec, report)
     return report
 
@@ -134,31 +135,12 @@ def build_report(spec: JobSpec, store: Store, tenant_ids: list[str]) -> dict:
             "batch_size": spec.eval.batch_size, "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "tenants": tenants}
 
 
-def annotate_fused(spec: JobSpec, store: Store, report: dict) -> None:
-    """Record each fused artifact's verdict in its manifest (`quality`), where serve reads it."""
-    for tenant_id, tenant_report in report["tenants"].items():
-        by_name = {row["name"]: row for row in tenant_report["rows"]}
-        reference = by_name[tenant_report["reference"]]
-        for name, verdict in tenant_report["verdicts"].items():
-            scheme = name.split(".", 1)[0]
-            quality = {
-                **verdict, "accuracy": by_name[name]["accuracy"], "perplexity": by_name[name]["perplexity"],
-                "reference": {"name": tenant_report["reference"], "accuracy": reference["accuracy"], "perplexity": reference["perplexity"]},
-                "gate": report["quality_gate"], "default_for_scheme": tenant_report["defaults"].get(scheme) == name,
-                "eval": tenant_report["results"],
-            }
-            key = fused_key(spec.name, tenant_id, name)
-            if store.read_manifest(key).get("quality") != quality:
-                store.annotate(key, "quality", quality)
-
-
 def publish_report(store: Store, spec: JobSpec, report: dict) -> None:
     """Replace the job's report with this one (a report describes the store as it is now)."""
     key = eval_report_key(spec.name)
     with scratch_dir("report") as tmp:
         write_report(report, tmp)
-        store.delete(key)
-        store.publish(key, tmp, kind="eval-report", keep_existing=True, inputs={
+        store.replace(key, tmp, kind="eval-report", inputs={
             "tenants": {t: r["results"] for t, r in report["tenants"].items()}, "quality_gate": report["quality_gate"]})
 
 

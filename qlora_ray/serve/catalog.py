@@ -1,7 +1,7 @@
 """What the gateway answers to: the job's model names, each with the artifact it serves, and the
 tenants' keys, read from the store in a thread and served from memory.
 
-Reading the store costs about four reads per model and may stall (a slow S3, a network partition);
+Reading the store costs about four reads per model, and the verdicts once, and may stall (a slow S3, a network partition);
 the gateway's event loop carries every tenant's streams, so it never reads the store itself. A
 daemon thread rereads keys and catalog every serve.catalog_refresh_s; requests see the last complete
 reading. While the store cannot be read, the last reading stays in force and the log says so once.
@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 
 from qlora_ray.errors import UserError
+from qlora_ray.quality.verdicts import read_verdicts
 from qlora_ray.serve.keys import KeyRing
 from qlora_ray.spec import FusedVariant, JobSpec
 from qlora_ray.store import Store, adapter_key, base_key, fused_key
@@ -43,13 +44,14 @@ def _size(manifest: dict) -> int:
 
 def model_catalog(spec: JobSpec, store: Store) -> dict[str, ModelEntry]:
     """Every model name this job answers to now, each with the model it serves:
-    - `<tenant>/<scheme>.<merge base>` for every complete fused artifact; one whose manifest says it
-      failed the quality gate (the eval stage) is refused, unless serve.allow_failed_quality is set;
+    - `<tenant>/<scheme>.<merge base>` for every complete fused artifact; one the eval stage's
+      verdicts say failed the quality gate is refused, unless serve.allow_failed_quality is set;
     - `<tenant>/<scheme>`: the scheme's default merge base (the better one by the eval stage, else
       the first of the job's);
     - `<tenant>/unmerged`: base + adapter through peft."""
     entries = {}
     base_size = None
+    verdicts = read_verdicts(store, spec.name)
     for tenant in spec.tenants:
         defaults: dict[str, ModelEntry] = {}
         failed: dict[FusedVariant, tuple[dict, int]] = {}  # variant -> its quality verdict, its size
@@ -58,7 +60,7 @@ def model_catalog(spec: JobSpec, store: Store) -> dict[str, ModelEntry]:
             if not store.is_complete(key):
                 continue
             manifest = store.read_manifest(key)
-            quality = manifest.get("quality") or {}
+            quality = verdicts.of(tenant.id, variant.name, manifest) or {}
             if quality.get("passed") is False and not spec.serve.allow_failed_quality:
                 failed[variant] = (quality, _size(manifest))
                 continue
