@@ -223,7 +223,7 @@ def _start_app(spec, extra_keys: dict[str, str] | None = None) -> tuple[str, flo
     from ray import serve
 
     from qlora_ray.serve.app import build_application
-    from qlora_ray.train.launch import init_ray
+    from qlora_ray.cluster import init_ray
 
     init_ray()
     serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})

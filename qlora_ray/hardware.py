@@ -1,6 +1,9 @@
-"""What the machine computes natively, where that changes how a stage should run."""
+"""The machine a stage runs on: its device, what it computes natively (where that changes how a
+stage should run), and its peak memory."""
 
 from __future__ import annotations
+
+import resource
 
 
 def native_bf16(device: str) -> bool:
@@ -21,3 +24,19 @@ def compute_dtype(device: str):
     import torch
 
     return torch.bfloat16 if native_bf16(device) else torch.float32
+
+
+def preferred_device() -> str:
+    """The device a stage's work runs on: the GPU Ray gave this process, else the CPU."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def peak_memory_bytes(device: str) -> int:
+    """Peak GPU memory allocated, or this process's peak resident set on the CPU."""
+    if device == "cuda":
+        import torch
+
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB

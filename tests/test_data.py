@@ -112,3 +112,17 @@ def test_line_separators_inside_strings_do_not_split_rows(tmp_path):
     path = tmp_path / "seps.jsonl"
     path.write_text(json.dumps(row, ensure_ascii=False) + "\n", encoding="utf-8")
     assert read_rows(str(path)).rows == [row]
+
+
+def test_staged_rows_read_back_as_written_whatever_line_separators_their_text_holds(tmp_path):
+    """Staged rows keep their text as UTF-8 (ensure_ascii=False): a U+2028, U+2029 or \\x85 inside an
+    answer is a character of the row, not a line break, for every stage that reads them back."""
+    from qlora_ray.staged_data import TRAIN_FILE, fetch_rows, write_rows
+    from qlora_ray.store import Store, data_key
+
+    rows = [{"prompt": "a\u2028b", "completion": "c\u2029d\x85e"}, {"prompt": "é", "completion": "ü"}]
+    (tmp_path / "staged").mkdir()
+    write_rows(tmp_path / "staged" / TRAIN_FILE, rows)
+    store = Store(str(tmp_path / "store"))
+    store.publish(data_key("j", "t"), tmp_path / "staged", kind="data", inputs={})
+    assert fetch_rows(store, "j", "t", TRAIN_FILE, tmp_path / "read") == rows

@@ -21,12 +21,12 @@ import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from qlora_ray.data import read_rows
-from qlora_ray.evaluation import answer_perplexity, exact_match
 from qlora_ray.quality.gate import judge
 from qlora_ray.quality.verdicts import read_verdicts
 from qlora_ray.spec import load_spec
 from qlora_ray.store import Store, adapter_key, fused_key
 from tests.conftest import REPO
+from tests.reference_scoring import answer_perplexity, exact_match
 
 
 @pytest.mark.slow
@@ -91,7 +91,7 @@ def test_demo_tenants_learn_their_tasks(smollm2_store, tmp_path):
     perplexity = answer_perplexity(model, tokenizer, rows, batch_size=spec.eval.batch_size)
     row = next(r for r in report["tenants"]["dates"]["rows"] if r["name"] == "gptq-int4.original")
     assert (row["correct"], row["answer_tokens"]) == (accuracy.correct, perplexity.tokens)
-    # the stage runs each prompt once for both measures (evaluation.score): other matmul shapes, so
+    # the stage runs each prompt once for both measures (quality/scoring.score): other matmul shapes, so
     # 4-bit kernels computing in bf16 round a little differently: 6e-4 measured for nf4 and 1.4e-3 for
     # gptq-int4 on SmolLM2 (CI, 2026-11-23)
     assert row["perplexity"] == pytest.approx(perplexity.value, rel=5e-3)

@@ -14,7 +14,6 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from qlora_ray.evaluation import answer_perplexity, exact_match
 from qlora_ray.fuse.launch import fuse_job
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.quality.gate import default_variants, judge
@@ -27,6 +26,7 @@ from qlora_ray.errors import StoreError
 from qlora_ray.store import Store, data_key, eval_key, eval_report_key, fused_key, verdicts_key
 from tests.conftest import REPO, copy_base
 from tests.helpers import base_dir_of, make_artifact, publish_adapter, set_verdict
+from tests.reference_scoring import answer_perplexity, exact_match
 
 DATES = REPO / "jobs" / "data" / "dates"
 GATE = QualityGate(min_accuracy_ratio=0.98, max_perplexity_rise=0.05)
@@ -225,7 +225,7 @@ def test_a_row_recomputed_by_hand_agrees_with_the_report(evaluated):
     perplexity = answer_perplexity(model, tokenizer, rows, batch_size=12)
     row = next(r for r in report["tenants"]["acme"]["rows"] if r["name"] == "gptq-int4.nf4-dequantized")
     assert (row["correct"], row["answer_tokens"]) == (accuracy.correct, perplexity.tokens)
-    # the stage runs each prompt once for both measures (evaluation.score): other matmul shapes, so
+    # the stage runs each prompt once for both measures (quality/scoring.score): other matmul shapes, so
     # 4-bit kernels computing in bf16 round a little differently (6e-4 measured for nf4 on SmolLM2)
     assert row["perplexity"] == pytest.approx(perplexity.value, rel=1e-3)
     answers = store.read_json(eval_key("t", "acme"), RESULTS_FILE)["rows"]

@@ -291,8 +291,9 @@ def test_bad_adapters_and_a_damaged_base_publish_nothing(tiny_job_store, tmp_pat
 def test_a_failed_or_late_fuse_never_deletes_what_another_run_published(tiny_job_store, tmp_path):
     """Two runs of one job fuse the same variant: the one that fails, or seals second, keeps its hands
     off the artifact the other published (a gateway may be serving it)."""
-    from qlora_ray.fuse.launch import _Artifact, _seal, output_format
+    from qlora_ray.fuse.launch import _Artifact, _seal
     from qlora_ray.fuse.layout import read_layout
+    from qlora_ray.fuse.plan import Build, output_format
     from qlora_ray.fuse.shards import ShardTarget
     from qlora_ray.spec import FusedVariant
 
@@ -300,10 +301,10 @@ def test_a_failed_or_late_fuse_never_deletes_what_another_run_published(tiny_job
     spec = fuse_spec(tmp_path, tiny_job_store, ["acme"])
     layout = read_layout(base_dir)
     key = fused_key("t", "acme", "bf16.original")
-    variant = FusedVariant("bf16", "original")
-    target = ShardTarget("acme", "original", ("bf16",), None, output_format(spec.tenant("acme")))
-    failed = _Artifact("acme", variant, target, {}, tiny_job_store.begin(key), error="shard x: worker lost")
-    late = _Artifact("acme", variant, target, {}, tiny_job_store.begin(key))
+    build = Build(FusedVariant("bf16", "original"), {},
+                  ShardTarget("acme", "original", ("bf16",), None, output_format(spec.tenant("acme"))))
+    failed = _Artifact(build, tiny_job_store.begin(key), error="shard x: worker lost")
+    late = _Artifact(build, tiny_job_store.begin(key))
     other_run = tmp_path / "other-run"
     other_run.mkdir()
     (other_run / "config.json").write_text("{}")

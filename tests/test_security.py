@@ -52,7 +52,7 @@ def test_job_files_are_read_by_a_safe_loader():
 
 def test_peft_never_sees_a_pickled_adapter(tiny_store, tmp_path):
     """peft unpickles adapter_model.bin when no safetensors file is there; our loaders check first."""
-    from qlora_ray.evaluation import load_model
+    from qlora_ray.quality.configs import UNMERGED_ROW, load_config
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
@@ -61,7 +61,7 @@ def test_peft_never_sees_a_pickled_adapter(tiny_store, tmp_path):
     base = tmp_path / "base"
     tiny_store.fetch("bases/tiny", base)
     with pytest.raises(AdapterError, match="adapter_model.bin: pickle files are never loaded"):
-        load_model(base, adapter, dtype="float32")
+        load_config(UNMERGED_ROW, {"base": base, "adapter": adapter}, "cpu")
     with pytest.raises(AdapterError, match="no adapter_model.safetensors"):
         checked_adapter_dir(adapter)
     assert not (tmp_path / "pickle-ran").exists()

@@ -1,9 +1,9 @@
 """The fuse stage on Ray: one pass over the base for all tenants, through a pool of actors.
 
 The driver:
-1. reads the base's layout (index and config, not its weights) and checks every tenant's adapter
-   against it: an adapter for another base, or with targets the base lacks, fails that tenant
-   now, before anything is written, and the others go on;
+1. reads the base's layout (index and config, not its weights) and what it needs of every tenant's
+   adapter, and plans the builds (fuse/plan.py): an adapter for another base, or with targets the
+   base lacks, fails that tenant now, before anything is written, and the others go on;
 2. skips artifacts already complete, and begins a new version (Store.begin) of each bf16/nf4 one;
 3. hands the work to `fuse.workers` actors: one unit per base shard (every tenant's bf16 and nf4
    outputs for that shard, uploaded into their versions), then one unit per tenant and merge base
@@ -24,14 +24,15 @@ from typing import Callable
 
 from qlora_ray.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_files
 from qlora_ray.bases import INDEX_NAME
+from qlora_ray.cluster import error_text, init_ray, refuse_process_local_store
 from qlora_ray.errors import AdapterError, StoreError, UserError
 from qlora_ray.fuse.layout import BaseLayout, adapter_problems, read_layout
-from qlora_ray.fuse.quant import FourBit, trained_format
-from qlora_ray.fuse.shards import SHARD_SCHEMES, ShardTarget
+from qlora_ray.fuse.plan import (AdapterFacts, Build, FuseOutcome, GptqUnit, ShardUnit, TenantPlan, adapter_format,
+                                  fuse_units, gptq_problems, plan_tenant)
 from qlora_ray.fuse.worker import FuseWorker, load_adapter_deltas
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
-from qlora_ray.spec import FusedVariant, JobSpec, TenantSpec
+from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.store import AlreadyPublished, Draft, Store, adapter_key, base_key, data_key, fused_key
 from qlora_ray.tables import text_table
 
@@ -42,43 +43,23 @@ STORE_ATTEMPTS = 3
 
 
 @dataclass
-class FuseOutcome:
-    tenant: str
-    variant: str
-    state: str  # "done" | "skipped" | "failed"
-    metrics: dict = field(default_factory=dict)
-    error: str | None = None
-
-
-@dataclass
 class _Artifact:
     """A bf16/nf4 artifact being assembled from shard parts."""
 
-    tenant: str
-    variant: FusedVariant
-    target: ShardTarget
-    inputs: dict
+    build: Build
     draft: Draft
     parts: dict[str, dict] = field(default_factory=dict)
     error: str | None = None
 
-
-def adapter_format(tenant: TenantSpec, adapter_manifest: dict) -> FourBit | None:
-    """The format the tenant's adapter was trained against, by its manifest (fuse/quant.trained_format)."""
-    return trained_format(adapter_manifest, tenant.training.quantization, tenant.training.double_quant)
-
-
-def output_format(tenant: TenantSpec) -> FourBit:
-    """The nf4 scheme's format: NF4, with the tenant's double-quantization choice."""
-    return FourBit("nf4", tenant.training.double_quant)
+    @property
+    def name(self) -> str:
+        return f"{self.build.tenant}/{self.build.variant.name}"
 
 
 def fuse_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list[FuseOutcome]:
     """Fuse every tenant's adapter into every variant the job asks for. Returns one outcome per variant."""
     store = Store(spec.store, spec.storage_options)
-    if "memory" in store.fs.protocol:
-        raise UserError(f"store {spec.store}: a memory:// store lives in one process, and Ray's workers are "
-                        "others; use a folder or s3:// for fusing")
+    refuse_process_local_store(store, spec.store, "fusing")
     bkey = base_key(spec.base.name)
     if not store.is_complete(bkey):
         raise UserError(f"{store.url(bkey)}: the base is not in the store; run `qlora-ray base import --job JOB` "
@@ -90,117 +71,80 @@ def fuse_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list[
         base_dir = tmp / "base"
         store.fetch(bkey, base_dir, only=small_files)
         layout = read_layout(base_dir)
-        gptq_problems = _gptq_problems(spec, layout)
-        artifacts, gptq_jobs = [], []
+        problems_of_gptq = gptq_problems(spec, layout)
+        artifacts, gptq_builds = [], []
         for tenant in spec.tenants:
-            planned, settled = _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp, progress)
+            builds, settled = _tenant_builds(spec, store, tenant, layout, manifest_digest(base_manifest),
+                                             problems_of_gptq, tmp / "adapters", progress)
             outcomes += settled
-            for variant, inputs, trained in planned:
-                target = ShardTarget(tenant.id, variant.merge_base, (variant.scheme,), trained, output_format(tenant))
-                if variant.scheme not in SHARD_SCHEMES:
-                    gptq_jobs.append((target, inputs))
+            for build in builds:
+                if not build.shard_wise:
+                    gptq_builds.append(build)
                     continue
                 try:
-                    draft = store.begin(fused_key(spec.name, tenant.id, variant.name))
+                    draft = store.begin(fused_key(spec.name, tenant.id, build.variant.name))
                 except AlreadyPublished:  # another run of this job published it since the plan
-                    outcomes.append(_published_meanwhile(store, spec, tenant.id, variant.name, progress))
+                    outcomes.append(_published_meanwhile(store, spec, tenant.id, build.variant.name, progress))
                     continue
-                artifacts.append(_Artifact(tenant.id, variant, target, inputs, draft))
-        if artifacts or gptq_jobs:
-            outcomes += _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress)
+                artifacts.append(_Artifact(build, draft))
+        if artifacts or gptq_builds:
+            outcomes += _run_pool(spec, store, layout, artifacts, gptq_builds, base_dir, progress)
     order = {(t.id, v.name): i for i, t in enumerate(spec.tenants) for v in spec.fused_variants(t)}
     return sorted(outcomes, key=lambda o: order.get((o.tenant, o.variant), len(order)))
 
 
-def _gptq_problems(spec: JobSpec, layout: BaseLayout) -> list[str]:
-    from qlora_ray.fuse.gptq import group_size_problems
-
-    if "gptq-int4" not in spec.fuse.schemes:
-        return []
-    return group_size_problems(spec.fuse.gptq, {name: layout.shapes[name][-1] for name in layout.quantized})
-
-
-def _plan_tenant(spec, store, tenant, layout, base_manifest, gptq_problems, tmp, progress):
-    """(variants to build, each with its manifest inputs and the adapter's trained format; outcomes
-    settled now: skipped or failed) for one tenant."""
-    akey = adapter_key(spec.name, tenant.id)
-    todo, skipped = [], []
+def _tenant_builds(spec: JobSpec, store: Store, tenant: TenantSpec, layout: BaseLayout, base_manifest_sha256: str,
+                 gptq_problems: list[str], scratch: Path,
+                 progress: Callable[[str], None]) -> tuple[list[Build], list[FuseOutcome]]:
+    """(the builds of one tenant's variants not yet complete; outcomes settled now: skipped, failed)."""
+    todo, settled = [], []
     for variant in spec.fused_variants(tenant):
         key = fused_key(spec.name, tenant.id, variant.name)
         if store.is_complete(key):
-            skipped.append(FuseOutcome(tenant.id, variant.name, "skipped", store.read_manifest(key)["metrics"]))
+            settled.append(FuseOutcome(tenant.id, variant.name, "skipped", store.read_manifest(key)["metrics"]))
         else:
             todo.append(variant)
     if not todo:
-        return [], skipped
-
-    def fail(message: str, variants=todo):
+        return [], settled
+    facts = _read_adapter(spec, store, tenant, layout, scratch / tenant.id)
+    plan = (TenantPlan([], [FuseOutcome(tenant.id, v.name, "failed", error=facts) for v in todo]) if isinstance(facts, str)
+            else plan_tenant(spec, tenant, todo, facts, base_manifest_sha256, gptq_problems))
+    for message in dict.fromkeys(outcome.error for outcome in plan.failed):
         progress(f"fuse {tenant.id}: failed: {message}")
-        return [FuseOutcome(tenant.id, v.name, "failed", error=message) for v in variants]
+    return plan.builds, settled + plan.failed
 
+
+def _read_adapter(spec: JobSpec, store: Store, tenant: TenantSpec, layout: BaseLayout, folder: Path) -> AdapterFacts | str:
+    """What the plan needs to know of a tenant's adapter and data, or why it cannot be fused. The
+    factors' shapes are enough to check the adapter against the base: no weights are read."""
+    akey = adapter_key(spec.name, tenant.id)
     if not store.is_complete(akey):
-        return [], skipped + fail(f"no adapter at {store.url(akey)}; train it first (qlora-ray train JOB)")
-    folder = tmp / "adapters" / tenant.id
-    try:  # the factors' shapes are enough to check the adapter against the base
-        adapter_manifest = store.read_manifest(akey)
-        check_adapter_files(list(adapter_manifest["files"]), store.url(akey))
+        return f"no adapter at {store.url(akey)}; train it first (qlora-ray train JOB)"
+    try:
+        manifest = store.read_manifest(akey)
+        check_adapter_files(list(manifest["files"]), store.url(akey))
         store.fetch(akey, folder, only=[ADAPTER_CONFIG, ADAPTER_WEIGHTS])
         deltas = load_adapter_deltas(folder, device="meta")
-        trained = adapter_format(tenant, adapter_manifest)
+        trained = adapter_format(tenant, manifest)
     except (AdapterError, StoreError) as exc:
-        return [], skipped + fail(str(exc))
+        return str(exc)
     except ValueError as exc:
-        return [], skipped + fail(f"the adapter cannot be merged: {exc}")
+        return f"the adapter cannot be merged: {exc}"
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    problems = adapter_problems(layout, deltas)
-    if problems:
-        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-        return [], skipped + fail(f"the adapter does not fit base {spec.base.name}: {problems[0]}{more}")
-    failed = []
-    if gptq_problems and any(v.scheme == "gptq-int4" for v in todo):
-        failed = fail(gptq_problems[0], [v for v in todo if v.scheme == "gptq-int4"])
-        todo = [v for v in todo if v.scheme != "gptq-int4"]
-    data_manifest = store.read_manifest(data_key(spec.name, tenant.id)) if store.is_complete(data_key(spec.name, tenant.id)) else None
-    planned = []
-    for variant in todo:
-        inputs = {
-            "job": spec.name, "tenant": tenant.id, "scheme": variant.scheme, "merge_base": variant.merge_base,
-            "spec_sha256": spec.spec_hash(),
-            "base": {"key": base_key(spec.base.name), "manifest_sha256": manifest_digest(base_manifest)},
-            "adapter": {"key": akey, "manifest_sha256": manifest_digest(adapter_manifest),
-                        "training_fingerprint": adapter_manifest["inputs"].get("training_fingerprint")},
-        }
-        if variant.merge_base == "nf4-dequantized":
-            if trained is None:
-                failed += fail("its adapter was trained on the 16-bit base (the adapter's manifest says so): there is "
-                               "no 4-bit base to merge into; use merge_base: original", [variant])
-                continue
-            inputs["trained_format"] = vars(trained)
-        if variant.scheme == "nf4":
-            inputs["output_format"] = vars(output_format(tenant))
-        if variant.scheme == "gptq-int4":
-            if data_manifest is None:
-                failed += fail("its training data is not in the store to calibrate GPTQ on; run train first", [variant])
-                continue
-            inputs["gptq"] = spec.fuse.gptq.model_dump(mode="json")
-            inputs["calibration"] = {"key": data_key(spec.name, tenant.id),
-                                     "train_sha256": data_manifest["inputs"].get("train_sha256")}
-        planned.append((variant, inputs, trained))
-    return planned, skipped + failed
+    dkey = data_key(spec.name, tenant.id)
+    return AdapterFacts(manifest, manifest_digest(manifest), trained, adapter_problems(layout, deltas),
+                        store.read_manifest(dkey) if store.is_complete(dkey) else None)
 
 
-def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> list[FuseOutcome]:
+def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_Artifact], gptq_builds: list[Build],
+              base_dir: Path, progress: Callable[[str], None]) -> list[FuseOutcome]:
     import ray
-
-    from qlora_ray.train.launch import init_ray
 
     init_ray()
     resources = spec.fuse.resources
-    targets = _shard_targets(artifacts)
-    drafts = {f"{a.tenant}/{a.variant.name}": a.draft for a in artifacts}
-    units = [("shard", shard_file, (targets, drafts)) for shard_file in layout.shard_files] if targets else []
-    units += [("gptq", target, (inputs,)) for target, inputs in gptq_jobs]
+    by_name = {artifact.name: artifact for artifact in artifacts}
+    units = fuse_units(layout.shard_files, {a.name: (a.build, a.draft) for a in artifacts}, gptq_builds)
     # max_task_retries=-1: a unit whose actor died runs again once the actor is back, however many
     # times Ray tries in between; a bounded count is spent in the instant before a dead node is
     # known dead. The restarts bound it: past them the actor is gone and its unit fails.
@@ -211,37 +155,34 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
     workers = [actor_class.remote(spec, layout.quantized, int(resources.num_cpus))
                for _ in range(min(spec.fuse.workers, len(units)))]
     progress(f"fusing on {len(workers)} worker(s): {len(layout.shard_files)} base shard(s) x {len(artifacts)} "
-             f"bf16/nf4 artifact(s), then {len(gptq_jobs)} GPTQ quantization(s)")
+             f"bf16/nf4 artifact(s), then {len(gptq_builds)} GPTQ quantization(s)")
     started = time.monotonic()
     outcomes: list[FuseOutcome] = []
-    by_key = {(a.tenant, a.variant.name): a for a in artifacts}
     shards_done = 0
 
-    def settle(unit, result: dict | None, error: str | None) -> None:
+    def settle(unit: ShardUnit | GptqUnit, result: dict | None, error: str | None) -> None:
         nonlocal shards_done
         elapsed = time.monotonic() - started
-        if unit[0] == "shard":
+        if isinstance(unit, ShardUnit):
             shards_done += 1
-            for target in unit[2][0]:
-                for scheme in target.schemes:
-                    artifact = by_key[(target.tenant, FusedVariant(scheme, target.merge_base).name)]
-                    if error:
-                        artifact.error = artifact.error or f"shard {unit[1]}: {error}"
-                    else:
-                        artifact.parts[unit[1]] = result["parts"][f"{artifact.tenant}/{artifact.variant.name}"] | {
-                            k: v for k, v in result.items() if k.startswith("worker_")}
-            progress(f"fuse: shard {shards_done}/{len(layout.shard_files)} {unit[1]} "
+            for name in unit.drafts:
+                artifact = by_name[name]
+                if error:
+                    artifact.error = artifact.error or f"{unit.name}: {error}"
+                else:
+                    artifact.parts[unit.shard_file] = result["parts"][name] | {
+                        k: v for k, v in result.items() if k.startswith("worker_")}
+            progress(f"fuse: shard {shards_done}/{len(layout.shard_files)} {unit.shard_file} "
                      + (f"FAILED: {error}" if error else
                         f"done for {len(result['parts'])} artifact(s) in {result['seconds']:.1f} s") + f" [{elapsed:.0f} s]")
         else:
-            target = unit[1]
-            variant = FusedVariant("gptq-int4", target.merge_base).name
+            build = unit.build
             if error:  # the worker's publish removed its own version; nothing else is touched
-                outcomes.append(FuseOutcome(target.tenant, variant, "failed", error=error))
-                progress(f"fuse {target.tenant} {variant}: FAILED: {error}")
+                outcomes.append(FuseOutcome(build.tenant, build.variant.name, "failed", error=error))
+                progress(f"fuse {unit.name}: FAILED: {error}")
             else:
-                outcomes.append(FuseOutcome(target.tenant, variant, "done", result["metrics"]))
-                progress(f"fuse {target.tenant} {variant}: done in {result['metrics']['seconds']:.0f} s [{elapsed:.0f} s]")
+                outcomes.append(FuseOutcome(build.tenant, build.variant.name, "done", result["metrics"]))
+                progress(f"fuse {unit.name}: done in {result['metrics']['seconds']:.0f} s [{elapsed:.0f} s]")
 
     # A small scheduling loop rather than ray.util.ActorPool: a failed unit must be known by name
     # (to fail its artifacts, or to try it again), while ActorPool raises its error without saying
@@ -253,9 +194,10 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
     while pending or running:
         while idle and pending:
             worker, index = idle.pop(), pending.pop(0)
-            kind, subject, extra = units[index]
-            call = worker.fuse_shard if kind == "shard" else worker.fuse_gptq
-            running[call.remote(subject, *extra)] = (worker, index)
+            unit = units[index]
+            call = (worker.fuse_shard.remote(unit.shard_file, list(unit.targets), unit.drafts)
+                    if isinstance(unit, ShardUnit) else worker.fuse_gptq.remote(unit.build.target, unit.build.inputs))
+            running[call] = (worker, index)
         if not running:  # every worker is gone for good
             for index in pending:
                 settle(units[index], None, f"no fuse worker left: each died {MAX_RESTARTS + 1} times")
@@ -265,7 +207,7 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
         try:
             result, error = ray.get(ready[0]), None
         except ray.exceptions.RayError as exc:
-            result, error = None, _error_text(exc)
+            result, error = None, error_text(exc)
             if isinstance(exc, ray.exceptions.ActorDiedError):
                 workers_left = len(idle) + len(running)
                 progress(f"fuse: a worker died past its {MAX_RESTARTS} restarts; {workers_left} left")
@@ -274,7 +216,7 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
             attempts[index] += 1
             # A flaky store is worth another try; a damaged file fails every time, hence the bound.
             if isinstance(getattr(exc, "cause", None), StoreError) and attempts[index] < STORE_ATTEMPTS:
-                progress(f"fuse: {_unit_name(units[index])}: {error}; trying again ({attempts[index]}/{STORE_ATTEMPTS})")
+                progress(f"fuse: {units[index].name}: {error}; trying again ({attempts[index]}/{STORE_ATTEMPTS})")
                 idle.append(worker)
                 pending.append(index)
                 continue
@@ -291,29 +233,12 @@ def _run_pool(spec, store, layout, artifacts, gptq_jobs, base_dir, progress) -> 
     return outcomes
 
 
-def _unit_name(unit) -> str:
-    kind, subject, _ = unit
-    return f"shard {subject}" if kind == "shard" else f"{subject.tenant} {FusedVariant('gptq-int4', subject.merge_base).name}"
-
-
-def _shard_targets(artifacts: list[_Artifact]) -> list[ShardTarget]:
-    """One target per tenant and merge base, with every shard-wise scheme it wants."""
-    grouped: dict[tuple[str, str], ShardTarget] = {}
-    for artifact in artifacts:
-        key = (artifact.tenant, artifact.variant.merge_base)
-        target = grouped.get(key)
-        schemes = (target.schemes if target else ()) + (artifact.variant.scheme,)
-        grouped[key] = ShardTarget(artifact.tenant, artifact.variant.merge_base, schemes,
-                                   artifact.target.trained_format, artifact.target.output_format)
-    return list(grouped.values())
-
-
 def _seal(spec: JobSpec, store: Store, layout: BaseLayout, artifact: _Artifact, base_dir: Path) -> FuseOutcome:
-    name = artifact.variant.name
+    tenant, name = artifact.build.tenant, artifact.build.variant.name
     missing = [f for f in layout.shard_files if f not in artifact.parts]
     if artifact.error or missing:
         store.abandon(artifact.draft)
-        return FuseOutcome(artifact.tenant, name, "failed", error=artifact.error or f"shards missing: {missing}")
+        return FuseOutcome(tenant, name, "failed", error=artifact.error or f"shards missing: {missing}")
     try:
         with scratch_dir("fuse-seal") as folder:
             _write_model_files(base_dir, folder, artifact)
@@ -328,13 +253,13 @@ def _seal(spec: JobSpec, store: Store, layout: BaseLayout, artifact: _Artifact, 
                if any(k in p for p in parts)},
             "worker_node_ids": sorted({p["worker_node_id"] for p in parts}),
         }
-        manifest = store.seal(artifact.draft, files, kind="fused", inputs=artifact.inputs, metrics=metrics)
+        manifest = store.seal(artifact.draft, files, kind="fused", inputs=artifact.build.inputs, metrics=metrics)
     except AlreadyPublished:  # sealed by another run of this job first; this run's version is gone
-        return _published_meanwhile(store, spec, artifact.tenant, name)
+        return _published_meanwhile(store, spec, tenant, name)
     except StoreError as exc:
         store.abandon(artifact.draft)
-        return FuseOutcome(artifact.tenant, name, "failed", error=str(exc))
-    return FuseOutcome(artifact.tenant, name, "done", manifest["metrics"])
+        return FuseOutcome(tenant, name, "failed", error=str(exc))
+    return FuseOutcome(tenant, name, "done", manifest["metrics"])
 
 
 def _published_meanwhile(store: Store, spec: JobSpec, tenant: str, variant: str,
@@ -353,22 +278,13 @@ def _write_model_files(base_dir: Path, folder: Path, artifact: _Artifact) -> Non
         if path.is_file() and path.name not in ("config.json", INDEX_NAME):
             shutil.copy2(path, folder / path.name)
     config = json.loads((base_dir / "config.json").read_text())
-    if artifact.variant.scheme == "nf4":
-        config["quantization_config"] = artifact.target.output_format.quantization_config()
+    if artifact.build.variant.scheme == "nf4":
+        config["quantization_config"] = artifact.build.target.output_format.quantization_config()
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     weight_map = {name: shard for shard, part in sorted(artifact.parts.items()) for name in part["tensors"]}
     total = sum(part["tensor_bytes"] for part in artifact.parts.values())
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX_NAME).write_text(json.dumps(index, indent=2))
-
-
-def _error_text(exc: Exception) -> str:
-    import ray
-
-    if isinstance(exc, ray.exceptions.RayTaskError) and exc.cause is not None:
-        cause = exc.cause
-        return str(cause) if isinstance(cause, UserError) else f"{type(cause).__name__}: {cause}"[:2000]
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def render_fuse_outcomes(outcomes: list[FuseOutcome]) -> str:

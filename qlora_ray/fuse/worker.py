@@ -11,19 +11,19 @@ and re-runs its unfinished unit there, which uploads the same parts again.
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import time
 from pathlib import Path
 
 from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
 from qlora_ray.errors import AdapterError
+from qlora_ray.hardware import peak_memory_bytes
 from qlora_ray.fuse.math import LoraDelta, adapter_deltas
 from qlora_ray.fuse.shards import ShardTarget, fuse_shard, load_shard
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.spec import FusedVariant, JobSpec
-from qlora_ray.store import Draft, Store, adapter_key, base_key, data_key, fused_key
-from qlora_ray.train.finetune import peak_memory_bytes
+from qlora_ray.staged_data import TRAIN_FILE, fetch_rows
+from qlora_ray.store import Draft, Store, adapter_key, base_key, fused_key
 
 def load_adapter_deltas(adapter_dir: Path, device: str = "cpu") -> dict[str, LoraDelta]:
     """A PEFT adapter folder's LoRA deltas; device 'meta' reads only the shapes (for validation).
@@ -125,9 +125,7 @@ class FuseWorker:
         try:
             merged = self._merge_locally(target, work / "merged")
             merge_seconds = round(time.perf_counter() - started, 2)
-            rows_dir = work / "data"
-            self.store.fetch(data_key(self.spec.name, target.tenant), rows_dir, only=["train.jsonl"])
-            rows = [json.loads(line) for line in (rows_dir / "train.jsonl").read_text(encoding="utf-8").splitlines() if line]
+            rows = fetch_rows(self.store, self.spec.name, target.tenant, TRAIN_FILE, work / "data")
             texts = calibration_texts(rows, AutoTokenizer.from_pretrained(str(merged)), self.spec.fuse.gptq.calibration_samples)
             metrics = gptq_quantize(merged, work / "out", texts, self.spec.fuse.gptq, device=self.device)
             metrics.update(seconds=round(time.perf_counter() - started, 2), merge_seconds=merge_seconds, **worker_facts())

@@ -37,13 +37,16 @@ class EvalConfig:
         return self.kind in ("unmerged", "unmerged-4bit", "ptq")
 
 
+# The reference row, and what serve's `<tenant>/unmerged` loads.
+UNMERGED_ROW = EvalConfig("unmerged", "unmerged", "adapter unmerged on the 16-bit base (what <tenant>/unmerged serves)")
+
+
 def configurations(spec: JobSpec, tenant: TenantSpec, trained: FourBit | None) -> list[EvalConfig]:
     """The rows of a tenant's table, in order: the base, the adapter unmerged (on the 16-bit base,
     and on the 4-bit base it was trained on: `trained`, as the adapter's manifest records it), every
     fused artifact, and naive PTQ with GPTQ. Naive PTQ with bitsandbytes 4-bit is the "unmerged on
     the 4-bit base" row: the same quantized base."""
-    rows = [EvalConfig("base", "base", "the base model alone (16-bit)"),
-            EvalConfig("unmerged", "unmerged", "adapter unmerged on the 16-bit base (what <tenant>/unmerged serves)")]
+    rows = [EvalConfig("base", "base", "the base model alone (16-bit)"), UNMERGED_ROW]
     if trained is not None:
         kind = trained.quant_type.upper()
         rows.append(EvalConfig(f"unmerged.{trained.quant_type}-base", "unmerged-4bit",

@@ -15,7 +15,8 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from qlora_ray.errors import StoreError, UserError
+from qlora_ray.cluster import as_completed, error_text, init_ray, refuse_process_local_store, task_options
+from qlora_ray.hardware import preferred_device
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.quality.configs import reference_name
@@ -25,22 +26,15 @@ from qlora_ray.quality.tenant import RESULTS_FILE
 from qlora_ray.quality.verdicts import publish_verdicts
 from qlora_ray.spec import JobSpec
 from qlora_ray.store import Store, adapter_key, data_key, eval_key, eval_report_key
-from qlora_ray.train.launch import init_ray
 
 # A task whose worker or node died runs again this many times (the store keeps what was finished).
 MAX_RETRIES = 3
 
 
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def _ptq_task(spec: JobSpec, tenant_ids: list[str]) -> dict:
     from qlora_ray.quality.ptq import build_gptq_base
 
-    return build_gptq_base(spec, tenant_ids, device=_device())
+    return build_gptq_base(spec, tenant_ids, device=preferred_device())
 
 
 def _eval_task(spec: JobSpec, tenant_id: str) -> dict:
@@ -51,7 +45,7 @@ def _eval_task(spec: JobSpec, tenant_id: str) -> dict:
 
     import ray
 
-    return evaluate_tenant(spec, tenant_id, device=_device(), progress=lambda line: print(line, flush=True),
+    return evaluate_tenant(spec, tenant_id, device=preferred_device(), progress=lambda line: print(line, flush=True),
                            node_id=ray.get_runtime_context().get_node_id())
 
 
@@ -61,9 +55,7 @@ def eval_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> dict:
     import ray
 
     store = Store(spec.store, spec.storage_options)
-    if "memory" in store.fs.protocol:
-        raise UserError(f"store {spec.store}: a memory:// store lives in one process, and Ray's workers are "
-                        "others; use a folder or s3:// for the eval stage")
+    refuse_process_local_store(store, spec.store, "the eval stage")
     skipped: dict[str, str] = {}
     ready = []
     for tenant in spec.tenants:
@@ -81,28 +73,26 @@ def eval_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> dict:
     failed: dict[str, str] = {}
     if ready:
         init_ray()
-        options = {"num_cpus": spec.eval.resources.num_cpus, "num_gpus": spec.eval.resources.num_gpus,
-                   "resources": dict(spec.eval.resources.custom), "max_retries": MAX_RETRIES,
-                   "retry_exceptions": [StoreError]}
+        resources = spec.eval.resources
         if "gptq-int4" in spec.fuse.schemes:
             progress(f"eval: quantizing the base with GPTQ alone (the naive-PTQ row), calibrated on {len(ready)} tenant(s)' rows")
             started = time.monotonic()
             try:
-                ray.get(ray.remote(max_calls=1)(_ptq_task).options(name="eval:ptq", **options).remote(spec, ready))
+                ray.get(ray.remote(max_calls=1)(_ptq_task).options(
+                    **task_options(resources, name="eval:ptq", max_retries=MAX_RETRIES)).remote(spec, ready))
                 progress(f"eval: GPTQ base ready ({time.monotonic() - started:.0f} s)")
             except ray.exceptions.RayError as exc:
-                progress(f"eval: the GPTQ base failed, so no naive-PTQ row: {_cause(exc)}")
+                progress(f"eval: the GPTQ base failed, so no naive-PTQ row: {error_text(exc)}")
         remote = ray.remote(max_calls=1)(_eval_task)
-        refs = {remote.options(name=f"eval:{t}", **options).remote(spec, t): t for t in ready}
+        refs = {remote.options(**task_options(resources, name=f"eval:{t}", max_retries=MAX_RETRIES)).remote(spec, t): t
+                for t in ready}
         progress(f"evaluating {len(refs)} tenant(s) on Ray: {', '.join(refs.values())}")
-        while refs:
-            done, _ = ray.wait(list(refs), num_returns=1)
-            tenant_id = refs.pop(done[0])
+        for tenant_id, ref in as_completed(refs):
             try:
-                ray.get(done[0])
+                ray.get(ref)
                 progress(f"eval {tenant_id}: done")
             except ray.exceptions.RayError as exc:
-                failed[tenant_id] = _cause(exc)
+                failed[tenant_id] = error_text(exc)
                 progress(f"eval {tenant_id}: FAILED: {failed[tenant_id]}")
     report = build_report(spec, store, [t for t in ready if t not in failed])
     report["skipped"], report["failed"] = skipped, failed
@@ -142,12 +132,3 @@ def publish_report(store: Store, spec: JobSpec, report: dict) -> None:
         write_report(report, tmp)
         store.replace(key, tmp, kind="eval-report", inputs={
             "tenants": {t: r["results"] for t, r in report["tenants"].items()}, "quality_gate": report["quality_gate"]})
-
-
-def _cause(exc) -> str:
-    import ray
-
-    if isinstance(exc, ray.exceptions.RayTaskError):
-        cause = exc.cause if exc.cause is not None else exc
-        return str(cause) if isinstance(cause, UserError) else f"{type(cause).__name__}: {cause}"[:2000]
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

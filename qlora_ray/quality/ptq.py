@@ -8,16 +8,15 @@ all as a fused GPTQ model is calibrated on).
 
 from __future__ import annotations
 
-import json
 import shutil
 
 from qlora_ray.fuse.gptq import calibration_texts, gptq_quantize
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.spec import JobSpec
+from qlora_ray.staged_data import TRAIN_FILE, fetch_rows
 from qlora_ray.store import Store, base_key, data_key, ptq_key
 
-TRAIN_ROWS_FILE = "train.jsonl"
 
 
 def ptq_inputs(spec: JobSpec, store: Store, tenant_ids: list[str]) -> dict:
@@ -57,9 +56,7 @@ def build_gptq_base(spec: JobSpec, tenant_ids: list[str], *, device: str) -> dic
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
         per_tenant = []
         for tenant in sorted(tenant_ids):
-            store.fetch(data_key(spec.name, tenant), work / "data" / tenant, only=[TRAIN_ROWS_FILE])
-            lines = (work / "data" / tenant / TRAIN_ROWS_FILE).read_text(encoding="utf-8").splitlines()
-            rows = [json.loads(line) for line in lines if line.strip()]
+            rows = fetch_rows(store, spec.name, tenant, TRAIN_FILE, work / "data" / tenant)
             per_tenant.append(calibration_texts(rows, tokenizer, spec.fuse.gptq.calibration_samples))
         texts = interleaved(per_tenant, spec.fuse.gptq.calibration_samples)
         # GPTQModel writes its logs beside the folder it quantizes: a scratch copy keeps them out of a

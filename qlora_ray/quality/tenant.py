@@ -14,16 +14,16 @@ from pathlib import Path
 from typing import Callable
 
 from qlora_ray.errors import StoreError
-from qlora_ray.evaluation import score
 from qlora_ray.fuse.quant import FourBit, trained_format
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.quality.configs import EvalConfig, configurations, load_config, resident_bytes
+from qlora_ray.quality.scoring import score
 from qlora_ray.spec import JobSpec, TenantSpec
+from qlora_ray.staged_data import EVAL_FILE, fetch_rows
 from qlora_ray.store import Store, adapter_key, base_key, data_key, eval_key, fused_key, ptq_key
 
 RESULTS_FILE = "results.json"
-EVAL_ROWS_FILE = "eval.jsonl"
 
 
 def config_sources(spec: JobSpec, tenant: TenantSpec, config: EvalConfig) -> dict[str, str]:
@@ -90,9 +90,7 @@ def evaluate_tenant(spec: JobSpec, tenant_id: str, *, device: str,
             return manifest
         store.delete(key)  # an artifact it measured changed (fused again, retrained)
     with scratch_dir("eval") as work:
-        store.fetch(data_key(spec.name, tenant_id), work / "data", only=[EVAL_ROWS_FILE])
-        rows = [json.loads(line) for line in (work / "data" / EVAL_ROWS_FILE).read_text(encoding="utf-8").splitlines()
-                if line.strip()]
+        rows = fetch_rows(store, spec.name, tenant_id, EVAL_FILE, work / "data")
         measured = []
         for config in configurations(spec, tenant, trained):
             sources = config_sources(spec, tenant, config)

@@ -63,13 +63,13 @@ def load_model(spec: JobSpec, store: Store, entry: ModelEntry, device: str) -> L
 
     started = time.perf_counter()
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # fp32 is the fast CPU path
-    if entry.variant == UNMERGED:
-        from qlora_ray.evaluation import load_model as load_with_adapter
+    if entry.variant == UNMERGED:  # loaded as the eval stage loads its `unmerged` row
+        from qlora_ray.quality.configs import UNMERGED_ROW, load_config
 
         with store.local_copy(base_key(spec.base.name)) as base_dir, store.local_copy(entry.key) as adapter_dir:
-            model, tokenizer = load_with_adapter(base_dir, adapter_dir, dtype=str(dtype).removeprefix("torch."))
+            loaded = load_config(UNMERGED_ROW, {"base": base_dir, "adapter": adapter_dir}, device)
+            model, tokenizer = loaded.model, loaded.tokenizer
             stop_ids = _stop_ids(base_dir, tokenizer)
-        model.to(device)
         engine = TransformersEngine(model, stop_ids, context=_context(spec, model.config), max_batch=spec.serve.max_batch)
         resident = sum(p.nbytes for p in model.parameters())
     else:

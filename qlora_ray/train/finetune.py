@@ -13,7 +13,6 @@ import contextlib
 import json
 import math
 import os
-import resource
 import warnings
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from qlora_ray import hardware
-from qlora_ray.spec import TrainSpec
+from qlora_ray.spec import LoraSpec, TrainSpec
 
 ProgressFn = Callable[[dict], None]
 CheckpointFn = Callable[[int, Path], None]
@@ -42,12 +41,6 @@ def to_sft_rows(rows: list[dict]) -> list[dict]:
         else:
             converted.append(row)
     return converted
-
-
-def device_of_choice() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def load_base_for_training(base_dir: Path, spec: TrainSpec, device: str):
@@ -156,31 +149,37 @@ def finetune(
     on_progress(dict) after each logged step. resume_from continues a previous run's checkpoint.
     base_model_name is recorded in adapter_config.json instead of the local folder trained from.
     """
-    import torch
-    from datasets import Dataset
-    from peft import LoraConfig
-    from transformers import PrinterCallback
-    from trl import SFTConfig, SFTTrainer
-
     quiet_library_progress_bars()
-    device = device_of_choice()
+    device = hardware.preferred_device()
     model, tokenizer = load_base_for_training(base_dir, spec, device)
+    use_liger = resolve_fused_kernels(spec, device)
+    config = sft_config(spec, device, work_dir / "checkpoints", use_liger=use_liger)
+    trainer = build_trainer(spec, device, model, tokenizer, config, sft_datasets(train_rows, eval_rows),
+                            on_progress=on_progress, on_checkpoint=on_checkpoint)
+    run = run_training(trainer, device, resume_from)
+    metrics = collect_metrics(trainer, run, spec, device, use_liger=use_liger, resume_from=resume_from,
+                              evaluate=bool(eval_rows))
+    adapter_dir = save_adapter(trainer.model, work_dir / "adapter", base_model_name)
+    return FinetuneResult(adapter_dir=adapter_dir, metrics=metrics)
+
+
+def resolve_fused_kernels(spec: TrainSpec, device: str) -> bool:
+    """Whether Liger's fused kernels run: asked for, on a GPU, and installed. Asked for but not installed
+    warns rather than fails: the kernels save time and memory, and the run works without them."""
     use_liger = spec.fused_kernels and device == "cuda" and fused_kernels_available()
     if spec.fused_kernels and device == "cuda" and not use_liger:
+        # stacklevel 3: the warning names finetune()'s caller, past this helper and finetune()
         warnings.warn("train.fused_kernels is on but liger-kernel is not installed (pip install 'qlora-ray[gpu]'); "
-                      "training without the fused kernels", stacklevel=2)
-    lora = spec.lora
-    peft_config = LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        target_modules=lora.target_modules,
-        use_rslora=lora.use_rslora,
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
-    checkpoints = work_dir / "checkpoints"
-    config = SFTConfig(
+                      "training without the fused kernels", stacklevel=3)
+    return use_liger
+
+
+def sft_config(spec: TrainSpec, device: str, checkpoints: Path, *, use_liger: bool):
+    """Every Trainer setting in one place, from the spec and the device: checkpoints every
+    spec.checkpoint_every steps in `checkpoints` (only the newest kept), a log line every step."""
+    from trl import SFTConfig
+
+    return SFTConfig(
         output_dir=str(checkpoints),
         max_steps=spec.max_steps if spec.max_steps is not None else -1,
         num_train_epochs=spec.epochs if spec.epochs is not None else 1.0,
@@ -210,51 +209,115 @@ def finetune(
         include_num_input_tokens_seen="non_padding",
         use_liger_kernel=use_liger,
     )
+
+
+def lora_config(lora: LoraSpec):
+    """The LoRA layers peft adds to the frozen base; the base's biases stay frozen too."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def sft_datasets(train_rows: list[dict], eval_rows: list[dict] | None):
+    """(train, eval) Datasets in TRL's prompt/completion shape; eval is None when there are no eval rows."""
+    from datasets import Dataset
+
+    return Dataset.from_list(to_sft_rows(train_rows)), Dataset.from_list(to_sft_rows(eval_rows)) if eval_rows else None
+
+
+def build_trainer(spec: TrainSpec, device: str, model, tokenizer, config, datasets, *,
+                  on_progress: ProgressFn | None, on_checkpoint: CheckpointFn | None):
+    """The SFTTrainer with LoRA attached. Progress and checkpoints reach the caller through its
+    functions, so the Trainer's own printing of raw log dicts is removed."""
+    from transformers import PrinterCallback
+    from trl import SFTTrainer
+
+    train_dataset, eval_dataset = datasets
     trainer = SFTTrainer(
         model=model,
         args=config,
-        train_dataset=Dataset.from_list(to_sft_rows(train_rows)),
-        eval_dataset=Dataset.from_list(to_sft_rows(eval_rows)) if eval_rows else None,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
-        peft_config=peft_config,
+        peft_config=lora_config(spec.lora),
         callbacks=[_Reporter(on_progress, on_checkpoint), _LayerSettings(spec, device)],
     )
     disable_bnb_cpu_inference_repack(trainer.model)
-    trainer.remove_callback(PrinterCallback)  # progress goes through on_progress, not raw log dicts
+    trainer.remove_callback(PrinterCallback)
+    return trainer
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """What one trainer.train() call leaves behind that the Trainer's state does not record."""
+
+    training_loss: float
+    seconds: float
+    tokens: int  # this attempt's tokens only: a resumed state also counts the earlier attempts'
+
+
+def run_training(trainer, device: str, resume_from: Path | None) -> TrainingRun:
+    """Train, from resume_from when given. Checkpoints come from the store, so every load is weights-only."""
+    import torch
+
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     tokens_before = _tokens_at(resume_from)  # read now: the Trainer rotates old checkpoints away
     started = time.perf_counter()
     with weights_only_loads():
         output = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-    train_seconds = time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    return TrainingRun(
+        training_loss=float(output.training_loss),
+        seconds=seconds,
+        tokens=int(trainer.state.num_input_tokens_seen) - tokens_before,
+    )
+
+
+def collect_metrics(trainer, run: TrainingRun, spec: TrainSpec, device: str, *, use_liger: bool,
+                    resume_from: Path | None, evaluate: bool) -> dict:
+    """The run's summary. Peak memory is read last, so that evaluation's peak counts too."""
+    import torch
+
     state = trainer.state
-    tokens = int(state.num_input_tokens_seen) - tokens_before  # this attempt's tokens only
+    losses = _losses(state.log_history)
     metrics = {
-        "train_loss": round(float(output.training_loss), 5),
-        "first_loss": _losses(state.log_history)[0] if _losses(state.log_history) else None,
-        "final_loss": _losses(state.log_history)[-1] if _losses(state.log_history) else None,
+        "train_loss": round(run.training_loss, 5),
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
         "steps": int(state.global_step),
         "epochs": round(float(state.epoch or 0), 4),
-        "train_seconds": round(train_seconds, 2),
-        "tokens_seen": tokens,
-        "tokens_per_second": round(tokens / train_seconds, 1) if train_seconds > 0 else None,
+        "train_seconds": round(run.seconds, 2),
+        "tokens_seen": run.tokens,
+        "tokens_per_second": round(run.tokens / run.seconds, 1) if run.seconds > 0 else None,
         "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
-        "optimizer": config.optim if isinstance(config.optim, str) else config.optim.value,
+        "optimizer": trainer.args.optim if isinstance(trainer.args.optim, str) else trainer.args.optim.value,
         "resumed_from_step": _step_of(resume_from),
         "fused_kernels": use_liger,
         "compiled_layers": spec.compile_layers and device == "cuda",
     }
-    if eval_rows:
+    if evaluate:
         metrics["eval_loss"] = round(float(trainer.evaluate()["eval_loss"]), 5)
-    metrics["peak_memory_bytes"] = peak_memory_bytes(device)
-    adapter_dir = work_dir / "adapter"
+    metrics["peak_memory_bytes"] = hardware.peak_memory_bytes(device)
+    return metrics
+
+
+def save_adapter(model, adapter_dir: Path, base_model_name: str | None) -> Path:
+    """Write the LoRA weights and config; base_model_name, when given, replaces the local base folder's path."""
     if base_model_name:
-        for config in trainer.model.peft_config.values():
+        for config in model.peft_config.values():
             config.base_model_name_or_path = base_model_name
-    trainer.model.save_pretrained(str(adapter_dir))
-    return FinetuneResult(adapter_dir=adapter_dir, metrics=metrics)
+    model.save_pretrained(str(adapter_dir))
+    return adapter_dir
 
 
 @contextlib.contextmanager
@@ -281,15 +344,6 @@ def quiet_library_progress_bars() -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
-
-
-def peak_memory_bytes(device: str) -> int:
-    """Peak GPU memory allocated, or this process's peak resident set on the CPU."""
-    if device == "cuda":
-        import torch
-
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def _losses(history: list[dict]) -> list[float]:

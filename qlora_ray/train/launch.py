@@ -9,12 +9,13 @@ resumes from the tenant's last checkpoint in the store. One tenant's failure nev
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
 
-from qlora_ray.errors import DataError, StoreError, UserError
+from qlora_ray.cluster import (as_completed, error_text, init_ray, joined_existing_cluster, largest_node_resources,
+                               refuse_process_local_store, task_options)
+from qlora_ray.errors import DataError
 from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.store import Store, adapter_key
 from qlora_ray.tables import text_table
@@ -30,31 +31,6 @@ class TenantOutcome:
     state: str  # "done" | "skipped" | "failed"
     metrics: dict | None = None
     error: str | None = None
-
-
-def init_ray() -> None:
-    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=True)
-    else:  # a new local instance (not any cluster left running on this machine); no dashboard: ~1 GB saved
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
-
-
-def task_options(tenant: TenantSpec) -> dict:
-    resources = tenant.training.resources
-    return {
-        "num_cpus": resources.num_cpus,
-        "num_gpus": resources.num_gpus,
-        "resources": dict(resources.custom),
-        "max_retries": MAX_RETRIES,
-        # a flaky store is worth another try; bad data or a bug is not
-        "retry_exceptions": [StoreError],
-        "name": f"train:{tenant.id}",
-    }
 
 
 def _train_task(spec: JobSpec, tenant_id: str) -> dict:
@@ -78,9 +54,7 @@ def train_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list
     from qlora_ray.train.tenant import stage_data, training_fingerprint
 
     store = Store(spec.store, spec.storage_options)
-    if "memory" in store.fs.protocol:
-        raise UserError(f"store {spec.store}: a memory:// store lives in one process, and Ray's workers are "
-                        "others; use a folder or s3:// for training")
+    refuse_process_local_store(store, spec.store, "training")
     outcomes: dict[str, TenantOutcome] = {}
     pending: list[TenantSpec] = []
     for tenant in spec.tenants:
@@ -108,14 +82,12 @@ def train_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list
         pending = _drop_unschedulable(pending, outcomes, store, spec, progress)
     if pending:
         remote = ray.remote(max_calls=1)(_train_task)
-        refs = {remote.options(**task_options(t)).remote(spec, t.id): t.id for t in pending}
+        refs = {remote.options(**task_options(t.training.resources, name=f"train:{t.id}", max_retries=MAX_RETRIES))
+                .remote(spec, t.id): t.id for t in pending}
         progress(f"training {len(refs)} tenant(s) on Ray: {', '.join(refs.values())}")
         started = time.monotonic()
-        while refs:
-            ready, _ = ray.wait(list(refs), num_returns=1)
-            tenant_id = refs.pop(ready[0])
-            outcomes[tenant_id] = _collect(ready[0], tenant_id, store, spec)
-            outcome = outcomes[tenant_id]
+        for tenant_id, ref in as_completed(refs):
+            outcome = outcomes[tenant_id] = _collect(ref, tenant_id, store, spec)
             elapsed = time.monotonic() - started
             if outcome.state == "done":
                 m = outcome.metrics
@@ -133,13 +105,7 @@ def _drop_unschedulable(pending: list[TenantSpec], outcomes: dict, store: Store,
     A cluster we started ourselves (no RAY_ADDRESS) has no autoscaler: such tenants fail now, with
     what they asked for. On a cluster that may scale up, they wait, with a warning.
     """
-    import ray
-
-    largest: dict[str, float] = {}
-    for node in ray.nodes():
-        if node.get("Alive"):
-            for name, amount in node.get("Resources", {}).items():
-                largest[name] = max(largest.get(name, 0.0), amount)
+    largest = largest_node_resources()
     schedulable = []
     for tenant in pending:
         resources = tenant.training.resources
@@ -149,7 +115,7 @@ def _drop_unschedulable(pending: list[TenantSpec], outcomes: dict, store: Store,
             schedulable.append(tenant)
             continue
         detail = ", ".join(f"{k} {v:g} (largest node has {largest.get(k, 0.0):g})" for k, v in missing.items())
-        if os.environ.get("RAY_ADDRESS"):
+        if joined_existing_cluster():
             progress(f"tenant {tenant.id}: waiting for a node with {detail}; no node has that now")
             schedulable.append(tenant)
             continue
@@ -164,15 +130,11 @@ def _collect(ref, tenant_id: str, store: Store, spec: JobSpec) -> TenantOutcome:
     import ray
 
     try:
-        manifest = ray.get(ref)
-        return TenantOutcome(tenant_id, "done", manifest["metrics"])
-    except ray.exceptions.RayTaskError as exc:
-        cause = exc.cause if exc.cause is not None else exc
-        message = str(cause) if isinstance(cause, UserError) else f"{type(cause).__name__}: {cause}"
-    except ray.exceptions.RayError as exc:  # the worker or node died and the retries ran out
-        message = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-        StatusWriter(store, spec.name, tenant_id).state("failed", error=message)
-    return TenantOutcome(tenant_id, "failed", error=message[:2000])
+        return TenantOutcome(tenant_id, "done", ray.get(ref)["metrics"])
+    except ray.exceptions.RayError as exc:
+        if not isinstance(exc, ray.exceptions.RayTaskError):  # the worker or node died and the retries ran out
+            StatusWriter(store, spec.name, tenant_id).state("failed", error=error_text(exc))
+        return TenantOutcome(tenant_id, "failed", error=error_text(exc))
 
 
 def render_outcomes(outcomes: list[TenantOutcome]) -> str:

@@ -19,11 +19,11 @@ from qlora_ray.errors import StoreError
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.spec import JobSpec, TenantSpec
+from qlora_ray.staged_data import EVAL_FILE, TRAIN_FILE, write_rows
 from qlora_ray.store import Store, adapter_key, base_key, checkpoint_key, data_key
 from qlora_ray.train.finetune import finetune
 from qlora_ray.train.status import StatusWriter, now_iso, read_status
 
-TRAIN_FILE, EVAL_FILE = "train.jsonl", "eval.jsonl"
 ProgressBar = Callable[[str, int], object]  # (description, total) -> object with update(n), set_description(s), close()
 
 
@@ -48,9 +48,9 @@ def stage_data(spec: JobSpec, tenant: TenantSpec, store: Store) -> dict:
             return manifest
         store.delete(key)  # the tenant's data changed since it was staged
     with scratch_dir("data") as folder:
-        _write_jsonl(folder / TRAIN_FILE, train.rows)
+        write_rows(folder / TRAIN_FILE, train.rows)
         if evaluation:
-            _write_jsonl(folder / EVAL_FILE, evaluation.rows)
+            write_rows(folder / EVAL_FILE, evaluation.rows)
         metrics = {"train_rows": len(train.rows), "eval_rows": len(evaluation.rows) if evaluation else 0,
                    "format": train.format}
         return store.publish(key, folder, kind="data", inputs=inputs, metrics=metrics, keep_existing=True)
@@ -171,7 +171,3 @@ def _fetch_latest_checkpoint(store: Store, job: str, tenant: str, into: Path, fi
 
 def _delete_checkpoints(store: Store, job: str, tenant: str) -> None:
     store.delete(checkpoint_key(job, tenant))
-
-
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")

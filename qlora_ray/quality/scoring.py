@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 from qlora_ray.data import prompt_and_reference
 from qlora_ray.scorers import SCORERS
@@ -34,76 +33,19 @@ class Accuracy:
         return self.correct / self.total if self.total else 0.0
 
 
-def load_model(base_dir: Path, adapter_dir: Path | None = None, *, dtype: str = "bfloat16"):
-    """The 16-bit base, with an adapter attached unmerged through peft when adapter_dir is given."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=getattr(torch, dtype), use_safetensors=True,
-                                                 trust_remote_code=False)
-    if adapter_dir is not None:
-        from peft import PeftModel
-
-        from qlora_ray.adapter_files import checked_adapter_dir
-
-        model = PeftModel.from_pretrained(model, str(checked_adapter_dir(adapter_dir)))
-    model.eval()
-    return model, tokenizer
-
-
 def render_prompt(tokenizer, prompt: list[dict] | str) -> str:
     if isinstance(prompt, str):
         return prompt
     return tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=False)
 
 
-def generate_answers(model, tokenizer, prompts: list, *, max_new_tokens: int, batch_size: int = 25) -> tuple[list[str], int]:
-    """Greedy answers, one per prompt, without the prompt and special tokens; and the number of new
-    tokens generated (each row's up to its first EOS)."""
-    import torch
-
-    texts = [render_prompt(tokenizer, p) for p in prompts]
-    pad_side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    answers: list[str] = []
-    generated = 0
-    try:
-        for start in range(0, len(texts), batch_size):
-            batch = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-            batch = {k: v.to(model.device) for k, v in batch.items()}
-            with torch.inference_mode():
-                output = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
-                                        pad_token_id=tokenizer.pad_token_id)
-            new_tokens = output[:, batch["input_ids"].shape[1]:]
-            answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-            generated += _tokens_until_eos(new_tokens, tokenizer.eos_token_id)
-    finally:
-        tokenizer.padding_side = pad_side
-    return answers, generated
-
-
-def _tokens_until_eos(new_tokens, eos_id: int | None) -> int:
+def tokens_until_eos(new_tokens, eos_id: int | None) -> int:
     """New tokens per row up to and including the first EOS (generate pads finished rows after it)."""
     if eos_id is None:
         return new_tokens.numel()
     is_eos = new_tokens == eos_id
     after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
     return int((~after_eos).sum())
-
-
-def exact_match(model, tokenizer, rows: list[dict], scorer: str, *, batch_size: int = 25) -> Accuracy:
-    """Fraction of rows whose greedy answer the tenant's scorer accepts."""
-    prompts, references = zip(*(prompt_and_reference(row) for row in rows))
-    longest = max(len(tokenizer(ref, add_special_tokens=False)["input_ids"]) for ref in references)
-    started = time.perf_counter()
-    answers, generated = generate_answers(model, tokenizer, list(prompts), max_new_tokens=longest + 8,
-                                          batch_size=batch_size)
-    seconds = time.perf_counter() - started
-    score = SCORERS[scorer]
-    correct = sum(score(answer, reference) for answer, reference in zip(answers, references))
-    return Accuracy(correct=correct, total=len(rows), answers=answers, generated_tokens=generated, seconds=seconds)
 
 
 def answer_token_spans(tokenizer, rows: list[dict]) -> list[tuple[list[int], int]]:
@@ -137,46 +79,15 @@ class Perplexity:
         return math.exp(self.nll_sum / self.tokens) if self.tokens else float("nan")
 
 
-def answer_perplexity(model, tokenizer, rows: list[dict], *, batch_size: int = 25) -> Perplexity:
-    """Perplexity of the reference answers given their prompts (teacher-forced), over all answer
-    tokens of all rows: exp(mean negative log-likelihood per answer token).
-
-    Rows are left-padded, so every answer ends at the batch's last position and the LM head runs
-    only over the last positions that predict an answer token (logits_to_keep): over the whole
-    prompt it would cost more than the rest of the model on a small one."""
-    import torch
-
-    spans = answer_token_spans(tokenizer, rows)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    device = next(model.parameters()).device
-    nll_sum, counted = 0.0, 0
-    for start in range(0, len(spans), batch_size):
-        batch = spans[start:start + batch_size]
-        longest = max(len(ids) for ids, _ in batch)
-        ids = torch.tensor([[pad_id] * (longest - len(ids)) + ids for ids, _ in batch], device=device)
-        mask = torch.tensor([[0] * (longest - len(ids)) + [1] * len(ids) for ids, _ in batch], device=device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        kept = max(len(ids) - prompt_len for ids, prompt_len in batch) + 1  # the last prompt token predicts the first answer token
-        with torch.inference_mode():
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=kept).logits
-        # logits[:, j] predicts token longest - kept + j + 1: the targets are the last kept - 1 tokens
-        log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-        targets = ids[:, longest - kept + 1:]
-        token_nll = -log_probs.gather(-1, targets[..., None]).squeeze(-1)
-        answer_len = torch.tensor([len(ids) - prompt_len for ids, prompt_len in batch], device=device)
-        scored = torch.arange(kept - 1, device=device)[None, :] >= (kept - 1 - answer_len)[:, None]
-        nll_sum += float(token_nll[scored].double().sum())
-        counted += int(scored.sum())
-    return Perplexity(nll_sum=nll_sum, tokens=counted)
-
-
 def score(model, tokenizer, rows: list[dict], scorer: str, *, batch_size: int = 25) -> tuple[Accuracy, Perplexity]:
-    """exact_match and answer_perplexity together, with each batch's prompts run once.
+    """Exact-match accuracy (greedy answers, judged by the tenant's scorer) and the perplexity of the
+    reference answers given their prompts (teacher-forced, over all answer tokens of all rows), with
+    each batch's prompts run once.
 
     A prompt costs more than its answer (a tenant's system prompt and question against a short
-    answer), and the two measures each ran it: here the prompts but their last token go into a KV
-    cache that both continue from: the teacher-forced answers (from a copy) and greedy generation.
-    Same results as the two functions (tests/test_eval.py checks), in about half the time."""
+    answer): the prompts but their last token go into a KV cache that both measures continue from,
+    the teacher-forced answers (from a copy) and greedy generation. tests/reference_scoring.py
+    measures each the plain way; tests/test_eval.py checks that both agree."""
     import copy
 
     import torch
@@ -222,7 +133,7 @@ def score(model, tokenizer, rows: list[dict], scorer: str, *, batch_size: int = 
         seconds += prefill_seconds + time.perf_counter() - started
         new_tokens = output[:, width:]
         answers += tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        generated += _tokens_until_eos(new_tokens, tokenizer.eos_token_id)
+        generated += tokens_until_eos(new_tokens, tokenizer.eos_token_id)
     judge = SCORERS[scorer]
     correct = sum(judge(answer, reference) for answer, reference in zip(answers, references))
     accuracy = Accuracy(correct=correct, total=len(rows), answers=answers, generated_tokens=generated, seconds=seconds)

@@ -1,0 +1,89 @@
+"""Ray plumbing the stages' drivers share: joining (or starting) the cluster, a task's options from
+the job file's resources, refusing a store Ray's workers cannot reach, collecting tasks as they
+finish, and a Ray error as the one line a user acts on.
+
+The stages own what is particular to them (which tasks, in which order, what an outcome is); how a
+stage talks to Ray is here, once.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterator, TypeVar
+
+from qlora_ray.errors import StoreError, UserError
+from qlora_ray.spec import Resources
+from qlora_ray.store import Store
+
+T = TypeVar("T")
+
+
+def init_ray() -> None:
+    """Join the cluster named by RAY_ADDRESS (as under `ray job submit`), or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(log_to_driver=True)
+    else:  # a new local instance (not any cluster left running on this machine); no dashboard: ~1 GB saved
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+
+
+def joined_existing_cluster() -> bool:
+    """Whether the driver joined a cluster (RAY_ADDRESS), which may scale up, rather than started one."""
+    return bool(os.environ.get("RAY_ADDRESS"))
+
+
+def refuse_process_local_store(store: Store, job_store: str, stage: str) -> None:
+    """A memory:// store lives in the driver's process; Ray's workers are other processes."""
+    if "memory" in store.fs.protocol:
+        raise UserError(f"store {job_store}: a memory:// store lives in one process, and Ray's workers are "
+                        f"others; use a folder or s3:// for {stage}")
+
+
+def task_options(resources: Resources, *, name: str, max_retries: int) -> dict:
+    """Options of one stage task: what it asks of a node, and its retries. A task that failed on the
+    store is worth another try; one that failed on bad data or a bug is not."""
+    return {
+        "num_cpus": resources.num_cpus,
+        "num_gpus": resources.num_gpus,
+        "resources": dict(resources.custom),
+        "max_retries": max_retries,
+        "retry_exceptions": [StoreError],
+        "name": name,
+    }
+
+
+def largest_node_resources() -> dict[str, float]:
+    """The most of each resource that one live node of the cluster has."""
+    import ray
+
+    largest: dict[str, float] = {}
+    for node in ray.nodes():
+        if node.get("Alive"):
+            for resource, amount in node.get("Resources", {}).items():
+                largest[resource] = max(largest.get(resource, 0.0), amount)
+    return largest
+
+
+def as_completed(refs: dict, /) -> Iterator[tuple[object, object]]:
+    """(the label given for a task, its ObjectRef) in the order the tasks finish; `ray.get` on the
+    ref then returns its result or raises its error."""
+    import ray
+
+    pending = dict(refs)
+    while pending:
+        (ready,), _ = ray.wait(list(pending), num_returns=1)
+        yield pending.pop(ready), ready
+
+
+def error_text(exc: BaseException) -> str:
+    """A Ray error as one line: a UserError raised in the task as it was written, anything else the
+    task raised with its type, and a worker or node that died (retries spent) by Ray's first line."""
+    import ray
+
+    if isinstance(exc, ray.exceptions.RayTaskError):
+        cause = exc.cause if exc.cause is not None else exc
+        return str(cause) if isinstance(cause, UserError) else f"{type(cause).__name__}: {cause}"[:2000]
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
