@@ -76,8 +76,9 @@ def client(served, tenant):
     return OpenAI(base_url=served["url"], api_key=served["keys"][tenant], max_retries=0)
 
 
-def reference_answer(served, model_id: str, messages, max_tokens: int) -> str:
-    """The greedy answer of the fused folder loaded by transformers alone, in fp32 as the CPU server runs."""
+def reference_answer(served, model_id: str, messages, max_tokens: int) -> tuple[str, str, int]:
+    """The greedy answer of the fused folder loaded by transformers alone, in fp32 as the CPU server
+    runs: (its text, its OpenAI finish_reason, its completion tokens, the stop token included)."""
     tenant, variant = model_id.split("/")
     folder = served["tmp"] / "reference" / tenant / variant
     served["store"].fetch(fused_key("t", tenant, variant), folder)
@@ -86,7 +87,10 @@ def reference_answer(served, model_id: str, messages, max_tokens: int) -> str:
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
-    return tokenizer.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
+    new_tokens = out[0, ids["input_ids"].shape[1]:].tolist()
+    eos = model.generation_config.eos_token_id
+    stopped = new_tokens[-1] in (eos if isinstance(eos, list) else [eos])
+    return tokenizer.decode(new_tokens, skip_special_tokens=True), "stop" if stopped else "length", len(new_tokens)
 
 
 @pytest.mark.parametrize("model_id", ["acme/bf16.original", "acme/nf4.original", "acme/gptq-int4.original",
@@ -94,9 +98,9 @@ def reference_answer(served, model_id: str, messages, max_tokens: int) -> str:
 def test_openai_client_gets_the_tenants_answer_streaming_and_not(served, model_id):
     api = client(served, model_id.split("/")[0])
     answer = api.chat.completions.create(model=model_id, messages=QUESTION, temperature=0, max_tokens=24)
-    assert answer.choices[0].message.content == reference_answer(served, model_id, QUESTION, 24)
-    finish, produced = answer.choices[0].finish_reason, answer.usage.completion_tokens
-    assert 1 <= produced <= 24 and (finish == "stop" if produced < 24 else finish in ("stop", "length"))
+    text, finish, produced = reference_answer(served, model_id, QUESTION, 24)
+    assert answer.choices[0].message.content == text
+    assert (answer.choices[0].finish_reason, answer.usage.completion_tokens) == (finish, produced)
     chunks = list(api.chat.completions.create(model=model_id, messages=QUESTION, temperature=0, max_tokens=24,
                                               stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -196,12 +200,24 @@ def test_completion_token_ids_out_of_range_are_refused(served):
 
 
 def test_more_models_than_the_resident_bound_answer_in_turn(served):
-    order = [f"{t}/{v}" for t in TENANTS for v in ("bf16.original", "nf4.original")] + ["acme/unmerged"]
-    first = {}
-    for model_id in order + order[::-1]:  # each pass loads models the previous ones evicted
-        answer = client(served, model_id.split("/")[0]).chat.completions.create(
-            model=model_id, messages=QUESTION, temperature=0, max_tokens=8).choices[0].message.content
+    """Six fused models through a replica that holds two (and the unmerged one on its own deployment),
+    twice: each pass loads at least the four that cannot have stayed (a request that waited for a load
+    says so in X-Model-Load-Seconds), and every model answers the same as before it was evicted."""
+    fused = [f"{t}/{v}" for t in TENANTS for v in ("bf16.original", "nf4.original")]
+    order = fused + ["acme/unmerged"]
+    first, loaded = {}, []
+    for model_id in order + order[::-1]:
+        response = requests.post(f"{served['url']}/chat/completions", timeout=120,
+                                 headers={"Authorization": f"Bearer {served['keys'][model_id.split('/')[0]]}"},
+                                 json={"model": model_id, "messages": QUESTION, "temperature": 0, "max_tokens": 8})
+        assert response.status_code == 200, response.text
+        answer = response.json()["choices"][0]["message"]["content"]
         assert first.setdefault(model_id, answer) == answer
+        if model_id in fused:
+            loaded.append("X-Model-Load-Seconds" in response.headers)
+    # in each pass, at most the two models resident when it began answer without a load
+    passes = loaded[:len(fused)], loaded[len(fused):]
+    assert all(sum(one_pass) >= len(fused) - 2 for one_pass in passes), passes
     facts = requests.get(f"{served['url']}/qlora-ray/resident", params={"model": "acme/bf16.original"},
                          headers={"Authorization": f"Bearer {served['keys']['acme']}"}, timeout=120).json()
     assert "acme/bf16.original" in facts["resident_models"] and len(facts["resident_models"]) == 2  # the bound held
