@@ -4,7 +4,7 @@
 
 computed in float32 and cast back to the base's dtype once. The rank and alpha of each module
 follow peft's `rank_pattern` / `alpha_pattern` (matched with peft's own `get_pattern_key`), so the
-result equals peft's `merge_and_unload` on the same weights (tests/test_fuse_math.py checks it).
+result equals peft's `merge_and_unload` on the same weights (tests/unit/test_fuse_math.py checks it).
 """
 
 from __future__ import annotations
