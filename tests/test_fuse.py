@@ -322,3 +322,19 @@ def test_a_failed_or_late_fuse_never_deletes_what_another_run_published(tiny_job
     assert outcome.state == "skipped", outcome.error
     tiny_job_store.verify(key)
     assert tiny_job_store.read_manifest(key)["inputs"] == {"run": "other"}
+
+
+def test_gptq_calibrates_on_short_rows_and_names_rows_without_tokens(tiny_store, tmp_path):
+    """A tenant's rows are its traffic, however short: GPTQModel's default would drop every row of 10
+    tokens or fewer and then divide by zero. Rows that hold no token at all are a clear DataError."""
+    from qlora_ray.errors import DataError
+    from qlora_ray.fuse.gptq import gptq_quantize
+    from qlora_ray.spec import GptqSpec
+
+    base = tmp_path / "base"
+    tiny_store.fetch("bases/tiny", base)
+    metrics = gptq_quantize(base, tmp_path / "out", ["2 km", "3 m"], GptqSpec(group_size=32), device="cpu")
+    assert metrics["calibration_rows"] == 2 and 2 <= metrics["calibration_tokens"] <= 10
+    assert (tmp_path / "out" / "config.json").exists()
+    with pytest.raises(DataError, match="hold no tokens"):
+        gptq_quantize(base, tmp_path / "out2", ["", ""], GptqSpec(group_size=32), device="cpu")

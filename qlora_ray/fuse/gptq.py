@@ -9,12 +9,14 @@ writes the GPTQ checkpoint format that transformers, GPTQModel and vLLM load.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
 import sys
 import time
 from pathlib import Path
 
+from qlora_ray.errors import DataError
 from qlora_ray.hardware import compute_dtype
 from qlora_ray.spec import GptqSpec
 
@@ -69,7 +71,9 @@ def gptq_quantize(merged_dir: Path, out_dir: Path, texts: list[str], spec: GptqS
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
-    calibration = calibration_batch(texts, tokenizer)
+    calibration = [row for row in calibration_batch(texts, tokenizer) if row["input_ids"]]
+    if not calibration:
+        raise DataError(f"GPTQ calibration: the {len(texts)} training row(s) chosen hold no tokens")
     config = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=True)
     # GPTQModel prints ~1.5 MB of progress per SmolLM2 and writes a ./logs folder: both go to the
     # scratch folder, and the log's tail is shown only if quantization fails.
@@ -83,6 +87,11 @@ def gptq_quantize(merged_dir: Path, out_dir: Path, texts: list[str], spec: GptqS
             model = GPTQModel.load(str(merged_dir), config, device=device, trust_remote_code=False,
                                    dtype=compute_dtype(device))
             marks.append(time.perf_counter())
+            # Every row counts, short ones too: they are the tenant's traffic. GPTQModel drops rows of
+            # 10 tokens or fewer (and fails with a ZeroDivisionError when that leaves none); its
+            # quantize() takes calibration_data_min_length but does not pass it on (7.6), so it goes to
+            # the dataset preparation the quantizer calls.
+            model.prepare_dataset = functools.partial(model.prepare_dataset, calibration_data_min_length=0)
             model.quantize(calibration, batch_size=CALIBRATION_BATCH, tokenizer=tokenizer)
             marks.append(time.perf_counter())
             model.save(str(out_dir))
