@@ -9,13 +9,11 @@ stage talks to Ray is here, once.
 from __future__ import annotations
 
 import os
-from typing import Iterator, TypeVar
+from typing import Iterator
 
 from qlora_ray.errors import StoreError, UserError
 from qlora_ray.spec import Resources
 from qlora_ray.store import Store
-
-T = TypeVar("T")
 
 
 def init_ray() -> None:
