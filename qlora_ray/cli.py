@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 from qlora_ray.errors import UserError
+from qlora_ray.library_output import libraries_log, route_library_output
 
 EXAMPLES = """examples:
   qlora-ray validate jobs/demo.yaml          check the job file, its data and its store; print the plan
@@ -111,6 +112,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    route_library_output()
+    try:
+        return _run_stages(args)
+    finally:
+        print(f"third-party libraries' messages (warnings, logs): {libraries_log()} on each node", file=sys.stderr)
+
+
+def _run_stages(args: argparse.Namespace) -> int:
     from qlora_ray.plan import build_plan, refresh_store_state, render_plan
 
     spec = _load(args.job)
@@ -150,6 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    route_library_output()
     spec = _load(args.job)
     store = _store(spec)
     store.check_reachable()
@@ -178,6 +188,7 @@ def _train_stage(spec, store) -> int:
 
 
 def cmd_fuse(args: argparse.Namespace) -> int:
+    route_library_output()
     spec = _load(args.job)
     _store(spec).check_reachable()
     return _fuse_stage(spec)
@@ -197,6 +208,7 @@ def _fuse_stage(spec) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    route_library_output()
     spec = _load(args.job)
     _store(spec).check_reachable()
     return _eval_stage(spec)

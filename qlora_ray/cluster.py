@@ -8,6 +8,7 @@ stage talks to Ray is here, once.
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Iterator
 
@@ -24,8 +25,10 @@ def init_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:  # a new local instance (not any cluster left running on this machine); no dashboard: ~1 GB saved
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+    else:  # a new local instance (not any cluster left running on this machine); no dashboard: ~1 GB saved.
+        # Ray's notices about the instance it starts ("Started a local Ray instance", token
+        # authentication) say nothing a user acts on here; its errors still show.
+        ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.ERROR)
 
 
 def joined_existing_cluster() -> bool:

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
 from qlora_ray.errors import AdapterError
-from qlora_ray.hardware import peak_memory_bytes
+from qlora_ray.hardware import peak_memory_bytes, preferred_device
+from qlora_ray.library_output import route_library_output
 from qlora_ray.fuse.math import LoraDelta, adapter_deltas
 from qlora_ray.fuse.shards import ShardTarget, fuse_shard, load_shard
 from qlora_ray.local_disk import scratch_dir
@@ -61,11 +62,12 @@ class FuseWorker:
     def __init__(self, spec: JobSpec, quantized: frozenset[str], threads: int):
         import torch
 
+        route_library_output(worker=True)
         torch.set_num_threads(max(1, threads))
         self.spec = spec
         self.store = Store(spec.store, spec.storage_options)
         self.quantized = quantized
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = preferred_device()
         self._scratch = contextlib.ExitStack()
         self.cache = self._scratch.enter_context(scratch_dir("fuse-worker"))
         self._deltas: dict[str, dict[str, LoraDelta]] = {}

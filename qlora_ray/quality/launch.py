@@ -17,6 +17,7 @@ from typing import Callable
 
 from qlora_ray.cluster import as_completed, error_text, init_ray, refuse_process_local_store, task_options
 from qlora_ray.hardware import preferred_device
+from qlora_ray.library_output import route_library_output, say
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.quality.configs import reference_name
@@ -34,18 +35,17 @@ MAX_RETRIES = 3
 def _ptq_task(spec: JobSpec, tenant_ids: list[str]) -> dict:
     from qlora_ray.quality.ptq import build_gptq_base
 
+    route_library_output(worker=True)
     return build_gptq_base(spec, tenant_ids, device=preferred_device())
 
 
 def _eval_task(spec: JobSpec, tenant_id: str) -> dict:
-    from qlora_ray.quality.tenant import evaluate_tenant
-    from qlora_ray.train.finetune import quiet_library_progress_bars
-
-    quiet_library_progress_bars()  # a loading bar per configuration would bury the progress lines
-
     import ray
 
-    return evaluate_tenant(spec, tenant_id, device=preferred_device(), progress=lambda line: print(line, flush=True),
+    from qlora_ray.quality.tenant import evaluate_tenant
+
+    route_library_output(worker=True)
+    return evaluate_tenant(spec, tenant_id, device=preferred_device(), progress=say,
                            node_id=ray.get_runtime_context().get_node_id())
 
 

@@ -13,6 +13,8 @@ import time
 
 from ray import serve
 
+from qlora_ray.hardware import preferred_device
+from qlora_ray.library_output import route_library_output
 from qlora_ray.serve.catalog import ModelEntry
 from qlora_ray.serve.loading import LoadedModel, load_model
 from qlora_ray.serve.residency import ResidentModels, TenantLoadsExceeded
@@ -44,12 +46,11 @@ class ModelServer:
 
     def __init__(self, spec: JobSpec, loader=None):
         started = time.perf_counter()
-        import torch
-
+        route_library_output(worker=True)
         self.spec = spec
         self.loader = loader or load_model
         self.store = Store(self.spec.store, self.spec.storage_options)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = preferred_device()
         if self.device == "cuda":
             from qlora_ray.serve import marlin
 

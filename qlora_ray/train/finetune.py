@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from qlora_ray import hardware
+from qlora_ray.library_output import route_library_output
 from qlora_ray.spec import LoraSpec, TrainSpec
 
 ProgressFn = Callable[[dict], None]
@@ -149,7 +150,7 @@ def finetune(
     on_progress(dict) after each logged step. resume_from continues a previous run's checkpoint.
     base_model_name is recorded in adapter_config.json instead of the local folder trained from.
     """
-    quiet_library_progress_bars()
+    route_library_output()
     device = hardware.preferred_device()
     model, tokenizer = load_base_for_training(base_dir, spec, device)
     use_liger = resolve_fused_kernels(spec, device)
@@ -335,15 +336,6 @@ def weights_only_loads():
             os.environ.pop(name, None)
             if value is not None:
                 os.environ[name] = value
-
-
-def quiet_library_progress_bars() -> None:
-    """transformers' and datasets' own bars would interleave in Ray's driver log; ours replaces them."""
-    import datasets
-    import transformers
-
-    datasets.disable_progress_bars()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _losses(history: list[dict]) -> list[float]:

@@ -16,6 +16,7 @@ from typing import Callable
 from qlora_ray.cluster import (as_completed, error_text, init_ray, joined_existing_cluster, largest_node_resources,
                                refuse_process_local_store, task_options)
 from qlora_ray.errors import DataError
+from qlora_ray.library_output import route_library_output, say
 from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.store import Store, adapter_key
 from qlora_ray.tables import text_table
@@ -37,14 +38,13 @@ def _train_task(spec: JobSpec, tenant_id: str) -> dict:
     """Body of the Ray task: runs in a fresh worker process (max_calls=1), so memory and peak RSS
     are per tenant."""
     import ray
-    from ray.experimental.tqdm_ray import tqdm
 
     from qlora_ray.train.tenant import train_tenant
 
+    route_library_output(worker=True)
     context = ray.get_runtime_context()
     where = {"node_id": context.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
-    return train_tenant(spec, tenant_id, where=where,
-                        progress_bar=lambda desc, total: tqdm(desc=desc, total=total or None))
+    return train_tenant(spec, tenant_id, where=where, say=say)
 
 
 def train_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list[TenantOutcome]:

@@ -24,7 +24,8 @@ from qlora_ray.store import Store, adapter_key, base_key, checkpoint_key, data_k
 from qlora_ray.train.finetune import finetune
 from qlora_ray.train.status import StatusWriter, now_iso, read_status
 
-ProgressBar = Callable[[str, int], object]  # (description, total) -> object with update(n), set_description(s), close()
+# A running tenant says where it is on its first logged step, then at most this often, and at its last.
+PROGRESS_EVERY_S = 30.0
 
 
 def stage_data(spec: JobSpec, tenant: TenantSpec, store: Store) -> dict:
@@ -66,9 +67,11 @@ def training_fingerprint(tenant: TenantSpec, data_inputs: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def train_tenant(spec: JobSpec, tenant_id: str, *, progress_bar: ProgressBar | None = None,
+def train_tenant(spec: JobSpec, tenant_id: str, *, say: Callable[[str], None] | None = None,
                  where: dict | None = None) -> dict:
-    """Train (or resume) one tenant's adapter and publish it. Returns the adapter's manifest."""
+    """Train (or resume) one tenant's adapter and publish it. Returns the adapter's manifest. `say`
+    gets a progress line now and then (PROGRESS_EVERY_S): lines rather than a bar, which a log file
+    or a CI log shows as well as a terminal."""
     tenant = spec.tenant(tenant_id)
     store = Store(spec.store, spec.storage_options)
     key = adapter_key(spec.name, tenant_id)
@@ -79,22 +82,19 @@ def train_tenant(spec: JobSpec, tenant_id: str, *, progress_bar: ProgressBar | N
     status.state("running", attempt=previous.get("attempt", 0) + 1, started_at=now_iso(), started_ts=time.time(),
                  finished_ts=None, step=0, loss=None,
                  tokens_per_second=None, error=None, **(where or {}))
-    bar = progress_bar(tenant_id, tenant.training.max_steps or 0) if progress_bar else None
     try:
-        manifest = _train_and_publish(spec, tenant, store, status, bar)
+        manifest = _train_and_publish(spec, tenant, store, status, say)
     except BaseException as exc:
         status.state("failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
-    finally:
-        if bar is not None:
-            bar.close()
     _delete_checkpoints(store, spec.name, tenant_id)
     status.state("done", finished_ts=time.time(), step=manifest["metrics"]["steps"], loss=manifest["metrics"]["final_loss"],
                  tokens_per_second=manifest["metrics"]["tokens_per_second"])
     return manifest
 
 
-def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: StatusWriter, bar) -> dict:
+def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: StatusWriter,
+                       say: Callable[[str], None] | None) -> dict:
     key = adapter_key(spec.name, tenant.id)
     with scratch_dir(f"train-{tenant.id}") as work, store.local_copy(base_key(spec.base.name)) as base_dir:
         base_manifest = store.read_manifest(base_key(spec.base.name))
@@ -104,13 +104,17 @@ def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: 
         fingerprint = training_fingerprint(tenant, data_manifest["inputs"])
         resume = _fetch_latest_checkpoint(store, spec.name, tenant.id, work / "checkpoints", fingerprint)
 
+        said_at = -PROGRESS_EVERY_S
+
         def on_progress(update: dict) -> None:
+            nonlocal said_at
             status.progress(**update)
-            if bar is not None:
-                bar.update(1)
-                loss = update["loss"]
-                bar.set_description(f"{tenant.id} loss {loss:.3f} {update['tokens_per_second']:.0f} tok/s"
-                                    if loss is not None else tenant.id)
+            last = update["step"] >= update["max_steps"]
+            if say is not None and (time.monotonic() - said_at >= PROGRESS_EVERY_S or last):
+                said_at = time.monotonic()
+                loss = "" if update["loss"] is None else f", loss {update['loss']:.4f}"
+                say(f"train {tenant.id}: step {update['step']}/{update['max_steps']}{loss}, "
+                    f"{update['tokens_per_second']:.0f} tok/s")
 
         def on_checkpoint(step: int, folder: Path) -> None:
             _publish_checkpoint(store, spec.name, tenant.id, step, folder, fingerprint)
