@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from qlora_ray.data import Dataset, read_rows
 from qlora_ray.errors import DataError, StoreError
-from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.quality.verdicts import read_verdicts
+from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.store import Store, adapter_key, base_key, display_uri, fused_key
 from qlora_ray.tables import text_table
 from qlora_ray.train.status import is_stale, read_status, silent_seconds

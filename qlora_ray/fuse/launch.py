@@ -94,8 +94,8 @@ def fuse_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list[
 
 
 def _tenant_builds(spec: JobSpec, store: Store, tenant: TenantSpec, layout: BaseLayout, base_manifest_sha256: str,
-                 gptq_problems: list[str], scratch: Path,
-                 progress: Callable[[str], None]) -> tuple[list[Build], list[FuseOutcome]]:
+                   gptq_problems: list[str], scratch: Path,
+                   progress: Callable[[str], None]) -> tuple[list[Build], list[FuseOutcome]]:
     """(the builds of one tenant's variants not yet complete; outcomes settled now: skipped, failed)."""
     todo, settled = [], []
     for variant in spec.fused_variants(tenant):

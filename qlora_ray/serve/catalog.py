@@ -1,8 +1,9 @@
 """What the gateway answers to: the job's model names, each with the artifact it serves, and the
 tenants' keys, read from the store in a thread and served from memory.
 
-Reading the store costs about four reads per model, and the verdicts once, and may stall (a slow S3, a network partition);
-the gateway's event loop carries every tenant's streams, so it never reads the store itself. A
+Reading the store costs about four reads per model and one for the quality verdicts, and may stall
+(a slow S3, a network partition); the gateway's event loop carries every tenant's streams, so it
+never reads the store itself. A
 daemon thread rereads keys and catalog every serve.catalog_refresh_s; requests see the last complete
 reading. While the store cannot be read, the last reading stays in force and the log says so once.
 """
