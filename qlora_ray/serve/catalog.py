@@ -3,9 +3,9 @@ tenants' keys, read from the store in a thread and served from memory.
 
 Reading the store costs about four reads per model and one for the quality verdicts, and may stall
 (a slow S3, a network partition); the gateway's event loop carries every tenant's streams, so it
-never reads the store itself. A
-daemon thread rereads keys and catalog every serve.catalog_refresh_s; requests see the last complete
-reading. While the store cannot be read, the last reading stays in force and the log says so once.
+never reads the store itself. A daemon thread rereads keys and catalog every
+serve.catalog_refresh_s; requests see the last complete reading. While the store cannot be read,
+the last reading stays in force and the log says so once.
 """
 
 from __future__ import annotations
