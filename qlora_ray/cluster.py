@@ -43,13 +43,16 @@ def refuse_process_local_store(store: Store, job_store: str, stage: str) -> None
                         f"others; use a folder or s3:// for {stage}")
 
 
+def node_request(resources: Resources) -> dict:
+    """What a task, actor or Serve replica asks of a node, in Ray's option names."""
+    return {"num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.custom)}
+
+
 def task_options(resources: Resources, *, name: str, max_retries: int) -> dict:
     """Options of one stage task: what it asks of a node, and its retries. A task that failed on the
     store is worth another try; one that failed on bad data or a bug is not."""
     return {
-        "num_cpus": resources.num_cpus,
-        "num_gpus": resources.num_gpus,
-        "resources": dict(resources.custom),
+        **node_request(resources),
         "max_retries": max_retries,
         "retry_exceptions": [StoreError],
         "name": name,

@@ -58,11 +58,9 @@ def say(line: str) -> None:
 def _quiet_transformers() -> None:
     """transformers logs through a handler of its own, on stderr: its messages go to the root logger
     (the file) instead. Its and datasets' progress bars (loading, saving, mapping) are turned off."""
-    try:
-        import datasets
-        import transformers
-    except ImportError:  # a process that never needs them (none of ours, but a hook must not fail)
-        return
+    import datasets
+    import transformers
+
     transformers.utils.logging.disable_default_handler()
     transformers.utils.logging.enable_propagation()
     transformers.utils.logging.disable_progress_bar()

@@ -24,7 +24,7 @@ from typing import Callable
 
 from qlora_ray.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_files
 from qlora_ray.bases import INDEX_NAME
-from qlora_ray.cluster import error_text, init_ray, refuse_process_local_store
+from qlora_ray.cluster import error_text, init_ray, node_request, refuse_process_local_store
 from qlora_ray.errors import AdapterError, StoreError, UserError
 from qlora_ray.fuse.layout import BaseLayout, adapter_problems, read_layout
 from qlora_ray.fuse.plan import (AdapterFacts, Build, FuseOutcome, GptqUnit, ShardUnit, TenantPlan, adapter_format,
@@ -148,10 +148,8 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
     # max_task_retries=-1: a unit whose actor died runs again once the actor is back, however many
     # times Ray tries in between; a bounded count is spent in the instant before a dead node is
     # known dead. The restarts bound it: past them the actor is gone and its unit fails.
-    actor_class = ray.remote(FuseWorker).options(
-        num_cpus=resources.num_cpus, num_gpus=resources.num_gpus, resources=dict(resources.custom),
-        max_restarts=MAX_RESTARTS, max_task_retries=-1,
-    )
+    actor_class = ray.remote(FuseWorker).options(**node_request(resources), max_restarts=MAX_RESTARTS,
+                                                 max_task_retries=-1)
     workers = [actor_class.remote(spec, layout.quantized, int(resources.num_cpus))
                for _ in range(min(spec.fuse.workers, len(units)))]
     progress(f"fusing on {len(workers)} worker(s): {len(layout.shard_files)} base shard(s) x {len(artifacts)} "

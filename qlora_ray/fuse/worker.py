@@ -17,10 +17,10 @@ from pathlib import Path
 
 from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
 from qlora_ray.errors import AdapterError
-from qlora_ray.hardware import peak_memory_bytes, preferred_device
-from qlora_ray.library_output import route_library_output
 from qlora_ray.fuse.math import LoraDelta, adapter_deltas
 from qlora_ray.fuse.shards import ShardTarget, fuse_shard, load_shard
+from qlora_ray.hardware import peak_memory_bytes, preferred_device
+from qlora_ray.library_output import route_library_output
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.spec import FusedVariant, JobSpec
 from qlora_ray.staged_data import TRAIN_FILE, fetch_rows

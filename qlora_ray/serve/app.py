@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from ray.serve.config import BackpressureConfig
 
+from qlora_ray.cluster import node_request
 from qlora_ray.serve.catalog import UNMERGED
 from qlora_ray.serve.gateway import Gateway
 from qlora_ray.serve.replica import ModelServer
@@ -43,11 +44,9 @@ def _max_ongoing(spec: JobSpec) -> int:
 
 def model_options(spec: JobSpec, name: str) -> dict:
     """Serve options of a model deployment."""
-    resources = spec.serve.resources
-    options = {"name": name, "ray_actor_options": {
-        "num_cpus": resources.num_cpus, "num_gpus": resources.num_gpus, "resources": dict(resources.custom)},
-        "max_ongoing_requests": _max_ongoing(spec), "max_queued_requests": spec.serve.max_queued_requests,
-        "backpressure_config": _backpressure(spec)}
+    options = {"name": name, "ray_actor_options": node_request(spec.serve.resources),
+               "max_ongoing_requests": _max_ongoing(spec), "max_queued_requests": spec.serve.max_queued_requests,
+               "backpressure_config": _backpressure(spec)}
     if spec.serve.max_replicas:
         options["autoscaling_config"] = {"min_replicas": spec.serve.num_replicas, "max_replicas": spec.serve.max_replicas,
                                          "target_ongoing_requests": spec.serve.target_ongoing_requests}

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from qlora_ray import staged_data
 from qlora_ray.data import read_rows
 from qlora_ray.errors import StoreError
 from qlora_ray.local_disk import scratch_dir
@@ -99,8 +100,8 @@ def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: 
     with scratch_dir(f"train-{tenant.id}") as work, store.local_copy(base_key(spec.base.name)) as base_dir:
         base_manifest = store.read_manifest(base_key(spec.base.name))
         data_manifest = store.fetch(data_key(spec.name, tenant.id), work / "data")
-        train_rows = read_rows(str(work / "data" / TRAIN_FILE)).rows
-        eval_rows = read_rows(str(work / "data" / EVAL_FILE)).rows if (work / "data" / EVAL_FILE).exists() else None
+        train_rows = staged_data.read_rows(work / "data" / TRAIN_FILE)
+        eval_rows = staged_data.read_rows(work / "data" / EVAL_FILE) if (work / "data" / EVAL_FILE).exists() else None
         fingerprint = training_fingerprint(tenant, data_manifest["inputs"])
         resume = _fetch_latest_checkpoint(store, spec.name, tenant.id, work / "checkpoints", fingerprint)
 
