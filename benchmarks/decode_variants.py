@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.serve_speed import gptq_state, random_model, rtn_gptq, time_engine  # noqa: E402
 from qlora_ray.serve import decoder as decoder_module  # noqa: E402
-from qlora_ray.serve import marlin  # noqa: E402
+from qlora_ray import marlin  # noqa: E402
 from qlora_ray.serve.engine import StaticEngine  # noqa: E402
 from qlora_ray.serve.sampling import SamplingParams  # noqa: E402
 from qlora_ray.serve.scheduler import generate  # noqa: E402

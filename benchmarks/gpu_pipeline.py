@@ -7,8 +7,9 @@
 `pipeline`, in order:
 1. installs the wheelhouse that ../shared/tools/device-wheelhouse builds (`.whl/`, carried with the
    checkout) into /tmp/site;
-2. builds, in the background while training runs, the serving engine's Marlin kernel, shared through
-   the store as a first replica would, and GPTQModel's own, which the eval stage's GPTQ rows use;
+2. builds, in the background while training runs, the Marlin kernel, shared through the store as
+   the first eval task or replica of a cluster shares it (the eval stage's GPTQ rows and the
+   replicas then load it from the store);
 3. `qlora-ray run` on a GPU job: two tenants (the demo's dates and kv2json rows) on
    shape:smollm2-135m, every scheme, both merge bases, half a GPU per task;
 4. `qlora-ray bench` through Ray Serve on one fused model of each scheme and the unmerged baseline,
@@ -79,10 +80,21 @@ class Run:
         seconds = round(time.perf_counter() - started, 1)
         self.results["steps"][name] = {"seconds": seconds, "exit": process.returncode}
         self.say(f"== {name}: exit {process.returncode} in {seconds} s")
+        self.keep_library_log()
         if check and process.returncode:
             self.save()
             raise SystemExit(f"{name} failed (exit {process.returncode}); the log is {self.log.name}")
         return "".join(lines)
+
+    def keep_library_log(self) -> None:
+        """A copy of what the libraries wrote (qlora_ray/library_output.py) beside the step logs."""
+        try:
+            from qlora_ray.library_output import libraries_log
+        except ImportError:  # before the wheelhouse is installed: nothing has run to write it
+            return
+
+        if libraries_log().exists():
+            shutil.copy(libraries_log(), self.out / "libraries.log")
 
     def cli(self, name: str, *args: str, env: dict | None = None, check: bool = True) -> str:
         return self.step(name, [sys.executable, "-m", "qlora_ray", *args], env=env, check=check)
@@ -159,22 +171,24 @@ def pipeline(run: Run, args) -> str:
     job = write_job(run, name="gpu-pipeline")
     kernel_build = None
     if run.device == "cuda":
-        # While the GPU trains: the serving kernel's build, shared through the store as a first replica
-        # shares it; then GPTQModel's own Marlin build, which the eval stage's GPTQ rows load (on a
-        # fresh machine it is compiled inside the eval stage: 270-290 s measured on an H200).
-        script = ("import time, sys, torch; from qlora_ray.serve import marlin; from qlora_ray.store import Store; "
-                  f"marlin.share_builds_through(Store({str(run.work / 'store')!r})); t = time.perf_counter(); "
-                  "r = marlin.unavailable_reason(); print('kernel', r, round(time.perf_counter() - t, 1)); "
-                  "from gptqmodel.utils.marlin import prewarm_marlin_extension; t = time.perf_counter(); "
-                  "ok = prewarm_marlin_extension(torch.bfloat16); print('gptqmodel-marlin', ok, round(time.perf_counter() - t, 1)); "
-                  "sys.exit(r is not None or not ok)")
+        # While the GPU trains: the cluster's one Marlin build of each precision (fp16 for the eval
+        # stage's GPTQ rows, bf16 for the replicas), shared through the store as the first eval task
+        # or replica would share it; they load it from there, each with an empty kernel folder of its
+        # own, as on another node.
+        script = ("import time, sys; from qlora_ray import marlin; from qlora_ray.store import Store; "
+                  f"store = Store({str(run.work / 'store')!r}); reasons = []\n"
+                  "for precision in ('fp16', 'bf16'):\n"
+                  "    t = time.perf_counter(); reasons.append(marlin.prepare(store, share=True, precision=precision))\n"
+                  "    print('kernel', precision, reasons[-1], round(time.perf_counter() - t, 1), flush=True)\n"
+                  "sys.exit(any(reasons))")
         kernel_log = open(run.out / "kernel.log", "w")
         started = time.perf_counter()
         kernel_build = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=kernel_log, stderr=subprocess.STDOUT,
                                         env={**run.env, "TORCH_EXTENSIONS_DIR": str(run.work / "ext-build")})
-    output = run.cli("qlora-ray run", "run", str(job))
+    output = run.cli("qlora-ray run", "run", str(job), env={"TORCH_EXTENSIONS_DIR": str(run.work / "ext-run")})
     run.results["stages"] = {name: float(seconds) for name, seconds in
                              re.findall(r"stage (\w+): done in ([\d.]+) s", output)}
+    run.save()
     if kernel_build is not None:
         code = kernel_build.wait()
         run.results["kernel_build"] = {"seconds": round(time.perf_counter() - started, 1), "exit": code,
@@ -184,9 +198,11 @@ def pipeline(run: Run, args) -> str:
 
     report = store.read_json(eval_report_key(spec.name), "report.json")
     run.results["eval"] = {tenant: {"rows": [{k: row.get(k) for k in ("name", "accuracy", "perplexity", "tokens_per_second",
-                                                                       "size_bytes", "resident_bytes", "module_types")}
+                                                                       "load_seconds", "seconds", "size_bytes",
+                                                                       "resident_bytes", "module_types")}
                                              for row in part["rows"]], "verdicts": part["verdicts"]}
                            for tenant, part in report["tenants"].items()}
+    run.save()
     models = ",".join(f"dates/{variant}" for variant in ("bf16.original", "nf4.original", "gptq-int4.original", "unmerged"))
     run.cli("qlora-ray bench", "bench", str(job), "--models", models, "--concurrency", "1,8", "--duration",
             str(args.bench_seconds), "--prompt-tokens", "128", "--output-tokens", "64",
@@ -287,12 +303,13 @@ def render_pipeline(results: dict) -> str:
         lines.append(f"| Marlin build, in the background (exit {results['kernel_build']['exit']}) | "
                      f"{results['kernel_build']['seconds']} |")
     lines += ["", "## Eval (random base weights: accuracies mean nothing; every configuration loaded and ran)", "",
-              "| tenant | configuration | accuracy | perplexity | tok/s | kernels |", "|---|---|---|---|---|---|"]
+              "| tenant | configuration | accuracy | perplexity | tok/s | load s | row s | kernels |",
+              "|---|---|---|---|---|---|---|---|"]
     for tenant, part in results.get("eval", {}).items():
         for row in part["rows"]:
             kernels = ", ".join(f"{k} x{v}" for k, v in (row.get("module_types") or {}).items())
             lines.append(f"| {tenant} | {row['name']} | {row['accuracy']:.1%} | {row['perplexity']:.3g} | "
-                         f"{row['tokens_per_second']:.1f} | {kernels} |")
+                         f"{row['tokens_per_second']:.1f} | {row['load_seconds']} | {row['seconds']} | {kernels} |")
     bench = results.get("bench")
     if bench:
         lines += ["", f"## Bench through Ray Serve (deployed in {bench['deploy_seconds']} s)", "",

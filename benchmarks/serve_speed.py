@@ -38,7 +38,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from qlora_ray.serve import marlin  # noqa: E402
+from qlora_ray import marlin  # noqa: E402
 from qlora_ray.serve.engine import StaticEngine  # noqa: E402
 from qlora_ray.serve.sampling import SamplingParams  # noqa: E402
 from qlora_ray.serve.scheduler import generate  # noqa: E402

@@ -332,9 +332,9 @@ class ServeSpec(_Model):
     allow_failed_quality: bool = Field(
         False, description="Serve fused models that failed the quality gate too (they are refused by default).")
     share_compiled_kernels: bool = Field(
-        True, description="Keep the GPU kernel a replica compiles (Marlin, minutes) in the store, so replicas on "
-        "other nodes and later starts load it in seconds. Whoever can write the store's kernels/ can then run code "
-        "on the replicas.")
+        True, description="Keep the GPU kernel a replica or an eval task compiles (Marlin, minutes) in the store, so "
+        "replicas and eval tasks on other nodes and later starts load it in seconds. Whoever can write the store's "
+        "kernels/ can then run code on them.")
     resources: Resources = Field(default_factory=Resources)
 
     @field_validator("resident_memory")

@@ -181,7 +181,7 @@ def api_keys_key(job: str) -> str:
 
 
 def kernel_key(name: str, fingerprint: str) -> str:
-    """A compiled GPU kernel shared by the replicas of every node (serve/marlin.py), per build fingerprint."""
+    """A compiled GPU kernel shared by the replicas of every node (marlin.py), per build fingerprint."""
     return f"kernels/{_segment(name, 'kernel name')}/{_segment(fingerprint, 'kernel fingerprint')}"
 
 

@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 # the tenant's bf16 adapter attached on top.
 PTQ_GPTQ = "ptq.gptq-int4"
 
+# The precision GPTQ rows run in on a GPU (load_config says why), and of the Marlin build they need.
+GPTQ_MARLIN_PRECISION = "fp16"
+
 
 @dataclass(frozen=True)
 class EvalConfig:
@@ -35,6 +38,10 @@ class EvalConfig:
     @property
     def has_adapter(self) -> bool:
         return self.kind in ("unmerged", "unmerged-4bit", "ptq")
+
+    @property
+    def loads_gptq(self) -> bool:
+        return self.kind == "ptq" or (self.kind == "fused" and self.variant.scheme == "gptq-int4")
 
 
 # The reference row, and what serve's `<tenant>/unmerged` loads.
@@ -97,6 +104,10 @@ def load_config(config: EvalConfig, paths: dict[str, Path], device: str) -> Load
         if backend is not None:
             from transformers import GPTQConfig
 
+            # fp16: the layers transformers builds for GPTQModel compute in fp16 whatever dtype the
+            # model is loaded in (optimum passes them no dtype), so bf16 activations would need
+            # GPTQModel's Marlin of both precisions; fp16 needs one, the cluster's shared build.
+            kwargs["dtype"] = torch.float16
             kwargs["quantization_config"] = GPTQConfig(bits=_gptq_settings(folder)["bits"], backend=backend)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), **common, **kwargs)

@@ -17,7 +17,7 @@ from qlora_ray.errors import StoreError
 from qlora_ray.fuse.quant import FourBit, trained_format
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
-from qlora_ray.quality.configs import EvalConfig, configurations, load_config, resident_bytes
+from qlora_ray.quality.configs import GPTQ_MARLIN_PRECISION, EvalConfig, configurations, load_config, resident_bytes
 from qlora_ray.quality.scoring import score
 from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.staged_data import EVAL_FILE, fetch_rows
@@ -89,10 +89,17 @@ def evaluate_tenant(spec: JobSpec, tenant_id: str, *, device: str,
         if manifest["inputs"] == inputs:
             return manifest
         store.delete(key)  # an artifact it measured changed (fused again, retrained)
+    configs = configurations(spec, tenant, trained)
+    if device == "cuda" and any(config.loads_gptq for config in configs):
+        from qlora_ray import marlin
+
+        # GPTQModel would compile its own Marlin extension inside the first GPTQ row (minutes, once per
+        # machine); the cluster's shared build registers the same ops, which GPTQModel then uses.
+        marlin.prepare(store, share=spec.serve.share_compiled_kernels, precision=GPTQ_MARLIN_PRECISION)
     with scratch_dir("eval") as work:
         rows = fetch_rows(store, spec.name, tenant_id, EVAL_FILE, work / "data")
         measured = []
-        for config in configurations(spec, tenant, trained):
+        for config in configs:
             sources = config_sources(spec, tenant, config)
             if not all(key in inputs["artifacts"] for key in sources.values()):
                 continue

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qlora_ray.serve.marlin import marlin_int4_mm
+from qlora_ray.marlin import marlin_int4_mm
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
@@ -101,7 +101,7 @@ class Int4Linear(nn.Module):
 
 
 class MarlinInt4Linear(nn.Module):
-    """y = x W^T with W packed for GPTQModel's Marlin kernel (serve/marlin.py), for prompts and
+    """y = x W^T with W packed for GPTQModel's Marlin kernel (marlin.py), for prompts and
     decode alike: Marlin is a GEMM, fast at one row and at hundreds.
 
     `one_row`, if given, holds the same weight for tinygemm and runs the calls of exactly one row

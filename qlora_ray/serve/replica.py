@@ -52,13 +52,11 @@ class ModelServer:
         self.store = Store(self.spec.store, self.spec.storage_options)
         self.device = preferred_device()
         if self.device == "cuda":
-            from qlora_ray.serve import marlin
+            from qlora_ray import marlin
 
             # The Marlin int4 kernel is compiled on a machine's first use (minutes) unless the store
             # holds a build: here, while the replica starts, rather than inside the first request.
-            if self.spec.serve.share_compiled_kernels:
-                marlin.share_builds_through(self.store)
-            marlin.unavailable_reason()
+            marlin.prepare(self.store, share=self.spec.serve.share_compiled_kernels)
         self.models = ResidentModels(self._load, LoadedModel.close, max_models=spec.serve.max_resident_models,
                                      memory_budget=_memory_budget(spec, self.device),
                                      loads_per_tenant=spec.serve.loads_per_tenant)

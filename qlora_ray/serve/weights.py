@@ -2,7 +2,7 @@
 
 The folders are the ones the fuse stage writes, which transformers loads too; reading them here
 instead of through from_pretrained lets the GPTQ weights be repacked at load time for the fastest
-int4 kernel the GPU has (GPTQModel's Marlin, serve/marlin.py, or torch's tinygemm) and keeps NF4
+int4 kernel the GPU has (GPTQModel's Marlin, marlin.py, or torch's tinygemm) and keeps NF4
 weights in bitsandbytes' format without transformers' module replacement.
 
 GPTQ layout (GPTQModel `checkpoint_format: gptq`, int32 packing, 4 bits):
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from qlora_ray.errors import UserError
-from qlora_ray.serve import marlin
+from qlora_ray import marlin
 from qlora_ray.serve.decoder import (Block, Decoder, DenseLinear, Int4Linear, MarlinInt4Linear, NF4Linear, Parallel,
                                    RMSNorm, unsupported_reason)
 

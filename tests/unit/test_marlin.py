@@ -1,4 +1,4 @@
-"""serve/marlin.py's pure parts on the CPU: the kernel's type id and scale order must be GPTQModel's
+"""marlin.py's pure parts on the CPU: the kernel's type id and scale order must be GPTQModel's
 (the kernel itself runs on CUDA only: tests/gpu/test_serve_gpu.py), and without CUDA the loader
 says why and GPTQ weights fall back to dequantized ones."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from qlora_ray.serve import marlin
+from qlora_ray import marlin
 from qlora_ray.serve.weights import build_decoder
 from qlora_ray.shapes import shape_config
 
@@ -44,6 +44,28 @@ def test_without_cuda_the_reason_is_given_and_the_kernel_choice_is_checked():
     with pytest.raises(ValueError, match="int4_kernel 'fast'"):
         build_decoder(shape_config("tiny"), {}, None, device=torch.device("cpu"), dtype=torch.float32,
                       int4_kernel="fast")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
+def test_each_precision_is_prepared_on_its_own_and_others_are_refused(tmp_path, monkeypatch):
+    from qlora_ray.store import Store
+
+    monkeypatch.setattr(marlin, "_shared_store", None)  # restored after the test
+
+    assert marlin.prepare(Store(str(tmp_path)), share=True, precision="fp16") == "no CUDA device"
+    with pytest.raises(ValueError, match="'fp8'.*bf16, fp16"):
+        marlin.ops("fp8")
+
+
+def test_only_gptq_rows_need_the_marlin_build():
+    from qlora_ray.quality.configs import PTQ_GPTQ, UNMERGED_ROW, EvalConfig
+    from qlora_ray.spec import FusedVariant
+
+    def fused(scheme):
+        return EvalConfig(f"{scheme}.original", "fused", "", FusedVariant(scheme, "original"))
+
+    assert fused("gptq-int4").loads_gptq and EvalConfig(PTQ_GPTQ, "ptq", "").loads_gptq
+    assert not any(config.loads_gptq for config in (fused("bf16"), fused("nf4"), UNMERGED_ROW))
 
 
 def test_the_build_fingerprint_ignores_kernels_gptqmodel_generates_beside_its_sources(tmp_path, monkeypatch):

@@ -1,5 +1,6 @@
-"""GPTQModel's Marlin int4 kernel for the serving decoder: the fastest 4-bit matmul this project can
-use on an NVIDIA GPU (compute capability 8.0+, bf16 activations).
+"""GPTQModel's Marlin int4 kernel, compiled once per cluster: the serving decoder's fastest 4-bit
+matmul on an NVIDIA GPU (compute capability 8.0+, bf16 activations), and the kernel the eval stage's
+GPTQ rows run through GPTQModel.
 
 Against torch's own int4 kernel (tinygemm) it decodes much faster at batch 8, as fast at batch 1,
 and needs no second copy of the weights for prompts, since Marlin is a GEMM fast at any number of
@@ -9,6 +10,11 @@ same sources itself rather than through `gptqmodel.utils.marlin`: importing `gpt
 process-wide allocator and device-order variables and loads its whole quantization stack, which a
 serving replica does not want. The sources come from the installed `gptqmodel_ext` package (the
 `gptq` extra), so the kernel is the version GPTQModel itself runs.
+
+Each precision's build registers the very ops GPTQModel's own Marlin extension of that precision
+registers (same sources, same torch.ops namespace), and GPTQModel uses ops that are already registered
+instead of compiling its own: so loading the fp16 build before a GPTQ model is loaded through
+transformers (whose GPTQ layers compute in fp16) spares the eval stage GPTQModel's compile too.
 
 Only symmetric 4-bit GPTQ (zero point 8, the fuse stage's setting) maps onto Marlin's uint4b8 type;
 other layouts stay on tinygemm (serve/weights.py decides).
@@ -33,8 +39,17 @@ import torch
 
 log = logging.getLogger(__name__)
 
-EXTENSION_NAME = "qlora_ray_marlin_bf16"
-OPS_NAMESPACE = "gptqmodel_marlin_bf16"  # what the sources register (TORCH_LIBRARY in marlin_torch_bf16.cpp)
+# The activation precisions Marlin is built for: bf16 for the serving decoder, fp16 for GPTQModel's
+# layers as transformers builds them (the eval stage).
+PRECISIONS = ("bf16", "fp16")
+
+
+def _extension_name(precision: str) -> str:
+    return f"qlora_ray_marlin_{precision}"
+
+
+def _ops_namespace(precision: str) -> str:
+    return f"gptqmodel_marlin_{precision}"  # what the sources register (TORCH_LIBRARY in marlin_torch_<precision>.cpp)
 
 
 def scalar_type_id(*, exponent: int, mantissa: int, signed: bool, bias: int, finite_values_only: bool,
@@ -92,11 +107,11 @@ def _extensions_root() -> Path:
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or Path.home() / ".cache" / "torch_extensions")
 
 
-def fingerprint(sources_digest: str) -> str:
-    """What a build of the kernel depends on: its sources, torch and its CUDA, and the GPU architecture
-    (torch compiles for the visible device's). Names the build here and in the store."""
+def fingerprint(sources_digest: str, precision: str = "bf16") -> str:
+    """What a build of the kernel depends on: its precision, its sources, torch and its CUDA, and the
+    GPU architecture (torch compiles for the visible device's). Names the build here and in the store."""
     major, minor = torch.cuda.get_device_capability()
-    facts = {"extension": EXTENSION_NAME, "sources": sources_digest, "torch": torch.__version__,
+    facts = {"extension": _extension_name(precision), "sources": sources_digest, "torch": torch.__version__,
              "cuda": torch.version.cuda, "arch": f"sm_{major}{minor}"}
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:32]
 
@@ -106,16 +121,25 @@ _shared_store = None
 
 
 def share_builds_through(store) -> None:
-    """Keep the compiled kernel in `store` (store.kernel_key("marlin", fingerprint)): a replica on
-    another node, or a later start on a fresh machine, loads it in seconds instead of compiling it
-    for minutes. The first replica that compiles publishes it. Whoever can write that key can run
-    native code on the replicas that load it: the store must be trusted as the code is
+    """Keep the compiled kernel in `store` (store.kernel_key("marlin", fingerprint)): a replica or an
+    eval task on another node, or a later start on a fresh machine, loads it in seconds instead of
+    compiling it for minutes. The first process that compiles publishes it. Whoever can write that key
+    can run native code on the processes that load it: the store must be trusted as the code is
     (serve.share_compiled_kernels: false turns this off)."""
     global _shared_store
     _shared_store = store
 
 
-def _load_shared(key: str) -> bool:
+def prepare(store, *, share: bool, precision: str = "bf16") -> str | None:
+    """Load the kernel of `precision` in this process (a replica's start, an eval task's first GPTQ
+    row), through the store's build if `share`, compiling and sharing it if the store has none. None
+    if it is loaded, else why not (GPTQ then runs on another kernel)."""
+    if share:
+        share_builds_through(store)
+    return unavailable_reason(precision)
+
+
+def _load_shared(key: str, library_name: str) -> bool:
     """Load the build the store holds at key, if any. True if it is loaded."""
     from qlora_ray.errors import UserError
 
@@ -124,7 +148,7 @@ def _load_shared(key: str) -> bool:
             return False
         started = time.monotonic()
         with _shared_store.local_copy(key) as folder:
-            torch.ops.load_library(str(folder / f"{EXTENSION_NAME}.so"))
+            torch.ops.load_library(str(folder / library_name))
     except (UserError, OSError, RuntimeError) as error:
         log.warning("Marlin kernel: the shared build at %s cannot be loaded (%s); compiling it here",
                     _shared_store.url(key), error)
@@ -147,37 +171,40 @@ def _publish_shared(key: str, library: Path, facts: dict) -> None:
 
 
 @functools.cache
-def ops():
-    """torch.ops.gptqmodel_marlin_bf16, loaded on first call: the shared build from the store (see
-    share_builds_through) or this machine's own, else compiled (minutes: torch keeps the build in
-    TORCH_EXTENSIONS_DIR). Raises MarlinUnavailable with the reason."""
+def ops(precision: str = "bf16"):
+    """torch.ops.gptqmodel_marlin_<precision>, loaded on first call: the shared build from the store
+    (see share_builds_through) or this machine's own, else compiled (minutes: torch keeps the build
+    in TORCH_EXTENSIONS_DIR). Raises MarlinUnavailable with the reason."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"Marlin precision {precision!r}: expected one of {', '.join(PRECISIONS)}")
     if not torch.cuda.is_available():
         raise MarlinUnavailable("no CUDA device")
     if torch.cuda.get_device_capability() < (8, 0):
-        raise MarlinUnavailable("bf16 Marlin needs compute capability 8.0 or newer")
-    namespace = getattr(torch.ops, OPS_NAMESPACE)
-    if hasattr(namespace, "gptq_marlin_gemm_bf16"):
+        raise MarlinUnavailable("Marlin needs compute capability 8.0 or newer")
+    namespace = getattr(torch.ops, _ops_namespace(precision))
+    if hasattr(namespace, f"gptq_marlin_gemm_{precision}"):
         return namespace  # GPTQModel itself loaded it in this process
     from qlora_ray.store import kernel_key
 
     source = _sources_folder()
     digest = _sources_digest(source)
-    key = kernel_key("marlin", fingerprint(digest))
-    build = _extensions_root() / f"{EXTENSION_NAME}-{fingerprint(digest)}"
-    library = build / f"{EXTENSION_NAME}.so"
+    name = _extension_name(precision)
+    key = kernel_key("marlin", fingerprint(digest, precision))
+    build = _extensions_root() / f"{name}-{fingerprint(digest, precision)}"
+    library = build / f"{name}.so"
     if library.exists():
         torch.ops.load_library(str(library))
-    elif _shared_store is None or not _load_shared(key):
-        _compile(source, _extensions_root() / f"{EXTENSION_NAME}-sources-{digest}", build)
+    elif _shared_store is None or not _load_shared(key, library.name):
+        _compile(source, _extensions_root() / f"qlora_ray_marlin-sources-{digest}", build, precision)
         if _shared_store is not None:
             _publish_shared(key, library, {"sources": digest, "torch": torch.__version__, "cuda": torch.version.cuda,
                                            "device": torch.cuda.get_device_name()})
     return namespace
 
 
-def _compile(source: Path, folder: Path, build: Path) -> None:
-    """Generate the kernel instantiations from `source` into `folder`, then compile and load them,
-    building in `build`."""
+def _compile(source: Path, folder: Path, build: Path, precision: str) -> None:
+    """Generate the kernel instantiations from `source` into `folder`, then compile and load the
+    `precision` ones, building in `build`."""
     from torch.utils.cpp_extension import CUDA_HOME, load
 
     nvcc = CUDA_HOME and shutil.which("nvcc", path=str(Path(CUDA_HOME) / "bin"))
@@ -197,9 +224,10 @@ def _compile(source: Path, folder: Path, build: Path) -> None:
             staging.rename(folder)
         except OSError:  # another process published it first
             shutil.rmtree(staging, ignore_errors=True)
-    sources = [folder / "marlin_torch_bf16.cpp", folder / "gptq_marlin_bf16.cu", folder / "gptq_marlin_repack.cu",
-               folder / "awq_marlin_repack.cu", *sorted(folder.glob("kernel_bf16_*.cu"))]
-    log.info("compiling GPTQModel's Marlin int4 kernel (once per machine or store: a few minutes)")
+    sources = [folder / f"marlin_torch_{precision}.cpp", folder / f"gptq_marlin_{precision}.cu",
+               folder / "gptq_marlin_repack.cu", folder / "awq_marlin_repack.cu",
+               *sorted(folder.glob(f"kernel_{precision}_*.cu"))]
+    log.info("compiling GPTQModel's Marlin int4 kernel, %s (once per machine or store: a few minutes)", precision)
     started = time.monotonic()
     flags = ["-O3", "-std=c++17", "-DENABLE_BF16"]
     cuda_flags = [*flags, "--threads", "4", "-diag-suppress=179,39,177"]
@@ -209,7 +237,7 @@ def _compile(source: Path, folder: Path, build: Path) -> None:
         cuda_flags.insert(0, "-static-global-template-stub=false")
     build.mkdir(parents=True, exist_ok=True)
     try:
-        load(EXTENSION_NAME, [str(s) for s in sources], extra_include_paths=[str(folder)], extra_cflags=flags,
+        load(_extension_name(precision), [str(s) for s in sources], extra_include_paths=[str(folder)], extra_cflags=flags,
              extra_cuda_cflags=cuda_flags, build_directory=str(build), is_python_module=False, verbose=False)
     except (RuntimeError, OSError) as error:  # a compiler or linker error: torch has printed its output
         raise MarlinUnavailable(f"compiling it failed: {str(error)[-400:]}") from error
@@ -217,13 +245,14 @@ def _compile(source: Path, folder: Path, build: Path) -> None:
 
 
 @functools.cache
-def unavailable_reason() -> str | None:
-    """None if the kernel is loaded (compiling it on first call), else why not, logged once: GPTQ
-    weights then run on torch's tinygemm kernel."""
+def unavailable_reason(precision: str = "bf16") -> str | None:
+    """None if the kernel of `precision` is loaded (compiling it on first call), else why not, logged
+    once: served GPTQ weights then run on torch's tinygemm kernel, and GPTQModel compiles its own."""
     try:
-        ops()
+        ops(precision)
     except MarlinUnavailable as error:
-        log.warning("GPTQ int4 weights use torch's tinygemm kernel: Marlin is unavailable (%s)", error)
+        log.warning("The %s Marlin kernel is unavailable (%s): served GPTQ int4 weights use torch's tinygemm "
+                    "kernel, and GPTQModel compiles its own", precision, error)
         return str(error)
     return None
 
