@@ -6,6 +6,7 @@ Problems in the user's input come out as one clear message and exit code 1 (no t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -60,6 +61,7 @@ def cmd_base_import(args: argparse.Namespace) -> int:
     from qlora_ray.bases import import_base
     from qlora_ray.store import Store
 
+    route_library_output()
     if args.job:
         if args.source or args.name or args.store:
             raise UserError("base import: give either --job JOB or SRC --name NAME --store URI, not both")
@@ -459,6 +461,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # The stage tasks' own lines name their tenant ("eval dates: ..."); Ray's "(eval:dates pid=…)"
+    # before each only repeats it. Read by Ray when it is first imported, which is below.
+    os.environ.setdefault("RAY_DISABLE_WORKER_LOG_PREFIX", "1")
     args = build_parser().parse_args(argv)
     try:
         return args.handler(args)

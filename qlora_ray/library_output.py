@@ -14,6 +14,7 @@ process keeps its stdout: the tables are printed there.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import warnings
@@ -65,3 +66,8 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.enable_propagation()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
+    # transformers' GGUF reader (a base import) draws a tqdm bar of its own, past the switch above.
+    from transformers import modeling_gguf_pytorch_utils as gguf_reader
+
+    if not isinstance(gguf_reader.tqdm, functools.partial):
+        gguf_reader.tqdm = functools.partial(gguf_reader.tqdm, disable=True)

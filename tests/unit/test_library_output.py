@@ -15,6 +15,9 @@ logging.getLogger("tokenicer").info("auto fixed pad_token_id")
 import transformers
 transformers.utils.logging.get_logger("transformers.x").warning("loss_type unrecognized")
 print("GPT-QModel banner")
+from transformers import modeling_gguf_pytorch_utils
+for _ in modeling_gguf_pytorch_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
+    pass
 say("eval a: base: accuracy 50.0%")
 """
 
