@@ -24,6 +24,7 @@ from qlora_ray.serve.catalog import model_catalog
 from qlora_ray.spec import FusedVariant, QualityGate, load_spec
 from qlora_ray.errors import StoreError
 from qlora_ray.store import Store, data_key, eval_key, eval_report_key, fused_key, verdicts_key
+from qlora_ray.work_orders import EvalOrder
 from tests.conftest import REPO, copy_base
 from tests.helpers import base_dir_of, make_artifact, publish_adapter, set_verdict
 from tests.reference_scoring import answer_perplexity, exact_match
@@ -98,11 +99,12 @@ def test_the_as_trained_row_is_the_format_the_adapters_manifest_records(tmp_path
     (folder / "adapter_config.json").write_text("{}")
     store.publish(adapter_key("t", tenant.id), folder, kind="adapter",
                   inputs={"training": {"quantization": "fp4", "double_quant": False}})
-    trained = adapter_trained_format(spec, tenant, store)
+    order = EvalOrder.of(spec, tenant.id)
+    trained = adapter_trained_format(order, store)
     assert trained == FourBit("fp4", False) and tenant.training.quantization == "nf4"
-    (row,) = [c for c in configurations(spec, tenant, trained) if c.kind == "unmerged-4bit"]
+    (row,) = [c for c in configurations(order.fused_variants, order.naive_ptq, trained) if c.kind == "unmerged-4bit"]
     assert row.name == "unmerged.fp4-base" and row.trained == trained
-    assert not [c for c in configurations(spec, tenant, None) if c.kind == "unmerged-4bit"]
+    assert not [c for c in configurations(order.fused_variants, order.naive_ptq, None) if c.kind == "unmerged-4bit"]
     rows = [{"name": "unmerged", "kind": "unmerged"}, {"name": "unmerged.fp4-base", "kind": "unmerged-4bit"}]
     as_trained = spec.model_copy(update={"quality_gate": spec.quality_gate.model_copy(update={"reference": "as-trained"})})
     assert reference_name(as_trained, rows) == "unmerged.fp4-base" and reference_name(spec, rows) == "unmerged"
@@ -110,7 +112,7 @@ def test_the_as_trained_row_is_the_format_the_adapters_manifest_records(tmp_path
     store.delete(adapter_key("t", tenant.id))
     store.publish(adapter_key("t", tenant.id), folder, kind="adapter", inputs={"training": {"quantization": "int3"}})
     with pytest.raises(StoreError, match=r"adapters/.*training quantization 'int3'"):
-        adapter_trained_format(spec, tenant, store)
+        adapter_trained_format(order, store)
 
 
 def eval_spec(tmp_path: Path, store: Store):

@@ -16,6 +16,7 @@ from qlora_ray.spec import TrainSpec, load_spec
 from qlora_ray.store import Store, adapter_key, checkpoint_key
 from qlora_ray.train.finetune import disable_bnb_cpu_inference_repack, load_base_for_training
 from qlora_ray.train.status import read_status
+from qlora_ray.work_orders import TrainOrder
 from tests.conftest import REPO
 from tests.helpers import kill_node
 
@@ -295,7 +296,7 @@ def test_a_checkpoint_whose_optimizer_state_is_a_pickle_is_refused_not_run(tiny_
                               max_steps=4, checkpoint_every=2))
     stage_data(spec, spec.tenant("a"), tiny_job_store)
     monkeypatch.setattr(tenant_module, "_delete_checkpoints", lambda *args: None)  # keep them after publishing
-    train_tenant(spec, "a")
+    train_tenant(TrainOrder.of(spec, "a"))
     tiny_job_store.delete(adapter_key("t", "a"))
     (step,) = tiny_job_store.list_complete(checkpoint_key("t", "a"))
     key = f"{checkpoint_key('t', 'a')}/{step}"
@@ -309,6 +310,6 @@ def test_a_checkpoint_whose_optimizer_state_is_a_pickle_is_refused_not_run(tiny_
     tiny_job_store.publish(key, folder, kind="checkpoint", inputs=inputs)
 
     with pytest.raises(StoreError, match=f"{step}: a trainer state file holds more than tensors"):
-        train_tenant(spec, "a")
+        train_tenant(TrainOrder.of(spec, "a"))
     assert not sentinel.exists(), "the pickle ran"
     assert not tiny_job_store.is_complete(adapter_key("t", "a"))

@@ -35,6 +35,7 @@ from qlora_ray.manifest import manifest_digest
 from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.store import AlreadyPublished, Draft, Store, adapter_key, base_key, data_key, fused_key
 from qlora_ray.tables import text_table
+from qlora_ray.work_orders import GptqOrder
 
 # Restarts of a dead fuse actor (its unfinished unit runs again after each) before it counts as gone.
 MAX_RESTARTS = 3
@@ -150,7 +151,7 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
     # known dead. The restarts bound it: past them the actor is gone and its unit fails.
     actor_class = ray.remote(FuseWorker).options(**node_request(resources), max_restarts=MAX_RESTARTS,
                                                  max_task_retries=-1)
-    workers = [actor_class.remote(spec, layout.quantized, int(resources.num_cpus))
+    workers = [actor_class.remote(GptqOrder.of(spec), layout.quantized, int(resources.num_cpus))
                for _ in range(min(spec.fuse.workers, len(units)))]
     progress(f"fusing on {len(workers)} worker(s): {len(layout.shard_files)} base shard(s) x {len(artifacts)} "
              f"bf16/nf4 artifact(s), then {len(gptq_builds)} GPTQ quantization(s)")

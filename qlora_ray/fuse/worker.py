@@ -22,9 +22,11 @@ from qlora_ray.fuse.shards import ShardTarget, fuse_shard, load_shard
 from qlora_ray.hardware import peak_memory_bytes, preferred_device
 from qlora_ray.library_output import route_library_output
 from qlora_ray.local_disk import scratch_dir
-from qlora_ray.spec import FusedVariant, JobSpec
+from qlora_ray.spec import FusedVariant
 from qlora_ray.staged_data import TRAIN_FILE, fetch_rows
-from qlora_ray.store import Draft, Store, adapter_key, base_key, fused_key
+from qlora_ray.store import Draft, adapter_key, base_key, fused_key
+from qlora_ray.work_orders import GptqOrder
+
 
 def load_adapter_deltas(adapter_dir: Path, device: str = "cpu") -> dict[str, LoraDelta]:
     """A PEFT adapter folder's LoRA deltas; device 'meta' reads only the shapes (for validation).
@@ -59,13 +61,13 @@ def worker_facts() -> dict:
 class FuseWorker:
     """Runs fuse units: one base shard for many targets, or one tenant's GPTQ quantization."""
 
-    def __init__(self, spec: JobSpec, quantized: frozenset[str], threads: int):
+    def __init__(self, order: GptqOrder, quantized: frozenset[str], threads: int):
         import torch
 
         route_library_output(worker=True)
         torch.set_num_threads(max(1, threads))
-        self.spec = spec
-        self.store = Store(spec.store, spec.storage_options)
+        self.order = order
+        self.store = order.store.open()
         self.quantized = quantized
         self.device = preferred_device()
         self._scratch = contextlib.ExitStack()
@@ -82,12 +84,12 @@ class FuseWorker:
 
     def _base(self, files: list[str]):
         """A context: a local folder holding these verified files of the base."""
-        return self.store.local_copy(base_key(self.spec.base.name), files)
+        return self.store.local_copy(base_key(self.order.base), files)
 
     def _tenant_deltas(self, tenant: str) -> dict[str, LoraDelta]:
         if tenant not in self._deltas:
             folder = self.cache / "adapters" / tenant
-            self.store.fetch(adapter_key(self.spec.name, tenant), folder)
+            self.store.fetch(adapter_key(self.order.job, tenant), folder)
             self._deltas[tenant] = load_adapter_deltas(folder, self.device)
         return self._deltas[tenant]
 
@@ -122,14 +124,14 @@ class FuseWorker:
 
         started = time.perf_counter()
         variant = FusedVariant("gptq-int4", target.merge_base).name
-        key = fused_key(self.spec.name, target.tenant, variant)
+        key = fused_key(self.order.job, target.tenant, variant)
         work = self.cache / "gptq" / target.tenant / variant
         try:
             merged = self._merge_locally(target, work / "merged")
             merge_seconds = round(time.perf_counter() - started, 2)
-            rows = fetch_rows(self.store, self.spec.name, target.tenant, TRAIN_FILE, work / "data")
-            texts = calibration_texts(rows, AutoTokenizer.from_pretrained(str(merged)), self.spec.fuse.gptq.calibration_samples)
-            metrics = gptq_quantize(merged, work / "out", texts, self.spec.fuse.gptq, device=self.device)
+            rows = fetch_rows(self.store, self.order.job, target.tenant, TRAIN_FILE, work / "data")
+            texts = calibration_texts(rows, AutoTokenizer.from_pretrained(str(merged)), self.order.gptq.calibration_samples)
+            metrics = gptq_quantize(merged, work / "out", texts, self.order.gptq, device=self.device)
             metrics.update(seconds=round(time.perf_counter() - started, 2), merge_seconds=merge_seconds, **worker_facts())
             metrics["worker_node_ids"] = [metrics.pop("worker_node_id")]  # as a shard-wise artifact lists them
             metrics["size_bytes"] = sum(p.stat().st_size for p in (work / "out").rglob("*") if p.is_file())
@@ -140,7 +142,7 @@ class FuseWorker:
 
     def _merge_locally(self, target: ShardTarget, out: Path) -> Path:
         """A complete 16-bit HF folder of one tenant merged into one merge base, built shard by shard."""
-        files = list(self.store.read_manifest(base_key(self.spec.base.name))["files"])
+        files = list(self.store.read_manifest(base_key(self.order.base))["files"])
         bf16 = ShardTarget(target.tenant, target.merge_base, ("bf16",), target.trained_format, target.output_format)
         deltas = {target.tenant: self._tenant_deltas(target.tenant)}
         with self._base(files) as base_dir:

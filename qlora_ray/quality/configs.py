@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from qlora_ray.fuse.quant import FourBit
 from qlora_ray.hardware import native_bf16
-from qlora_ray.spec import FusedVariant, JobSpec, TenantSpec
+from qlora_ray.spec import FusedVariant, JobSpec
 
 log = logging.getLogger(__name__)
 
@@ -48,21 +49,21 @@ class EvalConfig:
 UNMERGED_ROW = EvalConfig("unmerged", "unmerged", "adapter unmerged on the 16-bit base (what <tenant>/unmerged serves)")
 
 
-def configurations(spec: JobSpec, tenant: TenantSpec, trained: FourBit | None) -> list[EvalConfig]:
+def configurations(fused_variants: Sequence[FusedVariant], naive_ptq: bool, trained: FourBit | None) -> list[EvalConfig]:
     """The rows of a tenant's table, in order: the base, the adapter unmerged (on the 16-bit base,
     and on the 4-bit base it was trained on: `trained`, as the adapter's manifest records it), every
-    fused artifact, and naive PTQ with GPTQ. Naive PTQ with bitsandbytes 4-bit is the "unmerged on
-    the 4-bit base" row: the same quantized base."""
+    fused artifact, and naive PTQ with GPTQ (if `naive_ptq`). Naive PTQ with bitsandbytes 4-bit is
+    the "unmerged on the 4-bit base" row: the same quantized base."""
     rows = [EvalConfig("base", "base", "the base model alone (16-bit)"), UNMERGED_ROW]
     if trained is not None:
         kind = trained.quant_type.upper()
         rows.append(EvalConfig(f"unmerged.{trained.quant_type}-base", "unmerged-4bit",
                                f"adapter unmerged on the {kind} base, as trained (= naive PTQ, bitsandbytes {kind})",
                                trained=trained))
-    for variant in spec.fused_variants(tenant):
+    for variant in fused_variants:
         base = "16-bit original" if variant.merge_base == "original" else "NF4-dequantized base"
         rows.append(EvalConfig(variant.name, "fused", f"fused {variant.scheme}, merged into the {base}", variant))
-    if "gptq-int4" in spec.fuse.schemes:
+    if naive_ptq:
         rows.append(EvalConfig(PTQ_GPTQ, "ptq", "naive PTQ: the GPTQ int4 base + the adapter unmerged"))
     return rows
 

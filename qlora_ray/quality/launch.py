@@ -27,25 +27,26 @@ from qlora_ray.quality.tenant import RESULTS_FILE
 from qlora_ray.quality.verdicts import publish_verdicts
 from qlora_ray.spec import JobSpec
 from qlora_ray.store import Store, adapter_key, data_key, eval_key, eval_report_key
+from qlora_ray.work_orders import EvalOrder, GptqOrder
 
 # A task whose worker or node died runs again this many times (the store keeps what was finished).
 MAX_RETRIES = 3
 
 
-def _ptq_task(spec: JobSpec, tenant_ids: list[str]) -> dict:
+def _ptq_task(order: GptqOrder, tenant_ids: list[str]) -> dict:
     from qlora_ray.quality.ptq import build_gptq_base
 
     route_library_output(worker=True)
-    return build_gptq_base(spec, tenant_ids, device=preferred_device())
+    return build_gptq_base(order, tenant_ids, device=preferred_device())
 
 
-def _eval_task(spec: JobSpec, tenant_id: str) -> dict:
+def _eval_task(order: EvalOrder) -> dict:
     import ray
 
     from qlora_ray.quality.tenant import evaluate_tenant
 
     route_library_output(worker=True)
-    return evaluate_tenant(spec, tenant_id, device=preferred_device(), progress=say,
+    return evaluate_tenant(order, device=preferred_device(), progress=say,
                            node_id=ray.get_runtime_context().get_node_id())
 
 
@@ -79,12 +80,12 @@ def eval_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> dict:
             started = time.monotonic()
             try:
                 ray.get(ray.remote(max_calls=1)(_ptq_task).options(
-                    **task_options(resources, name="eval:ptq", max_retries=MAX_RETRIES)).remote(spec, ready))
+                    **task_options(resources, name="eval:ptq", max_retries=MAX_RETRIES)).remote(GptqOrder.of(spec), ready))
                 progress(f"eval: GPTQ base ready ({time.monotonic() - started:.0f} s)")
             except ray.exceptions.RayError as exc:
                 progress(f"eval: the GPTQ base failed, so no naive-PTQ row: {error_text(exc)}")
         remote = ray.remote(max_calls=1)(_eval_task)
-        refs = {remote.options(**task_options(resources, name=f"eval:{t}", max_retries=MAX_RETRIES)).remote(spec, t): t
+        refs = {remote.options(**task_options(resources, name=f"eval:{t}", max_retries=MAX_RETRIES)).remote(EvalOrder.of(spec, t)): t
                 for t in ready}
         progress(f"evaluating {len(refs)} tenant(s) on Ray: {', '.join(refs.values())}")
         for tenant_id, ref in as_completed(refs):

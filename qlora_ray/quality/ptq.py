@@ -13,18 +13,17 @@ import shutil
 from qlora_ray.fuse.gptq import calibration_texts, gptq_quantize
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
-from qlora_ray.spec import JobSpec
 from qlora_ray.staged_data import TRAIN_FILE, fetch_rows
 from qlora_ray.store import Store, base_key, data_key, ptq_key
+from qlora_ray.work_orders import GptqOrder
 
 
-
-def ptq_inputs(spec: JobSpec, store: Store, tenant_ids: list[str]) -> dict:
+def ptq_inputs(order: GptqOrder, store: Store, tenant_ids: list[str]) -> dict:
     """What the GPTQ base depends on: the base, the GPTQ settings and the calibration data."""
     return {
-        "base": {"key": base_key(spec.base.name), "manifest_sha256": manifest_digest(store.read_manifest(base_key(spec.base.name)))},
-        "gptq": spec.fuse.gptq.model_dump(mode="json"),
-        "calibration": {tenant: store.read_manifest(data_key(spec.name, tenant))["inputs"]["train_sha256"]
+        "base": {"key": base_key(order.base), "manifest_sha256": manifest_digest(store.read_manifest(base_key(order.base)))},
+        "gptq": order.gptq.model_dump(mode="json"),
+        "calibration": {tenant: store.read_manifest(data_key(order.job, tenant))["inputs"]["train_sha256"]
                         for tenant in sorted(tenant_ids)},
     }
 
@@ -39,30 +38,30 @@ def interleaved(per_tenant: list[list[str]], count: int) -> list[str]:
     return chosen
 
 
-def build_gptq_base(spec: JobSpec, tenant_ids: list[str], *, device: str) -> dict:
+def build_gptq_base(order: GptqOrder, tenant_ids: list[str], *, device: str) -> dict:
     """Quantize the base with GPTQ, calibrated on the tenants' training rows, and publish it at
     runs/<job>/ptq/gptq-int4 (skipped when it is there for the same inputs). Returns its manifest."""
     from transformers import AutoTokenizer
 
-    store = Store(spec.store, spec.storage_options)
-    key = ptq_key(spec.name, "gptq-int4")
-    inputs = ptq_inputs(spec, store, tenant_ids)
+    store = order.store.open()
+    key = ptq_key(order.job, "gptq-int4")
+    inputs = ptq_inputs(order, store, tenant_ids)
     if store.is_complete(key):
         manifest = store.read_manifest(key)
         if manifest["inputs"] == inputs:
             return manifest
         store.delete(key)
-    with scratch_dir("ptq") as work, store.local_copy(base_key(spec.base.name)) as base_dir:
+    with scratch_dir("ptq") as work, store.local_copy(base_key(order.base)) as base_dir:
         tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
         per_tenant = []
         for tenant in sorted(tenant_ids):
-            rows = fetch_rows(store, spec.name, tenant, TRAIN_FILE, work / "data" / tenant)
-            per_tenant.append(calibration_texts(rows, tokenizer, spec.fuse.gptq.calibration_samples))
-        texts = interleaved(per_tenant, spec.fuse.gptq.calibration_samples)
+            rows = fetch_rows(store, order.job, tenant, TRAIN_FILE, work / "data" / tenant)
+            per_tenant.append(calibration_texts(rows, tokenizer, order.gptq.calibration_samples))
+        texts = interleaved(per_tenant, order.gptq.calibration_samples)
         # GPTQModel writes its logs beside the folder it quantizes: a scratch copy keeps them out of a
         # folder store's base.
         source = work / "source"
         shutil.copytree(base_dir, source, ignore=shutil.ignore_patterns("manifest.json", "_SUCCESS"))
-        metrics = gptq_quantize(source, work / "out", texts, spec.fuse.gptq, device=device)
+        metrics = gptq_quantize(source, work / "out", texts, order.gptq, device=device)
         metrics["size_bytes"] = sum(p.stat().st_size for p in (work / "out").rglob("*") if p.is_file())
         return store.publish(key, work / "out", kind="ptq", inputs=inputs, metrics=metrics, keep_existing=True)

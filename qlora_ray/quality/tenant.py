@@ -19,31 +19,33 @@ from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.quality.configs import GPTQ_MARLIN_PRECISION, EvalConfig, configurations, load_config, resident_bytes
 from qlora_ray.quality.scoring import score
-from qlora_ray.spec import JobSpec, TenantSpec
+from qlora_ray.spec import TenantSpec
 from qlora_ray.staged_data import EVAL_FILE, fetch_rows
 from qlora_ray.store import Store, adapter_key, base_key, data_key, eval_key, fused_key, ptq_key
+from qlora_ray.work_orders import EvalOrder
 
 RESULTS_FILE = "results.json"
 
 
-def config_sources(spec: JobSpec, tenant: TenantSpec, config: EvalConfig) -> dict[str, str]:
+def config_sources(order: EvalOrder, config: EvalConfig) -> dict[str, str]:
     """The store keys a configuration loads: {"base", "adapter", "model"} as it needs them."""
     sources = {}
     if config.kind in ("base", "unmerged", "unmerged-4bit"):
-        sources["base"] = base_key(spec.base.name)
+        sources["base"] = base_key(order.base)
     if config.has_adapter:
-        sources["adapter"] = adapter_key(spec.name, tenant.id)
+        sources["adapter"] = adapter_key(order.job, order.tenant.id)
     if config.kind == "fused":
-        sources["model"] = fused_key(spec.name, tenant.id, config.variant.name)
+        sources["model"] = fused_key(order.job, order.tenant.id, config.variant.name)
     if config.kind == "ptq":
-        sources["model"] = ptq_key(spec.name, "gptq-int4")
+        sources["model"] = ptq_key(order.job, "gptq-int4")
     return sources
 
 
-def adapter_trained_format(spec: JobSpec, tenant: TenantSpec, store: Store) -> FourBit | None:
+def adapter_trained_format(order: EvalOrder, store: Store) -> FourBit | None:
     """The 4-bit format the tenant's adapter was trained against, as its manifest records it (the job
     file's settings while there is no adapter yet: its configurations are missing then anyway)."""
-    key = adapter_key(spec.name, tenant.id)
+    tenant = order.tenant
+    key = adapter_key(order.job, tenant.id)
     manifest = store.read_manifest(key) if store.is_complete(key) else {}
     try:
         return trained_format(manifest, tenant.training.quantization, tenant.training.double_quant)
@@ -51,14 +53,13 @@ def adapter_trained_format(spec: JobSpec, tenant: TenantSpec, store: Store) -> F
         raise StoreError(f"{store.url(key)}: {exc}") from None
 
 
-def eval_inputs(spec: JobSpec, tenant: TenantSpec, store: Store,
-                trained: FourBit | None) -> tuple[dict, list[str], dict[str, int]]:
+def eval_inputs(order: EvalOrder, store: Store, trained: FourBit | None) -> tuple[dict, list[str], dict[str, int]]:
     """(the evaluation's inputs: each source's manifest digest and the eval rows' checksum; the
     configurations left out because an artifact is missing, each with why; each source's bytes on
     disk, from the same manifest reads)."""
     digests, missing, sizes = {}, [], {}
-    for config in configurations(spec, tenant, trained):
-        sources = config_sources(spec, tenant, config)
+    for config in configurations(order.fused_variants, order.naive_ptq, trained):
+        sources = config_sources(order, config)
         absent = [key for key in sources.values() if not store.is_complete(key)]
         if absent:
             missing.append(f"{config.name}: no complete artifact at {store.url(absent[0])}")
@@ -68,44 +69,45 @@ def eval_inputs(spec: JobSpec, tenant: TenantSpec, store: Store,
                 manifest = store.read_manifest(key)
                 digests[key] = manifest_digest(manifest)
                 sizes[key] = sum(f["size"] for f in manifest["files"].values())
-    data = store.read_manifest(data_key(spec.name, tenant.id))
+    tenant = order.tenant
+    data = store.read_manifest(data_key(order.job, tenant.id))
     inputs = {"tenant": tenant.id, "scorer": tenant.scorer, "eval_sha256": data["inputs"]["eval_sha256"],
-              "batch_size": spec.eval.batch_size, "artifacts": dict(sorted(digests.items()))}
+              "batch_size": order.batch_size, "artifacts": dict(sorted(digests.items()))}
     return inputs, missing, sizes
 
 
-def evaluate_tenant(spec: JobSpec, tenant_id: str, *, device: str,
-                    progress: Callable[[str], None] = print, node_id: str | None = None) -> dict:
+def evaluate_tenant(order: EvalOrder, *, device: str, progress: Callable[[str], None] = print,
+                    node_id: str | None = None) -> dict:
     """Score every configuration of one tenant whose artifacts are complete, and publish the
     results. Returns the results artifact's manifest (skips the work when it is already there for
     the same inputs). node_id, the Ray node it runs on, goes into the manifest's metrics."""
-    tenant = spec.tenant(tenant_id)
-    store = Store(spec.store, spec.storage_options)
-    key = eval_key(spec.name, tenant_id)
-    trained = adapter_trained_format(spec, tenant, store)
-    inputs, missing, sizes = eval_inputs(spec, tenant, store, trained)
+    tenant, tenant_id = order.tenant, order.tenant.id
+    store = order.store.open()
+    key = eval_key(order.job, tenant_id)
+    trained = adapter_trained_format(order, store)
+    inputs, missing, sizes = eval_inputs(order, store, trained)
     if store.is_complete(key):
         manifest = store.read_manifest(key)
         if manifest["inputs"] == inputs:
             return manifest
         store.delete(key)  # an artifact it measured changed (fused again, retrained)
-    configs = configurations(spec, tenant, trained)
+    configs = configurations(order.fused_variants, order.naive_ptq, trained)
     if device == "cuda" and any(config.loads_gptq for config in configs):
         from qlora_ray import marlin
 
         # GPTQModel would compile its own Marlin extension inside the first GPTQ row (minutes, once per
         # machine); the cluster's shared build registers the same ops, which GPTQModel then uses.
-        marlin.prepare(store, share=spec.serve.share_compiled_kernels, precision=GPTQ_MARLIN_PRECISION)
+        marlin.prepare(store, share=order.share_compiled_kernels, precision=GPTQ_MARLIN_PRECISION)
     with scratch_dir("eval") as work:
-        rows = fetch_rows(store, spec.name, tenant_id, EVAL_FILE, work / "data")
+        rows = fetch_rows(store, order.job, tenant_id, EVAL_FILE, work / "data")
         measured = []
         for config in configs:
-            sources = config_sources(spec, tenant, config)
+            sources = config_sources(order, config)
             if not all(key in inputs["artifacts"] for key in sources.values()):
                 continue
             with contextlib.ExitStack() as copies:
                 paths = {role: copies.enter_context(store.local_copy(source)) for role, source in sources.items()}
-                measured.append(measure(config, tenant, rows, paths, device=device, batch_size=spec.eval.batch_size,
+                measured.append(measure(config, tenant, rows, paths, device=device, batch_size=order.batch_size,
                                         sizes={role: sizes[k] for role, k in sources.items()},
                                         sources={role: {"key": k, "manifest_sha256": inputs["artifacts"][k]}
                                                  for role, k in sources.items()}))

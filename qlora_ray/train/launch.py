@@ -21,6 +21,7 @@ from qlora_ray.spec import JobSpec, TenantSpec
 from qlora_ray.store import Store, adapter_key
 from qlora_ray.tables import text_table
 from qlora_ray.train.status import StatusWriter
+from qlora_ray.work_orders import TrainOrder
 
 # Attempts after a worker or node dies (Ray's own default is 3); each resumes from a checkpoint.
 MAX_RETRIES = 3
@@ -34,7 +35,7 @@ class TenantOutcome:
     error: str | None = None
 
 
-def _train_task(spec: JobSpec, tenant_id: str) -> dict:
+def _train_task(order: TrainOrder) -> dict:
     """Body of the Ray task: runs in a fresh worker process (max_calls=1), so memory and peak RSS
     are per tenant."""
     import ray
@@ -44,7 +45,7 @@ def _train_task(spec: JobSpec, tenant_id: str) -> dict:
     route_library_output(worker=True)
     context = ray.get_runtime_context()
     where = {"node_id": context.get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
-    return train_tenant(spec, tenant_id, where=where, say=say)
+    return train_tenant(order, where=where, say=say)
 
 
 def train_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list[TenantOutcome]:
@@ -83,7 +84,7 @@ def train_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list
     if pending:
         remote = ray.remote(max_calls=1)(_train_task)
         refs = {remote.options(**task_options(t.training.resources, name=f"train:{t.id}", max_retries=MAX_RETRIES))
-                .remote(spec, t.id): t.id for t in pending}
+                .remote(TrainOrder.of(spec, t.id)): t.id for t in pending}
         progress(f"training {len(refs)} tenant(s) on Ray: {', '.join(refs.values())}")
         started = time.monotonic()
         for tenant_id, ref in as_completed(refs):

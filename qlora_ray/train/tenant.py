@@ -24,6 +24,7 @@ from qlora_ray.staged_data import EVAL_FILE, TRAIN_FILE, write_rows
 from qlora_ray.store import Store, adapter_key, base_key, checkpoint_key, data_key
 from qlora_ray.train.finetune import finetune
 from qlora_ray.train.status import StatusWriter, now_iso, read_status
+from qlora_ray.work_orders import TrainOrder
 
 # A running tenant says where it is on its first logged step, then at most this often, and at its last.
 PROGRESS_EVERY_S = 30.0
@@ -68,42 +69,41 @@ def training_fingerprint(tenant: TenantSpec, data_inputs: dict) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def train_tenant(spec: JobSpec, tenant_id: str, *, say: Callable[[str], None] | None = None,
-                 where: dict | None = None) -> dict:
+def train_tenant(order: TrainOrder, *, say: Callable[[str], None] | None = None, where: dict | None = None) -> dict:
     """Train (or resume) one tenant's adapter and publish it. Returns the adapter's manifest. `say`
     gets a progress line now and then (PROGRESS_EVERY_S): lines rather than a bar, which a log file
     or a CI log shows as well as a terminal."""
-    tenant = spec.tenant(tenant_id)
-    store = Store(spec.store, spec.storage_options)
-    key = adapter_key(spec.name, tenant_id)
+    tenant_id = order.tenant.id
+    store = order.store.open()
+    key = adapter_key(order.job, tenant_id)
     if store.is_complete(key):
         return store.read_manifest(key)
-    status = StatusWriter(store, spec.name, tenant_id)
-    previous = read_status(store, spec.name, tenant_id) or {}
+    status = StatusWriter(store, order.job, tenant_id)
+    previous = read_status(store, order.job, tenant_id) or {}
     status.state("running", attempt=previous.get("attempt", 0) + 1, started_at=now_iso(), started_ts=time.time(),
                  finished_ts=None, step=0, loss=None,
                  tokens_per_second=None, error=None, **(where or {}))
     try:
-        manifest = _train_and_publish(spec, tenant, store, status, say)
+        manifest = _train_and_publish(order, store, status, say)
     except BaseException as exc:
         status.state("failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
-    _delete_checkpoints(store, spec.name, tenant_id)
+    _delete_checkpoints(store, order.job, tenant_id)
     status.state("done", finished_ts=time.time(), step=manifest["metrics"]["steps"], loss=manifest["metrics"]["final_loss"],
                  tokens_per_second=manifest["metrics"]["tokens_per_second"])
     return manifest
 
 
-def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: StatusWriter,
-                       say: Callable[[str], None] | None) -> dict:
-    key = adapter_key(spec.name, tenant.id)
-    with scratch_dir(f"train-{tenant.id}") as work, store.local_copy(base_key(spec.base.name)) as base_dir:
-        base_manifest = store.read_manifest(base_key(spec.base.name))
-        data_manifest = store.fetch(data_key(spec.name, tenant.id), work / "data")
+def _train_and_publish(order: TrainOrder, store: Store, status: StatusWriter, say: Callable[[str], None] | None) -> dict:
+    job, tenant = order.job, order.tenant
+    key = adapter_key(job, tenant.id)
+    with scratch_dir(f"train-{tenant.id}") as work, store.local_copy(base_key(order.base)) as base_dir:
+        base_manifest = store.read_manifest(base_key(order.base))
+        data_manifest = store.fetch(data_key(job, tenant.id), work / "data")
         train_rows = staged_data.read_rows(work / "data" / TRAIN_FILE)
         eval_rows = staged_data.read_rows(work / "data" / EVAL_FILE) if (work / "data" / EVAL_FILE).exists() else None
         fingerprint = training_fingerprint(tenant, data_manifest["inputs"])
-        resume = _fetch_latest_checkpoint(store, spec.name, tenant.id, work / "checkpoints", fingerprint)
+        resume = _fetch_latest_checkpoint(store, job, tenant.id, work / "checkpoints", fingerprint)
 
         said_at = -PROGRESS_EVERY_S
 
@@ -118,29 +118,29 @@ def _train_and_publish(spec: JobSpec, tenant: TenantSpec, store: Store, status: 
                     f"{update['tokens_per_second']:.0f} tok/s")
 
         def on_checkpoint(step: int, folder: Path) -> None:
-            _publish_checkpoint(store, spec.name, tenant.id, step, folder, fingerprint)
+            _publish_checkpoint(store, job, tenant.id, step, folder, fingerprint)
 
         try:
             result = finetune(tenant.training, base_dir, train_rows, eval_rows, work, resume_from=resume,
                               on_progress=on_progress, on_checkpoint=on_checkpoint,
-                              base_model_name=store.url(base_key(spec.base.name)))
+                              base_model_name=store.url(base_key(order.base)))
         except pickle.UnpicklingError as exc:  # torch's weights-only loader refused a checkpoint's state file
             if resume is None:
                 raise
-            where = store.url(checkpoint_key(spec.name, tenant.id, int(resume.name.removeprefix("checkpoint-"))))
+            where = store.url(checkpoint_key(job, tenant.id, int(resume.name.removeprefix("checkpoint-"))))
             raise StoreError(f"{where}: a trainer state file holds more than tensors, so it was not loaded "
-                             f"({str(exc).splitlines()[0][:200]}); delete {store.url(checkpoint_key(spec.name, tenant.id))} "
+                             f"({str(exc).splitlines()[0][:200]}); delete {store.url(checkpoint_key(job, tenant.id))} "
                              "to train this tenant from the start") from None
         inputs = {
-            "job": spec.name,
+            "job": job,
             "tenant": tenant.id,
-            "spec_sha256": spec.spec_hash(),
+            "spec_sha256": order.spec_sha256,
             "training_fingerprint": fingerprint,
             "training": tenant.training.model_dump(mode="json"),
             "scorer": tenant.scorer,
-            "base": {"key": base_key(spec.base.name), "manifest_sha256": manifest_digest(base_manifest),
+            "base": {"key": base_key(order.base), "manifest_sha256": manifest_digest(base_manifest),
                      "source_sha256": base_manifest["inputs"].get("source_sha256")},
-            "data": {"key": data_key(spec.name, tenant.id), "manifest_sha256": manifest_digest(data_manifest),
+            "data": {"key": data_key(job, tenant.id), "manifest_sha256": manifest_digest(data_manifest),
                      **data_manifest["inputs"]},
         }
         # Another attempt of this tenant (a retry racing one cut off from the cluster, or another run of
