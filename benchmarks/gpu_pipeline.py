@@ -7,9 +7,9 @@
 `pipeline`, in order:
 1. installs the wheelhouse that ../shared/tools/device-wheelhouse builds (`.whl/`, carried with the
    checkout) into /tmp/site;
-2. builds, in the background while training runs, the Marlin kernel, shared through the store as
-   the first eval task or replica of a cluster shares it (the eval stage's GPTQ rows and the
-   replicas then load it from the store);
+2. builds, in the background while training runs, the Marlin kernel in both precisions (fp16 for
+   the eval stage's GPTQ rows, bf16 for the replicas), shared through the store as the first eval
+   task or replica of a cluster shares it (they then load it from the store);
 3. `qlora-ray run` on a GPU job: two tenants (the demo's dates and kv2json rows) on
    shape:smollm2-135m, every scheme, both merge bases, half a GPU per task;
 4. `qlora-ray bench` through Ray Serve on one fused model of each scheme and the unmerged baseline,

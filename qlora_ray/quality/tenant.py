@@ -91,7 +91,9 @@ def evaluate_tenant(order: EvalOrder, *, device: str, progress: Callable[[str], 
         if manifest["inputs"] == inputs:
             return manifest
         store.delete(key)  # an artifact it measured changed (fused again, retrained)
-    configs = configurations(order.fused_variants, order.naive_ptq, trained)
+    # the configurations whose every artifact is complete (eval_inputs lists the others as missing)
+    configs = [config for config in configurations(order.fused_variants, order.naive_ptq, trained)
+               if all(source in inputs["artifacts"] for source in config_sources(order, config).values())]
     if device == "cuda" and any(config.loads_gptq for config in configs):
         from qlora_ray import marlin
 
@@ -103,8 +105,6 @@ def evaluate_tenant(order: EvalOrder, *, device: str, progress: Callable[[str], 
         measured = []
         for config in configs:
             sources = config_sources(order, config)
-            if not all(key in inputs["artifacts"] for key in sources.values()):
-                continue
             with contextlib.ExitStack() as copies:
                 paths = {role: copies.enter_context(store.local_copy(source)) for role, source in sources.items()}
                 measured.append(measure(config, tenant, rows, paths, device=device, batch_size=order.batch_size,
