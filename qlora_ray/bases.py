@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from qlora_ray.errors import BaseSourceError, StoreError
+from qlora_ray.library_output import gguf_reader_follows_progress_switch
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import sha256_file
 from qlora_ray.spec import parse_size
@@ -126,6 +127,7 @@ def _load_gguf(path: Path, torch_dtype, info: dict, progress: Progress):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     progress(f"reading GGUF {path.name} (transformers dequantizes every tensor: ~15 s for 135M parameters)")
+    gguf_reader_follows_progress_switch()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         # float32 is GGUF's native dequantization dtype; cast once afterwards.

@@ -14,7 +14,6 @@ process keeps its stdout: the tables are printed there.
 
 from __future__ import annotations
 
-import functools
 import logging
 import sys
 import warnings
@@ -66,8 +65,13 @@ def _quiet_transformers() -> None:
     transformers.utils.logging.enable_propagation()
     transformers.utils.logging.disable_progress_bar()
     datasets.disable_progress_bars()
-    # transformers' GGUF reader (a base import) draws a tqdm bar of its own, past the switch above.
+
+
+def gguf_reader_follows_progress_switch() -> None:
+    """transformers' GGUF reader draws its bar with tqdm itself, past transformers' progress-bar
+    switch: it is given transformers' own switched tqdm. Called where a GGUF is read (a base
+    import), so that other processes do not import the reader (seconds) for nothing."""
+    import transformers
     from transformers import modeling_gguf_pytorch_utils as gguf_reader
 
-    if not isinstance(gguf_reader.tqdm, functools.partial):
-        gguf_reader.tqdm = functools.partial(gguf_reader.tqdm, disable=True)
+    gguf_reader.tqdm = transformers.utils.logging.tqdm

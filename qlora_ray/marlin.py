@@ -188,9 +188,9 @@ def ops(precision: str = "bf16"):
 
     source = _sources_folder()
     digest = _sources_digest(source)
-    name = _extension_name(precision)
-    key = kernel_key("marlin", fingerprint(digest, precision))
-    build = _extensions_root() / f"{name}-{fingerprint(digest, precision)}"
+    name, build_id = _extension_name(precision), fingerprint(digest, precision)
+    key = kernel_key("marlin", build_id)
+    build = _extensions_root() / f"{name}-{build_id}"
     library = build / f"{name}.so"
     if library.exists():
         torch.ops.load_library(str(library))

@@ -15,6 +15,8 @@ logging.getLogger("tokenicer").info("auto fixed pad_token_id")
 import transformers
 transformers.utils.logging.get_logger("transformers.x").warning("loss_type unrecognized")
 print("GPT-QModel banner")
+from qlora_ray.library_output import gguf_reader_follows_progress_switch
+gguf_reader_follows_progress_switch()  # as a base import does before it reads a GGUF
 from transformers import modeling_gguf_pytorch_utils
 for _ in modeling_gguf_pytorch_utils.tqdm(range(3), desc="Converting and de-quantizing GGUF tensors..."):
     pass
