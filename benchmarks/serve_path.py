@@ -25,6 +25,7 @@ import string
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -99,10 +100,10 @@ async def through_batcher(concurrency: int, tokens: int, max_batch: int) -> dict
     return rates(await asyncio.gather(*(one() for _ in range(concurrency))), tokens)
 
 
-async def through_handle(handle, concurrency: int, tokens: int) -> dict:
+async def through_handle(handle, entry: dict, concurrency: int, tokens: int) -> dict:
     async def one() -> float:
         started = time.perf_counter()
-        payload = {"model": MODEL, "prompt": "a", "max_tokens": tokens, "temperature": 0, "top_p": 1.0,
+        payload = {"entry": entry, "prompt": "a", "max_tokens": tokens, "temperature": 0, "top_p": 1.0,
                    "stop": [], "ignore_eos": True}
         async for _ in handle.options(stream=True, multiplexed_model_id=MODEL).generate.remote(payload):
             pass
@@ -133,6 +134,7 @@ def main() -> None:
     from ray import serve
 
     from qlora_ray.serve.app import build_application
+    from qlora_ray.serve.catalog import model_catalog
     from qlora_ray.spec import load_spec
     from qlora_ray.store import Store, fused_key
 
@@ -167,10 +169,11 @@ def main() -> None:
             handle = serve.run(build_application(spec, {"key-acme": "acme"}, loader=letter_loader), name="t",
                                route_prefix="/")
             model_server = serve.get_deployment_handle("fused", app_name="t")
-            asyncio.run(through_handle(model_server, 1, 8))  # loads the model; not timed
+            entry = asdict(model_catalog(spec, store)[MODEL])  # as the gateway sends it
+            asyncio.run(through_handle(model_server, entry, 1, 8))  # loads the model; not timed
             asyncio.run(through_http(f"http://127.0.0.1:{port}/v1", 1, 8))
             for level in levels:
-                results["handle"][level] = asyncio.run(through_handle(model_server, level, args.tokens))
+                results["handle"][level] = asyncio.run(through_handle(model_server, entry, level, args.tokens))
                 results["http"][level] = asyncio.run(through_http(f"http://127.0.0.1:{port}/v1", level, args.tokens))
             del handle
         finally:
