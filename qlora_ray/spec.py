@@ -315,6 +315,11 @@ class ServeSpec(_Model):
     context: int = Field(2048, ge=64, description="Prompt plus answer tokens a request may use (the KV cache size).")
     max_batch: int = Field(8, ge=1, le=64, description="Requests to one model generated at once (its KV cache's "
                            "slots); a request joins at the next decode step and leaves when it is done.")
+    stream_interval_ms: float = Field(
+        50.0, ge=0, le=1000, description="A stream sends its tokens at most once per this many milliseconds after "
+        "its first token (which goes at once, as does its end): each event costs the replica and the gateway the "
+        "same whatever it carries, so with many streams this keeps the engine, not the event path, the limit. "
+        "0: an event per step whenever the client keeps up. Ray Serve LLM's stream_batching_interval_ms.")
     max_replicas: int | None = Field(
         None, gt=0, description="Autoscale the model deployments from num_replicas up to this many replicas.")
     target_ongoing_requests: float = Field(2.0, gt=0, description="Requests per replica autoscaling aims for.")

@@ -10,6 +10,7 @@ model leaves no thread behind holding its weights; close() waits for that and re
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import AsyncIterator
@@ -22,10 +23,12 @@ _DONE = object()
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch: int):
+    def __init__(self, engine: Engine, max_batch: int, *, stream_interval: float = 0.0):
         self.engine = engine
+        self.stream_interval = stream_interval  # seconds: each stream hands out at most one list per interval
         self.scheduler = Scheduler(engine, max_batch=max_batch)
-        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # per stream: its event loop, its queue, and an event set once its end (or error) is queued
+        self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, asyncio.Event]] = {}
         self._lock = threading.Lock()
         self._working = False
         self._thread: threading.Thread | None = None
@@ -39,16 +42,21 @@ class Batcher:
 
     async def tokens(self, ids: list[int], params: SamplingParams) -> AsyncIterator[list[int]]:
         """The tokens generated for one prompt, in lists: each holds every token that arrived since the
-        last one was taken (one, when the consumer keeps up), so a consumer whose every item costs a
-        hop (a Serve stream) falls behind by items, not by tokens. Closing the iterator early (a stop
-        string, a client gone) drops the request from the batch at the next step. ValueError if it
-        cannot fit."""
+        last one was taken, so a consumer whose every item costs a hop (a Serve stream) falls behind by
+        items, not by tokens. With a stream_interval, lists after the first are handed out at most once
+        per interval, holding the tokens that came meanwhile: a replica streaming to many clients
+        then pays its per-item cost per interval, not per token, as Ray Serve LLM's
+        stream_batching_interval_ms does. The first token (the time to first token) and the last
+        (the stream's end) are never held back. Closing the iterator early (a stop string, a client
+        gone) drops the request from the batch at the next step. ValueError if it cannot fit."""
         sequence = Sequence(list(ids), params)
         queue: asyncio.Queue = asyncio.Queue()
+        ended = asyncio.Event()
+        loop = asyncio.get_running_loop()
         with self._lock:  # the queue first: the worker may emit as soon as the sequence is added
             if self._closed:
                 raise RuntimeError("this model was unloaded")
-            self._queues[id(sequence)] = (asyncio.get_running_loop(), queue)
+            self._queues[id(sequence)] = (loop, queue, ended)
         try:
             self.scheduler.add(sequence)
         except ValueError:
@@ -61,14 +69,19 @@ class Batcher:
                 self.last_step_at = time.monotonic()
                 self._thread = threading.Thread(target=self._work, name="qlora-ray-scheduler", daemon=True)
                 self._thread.start()
+        handed_out = None  # when the last list was
         try:
             while True:
                 items = [await queue.get()]
+                if handed_out is not None and self.stream_interval and not _ends(items):
+                    with contextlib.suppress(TimeoutError):  # tokens gather meanwhile; the end cuts it short
+                        await asyncio.wait_for(ended.wait(), handed_out + self.stream_interval - loop.time())
                 while not queue.empty():
                     items.append(queue.get_nowait())
                 tokens = [item for item in items if isinstance(item, int)]
                 if tokens:
                     yield tokens
+                    handed_out = loop.time()
                 if any(isinstance(item, BaseException) for item in items):
                     raise next(item for item in items if isinstance(item, BaseException))
                 if _DONE in items:
@@ -114,5 +127,19 @@ class Batcher:
         with self._lock:
             target = self._queues.get(id(sequence))
         if target is not None:
-            loop, queue = target
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop, queue, ended = target
+            try:
+                loop.call_soon_threadsafe(_deliver, queue, ended, item)
+            except RuntimeError:  # its event loop has closed since: nobody is left to read it
+                pass
+
+
+def _deliver(queue: asyncio.Queue, ended: asyncio.Event, item) -> None:
+    queue.put_nowait(item)
+    if _ends([item]):
+        ended.set()
+
+
+def _ends(items: list) -> bool:
+    """Whether the stream's end (or its error) is among the items: then nothing is held back."""
+    return any(item is _DONE or isinstance(item, BaseException) for item in items)

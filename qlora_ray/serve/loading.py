@@ -24,7 +24,7 @@ class LoadedModel:
                  serve_spec: ServeSpec):
         self.entry, self.engine, self.tokenizer = entry, engine, tokenizer
         self.resident_bytes, self.load_seconds = resident_bytes, load_seconds
-        self.batcher = Batcher(engine, serve_spec.max_batch)
+        self.batcher = Batcher(engine, serve_spec.max_batch, stream_interval=serve_spec.stream_interval_ms / 1000)
         self.engine_name = type(engine).__name__
 
     def close(self) -> None:

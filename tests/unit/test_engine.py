@@ -175,3 +175,54 @@ def test_an_engine_error_reaches_every_request_and_the_next_ones_still_run(model
     assert [str(e) for e in asyncio.run(main())] == ["device lost", "device lost"]
     engine.broken = False
     assert asyncio.run(collect(batcher, PROMPTS[0], greedy())) == alone(model, PROMPTS[0])
+
+
+class GatedEngine:
+    """Next token = last token + 1; each decode step after the first waits for a permit from the
+    test, so the test decides when tokens come. `entered` counts the decode steps begun."""
+
+    continuous, device, stop_ids, context, max_batch = True, torch.device("cpu"), set(), 64, 2
+
+    def __init__(self):
+        import threading
+
+        self.permits = threading.Semaphore(1)
+        self.entered = 0
+
+    def prefill(self, slots, chunks, starts):
+        return torch.nn.functional.one_hot(torch.tensor([chunk[-1] + 1 for chunk in chunks]), 100).float()
+
+    def decode(self, slots, tokens):
+        self.entered += 1
+        assert self.permits.acquire(timeout=30), "the test gave no permit"
+        return torch.nn.functional.one_hot(tokens + 1, 100).float()
+
+    def release(self, slot):
+        pass
+
+
+@pytest.mark.parametrize("interval", [0.0, 60.0])
+def test_a_stream_interval_gathers_tokens_between_lists_but_holds_back_neither_the_first_nor_the_end(interval):
+    engine = GatedEngine()
+    batcher = Batcher(engine, max_batch=2, stream_interval=interval)
+
+    async def one_token_at_a_time():
+        for step in range(2, 6):  # decode step `step` waits: the tokens before it are out
+            while engine.entered < step:
+                await asyncio.sleep(0.005)
+            await asyncio.sleep(0.05)  # time for the stream to take them
+            engine.permits.release()
+
+    async def main():
+        feeder = asyncio.create_task(one_token_at_a_time())
+        async with contextlib.aclosing(batcher.tokens([10], greedy(max_new_tokens=6))) as stream:
+            lists = [tokens async for tokens in stream]
+        await feeder
+        return lists
+
+    # wait_for: the end of the answer cuts the interval short, while waiting it out would take a minute
+    lists = asyncio.run(asyncio.wait_for(main(), timeout=20))
+    if interval:
+        assert lists == [[11], [12, 13, 14, 15, 16]]
+    else:  # a list per token while the stream keeps up (the last two come one step apart)
+        assert lists[:4] == [[11], [12], [13], [14]] and sum(lists[4:], []) == [15, 16]
