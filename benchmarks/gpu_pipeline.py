@@ -3,6 +3,7 @@
     python3 benchmarks/gpu_pipeline.py --out OUT_DIR                  # the pipeline (at most 9 minutes on an H200)
     python3 benchmarks/gpu_pipeline.py --out OUT_DIR --part starts    # a model replica's cold and warm start
     python3 benchmarks/gpu_pipeline.py --out OUT_DIR --part gptq-8b   # the fuse stage's per-tenant GPTQ on an 8B
+    python3 benchmarks/gpu_pipeline.py --out OUT_DIR --part serve     # the engine alone against Serve over HTTP
 
 `pipeline`, in order:
 1. installs the wheelhouse that ../shared/tools/device-wheelhouse builds (`.whl/`, carried with the
@@ -19,7 +20,11 @@
 `starts` deploys one model replica twice on fresh kernel folders: with no build in the store (it
 compiles: cold) and with the build the first one shared (warm). `gptq-8b` fuses one
 shape:llama3-8b tenant (random LoRA factors, r 16 on the seven projections) into gptq-int4 at the
-job defaults (group size 128, 128 calibration rows): the unit cost of per-tenant GPTQ.
+job defaults (group size 128, 128 calibration rows): the unit cost of per-tenant GPTQ. `serve`
+publishes a shape:llama3-8b gptq-int4 model (random weights, round-to-nearest in GPTQ's layout) and
+measures it through the engine alone (in this process) and through Serve over HTTP, at batch =
+concurrency 1, 8, 32 and 64, with streams sent per step and in 50 ms intervals, plus the time to
+first token of a ~512-token prompt: issue 19's targets (use --bench-seconds 10 or more).
 
 The base has random weights (the real SmolLM2 ships as a GGUF too large to carry), so the eval
 table's accuracies measure nothing but that every configuration loads and runs; its timings and the
@@ -295,6 +300,157 @@ def publish_random_adapter(run: Run, spec, store) -> None:
     store.publish(data_key(spec.name, "acme"), rows, kind="data", inputs={"train_sha256": "dates"}, keep_existing=True)
 
 
+def serve_engine_rate(run: Run, args) -> str:
+    """Issue 19's comparison: one fused model served by the engine alone (in this process, through
+    the scheduler's generate) and through Ray Serve over HTTP (`qlora-ray bench`), at the same batch
+    and concurrency, with streams sent per step (serve.stream_interval_ms 0) and in intervals (50)."""
+    install(run)
+    cuda = run.device == "cuda"
+    shape, variant = ("llama3-8b", "gptq-int4.original") if cuda else ("tiny", "bf16.original")
+    levels = [1, 8, 32, 64] if cuda else [1, 4]
+    output_tokens, prompt_words, long_prompt_words = (128, 24, 93) if cuda else (16, 8, 20)
+    model = f"acme/{variant}"
+
+    def job(interval: float) -> Path:
+        return write_job(run, name="gpu-serve", base={"name": shape, "source": f"shape:{shape}"},
+                         tenants=[{"id": "acme", "train_data": str(DATA / "dates" / "train.jsonl")}],
+                         fuse={"schemes": [variant.split(".")[0]], "merge_base": "original"},
+                         serve={"max_batch": max(levels), "max_ongoing_requests": 2 * max(levels), "context": 1024,
+                                "max_tokens": 512, "unmerged_baseline": False, "allow_failed_quality": True,
+                                "stream_interval_ms": interval,
+                                "resources": {"num_cpus": 2, "num_gpus": 1 if cuda else 0}})
+
+    spec, store = store_of(job(0))
+    started = time.perf_counter()
+    publish_random_fused(spec, store, shape, variant, run.device)
+    run.results["steps"]["random fused model"] = {"seconds": round(time.perf_counter() - started, 1), "exit": 0}
+    started = time.perf_counter()
+    engine = engine_rates(spec, store, model, run.device, levels, prompt_words, long_prompt_words, output_tokens)
+    run.results["steps"]["engine alone"] = {"seconds": round(time.perf_counter() - started, 1), "exit": 0}
+    run.results["engine"] = engine
+    run.say(json.dumps(engine))
+    run.save()
+    served: dict[str, list] = {}
+    for interval in (0, 50):
+        path = job(interval)
+        run.cli(f"bench, stream interval {interval} ms", "bench", str(path), "--models", model,
+                "--concurrency", ",".join(map(str, levels)), "--duration", str(args.bench_seconds),
+                "--prompt-tokens", str(prompt_words), "--output-tokens", str(output_tokens))
+        served[str(interval)] = bench_report(path)["results"]
+        run.results["served"] = served
+        run.save()
+    run.cli("bench, long prompts", "bench", str(path), "--models", model, "--concurrency", "1", "--requests", "8",
+            "--prompt-tokens", str(long_prompt_words), "--output-tokens", "2")
+    run.results["served_long_prompt"] = bench_report(path)["results"][0]
+    return render_serve_engine_rate(run.results, model)
+
+
+def publish_random_fused(spec, store, shape: str, variant: str, device: str) -> None:
+    """A fused model of random weights, as the fuse stage publishes it: gptq-int4 by round-to-nearest in
+    GPTQ's layout (benchmarks/serve_speed.py; the kernels' speed does not depend on the values)."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from benchmarks.serve_speed import gptq_state
+    from qlora_ray.shapes import byte_tokenizer, shape_config
+    from qlora_ray.store import fused_key
+
+    config = shape_config(shape)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    state = {name: value.detach() for name, value in model.state_dict().items()}
+    del model
+    if variant.startswith("gptq-int4"):
+        state = gptq_state(state)
+        config.quantization_config = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
+                                      "sym": True, "checkpoint_format": "gptq", "pack_dtype": "int32"}
+    folder = Path(store.path("")).parent / "random-fused"
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    save_file({name: value.contiguous().cpu() for name, value in state.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    config.torch_dtype = "bfloat16"
+    config.save_pretrained(str(folder))
+    byte_tokenizer().save_pretrained(str(folder))
+    store.publish(fused_key(spec.name, "acme", variant), folder, kind="fused",
+                  inputs={"method": "random weights (benchmark)"})
+    del state
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def engine_rates(spec, store, model_id: str, device: str, levels: list[int], prompt_words: int,
+                 long_prompt_words: int, output_tokens: int) -> dict:
+    """The model loaded as a replica loads it, driven by the scheduler's generate() in this process:
+    tokens per second at each batch (first request to last token, as a client of Serve counts them)
+    and the time to first token of one long prompt."""
+    import statistics
+
+    import torch
+
+    from qlora_ray.serve.bench import synthetic_prompt
+    from qlora_ray.serve.catalog import model_catalog
+    from qlora_ray.serve.loading import load_model
+    from qlora_ray.serve.sampling import SamplingParams
+    from qlora_ray.serve.scheduler import generate
+
+    loaded = load_model(spec, store, model_catalog(spec, store)[model_id], device)
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    def timed(prompt: list[int], batch: int, new_tokens: int) -> tuple[float, float]:
+        """(seconds to the first token, seconds to the last) of one batch."""
+        params = [SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)] * batch
+        sync()
+        started, first = time.perf_counter(), None
+        for _ in generate(loaded.engine, [prompt] * batch, params):
+            if first is None:
+                sync()
+                first = time.perf_counter() - started
+        sync()
+        return first, time.perf_counter() - started
+
+    ids = lambda words: loaded.tokenizer(synthetic_prompt(words), add_special_tokens=False)["input_ids"]  # noqa: E731
+    prompt, long_prompt = ids(prompt_words), ids(long_prompt_words)
+    rates = {}
+    for batch in levels:
+        timed(prompt, batch, output_tokens)  # warm-up: first uses of this batch's shapes
+        runs = [timed(prompt, batch, output_tokens)[1] for _ in range(3)]
+        rates[str(batch)] = round(batch * output_tokens / statistics.median(runs), 1)
+    timed(long_prompt, 1, 1)
+    ttft = statistics.median(timed(long_prompt, 1, 1)[0] for _ in range(5))
+    result = {"model": model_id, "prompt_tokens": len(prompt), "output_tokens": output_tokens, "tok_s": rates,
+              "long_prompt_tokens": len(long_prompt), "long_prompt_ttft_ms": round(ttft * 1000, 2),
+              "engine": loaded.engine_name}
+    loaded.close()
+    return result
+
+
+def render_serve_engine_rate(results: dict, model: str) -> str:
+    engine, served = results["engine"], results["served"]
+    lines = [f"Model `{model}` ({engine['engine']}), prompts of {engine['prompt_tokens']} tokens, answers of "
+             f"{engine['output_tokens']}. Engine alone: tokens/s of whole batches through the scheduler's "
+             "generate(); Serve: `qlora-ray bench` output tokens/s over HTTP, streams sent per step (0 ms) or in "
+             "intervals (50 ms, the default).", "",
+             "| batch = concurrency | engine tok/s | Serve 0 ms tok/s (share) | Serve 50 ms tok/s (share) | "
+             "TTFT p50 / p99 ms, 0 ms | TTFT p50 / p99 ms, 50 ms |", "|---|---|---|---|---|---|"]
+    for level, rate in engine["tok_s"].items():
+        cells = [level, str(rate)]
+        rows = {interval: next(r for r in served[interval] if str(r["concurrency"]) == level) for interval in served}
+        cells += [f"{rows[i]['output_tok_s']} ({rows[i]['output_tok_s'] / rate:.0%})" for i in ("0", "50")]
+        cells += [f"{rows[i]['ttft_ms_p50']} / {rows[i]['ttft_ms_p99']}" for i in ("0", "50")]
+        lines.append("| " + " | ".join(cells) + " |")
+    long_row = results["served_long_prompt"]
+    lines += ["", f"Time to first token of a {engine['long_prompt_tokens']}-token prompt: engine "
+                  f"{engine['long_prompt_ttft_ms']} ms; through Serve (50 ms, concurrency 1) p50 "
+                  f"{long_row['ttft_ms_p50']} ms (prompt {long_row['mean_prompt_tokens']} tokens)."]
+    return "\n".join(lines) + "\n"
+
+
 def render_pipeline(results: dict) -> str:
     lines = ["## Stages (`qlora-ray run`)", "", "| step | seconds |", "|---|---|"]
     lines += [f"| {name} | {step['seconds']} |" for name, step in results["steps"].items()]
@@ -322,7 +478,7 @@ def render_pipeline(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = {"pipeline": pipeline, "starts": starts, "gptq-8b": gptq_8b}
+PARTS = {"pipeline": pipeline, "starts": starts, "gptq-8b": gptq_8b, "serve": serve_engine_rate}
 
 
 def main() -> None:
