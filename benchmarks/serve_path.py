@@ -8,8 +8,8 @@ letter), reached three ways:
   loop, tokenization and detokenization (TextStream);
 - `http`: the whole path a client takes: Serve's HTTP proxy, the gateway (keys, validation, SSE
   framing) and the handle.
-At each concurrency, tokens per second per stream and in all; the difference between two ways is
-what the one adds. With steps of no time these are the path's ceilings: on a GPU, a path whose
+At each concurrency, tokens per second per stream and in all, and for each way the time to the
+first token of a request alone; the difference between two ways is what the one adds. With steps of no time these are the path's ceilings: on a GPU, a path whose
 ceiling is near the engine's own rate takes a large share of it. `--step-ms` gives each decode step
 a GPU's time (waiting without the GIL, as a CUDA sync does; about 3 ms for the 8B gptq-int4 at batch
 8 on the H200), so the handle and HTTP rows say how much of the engine's rate a client keeps. The
@@ -26,6 +26,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import string
 import sys
 import tempfile
@@ -84,10 +85,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def rates(durations: list[float], tokens: int) -> dict:
-    wall = max(durations)
+def rates(times: list[tuple[float, float]], tokens: int) -> dict:
+    """From each request's (seconds to its first token, seconds to its end)."""
+    durations = [total for _, total in times]
     return {"per_stream_tok_s": round(tokens / (sum(durations) / len(durations)), 1),
-            "total_tok_s": round(tokens * len(durations) / wall, 1)}
+            "total_tok_s": round(tokens * len(durations) / max(durations), 1),
+            "first_token_ms": round(1000 * statistics.median(first for first, _ in times), 2)}
+
+
+async def first_token(path, repeats: int = 20) -> float:
+    """The median time to the first token of a request alone (2 tokens asked), one after another."""
+    return round(statistics.median([(await path(1, 2))["first_token_ms"] for _ in range(repeats)]), 2)
 
 
 async def through_batcher(concurrency: int, tokens: int, max_batch: int, step_seconds: float) -> dict:
@@ -98,24 +106,25 @@ async def through_batcher(concurrency: int, tokens: int, max_batch: int, step_se
     batcher = Batcher(LetterEngine(max_batch, step_seconds), max_batch=max_batch)
     prompt = byte_tokenizer()("a", add_special_tokens=False)["input_ids"]
 
-    async def one() -> float:
-        started = time.perf_counter()
+    async def one() -> tuple[float, float]:
+        started, first = time.perf_counter(), None
         async with contextlib.aclosing(batcher.tokens(prompt, SamplingParams(max_new_tokens=tokens, temperature=0))) as s:
             async for _ in s:
-                pass
-        return time.perf_counter() - started
+                first = first or time.perf_counter() - started
+        return first, time.perf_counter() - started
 
     return rates(await asyncio.gather(*(one() for _ in range(concurrency))), tokens)
 
 
 async def through_handle(handle, entry: dict, concurrency: int, tokens: int) -> dict:
-    async def one() -> float:
-        started = time.perf_counter()
+    async def one() -> tuple[float, float]:
+        started, first = time.perf_counter(), None
         payload = {"entry": entry, "prompt": "a", "max_tokens": tokens, "temperature": 0, "top_p": 1.0,
                    "stop": [], "ignore_eos": True}
-        async for _ in handle.options(stream=True, multiplexed_model_id=MODEL).generate.remote(payload):
-            pass
-        return time.perf_counter() - started
+        async for event in handle.options(stream=True, multiplexed_model_id=MODEL).generate.remote(payload):
+            if event["type"] == "text":
+                first = first or time.perf_counter() - started
+        return first, time.perf_counter() - started
 
     return rates(await asyncio.gather(*(one() for _ in range(concurrency))), tokens)
 
@@ -123,15 +132,16 @@ async def through_handle(handle, entry: dict, concurrency: int, tokens: int) -> 
 async def through_http(url: str, concurrency: int, tokens: int) -> dict:
     import aiohttp
 
-    async def one(session) -> float:
-        started = time.perf_counter()
+    async def one(session) -> tuple[float, float]:
+        started, first = time.perf_counter(), None
         body = {"model": MODEL, "prompt": "a", "max_tokens": tokens, "temperature": 0, "stream": True,
                 "ignore_eos": True}
         async with session.post(f"{url}/completions", json=body, headers={"Authorization": "Bearer key-acme"}) as r:
             assert r.status == 200, await r.text()
-            async for _ in r.content:
-                pass
-        return time.perf_counter() - started
+            async for line in r.content:
+                if line.startswith(b"data: {"):
+                    first = first or time.perf_counter() - started
+        return first, time.perf_counter() - started
 
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=600)) as session:
         return rates(await asyncio.gather(*(one(session) for _ in range(concurrency))), tokens)
@@ -163,6 +173,8 @@ def main() -> None:
     asyncio.run(through_batcher(1, 8, max_batch, STEP_SECONDS))  # not timed: first calls build what later ones reuse
     for level in levels:
         results["batcher"][level] = asyncio.run(through_batcher(level, args.tokens, max_batch, STEP_SECONDS))
+    results["first_token_ms"] = {"batcher": asyncio.run(first_token(
+        lambda level, tokens: through_batcher(level, tokens, max_batch, STEP_SECONDS)))}
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(str(Path(tmp) / "store"))
         (Path(tmp) / "artifact").mkdir()
@@ -190,17 +202,22 @@ def main() -> None:
                 for level in levels:
                     handle_rows[level] = asyncio.run(through_handle(model_server, entry, level, args.tokens))
                     http_rows[level] = asyncio.run(through_http(f"http://127.0.0.1:{port}/v1", level, args.tokens))
+                results["first_token_ms"][f"handle, {interval:g} ms"] = asyncio.run(first_token(
+                    lambda level, tokens: through_handle(model_server, entry, level, tokens)))
+                results["first_token_ms"][f"http, {interval:g} ms"] = asyncio.run(first_token(
+                    lambda level, tokens: through_http(f"http://127.0.0.1:{port}/v1", level, tokens)))
                 serve.delete("t")
         finally:
             serve.shutdown()
             ray.shutdown()
     (args.out / "serve_path.json").write_text(json.dumps(results, indent=2))
     print(f"step {args.step_ms:g} ms, {args.tokens} tokens a request")
-    print("| path | " + " | ".join(f"conc. {level} per stream / all tok/s" for level in levels) + " |")
-    print("|---|" + "---|" * len(levels))
+    print("| path | first token of a lone request, ms | " +
+          " | ".join(f"conc. {level} per stream / all tok/s" for level in levels) + " |")
+    print("|---|---|" + "---|" * len(levels))
     for path in [key for key in results if key.startswith(("batcher", "handle", "http"))]:
         cells = [f"{results[path][level]['per_stream_tok_s']} / {results[path][level]['total_tok_s']}" for level in levels]
-        print(f"| {path} | " + " | ".join(cells) + " |")
+        print(f"| {path} | {results['first_token_ms'][path]} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":
