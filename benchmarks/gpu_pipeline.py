@@ -322,7 +322,7 @@ def serve_engine_rate(run: Run, args) -> str:
 
     spec, store = store_of(job(0))
     started = time.perf_counter()
-    publish_random_fused(spec, store, shape, variant, run.device)
+    publish_random_fused(spec, store, shape, variant, run.device, run.work / "random-fused")
     run.results["steps"]["random fused model"] = {"seconds": round(time.perf_counter() - started, 1), "exit": 0}
     started = time.perf_counter()
     engine = engine_rates(spec, store, model, run.device, levels, prompt_words, long_prompt_words, output_tokens)
@@ -339,13 +339,14 @@ def serve_engine_rate(run: Run, args) -> str:
         served[str(interval)] = bench_report(path)["results"]
         run.results["served"] = served
         run.save()
-    run.cli("bench, long prompts", "bench", str(path), "--models", model, "--concurrency", "1", "--requests", "8",
-            "--prompt-tokens", str(long_prompt_words), "--output-tokens", "2")
-    run.results["served_long_prompt"] = bench_report(path)["results"][0]
+    default_interval = job(50)
+    run.cli("bench, long prompts", "bench", str(default_interval), "--models", model, "--concurrency", "1",
+            "--requests", "8", "--prompt-tokens", str(long_prompt_words), "--output-tokens", "2")
+    run.results["served_long_prompt"] = bench_report(default_interval)["results"][0]
     return render_serve_engine_rate(run.results, model)
 
 
-def publish_random_fused(spec, store, shape: str, variant: str, device: str) -> None:
+def publish_random_fused(spec, store, shape: str, variant: str, device: str, folder: Path) -> None:
     """A fused model of random weights, as the fuse stage publishes it: gptq-int4 by round-to-nearest in
     GPTQ's layout (benchmarks/serve_speed.py; the kernels' speed does not depend on the values)."""
     import torch
@@ -366,8 +367,6 @@ def publish_random_fused(spec, store, shape: str, variant: str, device: str) -> 
         state = gptq_state(state)
         config.quantization_config = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": False,
                                       "sym": True, "checkpoint_format": "gptq", "pack_dtype": "int32"}
-    folder = Path(store.path("")).parent / "random-fused"
-    shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     save_file({name: value.contiguous().cpu() for name, value in state.items()}, str(folder / "model.safetensors"),
               metadata={"format": "pt"})
@@ -414,8 +413,8 @@ def engine_rates(spec, store, model_id: str, device: str, levels: list[int], pro
         sync()
         return first, time.perf_counter() - started
 
-    ids = lambda words: loaded.tokenizer(synthetic_prompt(words), add_special_tokens=False)["input_ids"]  # noqa: E731
-    prompt, long_prompt = ids(prompt_words), ids(long_prompt_words)
+    prompt, long_prompt = (loaded.tokenizer(synthetic_prompt(words), add_special_tokens=False)["input_ids"]
+                           for words in (prompt_words, long_prompt_words))
     rates = {}
     for batch in levels:
         timed(prompt, batch, output_tokens)  # warm-up: first uses of this batch's shapes
