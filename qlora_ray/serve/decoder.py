@@ -277,11 +277,12 @@ class Decoder(nn.Module):
 
     def reserve_cache(self, rows: int, context: int) -> None:
         """Give every layer a KV cache of `rows` rows by `context` positions: a row per sequence,
-        each starting at slot 0. Allocated once and kept, since a CUDA graph captured over the cache
-        must find the same tensors again; asking for another size replaces it (graphs captured over
-        the old one must then be dropped)."""
+        each starting at slot 0, and one spare position past the context that is never read, where
+        the padding of prompts prefilled together may write. Allocated once and kept, since a CUDA
+        graph captured over the cache must find the same tensors again; asking for another size
+        replaces it (graphs captured over the old one must then be dropped)."""
         first = self.layers[0]
-        shape = (rows, first.kv_heads, context, first.head_dim)
+        shape = (rows, first.kv_heads, context + 1, first.head_dim)
         if first.k_cache is not None and tuple(first.k_cache.shape) == shape:
             return
         for layer in self.layers:
@@ -292,17 +293,22 @@ class Decoder(nn.Module):
         return sum(layer.k_cache.nbytes + layer.v_cache.nbytes for layer in self.layers if layer.k_cache is not None)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None = None,
-                layers=None):
+                layers=None, last: torch.Tensor | None = None):
         """Next-token logits [B, vocab] (fp32) after tokens [B, T] at positions [B, T] (also the
         cache slots they are written to); mask [B, 1, T, S] says which of the first S slots each
         token may attend to; rows: None for a decode step over the cache's first B rows, else the
-        cache row of each prompt (Block.forward). Only the last position goes through the LM head:
-        a prompt's other logits are never used. `layers`: callables standing in for self.layers
-        (their compiled versions)."""
+        cache row of each prompt (Block.forward). Only each row's last token (`last` [B], its index
+        in a row padded past it; default T - 1) goes through the LM head: a prompt's other logits
+        are never used. `layers`: callables standing in for self.layers (their compiled versions)."""
         x = F.embedding(tokens, self.embed_tokens)
         cos, sin = self.rotary(x, positions)
         # Zeros, not None, for the first layer: every layer then has one signature, and compiles once.
         pending = torch.zeros_like(x)
         for layer in layers or self.layers:
             x, pending = layer(x, pending, cos, sin, positions, mask, rows)
-        return self.lm_head(self.norm(x[:, -1] + pending[:, -1])).float()
+        if last is None:
+            x, pending = x[:, -1], pending[:, -1]
+        else:
+            picked = torch.arange(x.shape[0], device=x.device)
+            x, pending = x[picked, last], pending[picked, last]
+        return self.lm_head(self.norm(x + pending)).float()

@@ -35,6 +35,12 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 FIRST_SPAN = 128
 
 
+# Prompt tokens, padding included, that one prefill forward may hold: several prompts arriving
+# together are prefilled in one forward (the scheduler's budget per step is smaller while others
+# decode); an 8B model's activations for this many tokens take well under a GiB.
+PREFILL_TOKENS_PER_FORWARD = 8192
+
+
 def attention_spans(context: int) -> list[int]:
     """The spans decode steps attend over: FIRST_SPAN, doubling, and the context last."""
     spans = []
@@ -48,6 +54,19 @@ def attention_spans(context: int) -> list[int]:
 def bucket_for(rows: int) -> int:
     """The batch bucket that `rows` rows run in."""
     return next(bucket for bucket in BATCH_BUCKETS if bucket >= rows)
+
+
+def prefill_groups(lengths: list[int], tokens_per_forward: int = PREFILL_TOKENS_PER_FORWARD) -> list[list[int]]:
+    """Chunks of these lengths, shortest first, split into the groups prefilled in one forward each:
+    a group's rows padded to its longest (last) chunk hold at most `tokens_per_forward` tokens (a
+    longer chunk goes alone), which bounds a forward's activations."""
+    groups: list[list[int]] = []
+    for index, length in enumerate(lengths):
+        if groups and (len(groups[-1]) + 1) * length <= tokens_per_forward:
+            groups[-1].append(index)
+        else:
+            groups.append([index])
+    return groups
 
 
 def buckets_up_to(batch: int) -> list[int]:
@@ -115,13 +134,16 @@ class StaticEngine:
     def warm_up(self) -> None:
         """On CUDA, compile and capture what requests will run, so that the first requests pay for no
         compilation or graph capture: prompts of one token and of 64 (4-bit weights take another
-        path for long prompts), and a decode step in every batch bucket over every attention span.
-        On the CPU nothing is compiled, so there is nothing to do."""
+        path for long prompts), alone and two together (a batch of one row compiles on its own), and
+        a decode step in every batch bucket over every attention span. On the CPU nothing is
+        compiled, so there is nothing to do."""
         if not self.cuda_graphs:
             return
         for prompt in ([0], [0] * min(64, self.context - 1)):
-            self.prefill([0], [prompt], [0])
-            self.release(0)
+            for rows in ([0], [0, 1])[:self.max_batch]:
+                self.prefill(rows, [prompt] * len(rows), [0] * len(rows))
+                for row in rows:
+                    self.release(row)
         for bucket in buckets_up_to(self.max_batch):
             positions = torch.zeros(bucket, dtype=torch.long, device=self.device)
             for span in self.spans:
@@ -131,21 +153,42 @@ class StaticEngine:
         torch.cuda.synchronize()
 
     def prefill(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
-        logits = []
-        for slot, chunk, start in zip(slots, chunks, starts):
-            end = start + len(chunk)
-            if not chunk or end > self.context:
+        for chunk, start in zip(chunks, starts):
+            if not chunk or start + len(chunk) > self.context:
                 raise ValueError(f"a prompt chunk must hold 1 to {self.context - start} tokens (got {len(chunk)})")
-            positions = torch.arange(start, end, device=self.device)
-            # Each token sees the slots up to its own: the earlier chunks and itself.
-            mask = (torch.arange(end, device=self.device)[None, :] <= positions[:, None])[None, None]
-            tokens = torch.tensor([chunk], device=self.device)
-            with torch.inference_mode():
-                logits.append(self.decoder(tokens, positions[None], mask, rows=torch.tensor([slot], device=self.device),
-                                           layers=self._prefill_layers))
-            self.positions[slot] = end
-            self.host_positions[slot] = end
-        return torch.cat(logits)
+        # Shortest first, so that the chunks padded together are of similar lengths.
+        order = sorted(range(len(chunks)), key=lambda index: len(chunks[index]))
+        logits = []
+        for group in prefill_groups([len(chunks[index]) for index in order]):
+            chosen = [order[position] for position in group]
+            logits.append(self._prefill_together([slots[i] for i in chosen], [chunks[i] for i in chosen],
+                                                 [starts[i] for i in chosen]))
+        logits = torch.cat(logits)
+        if order != sorted(order):
+            logits = logits[torch.tensor(order, device=self.device).argsort()]
+        for slot, chunk, start in zip(slots, chunks, starts):
+            self.positions[slot] = start + len(chunk)
+            self.host_positions[slot] = start + len(chunk)
+        return logits
+
+    def _prefill_together(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """One forward over several chunks, each in its own row, padded to the longest: a batch of
+        prompts costs about one forward of its tokens, not one per prompt. A padding token sits at
+        the positions after its row's chunk, which the row writes before it reads them (the last
+        real token attends only up to itself), or at the cache's spare position past the context."""
+        longest, count = max(len(chunk) for chunk in chunks), len(chunks)
+        tokens = torch.tensor([chunk + [0] * (longest - len(chunk)) for chunk in chunks])
+        positions = (torch.tensor(starts)[:, None] + torch.arange(longest)[None, :]).clamp(max=self.context)
+        last = torch.tensor([len(chunk) - 1 for chunk in chunks])
+        # One copy to the device for all four.
+        packed = torch.cat([tokens.flatten(), positions.flatten(), last, torch.tensor(slots)]).to(self.device)
+        tokens, positions, last, rows = packed.split([count * longest, count * longest, count, count])
+        tokens, positions = tokens.view(count, longest), positions.view(count, longest)
+        seen = max(start + len(chunk) for chunk, start in zip(chunks, starts))
+        # Each token sees the slots up to its own: the earlier chunks and itself.
+        mask = (torch.arange(seen, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+        with torch.inference_mode():
+            return self.decoder(tokens, positions, mask, rows=rows, layers=self._prefill_layers, last=last)
 
     def decode(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
         bucket = bucket_for(max(slots) + 1)
@@ -183,8 +226,7 @@ class StaticEngine:
         the positions inside the captured graph."""
         slots = torch.arange(span, device=self.device)
         mask = (slots[None, :] <= positions[:, None])[:, None, None, :]
-        # The compiled layers take the span as a dynamic size: one compilation serves every span
-        # but the whole context (a slice of the whole cache specializes).
+        # The compiled layers take the span as a dynamic size: one compilation serves every span.
         torch._dynamo.maybe_mark_dynamic(mask, 3)
         return self.decoder(tokens, positions[:, None], mask, layers=self._decode_layers)
 

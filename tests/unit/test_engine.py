@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from qlora_ray.serve.batcher import Batcher
-from qlora_ray.serve.engine import FIRST_SPAN, StaticEngine, TransformersEngine
+from qlora_ray.serve.engine import FIRST_SPAN, StaticEngine, TransformersEngine, prefill_groups
 from qlora_ray.serve.sampling import SamplingParams
 from qlora_ray.serve.scheduler import Scheduler, Sequence, generate
 from qlora_ray.serve.weights import build_decoder
@@ -101,6 +101,57 @@ def test_sampling_with_a_tiny_top_p_is_greedy_and_rows_keep_their_own_settings(m
     rows = columns(list(generate(static_engine, PROMPTS, params)))
     assert rows[:2] == [alone(model, PROMPTS[0]), alone(model, PROMPTS[1])]
     assert len(rows[2]) == NEW_TOKENS and all(0 <= t < model.config.vocab_size for t in rows[2])
+
+
+def prefill_alone(decoder, context: int, chunks: list[tuple[int, list[int], int]]) -> list[torch.Tensor]:
+    """Each (slot, chunk, start) prefilled by itself, in order, on a fresh engine: the logits of each."""
+    engine = StaticEngine(decoder, set(), context=context, max_batch=4)
+    return [engine.prefill([slot], [chunk], [start])[0] for slot, chunk, start in chunks]
+
+
+def test_prompts_of_different_lengths_are_prefilled_in_one_forward_with_the_logits_each_gives_alone(decoder):
+    """Three prompts (one of them a second chunk after an earlier one) padded to the longest in one
+    forward: each row's logits are its own, and a decode step after them continues each row right."""
+    engine = StaticEngine(decoder, set(), context=64, max_batch=4)
+    engine.prefill([3], [PROMPTS[2][:4]], [0])
+    forwards = []
+    original = decoder.forward
+    decoder.forward = lambda *args, **kwargs: forwards.append(args[0].shape) or original(*args, **kwargs)
+    try:
+        together = engine.prefill([0, 1, 3], [PROMPTS[1], PROMPTS[0], PROMPTS[2][4:]], [0, 0, 4])
+    finally:
+        del decoder.forward
+    assert forwards == [torch.Size([3, len(PROMPTS[1])])]
+    expected = prefill_alone(decoder, 64, [(0, PROMPTS[1], 0), (1, PROMPTS[0], 0), (3, PROMPTS[2][:4], 0),
+                                           (3, PROMPTS[2][4:], 4)])
+    torch.testing.assert_close(together, torch.stack([expected[0], expected[1], expected[3]]), rtol=1e-4, atol=1e-4)
+    assert engine.host_positions[:4] == [len(PROMPTS[1]), len(PROMPTS[0]), 0, len(PROMPTS[2])]
+
+
+def test_padding_that_runs_past_the_context_leaves_every_row_right(model, decoder):
+    """A short last chunk that fills the context, padded to a long one: its padding writes past the
+    context (the cache's spare position), not over its last token; both rows' logits are their
+    own, and the other row generates as if alone."""
+    context = 32
+    long_prompt = [(5 * i) % 200 + 3 for i in range(context)]
+    engine = StaticEngine(decoder, set(), context=context, max_batch=2)
+    engine.prefill([1], [long_prompt[:29]], [0])
+    logits = engine.prefill([0, 1], [PROMPTS[1], long_prompt[29:]], [0, 29])
+    expected = prefill_alone(decoder, context, [(0, PROMPTS[1], 0), (1, long_prompt[:29], 0),
+                                                (1, long_prompt[29:], 29)])
+    torch.testing.assert_close(logits, torch.stack([expected[0], expected[2]]), rtol=1e-4, atol=1e-4)
+    tokens = logits[:1].argmax(-1)
+    answer = tokens.tolist()
+    for _ in range(3):
+        tokens = engine.decode([0], tokens).argmax(-1)
+        answer += tokens.tolist()
+    assert answer == alone(model, PROMPTS[1], 4)
+
+
+def test_prefill_groups_hold_a_bounded_number_of_padded_tokens():
+    assert prefill_groups([3, 5, 100, 2000], tokens_per_forward=200) == [[0, 1], [2], [3]]
+    assert prefill_groups([50, 50, 50, 50], tokens_per_forward=200) == [[0, 1, 2, 3]]
+    assert prefill_groups([1] * 5, tokens_per_forward=2) == [[0, 1], [2, 3], [4]]
 
 
 def test_a_batch_beyond_the_cache_is_refused(static_engine):
