@@ -23,8 +23,9 @@ shape:llama3-8b tenant (random LoRA factors, r 16 on the seven projections) into
 job defaults (group size 128, 128 calibration rows): the unit cost of per-tenant GPTQ. `serve`
 publishes a shape:llama3-8b gptq-int4 model (random weights, round-to-nearest in GPTQ's layout) and
 measures it through the engine alone (in this process) and through Serve over HTTP, at batch =
-concurrency 1, 8, 32 and 64, with streams sent per step and in 50 ms intervals, plus the time to
-first token of a ~512-token prompt: issue 19's targets (use --bench-seconds 10 or more).
+concurrency 1, 8, 32 and 64, with streams sent at each --stream-intervals value (default 0 and 50
+ms), plus the time to first token of a ~512-token prompt: issue 19's targets (use --bench-seconds
+10 or more).
 
 The base has random weights (the real SmolLM2 ships as a GGUF too large to carry), so the eval
 table's accuracies measure nothing but that every configuration loads and runs; its timings and the
@@ -303,7 +304,7 @@ def publish_random_adapter(run: Run, spec, store) -> None:
 def serve_engine_rate(run: Run, args) -> str:
     """Issue 19's comparison: one fused model served by the engine alone (in this process, through
     the scheduler's generate) and through Ray Serve over HTTP (`qlora-ray bench`), at the same batch
-    and concurrency, with streams sent per step (serve.stream_interval_ms 0) and in intervals (50)."""
+    and concurrency, with streams sent at each --stream-intervals value (serve.stream_interval_ms)."""
     install(run)
     cuda = run.device == "cuda"
     shape, variant = ("llama3-8b", "gptq-int4.original") if cuda else ("tiny", "bf16.original")
@@ -331,7 +332,7 @@ def serve_engine_rate(run: Run, args) -> str:
     run.say(json.dumps(engine))
     run.save()
     served: dict[str, list] = {}
-    for interval in (0, 50):
+    for interval in args.stream_intervals:
         path = job(interval)
         run.cli(f"bench, stream interval {interval} ms", "bench", str(path), "--models", model,
                 "--concurrency", ",".join(map(str, levels)), "--duration", str(args.bench_seconds),
@@ -339,7 +340,7 @@ def serve_engine_rate(run: Run, args) -> str:
         served[str(interval)] = bench_report(path)["results"]
         run.results["served"] = served
         run.save()
-    default_interval = job(50)
+    default_interval = job(args.stream_intervals[-1])
     run.cli("bench, long prompts", "bench", str(default_interval), "--models", model, "--concurrency", "1",
             "--requests", "8", "--prompt-tokens", str(long_prompt_words), "--output-tokens", "2")
     run.results["served_long_prompt"] = bench_report(default_interval)["results"][0]
@@ -431,21 +432,24 @@ def engine_rates(spec, store, model_id: str, device: str, levels: list[int], pro
 
 def render_serve_engine_rate(results: dict, model: str) -> str:
     engine, served = results["engine"], results["served"]
+    intervals = list(served)
     lines = [f"Model `{model}` ({engine['engine']}), prompts of {engine['prompt_tokens']} tokens, answers of "
              f"{engine['output_tokens']}. Engine alone: tokens/s of whole batches through the scheduler's "
              "generate(); Serve: `qlora-ray bench` output tokens/s over HTTP, streams sent per step (0 ms) or in "
-             "intervals (50 ms, the default).", "",
-             "| batch = concurrency | engine tok/s | Serve 0 ms tok/s (share) | Serve 50 ms tok/s (share) | "
-             "TTFT p50 / p99 ms, 0 ms | TTFT p50 / p99 ms, 50 ms |", "|---|---|---|---|---|---|"]
+             "intervals (serve.stream_interval_ms).", "",
+             "| batch = concurrency | engine tok/s | "
+             + " | ".join(f"Serve {i} ms tok/s (share)" for i in intervals) + " | "
+             + " | ".join(f"TTFT p50 / p99 ms, {i} ms" for i in intervals) + " |",
+             "|---|---|" + "---|" * (2 * len(intervals))]
     for level, rate in engine["tok_s"].items():
         cells = [level, str(rate)]
         rows = {interval: next(r for r in served[interval] if str(r["concurrency"]) == level) for interval in served}
-        cells += [f"{rows[i]['output_tok_s']} ({rows[i]['output_tok_s'] / rate:.0%})" for i in ("0", "50")]
-        cells += [f"{rows[i]['ttft_ms_p50']} / {rows[i]['ttft_ms_p99']}" for i in ("0", "50")]
+        cells += [f"{rows[i]['output_tok_s']} ({rows[i]['output_tok_s'] / rate:.0%})" for i in served]
+        cells += [f"{rows[i]['ttft_ms_p50']} / {rows[i]['ttft_ms_p99']}" for i in served]
         lines.append("| " + " | ".join(cells) + " |")
     long_row = results["served_long_prompt"]
     lines += ["", f"Time to first token of a {engine['long_prompt_tokens']}-token prompt: engine "
-                  f"{engine['long_prompt_ttft_ms']} ms; through Serve (50 ms, concurrency 1) p50 "
+                  f"{engine['long_prompt_ttft_ms']} ms; through Serve ({intervals[-1]} ms, concurrency 1) p50 "
                   f"{long_row['ttft_ms_p50']} ms (prompt {long_row['mean_prompt_tokens']} tokens)."]
     return "\n".join(lines) + "\n"
 
@@ -489,6 +493,9 @@ def main() -> None:
     parser.add_argument("--shape", help="the pipeline's base shape (default: smollm2-135m on cuda, tiny on cpu)")
     parser.add_argument("--no-install", action="store_true", help="use the environment as it is (default on cpu)")
     parser.add_argument("--bench-seconds", type=float, default=4.0, help="seconds per model and concurrency")
+    parser.add_argument("--stream-intervals", default="0,50", type=lambda text: [int(v) for v in text.split(",")],
+                        help="--part serve: the serve.stream_interval_ms values Serve is measured at (the last "
+                             "one also for the long prompts)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work / args.part
