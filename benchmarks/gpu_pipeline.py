@@ -439,18 +439,23 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
              "intervals (serve.stream_interval_ms).", "",
              "| batch = concurrency | engine tok/s | "
              + " | ".join(f"Serve {i} ms tok/s (share)" for i in intervals) + " | "
-             + " | ".join(f"TTFT p50 / p99 ms, {i} ms" for i in intervals) + " |",
-             "|---|---|" + "---|" * (2 * len(intervals))]
+             + " | ".join(f"TTFT p50 / p99 ms, {i} ms" for i in intervals) + " | "
+             + f"TTFT p50 ms, {intervals[-1]} ms: in the replica / of it the engine |",
+             "|---|---|" + "---|" * (2 * len(intervals) + 1)]
     for level, rate in engine["tok_s"].items():
         cells = [level, str(rate)]
         rows = {interval: next(r for r in served[interval] if str(r["concurrency"]) == level) for interval in served}
         cells += [f"{rows[i]['output_tok_s']} ({rows[i]['output_tok_s'] / rate:.0%})" for i in served]
         cells += [f"{rows[i]['ttft_ms_p50']} / {rows[i]['ttft_ms_p99']}" for i in served]
+        last = rows[intervals[-1]]
+        cells.append(f"{last.get('replica_ttft_ms_p50')} / {last.get('engine_ttft_ms_p50')}")
         lines.append("| " + " | ".join(cells) + " |")
     long_row = results["served_long_prompt"]
     lines += ["", f"Time to first token of a {engine['long_prompt_tokens']}-token prompt: engine "
                   f"{engine['long_prompt_ttft_ms']} ms; through Serve ({intervals[-1]} ms, concurrency 1) p50 "
-                  f"{long_row['ttft_ms_p50']} ms (prompt {long_row['mean_prompt_tokens']} tokens)."]
+                  f"{long_row['ttft_ms_p50']} ms (prompt {long_row['mean_prompt_tokens']} tokens), of which "
+                  f"{long_row.get('replica_ttft_ms_p50')} ms in the replica and {long_row.get('engine_ttft_ms_p50')} "
+                  "ms from the scheduler's queue to the first token."]
     return "\n".join(lines) + "\n"
 
 

@@ -230,9 +230,15 @@ def test_bench_runs_end_to_end_and_its_summary_agrees_with_its_samples(served, t
     assert len(report["results"]) == 4
     for row in report["results"]:
         samples = [Sample(**s) for s in report["samples"] if s["model"] == row["model"] and s["concurrency"] == row["concurrency"]]
+        server_side = row["replica_first_token"]
         assert row == {"model": row["model"], "concurrency": row["concurrency"], "resident_bytes": row["resident_bytes"],
                        "load_seconds": row["load_seconds"], "replica_start_seconds": row["replica_start_seconds"],
-                       **summarize(samples)}
+                       **summarize(samples), "replica_ttft_ms_p50": server_side["in_replica_ms_p50"],
+                       "engine_ttft_ms_p50": server_side["engine_ms_p50"], "replica_first_token": server_side}
+        # The server's side of this level's requests (not the warm-up's, nor the other model's): each
+        # within the client's time to first token, the engine's share within the replica's.
+        assert server_side["requests"] == 2
+        assert 0 < row["engine_ttft_ms_p50"] <= row["replica_ttft_ms_p50"] <= row["ttft_ms_p50"]
         assert row["errors"] == 0 and row["requests"] == 2 and row["resident_bytes"] > 50e6
         assert row["load_seconds"] > 0 and row["replica_start_seconds"] >= 0  # reported (milliseconds, on a CPU)
         assert all(s.output_tokens == 6 for s in samples)  # ignore_eos: every answer has the asked length

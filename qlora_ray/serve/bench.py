@@ -10,7 +10,10 @@ as an error, and its client waits that long before its next request, as OpenAI's
 
 Per model and concurrency level: requests, errors and error rate, overload answers, TTFT (time to first token),
 TPOT (time per output token after the first), end-to-end latency, each at p50 and p99, output
-tokens per second over the run, and the model's resident memory when the server reports it.
+tokens per second over the run, and the model's resident memory when the server reports it. A
+qlora_ray server also says where the first token's time went on its side: the replica's p50 from a
+request's arrival to its first token, and the engine's share of it (the rest of the client's TTFT
+is Serve's proxy, the gateway and the stream back).
 """
 
 from __future__ import annotations
@@ -164,22 +167,24 @@ def synthetic_prompt(tokens: int) -> str:
     return " ".join(words[i % len(words)] for i in range(tokens))
 
 
-def server_facts(url: str, key: str, model: str) -> dict:
+def server_facts(url: str, key: str, model: str, since: float | None = None) -> dict:
     """What this server reports of a model once it is loaded (loading it if it is not): its resident
-    bytes, how long its load took, and how long its replica took to start. Empty for servers
-    without the route (any other OpenAI-compatible server)."""
+    bytes, how long its load took, how long its replica took to start, and where the first-token
+    time of its requests since `since` (a Unix time) went. Empty for servers without the route (any
+    other OpenAI-compatible server)."""
     import urllib.error
     import urllib.parse
     import urllib.request
 
-    request = urllib.request.Request(f"{url}/qlora-ray/resident?model={urllib.parse.quote(model)}",
+    query = {"model": model} if since is None else {"model": model, "since": f"{since:.6f}"}
+    request = urllib.request.Request(f"{url}/qlora-ray/resident?{urllib.parse.urlencode(query)}",
                                      headers={"Authorization": f"Bearer {key}"})
     try:
         with urllib.request.urlopen(request, timeout=600) as response:
             facts = json.loads(response.read())
     except (urllib.error.URLError, ValueError):
         return {}
-    keep = ("resident_bytes", "load_seconds", "replica_start_seconds")
+    keep = ("resident_bytes", "load_seconds", "replica_start_seconds", "first_token")
     return {name: facts[name] for name in keep if name in facts} if isinstance(facts, dict) else {}
 
 
@@ -195,11 +200,16 @@ def run_bench(url: str, keys: dict[str, str], models: list[str], *, concurrency:
         for level in concurrency:
             amount = f"{duration:g} s" if duration is not None else f"{max(requests, level)} requests"
             progress(f"bench: {model} at concurrency {level}: {amount}")
+            level_started = time.time()
             samples = asyncio.run(send_requests(url, keys[model], model, concurrency=level, requests=max(requests, level),
                                                 prompt=prompt, output_tokens=output_tokens, duration=duration))
+            # One replica's requests: with several replicas, the one this call reaches.
+            server_side = server_facts(url, keys[model], model, since=level_started).get("first_token") or {}
             rows.append({"model": model, "concurrency": level, "resident_bytes": facts.get("resident_bytes"),
                          "load_seconds": facts.get("load_seconds"),
-                         "replica_start_seconds": facts.get("replica_start_seconds"), **summarize(samples)})
+                         "replica_start_seconds": facts.get("replica_start_seconds"), **summarize(samples),
+                         "replica_ttft_ms_p50": server_side.get("in_replica_ms_p50"),
+                         "engine_ttft_ms_p50": server_side.get("engine_ms_p50"), "replica_first_token": server_side})
             raw += [asdict(s) for s in samples]
     return {"url": url, "prompt_tokens_asked": prompt_tokens, "output_tokens": output_tokens, "requests": requests,
             "duration_s": duration, "concurrency": concurrency, "results": rows, "samples": raw}
@@ -208,7 +218,8 @@ def run_bench(url: str, keys: dict[str, str], models: list[str], *, concurrency:
 COLUMNS = [("model", "model"), ("concurrency", "conc."), ("requests", "req."), ("error_rate", "errors"),
            ("overloaded", "429/503"),
            ("mean_prompt_tokens", "prompt tok"),
-           ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "TTFT p99 ms"), ("tpot_ms_p50", "TPOT p50 ms"),
+           ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "TTFT p99 ms"), ("replica_ttft_ms_p50", "in replica p50 ms"),
+           ("engine_ttft_ms_p50", "of it engine p50 ms"), ("tpot_ms_p50", "TPOT p50 ms"),
            ("tpot_ms_p99", "TPOT p99 ms"), ("latency_ms_p50", "latency p50 ms"), ("latency_ms_p99", "latency p99 ms"),
            ("output_tok_s", "output tok/s"), ("resident_bytes", "resident MiB"), ("load_seconds", "load s")]
 

@@ -175,12 +175,13 @@ class Gateway:
             for name, entry in self.view.catalog.items() if entry.tenant == tenant and not entry.refused]}
 
     @api.get("/v1/qlora-ray/resident")
-    async def resident(self, request: Request, model: str) -> dict:
-        """Loads `model` if needed and reports its resident bytes on the replica that holds it."""
+    async def resident(self, request: Request, model: str, since: float | None = None) -> dict:
+        """Loads `model` if needed and reports its resident bytes on the replica that holds it, and
+        where the first-token time of that replica's requests since `since` (a Unix time) went."""
         entry = self._model(model, self._tenant(request))
         handle = self.handles[entry.deployment].options(multiplexed_model_id=entry.id)
         try:
-            return await handle.resident.remote(asdict(entry))
+            return await handle.resident.remote(asdict(entry), since)
         except RETRYABLE as exc:
             raise retry_later(exc, model, self.spec.serve.retry_after_s) from None
 

@@ -10,6 +10,8 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
 
 from ray import serve
 
@@ -24,6 +26,41 @@ from qlora_ray.store import Store
 log = logging.getLogger(__name__)
 # A scheduler step takes milliseconds; one running this long means the device is wedged.
 STALLED_STEP_SECONDS = 120.0
+# Requests whose first-token spans a replica keeps for the resident route.
+FIRST_TOKEN_SPANS_KEPT = 4096
+
+
+@dataclass(frozen=True)
+class FirstTokenSpans:
+    """Where a request's time to its first token went inside the replica, in seconds: waiting for
+    its model (a load, when it was not resident), tokenizing its prompt, handing its start event to
+    Serve's stream, and from its place in the scheduler's queue to its first token back on the
+    event loop (the engine's prefill and the batcher's hand-over). `arrived`: the host's wall
+    clock, to select a time window."""
+
+    model: str
+    arrived: float
+    model_wait: float
+    tokenize: float
+    start_event: float
+    engine: float
+
+    @property
+    def in_replica(self) -> float:
+        return self.model_wait + self.tokenize + self.start_event + self.engine
+
+
+def summarize_first_token_spans(spans: list[FirstTokenSpans]) -> dict:
+    """p50 and p99 in ms of each span (and of their sum), over the given requests."""
+    from qlora_ray.serve.bench import percentile
+
+    summary: dict = {"requests": len(spans)}
+    for name in ("model_wait", "tokenize", "start_event", "engine", "in_replica"):
+        values = [getattr(span, name) for span in spans]
+        for q in (50, 99):
+            value = percentile(values, q)
+            summary[f"{name}_ms_p{q}"] = None if value is None else round(value * 1000, 2)
+    return summary
 
 
 def _memory_budget(spec: JobSpec, device: str) -> int | None:
@@ -65,6 +102,7 @@ class ModelServer:
             return model_id
 
         self._route = serve.multiplexed(max_num_models_per_replica=spec.serve.max_resident_models)(note_model)
+        self.first_token_spans: deque[FirstTokenSpans] = deque(maxlen=FIRST_TOKEN_SPANS_KEPT)
         self.start_seconds = time.perf_counter() - started
         log.info("model replica ready in %.1f s (before its first model load)", self.start_seconds)
 
@@ -91,32 +129,41 @@ class ModelServer:
 
             torch.cuda.mem_get_info()  # raises once the device's context is lost
 
-    async def resident(self, entry: dict) -> dict:
+    async def resident(self, entry: dict, since: float | None = None) -> dict:
+        """The model's facts on this replica, loading it if needed; `first_token`: where the time to
+        the first token of this model's requests on this replica that arrived after `since` (wall
+        clock; default: all it keeps) went."""
         async with self._using(entry) as (model, _):
             sizes = model.batcher.batch_sizes
+            spans = [span for span in self.first_token_spans
+                     if span.model == model.entry.id and (since is None or span.arrived >= since)]
             return {"model": model.entry.id, "resident_bytes": model.resident_bytes, "engine": model.engine_name,
                     "device": self.device, "load_seconds": round(model.load_seconds, 2),
                     "replica_start_seconds": round(self.start_seconds, 2),
                     "resident_models": self.models.resident_ids(),
-                    "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None}
+                    "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,
+                    "first_token": summarize_first_token_spans(spans)}
 
     async def generate(self, payload: dict):
         """Events: {"type": "start", "prompt_tokens"} | {"type": "error", "status", "message"}, then
         {"type": "text", "text"} per step..., then {"type": "end", "finish_reason", "completion_tokens"}.
         The start event's load_seconds: how long the request waited for its model to load (a model
         switch), None when the model was resident."""
+        arrived = (time.time(), time.perf_counter())
         try:
             async with self._using(payload["entry"]) as (model, load_seconds):
-                async for event in self._generate(model, payload, load_seconds):
+                async for event in self._generate(model, payload, load_seconds, arrived):
                     yield event
         except TenantLoadsExceeded as exc:
             yield {"type": "error", "status": 429, "retry_after": self.spec.serve.retry_after_s,
                    "message": f"{exc}; retry after {self.spec.serve.retry_after_s} s"}
 
-    async def _generate(self, model: LoadedModel, payload: dict, load_seconds: float | None):
+    async def _generate(self, model: LoadedModel, payload: dict, load_seconds: float | None,
+                        arrived: tuple[float, float]):
         from qlora_ray.serve.sampling import SamplingParams
         from qlora_ray.serve.text import TextStream
 
+        model_ready = time.perf_counter()
         tokenizer = model.tokenizer
         if isinstance(payload.get("prompt"), list):
             ids = list(payload["prompt"])
@@ -138,11 +185,17 @@ class ModelServer:
             return
         params = SamplingParams(max_new_tokens=limit, temperature=payload["temperature"], top_p=payload["top_p"],
                                 ignore_eos=payload["ignore_eos"])
+        tokenized = time.perf_counter()
         yield {"type": "start", "prompt_tokens": len(ids), "load_seconds": load_seconds}
         stream = TextStream(tokenizer, payload["stop"])
         produced, finish = 0, "length"
+        queued = time.perf_counter()
         async with contextlib.aclosing(model.batcher.tokens(ids, params)) as batches:
             async for tokens in batches:
+                if not produced:
+                    self.first_token_spans.append(FirstTokenSpans(
+                        model.entry.id, arrived[0], model_wait=model_ready - arrived[1], tokenize=tokenized - model_ready,
+                        start_event=queued - tokenized, engine=time.perf_counter() - queued))
                 # One event per batch of tokens, its text possibly empty (held back: part of a
                 # character or maybe of a stop string): one per token while the stream keeps up with
                 # the engine, several when it falls behind, so each hop carries more.
