@@ -425,9 +425,49 @@ def engine_rates(spec, store, model_id: str, device: str, levels: list[int], pro
     ttft = statistics.median(timed(long_prompt, 1, 1)[0] for _ in range(5))
     result = {"model": model_id, "prompt_tokens": len(prompt), "output_tokens": output_tokens, "tok_s": rates,
               "long_prompt_tokens": len(long_prompt), "long_prompt_ttft_ms": round(ttft * 1000, 2),
-              "engine": loaded.engine_name}
+              "engine": loaded.engine_name, "lone_first_token_ms": lone_first_tokens(loaded, prompt, long_prompt, sync)}
     loaded.close()
     return result
+
+
+def lone_first_tokens(loaded, prompt: list[int], long_prompt: list[int], sync) -> dict:
+    """A lone request's first token (median of 8, 20 ms apart, as a client's requests come), through
+    the scheduler's generate() in this thread and through the replica's Batcher (its worker thread,
+    handing tokens to an asyncio loop): what the batcher adds to the time to first token, without
+    Serve or another process."""
+    import asyncio
+    import contextlib
+    import statistics
+
+    from qlora_ray.serve.sampling import SamplingParams
+    from qlora_ray.serve.scheduler import generate
+
+    one = SamplingParams(max_new_tokens=1, temperature=0, ignore_eos=True)
+
+    def by_generate(ids: list[int]) -> float:
+        sync()
+        started = time.perf_counter()
+        next(iter(generate(loaded.engine, [ids], [one])))
+        return time.perf_counter() - started
+
+    async def by_batcher(ids: list[int]) -> float:
+        started = time.perf_counter()
+        async with contextlib.aclosing(loaded.batcher.tokens(ids, one)) as tokens:
+            await anext(tokens)
+        return time.perf_counter() - started
+
+    async def series(ids: list[int], how) -> float:
+        times = []
+        for _ in range(9):
+            await asyncio.sleep(0.02)
+            times.append(await how(ids) if how is by_batcher else how(ids))
+        return round(statistics.median(times[1:]) * 1000, 2)
+
+    async def all_of_them() -> dict:
+        return {f"{name}, {len(ids)} tokens": await series(ids, how) for ids in (prompt, long_prompt)
+                for name, how in (("generate", by_generate), ("batcher", by_batcher))}
+
+    return asyncio.run(all_of_them())
 
 
 def render_serve_engine_rate(results: dict, model: str) -> str:
@@ -451,6 +491,8 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
         cells.append(f"{last.get('replica_ttft_ms_p50')} / {last.get('engine_ttft_ms_p50')}")
         lines.append("| " + " | ".join(cells) + " |")
     long_row = results["served_long_prompt"]
+    lines += ["", "A lone request's first token (one token asked), in the driver: "
+              + "; ".join(f"{name} {ms} ms" for name, ms in engine.get("lone_first_token_ms", {}).items()) + "."]
     lines += ["", f"Time to first token of a {engine['long_prompt_tokens']}-token prompt: engine "
                   f"{engine['long_prompt_ttft_ms']} ms; through Serve ({intervals[-1]} ms, concurrency 1) p50 "
                   f"{long_row['ttft_ms_p50']} ms (prompt {long_row['mean_prompt_tokens']} tokens), of which "
