@@ -17,6 +17,7 @@ from ray import serve
 
 from qlora_ray.hardware import preferred_device
 from qlora_ray.library_output import route_library_output
+from qlora_ray.serve.bench import percentile
 from qlora_ray.serve.catalog import ModelEntry
 from qlora_ray.serve.loading import LoadedModel, load_model
 from qlora_ray.serve.residency import ResidentModels, TenantLoadsExceeded
@@ -52,8 +53,6 @@ class FirstTokenSpans:
 
 def summarize_first_token_spans(spans: list[FirstTokenSpans]) -> dict:
     """p50 and p99 in ms of each span (and of their sum), over the given requests."""
-    from qlora_ray.serve.bench import percentile
-
     summary: dict = {"requests": len(spans)}
     for name in ("model_wait", "tokenize", "start_event", "engine", "in_replica"):
         values = [getattr(span, name) for span in spans]
