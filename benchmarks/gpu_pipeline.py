@@ -340,10 +340,10 @@ def serve_engine_rate(run: Run, args) -> str:
         served[str(interval)] = bench_report(path)["results"]
         run.results["served"] = served
         run.save()
-    default_interval = job(args.stream_intervals[-1])
-    run.cli("bench, long prompts", "bench", str(default_interval), "--models", model, "--concurrency", "1",
+    # The job file as the last interval wrote it.
+    run.cli("bench, long prompts", "bench", str(path), "--models", model, "--concurrency", "1",
             "--requests", "8", "--prompt-tokens", str(long_prompt_words), "--output-tokens", "2")
-    run.results["served_long_prompt"] = bench_report(default_interval)["results"][0]
+    run.results["served_long_prompt"] = bench_report(path)["results"][0]
     return render_serve_engine_rate(run.results, model)
 
 

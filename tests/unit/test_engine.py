@@ -111,7 +111,7 @@ def prefill_alone(decoder, context: int, chunks: list[tuple[int, list[int], int]
 
 def test_prompts_of_different_lengths_are_prefilled_in_one_forward_with_the_logits_each_gives_alone(decoder):
     """Three prompts (one of them a second chunk after an earlier one) padded to the longest in one
-    forward: each row's logits are its own, and a decode step after them continues each row right."""
+    forward: each row's logits are the ones it gives alone, and each slot's position is its own."""
     engine = StaticEngine(decoder, set(), context=64, max_batch=4)
     engine.prefill([3], [PROMPTS[2][:4]], [0])
     forwards = []
