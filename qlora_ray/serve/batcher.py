@@ -3,8 +3,14 @@
 A worker thread runs the scheduler (serve/scheduler.py) step after step while it has work: each
 request's tokens are handed to its own asyncio queue the moment they are read back, and a request
 that ends (a stop token, max_tokens, or its client gone) leaves the batch at the next step, while
-others keep generating and new ones join. The thread ends when no request is left, so an evicted
-model leaves no thread behind holding its weights; close() waits for that and refuses new requests.
+others keep generating and new ones join.
+
+The worker outlives the requests: a thread's first prefill costs tens of milliseconds more than
+its next ones on a GPU (torch's per-thread set-up; figures in benchmarks/results/), which a thread
+per burst of requests would add to every lone request's first token. Idle, it waits for the next
+request; after `idle_seconds` without one it ends, so that a batcher nobody closes does not keep
+its engine's weights alive through its thread. close() refuses new requests and waits for the
+worker to finish what is running.
 """
 
 from __future__ import annotations
@@ -20,17 +26,22 @@ from qlora_ray.serve.sampling import SamplingParams
 from qlora_ray.serve.scheduler import Scheduler, Sequence
 
 _DONE = object()
+# How long an idle worker waits for a request before it ends (the next request starts a new one).
+IDLE_SECONDS = 60.0
 
 
 class Batcher:
-    def __init__(self, engine: Engine, max_batch: int, *, stream_interval: float = 0.0):
+    def __init__(self, engine: Engine, max_batch: int, *, stream_interval: float = 0.0,
+                 idle_seconds: float = IDLE_SECONDS):
         self.engine = engine
         self.stream_interval = stream_interval  # seconds: each stream hands out at most one list per interval
         self.scheduler = Scheduler(engine, max_batch=max_batch)
         # per stream: its event loop, its queue, and an event set once its end (or error) is queued
         self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, asyncio.Event]] = {}
+        self.idle_seconds = idle_seconds
         self._lock = threading.Lock()
-        self._working = False
+        self._wake = threading.Condition(self._lock)  # notified when a request arrives or the batcher closes
+        self._working = False  # the worker has work (for stalled_for)
         self._thread: threading.Thread | None = None
         self._closed = False
         self.last_step_at = time.monotonic()  # when the worker last finished a step (or started)
@@ -64,11 +75,10 @@ class Batcher:
                 self._queues.pop(id(sequence), None)
             raise
         with self._lock:
-            if not self._working:
-                self._working = True
-                self.last_step_at = time.monotonic()
+            if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="qlora-ray-scheduler", daemon=True)
                 self._thread.start()
+            self._wake.notify()
         handed_out = None  # when the last list was
         try:
             while True:
@@ -100,16 +110,31 @@ class Batcher:
         """Refuse new requests and wait for the worker to finish (it does once no request is left)."""
         with self._lock:
             self._closed = True
+            self._wake.notify()
             thread = self._thread
         if thread is not None:
             thread.join()
 
+    def _wait_for_work(self) -> bool:
+        """Block until the scheduler has work (True), or until the batcher is closed or idle for
+        `idle_seconds` with none (False: the worker ends; under the lock, so a request arriving
+        after that starts a new one)."""
+        with self._lock:
+            deadline = time.monotonic() + self.idle_seconds
+            while not self.scheduler.has_work():
+                self._working = False
+                left = deadline - time.monotonic()
+                if self._closed or left <= 0:
+                    self._thread = None
+                    return False
+                self._wake.wait(left)
+            if not self._working:
+                self._working = True
+                self.last_step_at = time.monotonic()
+            return True
+
     def _work(self) -> None:
-        while True:
-            with self._lock:
-                if not self.scheduler.has_work():
-                    self._working = False  # under the lock: a request arriving now starts a new thread
-                    return
+        while self._wait_for_work():
             try:
                 emitted = self.scheduler.step()
                 self.last_step_at = time.monotonic()

@@ -8,7 +8,9 @@ knows nothing of requests. Two engines:
 - `StaticEngine` runs serve/decoder.py's Decoder over a static KV cache in which every slot keeps its
   own position, so sequences join and leave between any two decode steps (continuous batching). On
   CUDA each decode step runs through per-layer compiled code and is captured once per batch bucket
-  and attention span as a CUDA graph: a token costs one graph replay plus sampling.
+  and attention span as a CUDA graph: a token costs one graph replay plus sampling. Prompts are
+  padded to a few fixed shapes and replayed from CUDA graphs too: run eagerly, a prompt's hundreds
+  of kernel launches take several times as long as its kernels.
 - `TransformersEngine` runs any transformers model (and a base with unmerged peft adapters, the
   baseline the fused models are compared with) through its own forward with a dynamic cache, the
   way a plain transformers server generates: rows start together and decode together until the last
@@ -35,16 +37,24 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 FIRST_SPAN = 128
 
 
+# The shapes a prefill is padded to on CUDA, each with its own CUDA graph: its rows (prompts prefilled
+# together), their chunks' length, and the span of the cache it attends over (from FIRST_PREFILL_SPAN,
+# doubling: a prompt's attention is a small part of its cost). Longer chunks (the scheduler's chunks
+# while others decode are at most the longest) and more rows run without a graph.
+PREFILL_ROW_BUCKETS = (1, 2, 4, 8)
+PREFILL_LENGTH_BUCKETS = (32, 64, 128, 256, 512)
+FIRST_PREFILL_SPAN = 512
+
 # Prompt tokens, padding included, that one prefill forward may hold: several prompts arriving
 # together are prefilled in one forward (the scheduler's budget per step is smaller while others
 # decode); an 8B model's activations for this many tokens take well under a GiB.
 PREFILL_TOKENS_PER_FORWARD = 8192
 
 
-def attention_spans(context: int) -> list[int]:
-    """The spans decode steps attend over: FIRST_SPAN, doubling, and the context last."""
+def attention_spans(context: int, first: int = FIRST_SPAN) -> list[int]:
+    """The spans steps attend over: `first`, doubling, and the context last."""
     spans = []
-    span = FIRST_SPAN
+    span = first
     while span < context:
         spans.append(span)
         span *= 2
@@ -56,22 +66,24 @@ def bucket_for(rows: int) -> int:
     return next(bucket for bucket in BATCH_BUCKETS if bucket >= rows)
 
 
-def prefill_groups(lengths: list[int], tokens_per_forward: int = PREFILL_TOKENS_PER_FORWARD) -> list[list[int]]:
+def prefill_groups(lengths: list[int], tokens_per_forward: int = PREFILL_TOKENS_PER_FORWARD,
+                   max_rows: int | None = None) -> list[list[int]]:
     """Chunks of these lengths, shortest first, split into the groups prefilled in one forward each:
     a group's rows padded to its longest (last) chunk hold at most `tokens_per_forward` tokens (a
-    longer chunk goes alone), which bounds a forward's activations."""
+    longer chunk goes alone), which bounds a forward's activations, and at most `max_rows` rows."""
     groups: list[list[int]] = []
     for index, length in enumerate(lengths):
-        if groups and (len(groups[-1]) + 1) * length <= tokens_per_forward:
+        if groups and (len(groups[-1]) + 1) * length <= tokens_per_forward and \
+                (max_rows is None or len(groups[-1]) < max_rows):
             groups[-1].append(index)
         else:
             groups.append([index])
     return groups
 
 
-def buckets_up_to(batch: int) -> list[int]:
-    """The buckets that batches of 1 to `batch` rows run in."""
-    return [bucket for bucket in BATCH_BUCKETS if bucket < batch] + [bucket_for(batch)]
+def buckets_up_to(size: int, buckets: tuple[int, ...] = BATCH_BUCKETS) -> list[int]:
+    """The buckets that sizes 1 to `size` run in (all of them if `size` exceeds the last)."""
+    return [bucket for bucket in buckets if bucket < size] + [next((b for b in buckets if b >= size), buckets[-1])]
 
 
 class Engine(Protocol):
@@ -99,11 +111,15 @@ class Engine(Protocol):
 
 class StaticEngine:
     """Continuous batching over serve/decoder.py's Decoder: a static cache of `max_batch` slots by
-    `context` positions, each slot at its own position."""
+    `context` positions, each slot at its own position.
+
+    `static_prefill` (default: with CUDA graphs) pads prefills to the PREFILL_* shapes, which the
+    CUDA graphs replay."""
 
     continuous = True
 
-    def __init__(self, decoder, stop_ids: set[int], *, context: int, max_batch: int = 8, cuda_graphs: bool | None = None):
+    def __init__(self, decoder, stop_ids: set[int], *, context: int, max_batch: int = 8, cuda_graphs: bool | None = None,
+                 static_prefill: bool | None = None):
         if max_batch > BATCH_BUCKETS[-1]:
             raise ValueError(f"max_batch is at most {BATCH_BUCKETS[-1]} (got {max_batch})")
         self.decoder = decoder
@@ -113,6 +129,8 @@ class StaticEngine:
         self.device = decoder.device
         self.cuda_graphs = decoder.device.type == "cuda" if cuda_graphs is None else cuda_graphs
         self.spans = attention_spans(context)
+        self.static_prefill = self.cuda_graphs if static_prefill is None else static_prefill
+        self.prefill_spans = attention_spans(context, FIRST_PREFILL_SPAN)
         # A slot's next position: on the device, read by decode steps (no host value enters a step);
         # on the host, to choose the attention span. A slot that is free or half prefilled is at the
         # slot its next prefill chunk will write, so a decode step's write there is overwritten.
@@ -120,6 +138,9 @@ class StaticEngine:
         self.host_positions = [0] * max_batch
         decoder.reserve_cache(max_batch, context)
         self._graphs: dict[tuple[int, int], _StepGraph] = {}  # by batch bucket and attention span
+        self._prefill_graphs: dict[tuple[int, int, int], _StepGraph] = {}  # by rows, length and span
+        # One memory pool for the prefill graphs' activations: they never run at the same time.
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         self._decode_layers = self._prefill_layers = None
         if self.cuda_graphs:
             # The layers run compiled: one compiled region serves every layer of a model. Decode steps
@@ -133,12 +154,18 @@ class StaticEngine:
 
     def warm_up(self) -> None:
         """On CUDA, compile and capture what requests will run, so that the first requests pay for no
-        compilation or graph capture: prompts of one token and of 64 (4-bit weights take another
-        path for long prompts), alone and two together (a batch of one row compiles on its own), and
-        a decode step in every batch bucket over every attention span. On the CPU nothing is
-        compiled, so there is nothing to do."""
+        compilation or graph capture: a prefill graph for every shape prompts are padded to, prompts
+        of one token and of 64 (4-bit weights take another path for long prompts), alone and two
+        together (a batch of one row compiles on its own), and a decode step in every batch bucket
+        over every attention span. On the CPU nothing is compiled, so there is nothing to do."""
         if not self.cuda_graphs:
             return
+        if self.static_prefill:
+            lengths = buckets_up_to(self.context, PREFILL_LENGTH_BUCKETS)
+            for rows in buckets_up_to(self.max_batch, PREFILL_ROW_BUCKETS):
+                for length in lengths:
+                    for span in self.prefill_spans:
+                        self._prefill_graph((rows, length, span))
         for prompt in ([0], [0] * min(64, self.context - 1)):
             for rows in ([0], [0, 1])[:self.max_batch]:
                 self.prefill(rows, [prompt] * len(rows), [0] * len(rows))
@@ -159,7 +186,8 @@ class StaticEngine:
         # Shortest first, so that the chunks padded together are of similar lengths.
         order = sorted(range(len(chunks)), key=lambda index: len(chunks[index]))
         logits = []
-        for group in prefill_groups([len(chunks[index]) for index in order]):
+        max_rows = PREFILL_ROW_BUCKETS[-1] if self.static_prefill else None
+        for group in prefill_groups([len(chunks[index]) for index in order], max_rows=max_rows):
             chosen = [order[position] for position in group]
             logits.append(self._prefill_together([slots[i] for i in chosen], [chunks[i] for i in chosen],
                                                  [starts[i] for i in chosen]))
@@ -172,23 +200,62 @@ class StaticEngine:
         return logits
 
     def _prefill_together(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """One forward over several chunks, each in its own row, padded to the longest: a batch of
-        prompts costs about one forward of its tokens, not one per prompt. A padding token sits at
-        the positions after its row's chunk, which the row writes before it reads them (the last
-        real token attends only up to itself), or at the cache's spare position past the context."""
+        """One forward over several chunks, each in its own row, padded to the longest (or to a static
+        prefill's shape): a batch of prompts costs about one forward of its tokens, not one per
+        prompt. A padding token sits at the positions after its row's chunk, which the row writes
+        before it reads them (the last real token attends only up to itself), or at the cache's spare
+        position past the context; a padding row has only padding tokens, all at that spare position
+        (of the first chunk's cache row)."""
         longest, count = max(len(chunk) for chunk in chunks), len(chunks)
-        tokens = torch.tensor([chunk + [0] * (longest - len(chunk)) for chunk in chunks])
-        positions = (torch.tensor(starts)[:, None] + torch.arange(longest)[None, :]).clamp(max=self.context)
-        last = torch.tensor([len(chunk) - 1 for chunk in chunks])
-        # One copy to the device for all four.
-        packed = torch.cat([tokens.flatten(), positions.flatten(), last, torch.tensor(slots)]).to(self.device)
-        tokens, positions, last, rows = packed.split([count * longest, count * longest, count, count])
-        tokens, positions = tokens.view(count, longest), positions.view(count, longest)
         seen = max(start + len(chunk) for chunk, start in zip(chunks, starts))
-        # Each token sees the slots up to its own: the earlier chunks and itself.
-        mask = (torch.arange(seen, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+        shape = self._prefill_shape(count, longest, seen)
+        rows, length = shape[:2] if shape else (count, longest)
+        padding = rows - count
+        tokens = torch.tensor([chunk + [0] * (length - len(chunk)) for chunk in chunks] + [[0] * length] * padding)
+        positions = torch.tensor(starts + [self.context] * padding)[:, None] + torch.arange(length)[None, :]
+        last = torch.tensor([len(chunk) - 1 for chunk in chunks] + [0] * padding)
+        # One copy to the device for all four.
+        packed = torch.cat([tokens.flatten(), positions.clamp(max=self.context).flatten(), last,
+                            torch.tensor(slots + slots[:1] * padding)]).to(self.device)
+        tokens, positions, last, cache_rows = packed.split([rows * length, rows * length, rows, rows])
+        inputs = (tokens.view(rows, length), positions.view(rows, length), last, cache_rows)
+        if shape is None:
+            with torch.inference_mode():
+                return self._prefill_step(*inputs, span=seen)
+        if self.cuda_graphs:
+            return self._prefill_graph(shape).replay(inputs)[:count]
         with torch.inference_mode():
-            return self.decoder(tokens, positions, mask, rows=rows, layers=self._prefill_layers, last=last)
+            return self._prefill_step(*inputs, span=shape[2])[:count]
+
+    def _prefill_shape(self, count: int, longest: int, seen: int) -> tuple[int, int, int] | None:
+        """The static prefill shape (rows, length, span) that `count` chunks of at most `longest`
+        tokens, reaching up to slot `seen`, are padded to; None without static prefills or beyond them."""
+        if not self.static_prefill or count > PREFILL_ROW_BUCKETS[-1] or longest > PREFILL_LENGTH_BUCKETS[-1]:
+            return None
+        return (next(b for b in PREFILL_ROW_BUCKETS if b >= count), next(b for b in PREFILL_LENGTH_BUCKETS if b >= longest),
+                next(s for s in self.prefill_spans if s >= seen))
+
+    def _prefill_step(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, rows: torch.Tensor,
+                      *, span: int) -> torch.Tensor:
+        """Chunks (tokens [R, T]) at their positions ([R, T]: the slots they write) into cache rows
+        [R], each token attending over its row's slots up to its own within the cache's first `span`;
+        the logits after each row's token `last` [R]."""
+        mask = (torch.arange(span, device=self.device)[None, None, :] <= positions[:, :, None])[:, None]
+        return self.decoder(tokens, positions, mask, rows=rows, layers=self._prefill_layers, last=last)
+
+    def _prefill_graph(self, shape: tuple[int, int, int]) -> _StepGraph:
+        graph = self._prefill_graphs.get(shape)
+        if graph is None:
+            rows, length, span = shape
+            # Captured on padding alone (the spare position): its warm-up runs write nowhere a
+            # sequence reads.
+            example = (torch.zeros((rows, length), dtype=torch.long, device=self.device),
+                       torch.full((rows, length), self.context, dtype=torch.long, device=self.device),
+                       torch.zeros(rows, dtype=torch.long, device=self.device),
+                       torch.zeros(rows, dtype=torch.long, device=self.device))
+            graph = self._prefill_graphs[shape] = _StepGraph(functools.partial(self._prefill_step, span=span), example,
+                                                             pool=self._prefill_pool)
+        return graph
 
     def decode(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
         bucket = bucket_for(max(slots) + 1)
@@ -234,7 +301,7 @@ class StaticEngine:
 class _StepGraph:
     """One decode step captured as a CUDA graph over static input buffers."""
 
-    def __init__(self, step, example: tuple[torch.Tensor, ...]):
+    def __init__(self, step, example: tuple[torch.Tensor, ...], pool=None):
         self.inputs = tuple(t.clone() for t in example)
         with torch.inference_mode():
             stream = torch.cuda.Stream()
@@ -244,7 +311,7 @@ class _StepGraph:
                     step(*self.inputs)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
+            with torch.cuda.graph(self.graph, pool=pool):
                 self.output = step(*self.inputs)
 
     def replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

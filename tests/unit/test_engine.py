@@ -12,7 +12,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from qlora_ray.serve.batcher import Batcher
-from qlora_ray.serve.engine import FIRST_SPAN, StaticEngine, TransformersEngine, prefill_groups
+from qlora_ray.serve.engine import FIRST_PREFILL_SPAN, FIRST_SPAN, StaticEngine, TransformersEngine, prefill_groups
 from qlora_ray.serve.sampling import SamplingParams
 from qlora_ray.serve.scheduler import Scheduler, Sequence, generate
 from qlora_ray.serve.weights import build_decoder
@@ -41,9 +41,11 @@ def decoder(model):
     return build_decoder(model.config, dict(model.state_dict()), None, device=torch.device("cpu"), dtype=torch.float32)
 
 
-@pytest.fixture
-def static_engine(decoder):
-    return StaticEngine(decoder, set(), context=64, max_batch=8)
+@pytest.fixture(params=[False, True], ids=["prefill-as-is", "static-prefill"])
+def static_engine(decoder, request):
+    """The engine with prompts prefilled at their own shapes, and padded to the static shapes that
+    CUDA graphs replay on a GPU (here run eagerly)."""
+    return StaticEngine(decoder, set(), context=64, max_batch=8, static_prefill=request.param)
 
 
 def alone(model, prompt: list[int], new_tokens: int = NEW_TOKENS) -> list[int]:
@@ -109,10 +111,12 @@ def prefill_alone(decoder, context: int, chunks: list[tuple[int, list[int], int]
     return [engine.prefill([slot], [chunk], [start])[0] for slot, chunk, start in chunks]
 
 
-def test_prompts_of_different_lengths_are_prefilled_in_one_forward_with_the_logits_each_gives_alone(decoder):
-    """Three prompts (one of them a second chunk after an earlier one) padded to the longest in one
-    forward: each row's logits are the ones it gives alone, and each slot's position is its own."""
-    engine = StaticEngine(decoder, set(), context=64, max_batch=4)
+@pytest.mark.parametrize("static_prefill", [False, True])
+def test_prompts_of_different_lengths_are_prefilled_in_one_forward_with_the_logits_each_gives_alone(decoder, static_prefill):
+    """Three prompts (one of them a second chunk after an earlier one) padded to the longest (or to
+    the static shape of 4 rows by 32 tokens) in one forward: each row's logits are the ones it gives
+    alone, and each slot's position is its own."""
+    engine = StaticEngine(decoder, set(), context=64, max_batch=4, static_prefill=static_prefill)
     engine.prefill([3], [PROMPTS[2][:4]], [0])
     forwards = []
     original = decoder.forward
@@ -121,20 +125,21 @@ def test_prompts_of_different_lengths_are_prefilled_in_one_forward_with_the_logi
         together = engine.prefill([0, 1, 3], [PROMPTS[1], PROMPTS[0], PROMPTS[2][4:]], [0, 0, 4])
     finally:
         del decoder.forward
-    assert forwards == [torch.Size([3, len(PROMPTS[1])])]
+    assert forwards == [torch.Size([4, 32] if static_prefill else [3, len(PROMPTS[1])])]
     expected = prefill_alone(decoder, 64, [(0, PROMPTS[1], 0), (1, PROMPTS[0], 0), (3, PROMPTS[2][:4], 0),
                                            (3, PROMPTS[2][4:], 4)])
     torch.testing.assert_close(together, torch.stack([expected[0], expected[1], expected[3]]), rtol=1e-4, atol=1e-4)
     assert engine.host_positions[:4] == [len(PROMPTS[1]), len(PROMPTS[0]), 0, len(PROMPTS[2])]
 
 
-def test_padding_that_runs_past_the_context_leaves_every_row_right(model, decoder):
+@pytest.mark.parametrize("static_prefill", [False, True])
+def test_padding_that_runs_past_the_context_leaves_every_row_right(model, decoder, static_prefill):
     """A short last chunk that fills the context, padded to a long one: its padding writes past the
     context (the cache's spare position), not over its last token; both rows' logits are their
     own, and the other row generates as if alone."""
     context = 32
     long_prompt = [(5 * i) % 200 + 3 for i in range(context)]
-    engine = StaticEngine(decoder, set(), context=context, max_batch=2)
+    engine = StaticEngine(decoder, set(), context=context, max_batch=2, static_prefill=static_prefill)
     engine.prefill([1], [long_prompt[:29]], [0])
     logits = engine.prefill([0, 1], [PROMPTS[1], long_prompt[29:]], [0, 29])
     expected = prefill_alone(decoder, context, [(0, PROMPTS[1], 0), (1, long_prompt[:29], 0),
@@ -148,10 +153,41 @@ def test_padding_that_runs_past_the_context_leaves_every_row_right(model, decode
     assert answer == alone(model, PROMPTS[1], 4)
 
 
-def test_prefill_groups_hold_a_bounded_number_of_padded_tokens():
+def test_prefill_groups_hold_a_bounded_number_of_padded_tokens_and_rows():
     assert prefill_groups([3, 5, 100, 2000], tokens_per_forward=200) == [[0, 1], [2], [3]]
     assert prefill_groups([50, 50, 50, 50], tokens_per_forward=200) == [[0, 1, 2, 3]]
     assert prefill_groups([1] * 5, tokens_per_forward=2) == [[0, 1], [2, 3], [4]]
+    assert prefill_groups([1] * 5, max_rows=2) == [[0, 1], [2, 3], [4]]
+
+
+def test_static_prefills_pick_their_span_and_their_padding_disturbs_no_sequence(model, decoder):
+    """Static prefill shapes: a 500-token prompt runs as 512 tokens over the first span, its 20-token
+    second chunk as 32 tokens over the whole context (it reaches past the first span); three
+    prompts run as four rows while another sequence is mid-answer in slot 2, the fourth row all
+    padding in the first prompt's cache row. Every answer is transformers' own."""
+    context = FIRST_PREFILL_SPAN + 88
+    engine = StaticEngine(decoder, set(), context=context, max_batch=4, static_prefill=True)
+    long_prompt = [(7 * i) % 200 + 3 for i in range(520)]
+    shapes = []
+    original = decoder.forward
+    decoder.forward = lambda *args, **kwargs: shapes.append((*args[0].shape, args[2].shape[-1])) or \
+        original(*args, **kwargs)
+    try:
+        engine.prefill([2], [long_prompt[:500]], [0])
+        first = engine.prefill([2], [long_prompt[500:]], [500]).argmax(-1)
+        middle = [first.item(), engine.decode([2], first).argmax(-1).item()]
+        logits = engine.prefill([0, 1, 3], PROMPTS, [0, 0, 0])
+    finally:
+        del decoder.forward
+    assert shapes[:2] == [(1, 512, FIRST_PREFILL_SPAN), (1, 32, context)] and shapes[-1] == (4, 32, FIRST_PREFILL_SPAN)
+    answers = {slot: [token] for slot, token in zip([0, 1, 3], logits.argmax(-1).tolist())}
+    answers[2] = middle
+    for _ in range(3):
+        tokens = engine.decode([0, 1, 2, 3], torch.tensor([answers[slot][-1] for slot in range(4)])).argmax(-1)
+        for slot in range(4):
+            answers[slot].append(tokens[slot].item())
+    assert [answers[slot] for slot in (0, 1, 3)] == [alone(model, prompt, 4) for prompt in PROMPTS]
+    assert answers[2] == alone(model, long_prompt, 5)
 
 
 def test_a_batch_beyond_the_cache_is_refused(static_engine):
@@ -277,3 +313,41 @@ def test_a_stream_interval_gathers_tokens_between_lists_but_holds_back_neither_t
         assert lists == [[11], [12, 13, 14, 15, 16]]
     else:  # a list per token while the stream keeps up (the last two come one step apart)
         assert lists[:4] == [[11], [12], [13], [14]] and sum(lists[4:], []) == [15, 16]
+
+
+class ThreadRecordingEngine(GatedEngine):
+    """GatedEngine without the gate, recording the thread each prefill ran on."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads = []
+
+    def prefill(self, slots, chunks, starts):
+        import threading
+
+        self.threads.append(threading.current_thread())
+        return super().prefill(slots, chunks, starts)
+
+    def decode(self, slots, tokens):
+        return torch.nn.functional.one_hot(tokens + 1, 100).float()
+
+
+def test_one_worker_thread_serves_request_after_request_and_ends_when_idle_or_closed():
+    engine = ThreadRecordingEngine()
+    batcher = Batcher(engine, max_batch=2, idle_seconds=0.5)
+
+    async def one_after_another(count):
+        return [await collect(batcher, [10], greedy(max_new_tokens=3)) for _ in range(count)]
+
+    assert asyncio.run(one_after_another(3)) == [[11, 12, 13]] * 3
+    first = engine.threads[0]
+    assert engine.threads == [first] * 3  # a thread's first prefill is its slowest on a GPU
+    first.join(timeout=10)
+    assert not first.is_alive()  # idle past idle_seconds: it let go of the engine
+    assert asyncio.run(one_after_another(1)) == [[11, 12, 13]]
+    second = engine.threads[-1]
+    assert second is not first and second.is_alive()
+    batcher.close()
+    assert not second.is_alive()
+    with pytest.raises(RuntimeError, match="unloaded"):
+        asyncio.run(one_after_another(1))
