@@ -3,8 +3,9 @@
 Every `step()`:
 1. samples the tokens of the decode step launched by the previous one;
 2. admits waiting sequences into free slots and prefills prompts: while other sequences are
-   decoding, at most PREFILL_CHUNK prompt tokens a step (long prompts in chunks, so decode is never
-   stalled for long), else whole prompts; a prompt's last chunk gives its first token;
+   decoding, at most PREFILL_TOKENS_PER_STEP prompt tokens a step, at most PREFILL_CHUNK of them from
+   one prompt (long prompts in chunks, so decode is never stalled for long), else whole prompts; a
+   prompt's last chunk gives its first token;
 3. launches the next decode step for every sequence still generating, the ones that just got their
    first token included, before reading the sampled tokens back: the device runs the next step while
    the host checks stops and hands tokens out;
@@ -32,10 +33,13 @@ import torch
 from qlora_ray.serve.engine import Engine
 from qlora_ray.serve.sampling import Sampler, SamplingParams
 
-# Prompt tokens prefilled per step while other sequences decode: a prefill of 512 tokens takes about
-# as long as a few decode steps of an 8B model, so a long prompt delays the others' next tokens by a
-# few steps at most, and reaches its first token in a few steps.
+# While other sequences decode: the prompt tokens of one sequence prefilled in a step (the longest
+# static prefill shape, serve/engine.py), and of all sequences in a step. A prefill of 512 tokens
+# takes about as long as two decode steps of an 8B model at batch 32: a step with a full budget
+# delays the others' next tokens by several steps' time, once, while a burst of new requests gets
+# its first tokens that many times sooner than at one chunk a step.
 PREFILL_CHUNK = 512
+PREFILL_TOKENS_PER_STEP = 2048
 
 
 @dataclass(eq=False)
@@ -61,10 +65,12 @@ class Emitted:
 
 
 class Scheduler:
-    def __init__(self, engine: Engine, *, max_batch: int | None = None, prefill_chunk: int = PREFILL_CHUNK):
+    def __init__(self, engine: Engine, *, max_batch: int | None = None, prefill_chunk: int = PREFILL_CHUNK,
+                 prefill_tokens_per_step: int = PREFILL_TOKENS_PER_STEP):
         self.engine = engine
         self.rows = min(max_batch or engine.max_batch, engine.max_batch)
         self.prefill_chunk = prefill_chunk
+        self.prefill_tokens_per_step = prefill_tokens_per_step
         self.waiting: deque[Sequence] = deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []  # sequences whose next token comes from a decode step
@@ -140,11 +146,11 @@ class Scheduler:
         sequences whose prompt is complete and their first tokens (sampled, on the device)."""
         self._admit()
         decoding = bool(self.running)
-        budget = self.prefill_chunk if decoding and self.engine.continuous else None
+        budget = self.prefill_tokens_per_step if decoding and self.engine.continuous else None
         work = []
         for sequence in self.prefilling:
             left = len(sequence.prompt) - sequence.prefilled
-            take = left if budget is None else min(left, budget)
+            take = left if budget is None else min(left, self.prefill_chunk, budget)
             if take <= 0:
                 break
             work.append((sequence, sequence.prompt[sequence.prefilled:sequence.prefilled + take], sequence.prefilled))

@@ -117,6 +117,17 @@ def test_long_prompts_are_prefilled_in_chunks_and_decode_never_stalls():
     assert (300, 500, False) in log[4]  # the first token once its last chunk is in
 
 
+def test_while_others_decode_a_step_prefills_up_to_its_budget_across_prompts():
+    engine = CountingEngine(context=2048)
+    scheduler = Scheduler(engine, prefill_chunk=64, prefill_tokens_per_step=100)
+    decoding = Sequence([100], greedy(30))
+    burst = [Sequence(list(range(first, first + 40)), greedy(2)) for first in (300, 400, 500)]
+    log = run(scheduler, 4, arrivals={0: [decoding], 1: burst})
+    assert engine.prefills[1:] == [[(1, 0, 40), (2, 0, 40), (3, 0, 20)], [(3, 20, 20)]]
+    assert {first for first, _, _ in log[1]} == {100, 300, 400}  # two first tokens at the burst's first step
+    assert all(any(first == 100 for first, _, _ in items) for items in log)  # a token every step
+
+
 def test_a_lone_long_prompt_is_prefilled_at_once():
     engine = CountingEngine(context=2048)
     scheduler = Scheduler(engine, prefill_chunk=64)
