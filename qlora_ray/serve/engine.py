@@ -145,7 +145,9 @@ class StaticEngine:
         if self.cuda_graphs:
             # The layers run compiled: one compiled region serves every layer of a model. Decode steps
             # have static shapes, one per batch bucket; prompts come in every length, so prefill is
-            # compiled for dynamic shapes (eagerly, its launches would outlast its kernels). Each
+            # compiled for dynamic shapes: one compilation serves every static prefill shape's
+            # graph and the prompts beyond them (uncompiled, their launches would outlast their
+            # kernels even more). Each
             # model type held by a process adds its own entries: more than dynamo's default limit of
             # 8, past which it would quietly run eagerly.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
