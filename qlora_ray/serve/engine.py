@@ -83,7 +83,8 @@ def prefill_groups(lengths: list[int], tokens_per_forward: int = PREFILL_TOKENS_
 
 def buckets_up_to(size: int, buckets: tuple[int, ...] = BATCH_BUCKETS) -> list[int]:
     """The buckets that sizes 1 to `size` run in (all of them if `size` exceeds the last)."""
-    return [bucket for bucket in buckets if bucket < size] + [next((b for b in buckets if b >= size), buckets[-1])]
+    top = next((bucket for bucket in buckets if bucket >= size), buckets[-1])
+    return [bucket for bucket in buckets if bucket <= top]
 
 
 class Engine(Protocol):
@@ -301,7 +302,8 @@ class StaticEngine:
 
 
 class _StepGraph:
-    """One decode step captured as a CUDA graph over static input buffers."""
+    """One step (a decode step, or a prefill of a static shape) captured as a CUDA graph over static
+    input buffers."""
 
     def __init__(self, step, example: tuple[torch.Tensor, ...], pool=None):
         self.inputs = tuple(t.clone() for t in example)

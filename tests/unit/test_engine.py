@@ -12,7 +12,15 @@ import torch
 from transformers import LlamaForCausalLM
 
 from qlora_ray.serve.batcher import Batcher
-from qlora_ray.serve.engine import FIRST_PREFILL_SPAN, FIRST_SPAN, StaticEngine, TransformersEngine, prefill_groups
+from qlora_ray.serve.engine import (
+    FIRST_PREFILL_SPAN,
+    FIRST_SPAN,
+    PREFILL_ROW_BUCKETS,
+    StaticEngine,
+    TransformersEngine,
+    buckets_up_to,
+    prefill_groups,
+)
 from qlora_ray.serve.sampling import SamplingParams
 from qlora_ray.serve.scheduler import Scheduler, Sequence, generate
 from qlora_ray.serve.weights import build_decoder
@@ -158,6 +166,11 @@ def test_prefill_groups_hold_a_bounded_number_of_padded_tokens_and_rows():
     assert prefill_groups([50, 50, 50, 50], tokens_per_forward=200) == [[0, 1, 2, 3]]
     assert prefill_groups([1] * 5, tokens_per_forward=2) == [[0, 1], [2, 3], [4]]
     assert prefill_groups([1] * 5, max_rows=2) == [[0, 1], [2, 3], [4]]
+
+
+def test_the_buckets_that_sizes_up_to_a_bound_run_in():
+    assert buckets_up_to(1) == [1] and buckets_up_to(5) == [1, 2, 4, 8] and buckets_up_to(64)[-1] == 64
+    assert buckets_up_to(8, PREFILL_ROW_BUCKETS) == buckets_up_to(64, PREFILL_ROW_BUCKETS) == [1, 2, 4, 8]
 
 
 def test_static_prefills_pick_their_span_and_their_padding_disturbs_no_sequence(model, decoder):
