@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -61,9 +62,9 @@ def attention_spans(context: int, first: int = FIRST_SPAN) -> list[int]:
     return spans + [context]
 
 
-def bucket_for(rows: int) -> int:
-    """The batch bucket that `rows` rows run in."""
-    return next(bucket for bucket in BATCH_BUCKETS if bucket >= rows)
+def bucket_for(size: int, buckets: Sequence[int] = BATCH_BUCKETS) -> int:
+    """The smallest of `buckets` that holds `size` (by default: the batch bucket `size` rows run in)."""
+    return next(bucket for bucket in buckets if bucket >= size)
 
 
 def prefill_groups(lengths: list[int], tokens_per_forward: int = PREFILL_TOKENS_PER_FORWARD,
@@ -83,7 +84,7 @@ def prefill_groups(lengths: list[int], tokens_per_forward: int = PREFILL_TOKENS_
 
 def buckets_up_to(size: int, buckets: tuple[int, ...] = BATCH_BUCKETS) -> list[int]:
     """The buckets that sizes 1 to `size` run in (all of them if `size` exceeds the last)."""
-    top = next((bucket for bucket in buckets if bucket >= size), buckets[-1])
+    top = bucket_for(min(size, buckets[-1]), buckets)
     return [bucket for bucket in buckets if bucket <= top]
 
 
@@ -235,8 +236,8 @@ class StaticEngine:
         tokens, reaching up to slot `seen`, are padded to; None without static prefills or beyond them."""
         if not self.static_prefill or count > PREFILL_ROW_BUCKETS[-1] or longest > PREFILL_LENGTH_BUCKETS[-1]:
             return None
-        return (next(b for b in PREFILL_ROW_BUCKETS if b >= count), next(b for b in PREFILL_LENGTH_BUCKETS if b >= longest),
-                next(s for s in self.prefill_spans if s >= seen))
+        return (bucket_for(count, PREFILL_ROW_BUCKETS), bucket_for(longest, PREFILL_LENGTH_BUCKETS),
+                bucket_for(seen, self.prefill_spans))
 
     def _prefill_step(self, tokens: torch.Tensor, positions: torch.Tensor, last: torch.Tensor, rows: torch.Tensor,
                       *, span: int) -> torch.Tensor:
