@@ -265,7 +265,7 @@ def gptq_8b(run: Run, args) -> str:
             f"{m.get('gptq_save_seconds')} | {m.get('size_bytes', 0) / 1e9:.2f} |\n")
 
 
-def publish_random_adapter(run: Run, spec, store) -> None:
+def publish_random_adapter(run: Run, spec, store, tenant: str = "acme", seed: int = 0) -> None:
     """A PEFT adapter with random factors (r 16, alpha 32, the seven projections), and the tenant's
     training rows to calibrate on, published as the train stage would."""
     import torch
@@ -279,7 +279,7 @@ def publish_random_adapter(run: Run, spec, store) -> None:
     kv = config["num_key_value_heads"] * head
     shapes = {"q_proj": (hidden, hidden), "k_proj": (hidden, kv), "v_proj": (hidden, kv), "o_proj": (hidden, hidden),
               "gate_proj": (hidden, inter), "up_proj": (hidden, inter), "down_proj": (inter, hidden)}
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     tensors = {}
     for layer in range(config["num_hidden_layers"]):
         for name, (fan_in, fan_out) in shapes.items():
@@ -287,18 +287,19 @@ def publish_random_adapter(run: Run, spec, store) -> None:
             prefix = f"base_model.model.model.layers.{layer}.{where}.{name}"
             tensors[f"{prefix}.lora_A.weight"] = (torch.randn(16, fan_in, generator=generator) / fan_in ** 0.5).to(torch.bfloat16)
             tensors[f"{prefix}.lora_B.weight"] = (torch.randn(fan_out, 16, generator=generator) * 0.01).to(torch.bfloat16)
-    folder = run.work / "adapter"
+    folder = run.work / f"adapter-{spec.name}-{tenant}"
     folder.mkdir(exist_ok=True)
     save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "r": 16, "lora_alpha": 32, "target_modules": list(shapes), "bias": "none",
         "task_type": "CAUSAL_LM", "use_rslora": False, "lora_dropout": 0.0}))
-    store.publish(adapter_key(spec.name, "acme"), folder, kind="adapter", inputs={"training_fingerprint": "random"},
+    store.publish(adapter_key(spec.name, tenant), folder, kind="adapter", inputs={"training_fingerprint": "random"},
                   keep_existing=True)
+    shutil.rmtree(folder)
     rows = run.work / "rows"
     rows.mkdir(exist_ok=True)
     shutil.copy(DATA / "dates" / "train.jsonl", rows / "train.jsonl")
-    store.publish(data_key(spec.name, "acme"), rows, kind="data", inputs={"train_sha256": "dates"}, keep_existing=True)
+    store.publish(data_key(spec.name, tenant), rows, kind="data", inputs={"train_sha256": "dates"}, keep_existing=True)
 
 
 def serve_engine_rate(run: Run, args) -> str:

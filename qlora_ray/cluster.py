@@ -71,6 +71,22 @@ def largest_node_resources() -> dict[str, float]:
     return largest
 
 
+def copies_that_fit(nodes: list[dict[str, float]], wanted: dict[str, float]) -> int:
+    """How many actors asking `wanted` (Ray's resource names) the nodes can hold at once, each on one
+    node: Serve's replicas are such actors."""
+    asked = {name: amount for name, amount in wanted.items() if amount > 0}
+    if not asked:
+        return 2**31
+    return sum(min(int(node.get(name, 0.0) // amount) for name, amount in asked.items()) for node in nodes)
+
+
+def live_node_resources() -> list[dict[str, float]]:
+    """Each live node's resources."""
+    import ray
+
+    return [dict(node.get("Resources", {})) for node in ray.nodes() if node.get("Alive")]
+
+
 def as_completed(refs: dict, /) -> Iterator[tuple[object, object]]:
     """(the label given for a task, its ObjectRef) in the order the tasks finish; `ray.get` on the
     ref then returns its result or raises its error."""

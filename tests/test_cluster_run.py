@@ -127,8 +127,10 @@ def test_a_job_submitted_to_a_two_node_cluster_runs_each_stage_where_its_resourc
     for tenant in ("a", "b"):
         store.verify(adapter_key("cluster", tenant))
         assert read_status(store, "cluster", tenant)["node_id"] == train_node
+        assert store.read_manifest(adapter_key("cluster", tenant))["metrics"]["node_id"] == train_node
         for variant in ("bf16.original", "nf4.original"):
             key = fused_key("cluster", tenant, variant)
             store.verify(key)
             assert store.read_manifest(key)["metrics"]["worker_node_ids"] == [fuse_node]
+            assert store.read_manifest(key)["metrics"]["worker_gpu_ids"] == []  # a CPU cluster
     assert store.read_manifest(eval_key("cluster", "a"))["metrics"]["node_id"] == train_node

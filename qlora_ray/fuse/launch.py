@@ -251,6 +251,7 @@ def _seal(spec: JobSpec, store: Store, layout: BaseLayout, artifact: _Artifact, 
             **{k: max(p.get(k, 0) for p in parts) for k in ("worker_peak_rss_bytes", "worker_peak_gpu_bytes")
                if any(k in p for p in parts)},
             "worker_node_ids": sorted({p["worker_node_id"] for p in parts}),
+            "worker_gpu_ids": sorted({gpu for p in parts for gpu in p.get("worker_gpu_ids", ())}),
         }
         manifest = store.seal(artifact.draft, files, kind="fused", inputs=artifact.build.inputs, metrics=metrics)
     except AlreadyPublished:  # sealed by another run of this job first; this run's version is gone

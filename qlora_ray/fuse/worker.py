@@ -48,11 +48,12 @@ def load_adapter_deltas(adapter_dir: Path, device: str = "cpu") -> dict[str, Lor
 
 def worker_facts() -> dict:
     """This worker process's peak resident memory so far (and the GPU's, on a GPU worker), and the
-    Ray node it runs on (a cluster's operators check that fusing landed on the nodes meant for it)."""
+    Ray node and GPUs it runs on (a cluster's operators check that fusing landed where it was meant to)."""
     import ray
     import torch
 
-    peak = {"worker_peak_rss_bytes": peak_memory_bytes("cpu"), "worker_node_id": ray.get_runtime_context().get_node_id()}
+    peak = {"worker_peak_rss_bytes": peak_memory_bytes("cpu"), "worker_node_id": ray.get_runtime_context().get_node_id(),
+            "worker_gpu_ids": [str(g) for g in ray.get_gpu_ids()]}
     if torch.cuda.is_available():
         peak["worker_peak_gpu_bytes"] = peak_memory_bytes("cuda")
     return peak
@@ -134,6 +135,7 @@ class FuseWorker:
             metrics = gptq_quantize(merged, work / "out", texts, self.order.gptq, device=self.device)
             metrics.update(seconds=round(time.perf_counter() - started, 2), merge_seconds=merge_seconds, **worker_facts())
             metrics["worker_node_ids"] = [metrics.pop("worker_node_id")]  # as a shard-wise artifact lists them
+            metrics["worker_gpu_ids"] = sorted(metrics["worker_gpu_ids"])
             metrics["size_bytes"] = sum(p.stat().st_size for p in (work / "out").rglob("*") if p.is_file())
             # Another run of this job may have published it first: then that one is kept.
             return self.store.publish(key, work / "out", kind="fused", inputs=inputs, metrics=metrics, keep_existing=True)

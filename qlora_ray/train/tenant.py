@@ -84,7 +84,7 @@ def train_tenant(order: TrainOrder, *, say: Callable[[str], None] | None = None,
                  finished_ts=None, step=0, loss=None,
                  tokens_per_second=None, error=None, **(where or {}))
     try:
-        manifest = _train_and_publish(order, store, status, say)
+        manifest = _train_and_publish(order, store, status, say, where or {})
     except BaseException as exc:
         status.state("failed", error=f"{type(exc).__name__}: {exc}"[:2000])
         raise
@@ -94,7 +94,9 @@ def train_tenant(order: TrainOrder, *, say: Callable[[str], None] | None = None,
     return manifest
 
 
-def _train_and_publish(order: TrainOrder, store: Store, status: StatusWriter, say: Callable[[str], None] | None) -> dict:
+def _train_and_publish(order: TrainOrder, store: Store, status: StatusWriter, say: Callable[[str], None] | None,
+                       where: dict) -> dict:
+    """Train, then publish the adapter; `where` (the Ray node and GPUs it ran on) goes into its metrics."""
     job, tenant = order.job, order.tenant
     key = adapter_key(job, tenant.id)
     with scratch_dir(f"train-{tenant.id}") as work, store.local_copy(base_key(order.base)) as base_dir:
@@ -145,7 +147,7 @@ def _train_and_publish(order: TrainOrder, store: Store, status: StatusWriter, sa
         }
         # Another attempt of this tenant (a retry racing one cut off from the cluster, or another run of
         # the job) may have published first: then that adapter is kept.
-        return store.publish(key, result.adapter_dir, kind="adapter", inputs=inputs, metrics=result.metrics,
+        return store.publish(key, result.adapter_dir, kind="adapter", inputs=inputs, metrics={**result.metrics, **where},
                              keep_existing=True)
 
 

@@ -1,0 +1,251 @@
+"""Train, fuse and serve over the GPUs of one host, each against one GPU of the same machine.
+
+    python3 benchmarks/multi_gpu.py --out OUT_DIR --part train   # tenants packed per GPU, over 1 and N GPUs
+    python3 benchmarks/multi_gpu.py --out OUT_DIR --part fuse    # the fuse stage, one worker per GPU
+    python3 benchmarks/multi_gpu.py --out OUT_DIR --part serve   # 1 and N model replicas at concurrency 64
+
+Each part runs the same job once per GPU count in --gpus (default: 1 and every GPU of the machine),
+the cluster limited to the first k GPUs by CUDA_VISIBLE_DEVICES (Ray counts only those), so the
+ratio compares runs on one machine in one call. The job files are what a user writes: only
+`resources`, `fuse.workers` and `serve.num_replicas` change with the GPU count.
+
+- `train`: --tenants tenants (the demo's four data sets, round robin) on shape:smollm2-135m,
+  --train-steps steps each, 1/--per-gpu of a GPU per task: `qlora-ray train`'s wall time, the
+  speed-up over one GPU and its efficiency (speed-up / GPUs), and the GPUs each adapter's manifest
+  says it trained on.
+- `fuse`: --tenants random adapters (r 16, the seven projections) fused into bf16 and nf4 on
+  shape:llama3.2-1b (shard-wise: every tenant's merge per base shard; an 8B's 16 GB bf16 copy per
+  tenant would not fit the disk twice) and into gptq-int4 on
+  shape:smollm2-135m (one GPTQ run per tenant), `fuse.workers` = GPUs with a whole GPU each:
+  `qlora-ray fuse`'s wall time and the GPUs each fused model's manifest lists.
+- `serve`: a shape:llama3-8b gptq-int4 model of random weights behind the Serve app, `qlora-ray bench`
+  at concurrency 64, with one replica (batch 64) and with one replica per GPU (batch 64 / replicas,
+  so Serve's router spreads the model's requests over them). The level runs twice: the first loads
+  the model on every replica, the second is the one reported.
+
+Every artifact the job should make is verified (its files against its manifest), and the GPUs its
+manifest says it ran on are counted. Results go to OUT_DIR/<part>.json and .md, the whole log to OUT_DIR/<part>.log. `--device cpu`
+runs the same steps on shape:tiny with --gpus 1 (to try the script without a GPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.gpu_pipeline import (DATA, Run, bench_report, gpu_name, install, publish_random_adapter,  # noqa: E402
+                                     publish_random_fused, store_of, write_job)
+
+DATA_SETS = {"dates": "exact", "kv2json": "json", "sql": "exact", "units": "exact"}
+
+
+def visible(gpus: int, run: Run) -> dict:
+    """The environment that limits a command's cluster to the first `gpus` GPUs."""
+    return {"CUDA_VISIBLE_DEVICES": ",".join(map(str, range(gpus)))} if run.device == "cuda" else {}
+
+
+def tenants(count: int) -> list[dict]:
+    names = list(DATA_SETS)
+    return [{"id": f"t{i:02d}", "train_data": str(DATA / names[i % len(names)] / "train.jsonl"),
+             "scorer": DATA_SETS[names[i % len(names)]]} for i in range(count)]
+
+
+def artifact_facts(store, keys: list[str], gpu_key: str) -> dict:
+    """Each expected artifact verified (its files against its manifest), and the GPUs its manifest
+    says it ran on; the ones missing."""
+    where, missing = {}, []
+    for key in keys:
+        if not store.is_complete(key):
+            missing.append(key)
+            continue
+        store.verify(key)
+        where[key] = store.read_manifest(key)["metrics"].get(gpu_key)
+    return {"complete": len(where), "expected": len(keys), "missing": missing, "gpus_by_artifact": where,
+            "artifacts_per_gpu": dict(Counter(",".join(map(str, g or [])) or "none" for g in where.values()))}
+
+
+def scaling_rows(walls: dict[int, float]) -> dict:
+    one = walls[min(walls)]
+    return {str(g): {"wall_s": wall, "speedup": round(one / wall, 2), "efficiency": round(one / wall / g * min(walls), 2)}
+            for g, wall in walls.items()}
+
+
+def train_part(run: Run, args) -> str:
+    from qlora_ray.store import adapter_key
+
+    install(run)
+    shape = "smollm2-135m" if run.device == "cuda" else "tiny"
+    gpu_share = round(1 / args.per_gpu, 4) if run.device == "cuda" else 0
+    walls, facts = {}, {}
+    for gpus in args.gpus:
+        job = write_job(run, name=f"train-{gpus}gpu", base={"name": shape, "source": f"shape:{shape}", "shard_size": "100MB"},
+                        tenants=tenants(args.tenants),
+                        train={"max_steps": args.train_steps, "batch_size": 8, "seq_len": 256, "learning_rate": 4e-4,
+                               "lr_scheduler": "constant", "checkpoint_every": 1000,
+                               "resources": {"num_cpus": 2 if run.device == "cuda" else 1, "num_gpus": gpu_share}})
+        if gpus == args.gpus[0]:
+            run.cli("base import", "base", "import", "--job", str(job), "--device", run.device)
+        run.cli(f"train on {gpus} GPU(s)", "train", str(job), env=visible(gpus, run))
+        walls[gpus] = run.results["steps"][f"train on {gpus} GPU(s)"]["seconds"]
+        spec, store = store_of(job)
+        facts[str(gpus)] = artifact_facts(store, [adapter_key(spec.name, t.id) for t in spec.tenants], "gpu_ids")
+        run.results["train"] = {"tenants": args.tenants, "steps": args.train_steps, "gpu_share": gpu_share,
+                                "scaling": scaling_rows(walls), "artifacts": facts}
+        run.save()
+    return render(run.results["train"], f"{args.tenants} tenants, {args.train_steps} steps each, "
+                  f"{gpu_share:g} GPU per task, on shape:{shape}")
+
+
+def fuse_part(run: Run, args) -> str:
+    from qlora_ray.store import fused_key, run_key
+
+    install(run)
+    cuda = run.device == "cuda"
+    results = {}
+    for label, shape, schemes, shard in (("bf16+nf4", "llama3.2-1b" if cuda else "tiny", ["bf16", "nf4"], "300MB"),
+                                         ("gptq-int4", "smollm2-135m" if cuda else "tiny", ["gptq-int4"], "100MB")):
+        walls, facts = {}, {}
+        for gpus in args.gpus:
+            job = write_job(run, name=f"fuse-{label.replace('+', '-')}-{gpus}gpu",
+                            base={"name": shape, "source": f"shape:{shape}", "shard_size": shard},
+                            tenants=tenants(args.tenants),
+                            fuse={"schemes": schemes, "merge_base": "original", "workers": gpus,
+                                  "gptq": {"group_size": 64 if cuda else 32, "calibration_samples": 32},
+                                  "resources": {"num_cpus": 6 if cuda else 1, "num_gpus": 1 if cuda else 0}})
+            spec, store = store_of(job)
+            if gpus == args.gpus[0]:
+                run.cli(f"base import {shape}", "base", "import", "--job", str(job), "--device", run.device)
+            started = time.perf_counter()
+            for index, tenant in enumerate(spec.tenants):
+                publish_random_adapter(run, spec, store, tenant.id, seed=index)
+            run.results["steps"][f"{label}: random adapters, {gpus} GPU(s)"] = {
+                "seconds": round(time.perf_counter() - started, 1), "exit": 0}
+            name = f"fuse {label} on {gpus} GPU(s)"
+            run.cli(name, "fuse", str(job), env=visible(gpus, run))
+            walls[gpus] = run.results["steps"][name]["seconds"]
+            facts[str(gpus)] = artifact_facts(store, [fused_key(spec.name, t.id, f"{s}.original") for t in spec.tenants
+                                                      for s in schemes], "worker_gpu_ids")
+            results[label] = {"shape": shape, "schemes": schemes, "tenants": args.tenants,
+                              "scaling": scaling_rows(walls), "artifacts": facts}
+            run.results["fuse"] = results
+            run.save()
+            store.delete(f"{run_key(spec.name)}/fused")  # a run's fused 16-bit models would fill the disk
+    return "\n".join(render(part, f"{label}: {args.tenants} tenants on shape:{part['shape']}, one worker per GPU")
+                     for label, part in results.items())
+
+
+def serve_part(run: Run, args) -> str:
+    install(run)
+    cuda = run.device == "cuda"
+    shape, variant = ("llama3-8b", "gptq-int4.original") if cuda else ("tiny", "bf16.original")
+    level, output_tokens, prompt_words = (64, 128, 24) if cuda else (4, 16, 8)
+    model = f"acme/{variant}"
+
+    def job(replicas: int) -> Path:
+        batch = level // replicas
+        return write_job(run, name="multi-gpu-serve", base={"name": shape, "source": f"shape:{shape}"},
+                         tenants=[{"id": "acme", "train_data": str(DATA / "dates" / "train.jsonl")}],
+                         fuse={"schemes": [variant.split(".")[0]], "merge_base": "original"},
+                         serve={"num_replicas": replicas, "max_batch": batch, "max_ongoing_requests": batch,
+                                "context": 1024, "max_tokens": 512, "unmerged_baseline": False,
+                                "allow_failed_quality": True,
+                                "resources": {"num_cpus": 2, "num_gpus": 1 if cuda else 0}})
+
+    spec, store = store_of(job(1))
+    started = time.perf_counter()
+    publish_random_fused(spec, store, shape, variant, run.device, run.work / "random-fused")
+    if cuda:  # the replicas' Marlin build, shared through the store as the first replica would share it
+        from qlora_ray import marlin
+
+        marlin.prepare(store, share=True, precision="bf16")
+    run.results["steps"]["random fused model and kernel"] = {"seconds": round(time.perf_counter() - started, 1), "exit": 0}
+    rows = {}
+    for gpus in args.gpus:
+        path = job(gpus)
+        run.cli(f"bench, {gpus} replica(s)", "bench", str(path), "--models", model, "--concurrency", f"{level},{level}",
+                "--duration", str(args.bench_seconds), "--prompt-tokens", str(prompt_words),
+                "--output-tokens", str(output_tokens), env=visible(gpus, run))
+        report = bench_report(path)
+        rows[str(gpus)] = {"warm_up": report["results"][0], "measured": report["results"][1],
+                           "deploy_seconds": report.get("deploy_seconds")}
+        run.results["serve"] = {"model": model, "concurrency": level, "output_tokens": output_tokens, "replicas": rows}
+        run.save()
+    one = rows[str(args.gpus[0])]["measured"]["output_tok_s"]
+    lines = [f"Model `{model}`, concurrency {level}, answers of {output_tokens} tokens, one replica per GPU "
+             f"(batch {level} / replicas).", "",
+             "| replicas (GPUs) | output tok/s | vs 1 | TTFT p50 / p99 ms | TPOT p50 ms | errors | 429 |",
+             "|---|---|---|---|---|---|---|"]
+    for gpus, row in rows.items():
+        m = row["measured"]
+        lines.append(f"| {gpus} | {m['output_tok_s']} | {m['output_tok_s'] / one:.2f}x | {m['ttft_ms_p50']} / "
+                     f"{m['ttft_ms_p99']} | {m['tpot_ms_p50']} | {m['errors']} | {m['overloaded']} |")
+    return "\n".join(lines) + "\n"
+
+
+def render(part: dict, title: str) -> str:
+    lines = [f"### {title}", "", "| GPUs | wall s | speed-up | efficiency | artifacts complete / expected | "
+             "artifacts per GPU |", "|---|---|---|---|---|---|"]
+    for gpus, row in part["scaling"].items():
+        facts = part["artifacts"][gpus]
+        spread = ", ".join(f"GPU {g}: {n}" for g, n in sorted(facts["artifacts_per_gpu"].items()))
+        lines.append(f"| {gpus} | {row['wall_s']} | {row['speedup']}x | {row['efficiency']:.0%} | "
+                     f"{facts['complete']} / {facts['expected']} | {spread} |")
+    return "\n".join(lines) + "\n"
+
+
+PARTS = {"train": train_part, "fuse": fuse_part, "serve": serve_part}
+
+
+def gpu_count() -> int:
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return len(out.strip().splitlines())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--part", choices=list(PARTS), required=True)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/qlora-ray-multi-gpu"))
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--gpus", type=lambda text: sorted({int(v) for v in text.split(",")}),
+                        help="GPU counts to run on (default: 1 and every GPU of the machine)")
+    parser.add_argument("--tenants", type=int, default=8)
+    parser.add_argument("--per-gpu", type=int, default=4, help="--part train: tenants trained at once on one GPU")
+    parser.add_argument("--train-steps", type=int, default=60)
+    parser.add_argument("--bench-seconds", type=float, default=10.0)
+    parser.add_argument("--no-install", action="store_true", help="use the environment as it is (default on cpu)")
+    args = parser.parse_args()
+    if args.gpus is None:
+        args.gpus = sorted({1, gpu_count()}) if args.device == "cuda" else [1]
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.work / args.part
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    run = Run(args.out, args.part, work, args.device, "", install=args.device == "cuda" and not args.no_install)
+    run.results["gpus"] = args.gpus
+    started = time.perf_counter()
+    try:
+        markdown = PARTS[args.part](run, args)
+    finally:
+        run.results["seconds"] = round(time.perf_counter() - started, 1)
+        run.save()
+    header = (f"# {args.part} over {max(args.gpus)} x {gpu_name()} ({run.results['date']})\n\n"
+              f"`{run.results['command']}`: {run.results['seconds']} s in all.\n\n")
+    run.save(header + markdown)
+    print(header + markdown)
+
+
+if __name__ == "__main__":
+    main()

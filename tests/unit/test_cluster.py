@@ -1,0 +1,41 @@
+"""How many replicas a cluster holds, and a serve job that asks for more is refused with its fields."""
+
+from __future__ import annotations
+
+import pytest
+
+from qlora_ray import cluster
+from qlora_ray.cli import _refuse_replicas_that_cannot_start
+from qlora_ray.errors import UserError
+from tests.unit.test_spec import minimal, write_job
+from qlora_ray.spec import load_spec
+
+TWO_GPU_HOST = {"CPU": 32.0, "GPU": 2.0, "memory": 2e11}
+
+
+def test_copies_that_fit_count_each_node_by_its_scarcest_resource():
+    assert cluster.copies_that_fit([TWO_GPU_HOST], {"CPU": 2, "GPU": 1}) == 2
+    assert cluster.copies_that_fit([TWO_GPU_HOST], {"CPU": 2, "GPU": 0.25}) == 8
+    assert cluster.copies_that_fit([TWO_GPU_HOST], {"CPU": 12, "GPU": 0.25}) == 2  # CPUs run out first
+    assert cluster.copies_that_fit([TWO_GPU_HOST, {"CPU": 4.0}], {"CPU": 2, "GPU": 0}) == 18
+    # An actor lives on one node: two half-free nodes do not make room for a whole-GPU replica.
+    assert cluster.copies_that_fit([{"CPU": 8.0, "GPU": 0.5}, {"CPU": 8.0, "GPU": 0.5}], {"CPU": 1, "GPU": 1}) == 0
+    assert cluster.copies_that_fit([{"CPU": 8.0}], {"CPU": 1, "fuse_node": 1}) == 0
+
+
+@pytest.mark.parametrize("replicas, unmerged, refused", [(2, False, False), (3, False, True), (1, True, False),
+                                                          (2, True, True)])
+def test_a_serve_job_asking_for_more_replicas_than_the_machine_holds_is_refused(tmp_path, monkeypatch, replicas,
+                                                                                 unmerged, refused):
+    spec = load_spec(write_job(tmp_path, minimal(serve={
+        "num_replicas": replicas, "unmerged_baseline": unmerged, "resources": {"num_cpus": 2, "num_gpus": 1}})))
+    monkeypatch.setattr(cluster, "live_node_resources", lambda: [TWO_GPU_HOST])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if not refused:
+        _refuse_replicas_that_cannot_start(spec)
+        return
+    with pytest.raises(UserError, match=r"serve\.num_replicas: .* CPU 2, GPU 1 each \(serve\.resources\) do not fit "
+                                        r"this machine: it has room for 2"):
+        _refuse_replicas_that_cannot_start(spec)
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster that may scale up: Serve waits for it
+    _refuse_replicas_that_cannot_start(spec)
