@@ -79,9 +79,9 @@ def scaling_rows(walls: dict[int, float]) -> dict:
 
 
 def train_part(run: Run, args) -> str:
+    install(run)
     from qlora_ray.store import adapter_key
 
-    install(run)
     shape = "smollm2-135m" if run.device == "cuda" else "tiny"
     gpu_share = round(1 / args.per_gpu, 4) if run.device == "cuda" else 0
     walls, facts = {}, {}
@@ -105,9 +105,9 @@ def train_part(run: Run, args) -> str:
 
 
 def fuse_part(run: Run, args) -> str:
+    install(run)
     from qlora_ray.store import fused_key, run_key
 
-    install(run)
     cuda = run.device == "cuda"
     results = {}
     for label, shape, schemes, shard in (("bf16+nf4", "llama3.2-1b" if cuda else "tiny", ["bf16", "nf4"], "300MB"),
