@@ -14,7 +14,7 @@ ratio compares runs on one machine in one call. The job files are what a user wr
   speed-up over one GPU and its efficiency (speed-up / GPUs), and the GPUs each adapter's manifest
   says it trained on.
 - `fuse`: --tenants random adapters (r 16, the seven projections) fused into bf16 and nf4 on
-  shape:llama3.2-1b (shard-wise: every tenant's merge per base shard; an 8B's 16 GB bf16 copy per
+  shape:llama3-1b (shard-wise: every tenant's merge per base shard; an 8B's 16 GB bf16 copy per
   tenant would not fit the disk twice) and into gptq-int4 on
   shape:smollm2-135m (one GPTQ run per tenant), `fuse.workers` = GPUs with a whole GPU each:
   `qlora-ray fuse`'s wall time and the GPUs each fused model's manifest lists.
@@ -110,7 +110,7 @@ def fuse_part(run: Run, args) -> str:
 
     cuda = run.device == "cuda"
     results = {}
-    for label, shape, schemes, shard in (("bf16+nf4", "llama3.2-1b" if cuda else "tiny", ["bf16", "nf4"], "300MB"),
+    for label, shape, schemes, shard in (("bf16+nf4", "llama3-1b" if cuda else "tiny", ["bf16", "nf4"], "300MB"),
                                          ("gptq-int4", "smollm2-135m" if cuda else "tiny", ["gptq-int4"], "100MB")):
         walls, facts = {}, {}
         for gpus in args.gpus:

