@@ -9,8 +9,9 @@ the cluster limited to the first k GPUs by CUDA_VISIBLE_DEVICES (Ray counts only
 ratio compares runs on one machine in one call. The job files are what a user writes: only
 `resources`, `fuse.workers` and `serve.num_replicas` change with the GPU count.
 
-- `train`: --tenants tenants (the demo's four data sets, round robin) on shape:smollm2-135m,
-  --train-steps steps each, 1/--per-gpu of a GPU per task: `qlora-ray train`'s wall time, the
+- `train`: after a warm-up job (two steps of each data set, so that every measured run finds the
+  machine's compile caches warm), --tenants tenants (the demo's four data sets, round robin) on
+  shape:smollm2-135m, --train-steps steps each, 1/--per-gpu of a GPU per task: `qlora-ray train`'s wall time, the
   speed-up over one GPU and its efficiency (speed-up / GPUs), and the GPUs each adapter's manifest
   says it trained on.
 - `fuse`: --tenants random adapters (r 16, the seven projections) fused into bf16 and nf4 on
@@ -20,8 +21,9 @@ ratio compares runs on one machine in one call. The job files are what a user wr
   `qlora-ray fuse`'s wall time and the GPUs each fused model's manifest lists.
 - `serve`: a shape:llama3-8b gptq-int4 model of random weights behind the Serve app, `qlora-ray bench`
   at concurrency 64, with one replica (batch 64) and with one replica per GPU (batch 64 / replicas,
-  so Serve's router spreads the model's requests over them). The level runs twice: the first loads
-  the model on every replica, the second is the one reported.
+  the job's default max_ongoing_requests of twice that). A warm-up level runs first (at twice the
+  concurrency with several replicas, which makes every replica load the model); the level after it
+  is the one reported.
 
 Every artifact the job should make is verified (its files against its manifest), and the GPUs its
 manifest says it ran on are counted. Results go to OUT_DIR/<part>.json and .md, the whole log to OUT_DIR/<part>.log. `--device cpu`
@@ -85,17 +87,25 @@ def train_part(run: Run, args) -> str:
     shape = "smollm2-135m" if run.device == "cuda" else "tiny"
     gpu_share = round(1 / args.per_gpu, 4) if run.device == "cuda" else 0
     walls, facts = {}, {}
+
+    def job(name: str, count: int, steps: int) -> Path:
+        return write_job(run, name=name, base={"name": shape, "source": f"shape:{shape}", "shard_size": "100MB"},
+                         tenants=tenants(count),
+                         train={"max_steps": steps, "batch_size": 8, "seq_len": 256, "learning_rate": 4e-4,
+                                "lr_scheduler": "constant", "checkpoint_every": 1000,
+                                "resources": {"num_cpus": 2 if run.device == "cuda" else 1, "num_gpus": gpu_share}})
+
+    warm_up = job("train-warm-up", len(DATA_SETS), 2)
+    run.cli("base import", "base", "import", "--job", str(warm_up), "--device", run.device)
+    # One tenant of each data set, two steps: the machine's compile caches are then warm for every
+    # measured run alike (a first run on a fresh machine compiles; the 1-GPU run's second wave would
+    # otherwise be the only warm one).
+    run.cli("warm-up: 2 steps of each data set", "train", str(warm_up), env=visible(1, run))
     for gpus in args.gpus:
-        job = write_job(run, name=f"train-{gpus}gpu", base={"name": shape, "source": f"shape:{shape}", "shard_size": "100MB"},
-                        tenants=tenants(args.tenants),
-                        train={"max_steps": args.train_steps, "batch_size": 8, "seq_len": 256, "learning_rate": 4e-4,
-                               "lr_scheduler": "constant", "checkpoint_every": 1000,
-                               "resources": {"num_cpus": 2 if run.device == "cuda" else 1, "num_gpus": gpu_share}})
-        if gpus == args.gpus[0]:
-            run.cli("base import", "base", "import", "--job", str(job), "--device", run.device)
-        run.cli(f"train on {gpus} GPU(s)", "train", str(job), env=visible(gpus, run))
+        path = job(f"train-{gpus}gpu", args.tenants, args.train_steps)
+        run.cli(f"train on {gpus} GPU(s)", "train", str(path), env=visible(gpus, run))
         walls[gpus] = run.results["steps"][f"train on {gpus} GPU(s)"]["seconds"]
-        spec, store = store_of(job)
+        spec, store = store_of(path)
         facts[str(gpus)] = artifact_facts(store, [adapter_key(spec.name, t.id) for t in spec.tenants], "gpu_ids")
         run.results["train"] = {"tenants": args.tenants, "steps": args.train_steps, "gpu_share": gpu_share,
                                 "scaling": scaling_rows(walls), "artifacts": facts}
@@ -110,8 +120,9 @@ def fuse_part(run: Run, args) -> str:
 
     cuda = run.device == "cuda"
     results = {}
-    for label, shape, schemes, shard in (("bf16+nf4", "llama3-1b" if cuda else "tiny", ["bf16", "nf4"], "300MB"),
-                                         ("gptq-int4", "smollm2-135m" if cuda else "tiny", ["gptq-int4"], "100MB")):
+    parts = (("bf16+nf4", "llama3-1b" if cuda else "tiny", ["bf16", "nf4"], "300MB"),
+             ("gptq-int4", "smollm2-135m" if cuda else "tiny", ["gptq-int4"], "100MB"))
+    for label, shape, schemes, shard in (part for part in parts if part[0] in args.fuse_schemes):
         walls, facts = {}, {}
         for gpus in args.gpus:
             job = write_job(run, name=f"fuse-{label.replace('+', '-')}-{gpus}gpu",
@@ -150,11 +161,10 @@ def serve_part(run: Run, args) -> str:
     model = f"acme/{variant}"
 
     def job(replicas: int) -> Path:
-        batch = level // replicas
         return write_job(run, name="multi-gpu-serve", base={"name": shape, "source": f"shape:{shape}"},
                          tenants=[{"id": "acme", "train_data": str(DATA / "dates" / "train.jsonl")}],
                          fuse={"schemes": [variant.split(".")[0]], "merge_base": "original"},
-                         serve={"num_replicas": replicas, "max_batch": batch, "max_ongoing_requests": batch,
+                         serve={"num_replicas": replicas, "max_batch": level // replicas,
                                 "context": 1024, "max_tokens": 512, "unmerged_baseline": False,
                                 "allow_failed_quality": True,
                                 "resources": {"num_cpus": 2, "num_gpus": 1 if cuda else 0}})
@@ -170,7 +180,11 @@ def serve_part(run: Run, args) -> str:
     rows = {}
     for gpus in args.gpus:
         path = job(gpus)
-        run.cli(f"bench, {gpus} replica(s)", "bench", str(path), "--models", model, "--concurrency", f"{level},{level}",
+        # Serve's router sends a model's requests to the replicas that hold it, and to another only
+        # when those are full (max_ongoing_requests: twice the batch by default): the warm-up level
+        # fills the first replica so that every replica loads the model before the measured level.
+        warm_up = level if gpus == 1 else 2 * level
+        run.cli(f"bench, {gpus} replica(s)", "bench", str(path), "--models", model, "--concurrency", f"{warm_up},{level}",
                 "--duration", str(args.bench_seconds), "--prompt-tokens", str(prompt_words),
                 "--output-tokens", str(output_tokens), env=visible(gpus, run))
         report = bench_report(path)
@@ -223,6 +237,9 @@ def main() -> None:
                         help="GPU counts to run on (default: 1 and every GPU of the machine)")
     parser.add_argument("--tenants", type=int, default=8)
     parser.add_argument("--per-gpu", type=int, default=4, help="--part train: tenants trained at once on one GPU")
+    parser.add_argument("--fuse-schemes", default="bf16+nf4,gptq-int4", type=lambda text: text.split(","),
+                        help="--part fuse: bf16+nf4 (shard-wise, shape:llama3-1b), gptq-int4 (per tenant, "
+                             "shape:smollm2-135m) or both")
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--bench-seconds", type=float, default=10.0)
     parser.add_argument("--no-install", action="store_true", help="use the environment as it is (default on cpu)")
