@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import pytest
+import yaml
 
 from qlora_ray import cluster
 from qlora_ray.cli import _refuse_replicas_that_cannot_start
 from qlora_ray.errors import UserError
-from tests.unit.test_spec import minimal, write_job
 from qlora_ray.spec import load_spec
 
 TWO_GPU_HOST = {"CPU": 32.0, "GPU": 2.0, "memory": 2e11}
@@ -27,8 +27,12 @@ def test_copies_that_fit_count_each_node_by_its_scarcest_resource():
                                                           (2, True, True)])
 def test_a_serve_job_asking_for_more_replicas_than_the_machine_holds_is_refused(tmp_path, monkeypatch, replicas,
                                                                                  unmerged, refused):
-    spec = load_spec(write_job(tmp_path, minimal(serve={
-        "num_replicas": replicas, "unmerged_baseline": unmerged, "resources": {"num_cpus": 2, "num_gpus": 1}})))
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "name": "acme", "store": "store", "base": {"name": "tiny", "source": "shape:tiny"},
+        "tenants": [{"id": "t1", "train_data": "t1.jsonl"}],
+        "serve": {"num_replicas": replicas, "unmerged_baseline": unmerged, "resources": {"num_cpus": 2, "num_gpus": 1}}}))
+    spec = load_spec(job)
     monkeypatch.setattr(cluster, "live_node_resources", lambda: [TWO_GPU_HOST])
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     if not refused:
