@@ -74,7 +74,8 @@ def measure(shape: str, tenants: int, desc_act: bool, calibration_rows: int, dev
     return {"shape": shape, "in": columns, "out": rows, "tenants": tenants, "desc_act": desc_act,
             "calibration_rows": calibration_rows, "one_at_a_time_s": round(separate_seconds, 3),
             "stacked_s": round(stacked_seconds, 3), "speedup": round(separate_seconds / stacked_seconds, 2),
-            "identical": same, "max_abs_q_difference": (q - torch.cat([r[0] for r in own])).abs().max().item()}
+            "identical": same, "max_abs_q_difference": (q - torch.cat([r[0] for r in own])).abs().max().item(),
+            "q_elements_differing": int((q != torch.cat([r[0] for r in own])).sum()), "q_elements": q.numel()}
 
 
 def main() -> None:
