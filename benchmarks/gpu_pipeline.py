@@ -545,30 +545,42 @@ def main() -> None:
                         help="--part serve: the serve.stream_interval_ms values Serve is measured at (the last "
                              "one also for the long prompts)")
     args = parser.parse_args()
+    shape = args.shape or ("smollm2-135m" if args.device == "cuda" else "tiny")
+    run_part(args, PARTS[args.part], shape, f"on {gpu_name()}")
+
+
+def run_part(args, part, shape: str, where: str, results: dict | None = None) -> None:
+    """Run one part in a fresh work folder (args: out, work, part, device, no_install); its results,
+    with `results` and its wall time, go to OUT/<part>.json and its table, under a header, to .md."""
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.work / args.part
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    shape = args.shape or ("smollm2-135m" if args.device == "cuda" else "tiny")
     run = Run(args.out, args.part, work, args.device, shape, install=args.device == "cuda" and not args.no_install)
+    run.results.update(results or {})
     started = time.perf_counter()
     try:
-        markdown = PARTS[args.part](run, args)
+        markdown = part(run, args)
     finally:
         run.results["seconds"] = round(time.perf_counter() - started, 1)
         run.save()
-    header = (f"# {args.part} on {gpu_name()} ({run.results['date']})\n\n`{run.results['command']}`: "
+    header = (f"# {args.part} {where} ({run.results['date']})\n\n`{run.results['command']}`: "
               f"{run.results['seconds']} s in all.\n\n")
     run.save(header + markdown)
     print(header + markdown)
 
 
-def gpu_name() -> str:
+def gpu_names() -> list[str]:
+    """The name of each GPU nvidia-smi lists; none without it."""
     try:
         return subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                              text=True, timeout=30).stdout.strip().splitlines()[0]
-    except (OSError, IndexError, subprocess.TimeoutExpired):
-        return "CPU"
+                              text=True, timeout=30).stdout.strip().splitlines()
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+
+
+def gpu_name() -> str:
+    return (gpu_names() or ["CPU"])[0]
 
 
 if __name__ == "__main__":

@@ -33,8 +33,6 @@ runs the same steps on shape:tiny with --gpus 1 (to try the script without a GPU
 from __future__ import annotations
 
 import argparse
-import shutil
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -43,8 +41,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.gpu_pipeline import (DATA, Run, bench_report, gpu_name, install, publish_random_adapter,  # noqa: E402
-                                     publish_random_fused, store_of, write_job)
+from benchmarks.gpu_pipeline import (DATA, Run, bench_report, gpu_name, gpu_names, install,  # noqa: E402
+                                     publish_random_adapter, publish_random_fused, run_part, store_of, write_job)
 
 DATA_SETS = {"dates": "exact", "kv2json": "json", "sql": "exact", "units": "exact"}
 
@@ -218,15 +216,6 @@ def render(part: dict, title: str) -> str:
 PARTS = {"train": train_part, "fuse": fuse_part, "serve": serve_part}
 
 
-def gpu_count() -> int:
-    try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=30).stdout
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return len(out.strip().splitlines())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
@@ -245,23 +234,8 @@ def main() -> None:
     parser.add_argument("--no-install", action="store_true", help="use the environment as it is (default on cpu)")
     args = parser.parse_args()
     if args.gpus is None:
-        args.gpus = sorted({1, gpu_count()}) if args.device == "cuda" else [1]
-    args.out.mkdir(parents=True, exist_ok=True)
-    work = args.work / args.part
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    run = Run(args.out, args.part, work, args.device, "", install=args.device == "cuda" and not args.no_install)
-    run.results["gpus"] = args.gpus
-    started = time.perf_counter()
-    try:
-        markdown = PARTS[args.part](run, args)
-    finally:
-        run.results["seconds"] = round(time.perf_counter() - started, 1)
-        run.save()
-    header = (f"# {args.part} over {max(args.gpus)} x {gpu_name()} ({run.results['date']})\n\n"
-              f"`{run.results['command']}`: {run.results['seconds']} s in all.\n\n")
-    run.save(header + markdown)
-    print(header + markdown)
+        args.gpus = sorted({1, len(gpu_names())}) if args.device == "cuda" else [1]
+    run_part(args, PARTS[args.part], "", f"over {max(args.gpus)} x {gpu_name()}", {"gpus": args.gpus})
 
 
 if __name__ == "__main__":

@@ -254,12 +254,11 @@ def _start_app(spec, extra_keys: dict[str, str] | None = None) -> tuple[str, flo
 def _refuse_replicas_that_cannot_start(spec) -> None:
     """Serve waits without end for a replica no node has room for. On a cluster we started (no
     autoscaler: nothing will join), say so now, naming the settings, rather than hang."""
-    from qlora_ray.cluster import copies_that_fit, joined_existing_cluster, live_node_resources, node_request
+    from qlora_ray.cluster import copies_that_fit, joined_existing_cluster, live_node_resources, ray_resource_names
 
     if joined_existing_cluster():
         return
-    request = node_request(spec.serve.resources)
-    wanted = {"CPU": request["num_cpus"], "GPU": request["num_gpus"], **request["resources"]}
+    wanted = ray_resource_names(spec.serve.resources)
     deployments = 2 if spec.serve.unmerged_baseline else 1
     needed = deployments * spec.serve.num_replicas
     room = copies_that_fit(live_node_resources(), wanted)

@@ -61,14 +61,16 @@ def task_options(resources: Resources, *, name: str, max_retries: int) -> dict:
 
 def largest_node_resources() -> dict[str, float]:
     """The most of each resource that one live node of the cluster has."""
-    import ray
-
     largest: dict[str, float] = {}
-    for node in ray.nodes():
-        if node.get("Alive"):
-            for resource, amount in node.get("Resources", {}).items():
-                largest[resource] = max(largest.get(resource, 0.0), amount)
+    for node in live_node_resources():
+        for resource, amount in node.items():
+            largest[resource] = max(largest.get(resource, 0.0), amount)
     return largest
+
+
+def ray_resource_names(resources: Resources) -> dict[str, float]:
+    """What a task, actor or replica asks of a node, by the names Ray counts a node's resources under."""
+    return {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.custom}
 
 
 def copies_that_fit(nodes: list[dict[str, float]], wanted: dict[str, float]) -> int:

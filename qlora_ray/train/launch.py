@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from qlora_ray.cluster import (as_completed, error_text, init_ray, joined_existing_cluster, largest_node_resources,
-                               refuse_process_local_store, task_options)
+                               ray_resource_names, refuse_process_local_store, task_options)
 from qlora_ray.errors import DataError
 from qlora_ray.library_output import route_library_output, say
 from qlora_ray.spec import JobSpec, TenantSpec
@@ -109,8 +109,7 @@ def _drop_unschedulable(pending: list[TenantSpec], outcomes: dict, store: Store,
     largest = largest_node_resources()
     schedulable = []
     for tenant in pending:
-        resources = tenant.training.resources
-        wanted = {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.custom}
+        wanted = ray_resource_names(tenant.training.resources)
         missing = {k: v for k, v in wanted.items() if v > largest.get(k, 0.0)}
         if not missing:
             schedulable.append(tenant)
