@@ -37,7 +37,9 @@ from fsspec.implementations.local import LocalFileSystem
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-KEEP = "tenant-00"
+# The tenant whose fused shards the sink keeps (FUSE_SINK_KEEP="" keeps none); an environment variable so
+# that Ray's workers, which import this module afresh, see what the driver chose.
+KEEP = os.environ.get("FUSE_SINK_KEEP", "tenant-00")
 DEVICE = "cuda"  # "cpu" with --shape tiny, to try the script on a machine without a GPU
 
 
@@ -52,7 +54,7 @@ class SinkFileSystem(LocalFileSystem):
 
     def put_file(self, lpath, rpath, **kwargs):
         rpath = self._strip_protocol(rpath)
-        if "/fused/" in rpath and rpath.endswith(".safetensors") and f"/{KEEP}/" not in rpath:
+        if "/fused/" in rpath and rpath.endswith(".safetensors") and not (KEEP and f"/{KEEP}/" in rpath):
             os.makedirs(os.path.dirname(rpath), exist_ok=True)
             with open(rpath, "wb") as handle:
                 handle.truncate(os.path.getsize(lpath))

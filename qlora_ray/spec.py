@@ -239,6 +239,12 @@ class GptqSpec(_Model):
     group_size: int = Field(128, description="Columns sharing one scale; -1 for one scale per output row.")
     calibration_samples: int = Field(128, gt=0, description="Tenant training rows used to calibrate GPTQ.")
     desc_act: bool = Field(False, description="Quantize columns in order of activation size (slower kernels).")
+    mode: Literal["bulk", "per-tenant"] = Field(
+        "per-tenant", description="bulk: every tenant's model in the shard-wise pass, quantized against Hessians "
+        "captured once on the merge base; per-tenant: a whole GPTQModel run per tenant on its merged model.")
+    hessian: Literal["pooled", "per-tenant"] = Field(
+        "pooled", description="With mode bulk: one Hessian per layer from all tenants' calibration rows (tenants "
+        "are solved stacked), or one per tenant from its own rows (each solved alone).")
 
     @field_validator("group_size")
     @classmethod

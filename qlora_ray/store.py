@@ -159,6 +159,11 @@ def fused_key(job: str, tenant: str, variant: str) -> str:
     return f"{run_key(job)}/fused/{_segment(tenant, 'tenant id')}/{_segment(variant, 'fused variant')}"
 
 
+def hessian_key(job: str, pool: str) -> str:
+    """A bulk-GPTQ Hessian set of the job (fuse/hessians.py): one per merge base, or per tenant too."""
+    return f"{run_key(job)}/hessians/{_segment(pool, 'Hessian pool')}"
+
+
 def ptq_key(job: str, scheme: str) -> str:
     return f"{run_key(job)}/ptq/{_segment(scheme, 'scheme')}"
 

@@ -4,11 +4,14 @@ The driver:
 1. reads the base's layout (index and config, not its weights) and what it needs of every tenant's
    adapter, and plans the builds (fuse/plan.py): an adapter for another base, or with targets the
    base lacks, fails that tenant now, before anything is written, and the others go on;
-2. skips artifacts already complete, and begins a new version (Store.begin) of each bf16/nf4 one;
-3. hands the work to `fuse.workers` actors: one unit per base shard (every tenant's bf16 and nf4
+2. skips artifacts already complete, and begins a new version (Store.begin) of each shard-wise one
+   (bf16, nf4, and gptq-int4 in bulk mode);
+3. for bulk gptq-int4, has the pool capture each Hessian set the builds read (one per merge base,
+   or per tenant), unless the store holds it from the same inputs; a set that fails fails its builds;
+4. hands the work to `fuse.workers` actors: one unit per base shard (every tenant's shard-wise
    outputs for that shard, uploaded into their versions), then one unit per tenant and merge base
-   for gptq-int4, which publishes its own;
-4. seals each bf16/nf4 version (config, tokenizer, index, manifest, _SUCCESS) once all its
+   for per-tenant gptq-int4, which publishes its own;
+5. seals each shard-wise version (config, tokenizer, index, manifest, _SUCCESS) once all its
    shards are in. A version with a failed part is abandoned, never sealed; a failure removes only
    this run's version, never a complete artifact another run published meanwhile.
 """
@@ -27,13 +30,14 @@ from qlora_ray.bases import INDEX_NAME
 from qlora_ray.cluster import error_text, init_ray, node_request, refuse_process_local_store
 from qlora_ray.errors import AdapterError, StoreError, UserError
 from qlora_ray.fuse.layout import BaseLayout, adapter_problems, read_layout
-from qlora_ray.fuse.plan import (AdapterFacts, Build, FuseOutcome, GptqUnit, ShardUnit, TenantPlan, adapter_format,
-                                  fuse_units, gptq_problems, plan_tenant)
+from qlora_ray.fuse.gptq_bulk import quantize_config
+from qlora_ray.fuse.plan import (AdapterFacts, Build, FuseOutcome, GptqUnit, HessianUnit, ShardUnit, TenantPlan,
+                                  adapter_format, fuse_units, gptq_problems, hessian_units, plan_tenant)
 from qlora_ray.fuse.worker import FuseWorker, load_adapter_deltas
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
 from qlora_ray.spec import JobSpec, TenantSpec
-from qlora_ray.store import AlreadyPublished, Draft, Store, adapter_key, base_key, data_key, fused_key
+from qlora_ray.store import AlreadyPublished, Draft, Store, adapter_key, base_key, data_key, fused_key, hessian_key
 from qlora_ray.tables import text_table
 from qlora_ray.work_orders import GptqOrder
 
@@ -144,7 +148,8 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
 
     init_ray()
     resources = spec.fuse.resources
-    by_name = {artifact.name: artifact for artifact in artifacts}
+    hessian_sets = [unit for unit in hessian_units(spec, [a.build for a in artifacts])
+                    if not _hessians_current(store, spec, unit)]
     units = fuse_units(layout.shard_files, {a.name: (a.build, a.draft) for a in artifacts}, gptq_builds)
     # max_task_retries=-1: a unit whose actor died runs again once the actor is back, however many
     # times Ray tries in between; a bounded count is spent in the instant before a dead node is
@@ -152,10 +157,33 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
     actor_class = ray.remote(FuseWorker).options(**node_request(resources), max_restarts=MAX_RESTARTS,
                                                  max_task_retries=-1)
     workers = [actor_class.remote(GptqOrder.of(spec), layout.quantized, int(resources.num_cpus))
-               for _ in range(min(spec.fuse.workers, len(units)))]
-    progress(f"fusing on {len(workers)} worker(s): {len(layout.shard_files)} base shard(s) x {len(artifacts)} "
-             f"bf16/nf4 artifact(s), then {len(gptq_builds)} GPTQ quantization(s)")
+               for _ in range(min(spec.fuse.workers, max(len(units), len(hessian_sets))))]
     started = time.monotonic()
+    if hessian_sets:
+        progress(f"fusing: capturing {len(hessian_sets)} Hessian set(s) for bulk GPTQ on {len(workers)} worker(s)")
+        failed_pools = {}
+
+        def settle_hessians(unit: HessianUnit, result: dict | None, error: str | None) -> None:
+            if error:
+                failed_pools[unit.pool] = error
+                progress(f"fuse: {unit.name} FAILED: {error}")
+            else:
+                progress(f"fuse: {unit.name} captured from {result['metrics']['calibration_rows']} row(s) in "
+                         f"{result['metrics']['seconds']:.0f} s [{time.monotonic() - started:.0f} s]")
+
+        _schedule(workers, hessian_sets, lambda worker, unit: worker.capture_hessians.remote(unit), settle_hessians,
+                  progress)
+        for artifact in artifacts:
+            pool = artifact.build.target.hessian_pool
+            if pool in failed_pools:
+                artifact.error = f"hessians {pool}: {failed_pools[pool]}"
+        if failed_pools:
+            units = fuse_units(layout.shard_files, {a.name: (a.build, a.draft) for a in artifacts if not a.error},
+                               gptq_builds)
+    by_name = {artifact.name: artifact for artifact in artifacts}
+    shard_artifacts = sum(1 for a in artifacts if not a.error)
+    progress(f"fusing on {len(workers)} worker(s): {len(layout.shard_files)} base shard(s) x {shard_artifacts} "
+             f"shard-wise artifact(s), then {len(gptq_builds)} per-tenant GPTQ quantization(s)")
     outcomes: list[FuseOutcome] = []
     shards_done = 0
 
@@ -183,44 +211,12 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
                 outcomes.append(FuseOutcome(build.tenant, build.variant.name, "done", result["metrics"]))
                 progress(f"fuse {unit.name}: done in {result['metrics']['seconds']:.0f} s [{elapsed:.0f} s]")
 
-    # A small scheduling loop rather than ray.util.ActorPool: a failed unit must be known by name
-    # (to fail its artifacts, or to try it again), while ActorPool raises its error without saying
-    # which unit it was.
-    pending = list(range(len(units)))
-    attempts = [0] * len(units)
-    running: dict = {}
-    idle = list(workers)
-    while pending or running:
-        while idle and pending:
-            worker, index = idle.pop(), pending.pop(0)
-            unit = units[index]
-            call = (worker.fuse_shard.remote(unit.shard_file, list(unit.targets), unit.drafts)
-                    if isinstance(unit, ShardUnit) else worker.fuse_gptq.remote(unit.build.target, unit.build.inputs))
-            running[call] = (worker, index)
-        if not running:  # every worker is gone for good
-            for index in pending:
-                settle(units[index], None, f"no fuse worker left: each died {MAX_RESTARTS + 1} times")
-            break
-        ready, _ = ray.wait(list(running), num_returns=1)
-        worker, index = running.pop(ready[0])
-        try:
-            result, error = ray.get(ready[0]), None
-        except ray.exceptions.RayError as exc:
-            result, error = None, error_text(exc)
-            if isinstance(exc, ray.exceptions.ActorDiedError):
-                workers_left = len(idle) + len(running)
-                progress(f"fuse: a worker died past its {MAX_RESTARTS} restarts; {workers_left} left")
-                settle(units[index], None, error)
-                continue
-            attempts[index] += 1
-            # A flaky store is worth another try; a damaged file fails every time, hence the bound.
-            if isinstance(getattr(exc, "cause", None), StoreError) and attempts[index] < STORE_ATTEMPTS:
-                progress(f"fuse: {units[index].name}: {error}; trying again ({attempts[index]}/{STORE_ATTEMPTS})")
-                idle.append(worker)
-                pending.append(index)
-                continue
-        idle.append(worker)
-        settle(units[index], result, error)
+    def call(worker, unit: ShardUnit | GptqUnit):
+        if isinstance(unit, ShardUnit):
+            return worker.fuse_shard.remote(unit.shard_file, list(unit.targets), unit.drafts)
+        return worker.fuse_gptq.remote(unit.build.target, unit.build.inputs)
+
+    _schedule(workers, units, call, settle, progress)
     for worker in workers:
         try:
             ray.get(worker.close.remote())
@@ -232,6 +228,55 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
     return outcomes
 
 
+def _hessians_current(store: Store, spec: JobSpec, unit: HessianUnit) -> bool:
+    """Whether the store holds this Hessian set captured from the same inputs (then it is used as it is)."""
+    key = hessian_key(spec.name, unit.pool)
+    return store.is_complete(key) and store.read_manifest(key)["inputs"] == unit.inputs
+
+
+def _schedule(workers: list, units: list, call: Callable, settle: Callable[[object, dict | None, str | None], None],
+              progress: Callable[[str], None]) -> None:
+    """Run every unit on the pool (call(worker, unit) starts one), settling each as it ends. A worker
+    that died past its restarts leaves `workers`."""
+    import ray
+
+    # A small scheduling loop rather than ray.util.ActorPool: a failed unit must be known by name
+    # (to fail its artifacts, or to try it again), while ActorPool raises its error without saying
+    # which unit it was.
+    pending = list(range(len(units)))
+    attempts = [0] * len(units)
+    running: dict = {}
+    idle = list(workers)
+    while pending or running:
+        while idle and pending:
+            worker, index = idle.pop(), pending.pop(0)
+            running[call(worker, units[index])] = (worker, index)
+        if not running:  # every worker is gone for good
+            for index in pending:
+                settle(units[index], None, f"no fuse worker left: each died {MAX_RESTARTS + 1} times")
+            break
+        ready, _ = ray.wait(list(running), num_returns=1)
+        worker, index = running.pop(ready[0])
+        try:
+            result, error = ray.get(ready[0]), None
+        except ray.exceptions.RayError as exc:
+            result, error = None, error_text(exc)
+            if isinstance(exc, ray.exceptions.ActorDiedError):
+                workers.remove(worker)
+                progress(f"fuse: a worker died past its {MAX_RESTARTS} restarts; {len(workers)} left")
+                settle(units[index], None, error)
+                continue
+            attempts[index] += 1
+            # A flaky store is worth another try; a damaged file fails every time, hence the bound.
+            if isinstance(getattr(exc, "cause", None), StoreError) and attempts[index] < STORE_ATTEMPTS:
+                progress(f"fuse: {units[index].name}: {error}; trying again ({attempts[index]}/{STORE_ATTEMPTS})")
+                idle.append(worker)
+                pending.append(index)
+                continue
+        idle.append(worker)
+        settle(units[index], result, error)
+
+
 def _seal(spec: JobSpec, store: Store, layout: BaseLayout, artifact: _Artifact, base_dir: Path) -> FuseOutcome:
     tenant, name = artifact.build.tenant, artifact.build.variant.name
     missing = [f for f in layout.shard_files if f not in artifact.parts]
@@ -240,7 +285,7 @@ def _seal(spec: JobSpec, store: Store, layout: BaseLayout, artifact: _Artifact, 
         return FuseOutcome(tenant, name, "failed", error=artifact.error or f"shards missing: {missing}")
     try:
         with scratch_dir("fuse-seal") as folder:
-            _write_model_files(base_dir, folder, artifact)
+            _write_model_files(spec, base_dir, folder, artifact)
             files = {rel: store.put_part(artifact.draft, rel, folder / rel) for rel in sorted(p.name for p in folder.iterdir())}
         files.update({shard: {"sha256": part["sha256"], "size": part["size"]} for shard, part in artifact.parts.items()})
         parts = artifact.parts.values()
@@ -271,7 +316,7 @@ def _published_meanwhile(store: Store, spec: JobSpec, tenant: str, variant: str,
     return FuseOutcome(tenant, variant, "skipped", store.read_manifest(key)["metrics"])
 
 
-def _write_model_files(base_dir: Path, folder: Path, artifact: _Artifact) -> None:
+def _write_model_files(spec: JobSpec, base_dir: Path, folder: Path, artifact: _Artifact) -> None:
     """The small files of a fused HF folder: the base's tokenizer and configs, config.json with the
     scheme's quantization_config, and the index of the fused shards."""
     for path in base_dir.iterdir():
@@ -280,6 +325,10 @@ def _write_model_files(base_dir: Path, folder: Path, artifact: _Artifact) -> Non
     config = json.loads((base_dir / "config.json").read_text())
     if artifact.build.variant.scheme == "nf4":
         config["quantization_config"] = artifact.build.target.output_format.quantization_config()
+    if artifact.build.variant.scheme == "gptq-int4":  # as GPTQModel's save writes them
+        gptq = quantize_config(spec.fuse.gptq)
+        config["quantization_config"] = gptq.to_dict()
+        gptq.save_pretrained(str(folder))
     (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
     weight_map = {name: shard for shard, part in sorted(artifact.parts.items()) for name in part["tensors"]}
     total = sum(part["tensor_bytes"] for part in artifact.parts.values())

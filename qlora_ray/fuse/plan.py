@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from qlora_ray.fuse.gptq import group_size_problems
 from qlora_ray.fuse.layout import BaseLayout
 from qlora_ray.fuse.quant import FourBit, trained_format
-from qlora_ray.fuse.shards import SHARD_SCHEMES, ShardTarget
+from qlora_ray.fuse.shards import GPTQ, SHARD_SCHEMES, ShardTarget
 from qlora_ray.spec import FusedVariant, JobSpec, TenantSpec
-from qlora_ray.store import Draft, adapter_key, base_key, data_key
+from qlora_ray.store import Draft, adapter_key, base_key, data_key, hessian_key
 
 
 @dataclass
@@ -51,7 +51,7 @@ class Build:
 
     @property
     def shard_wise(self) -> bool:
-        return self.variant.scheme in SHARD_SCHEMES
+        return self.variant.scheme in SHARD_SCHEMES or self.target.hessian_pool is not None
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,13 @@ def gptq_problems(spec: JobSpec, layout: BaseLayout) -> list[str]:
     if "gptq-int4" not in spec.fuse.schemes:
         return []
     return group_size_problems(spec.fuse.gptq, {name: layout.shapes[name][-1] for name in layout.quantized})
+
+
+def hessian_pool(spec: JobSpec, tenant: TenantSpec, merge_base: str, trained: FourBit | None) -> str:
+    """The name of the Hessian set a bulk gptq-int4 build of this tenant is quantized against: one per
+    merge base (and 4-bit format, for the NF4-dequantized base), or per tenant too."""
+    name = merge_base if merge_base == "original" else f"{merge_base}.{trained.quant_type}{'-dq' if trained.double_quant else ''}"
+    return f"{name}.{tenant.id}" if spec.fuse.gptq.hessian == "per-tenant" else name
 
 
 def plan_tenant(spec: JobSpec, tenant: TenantSpec, todo: list[FusedVariant], adapter: AdapterFacts,
@@ -117,7 +124,11 @@ def plan_tenant(spec: JobSpec, tenant: TenantSpec, todo: list[FusedVariant], ada
             inputs["gptq"] = spec.fuse.gptq.model_dump(mode="json")
             inputs["calibration"] = {"key": data_key(spec.name, tenant.id),
                                      "train_sha256": adapter.data_manifest["inputs"].get("train_sha256")}
-        target = ShardTarget(tenant.id, variant.merge_base, (variant.scheme,), trained, output_format(tenant))
+        pool = None
+        if variant.scheme == GPTQ and spec.fuse.gptq.mode == "bulk":
+            pool = hessian_pool(spec, tenant, variant.merge_base, trained)
+            inputs["hessians"] = {"key": hessian_key(spec.name, pool)}
+        target = ShardTarget(tenant.id, variant.merge_base, (variant.scheme,), trained, output_format(tenant), pool)
         builds.append(Build(variant, inputs, target))
     return TenantPlan(builds, failed)
 
@@ -134,6 +145,40 @@ class ShardUnit:
     @property
     def name(self) -> str:
         return f"shard {self.shard_file}"
+
+
+@dataclass(frozen=True)
+class HessianUnit:
+    """One Hessian set captured on its merge base from its tenants' calibration rows, and published."""
+
+    pool: str
+    merge_base: str
+    trained_format: FourBit | None  # the 4-bit format of the NF4-dequantized merge base
+    calibration: dict[str, str | None]  # tenant -> the sha256 of its staged training rows
+    inputs: dict  # what its manifest records; an artifact with other inputs is captured again
+
+    @property
+    def name(self) -> str:
+        return f"hessians {self.pool}"
+
+
+def hessian_units(spec: JobSpec, builds: list[Build]) -> list[HessianUnit]:
+    """One unit per Hessian set the bulk gptq-int4 builds read, each listing the tenants it pools."""
+    pools: dict[str, list[Build]] = {}
+    for build in builds:
+        if build.variant.scheme == GPTQ and build.target.hessian_pool is not None:
+            pools.setdefault(build.target.hessian_pool, []).append(build)
+    units = []
+    for pool, members in sorted(pools.items()):
+        first = members[0].target
+        calibration = {b.tenant: b.inputs["calibration"]["train_sha256"] for b in sorted(members, key=lambda b: b.tenant)}
+        inputs = {"job": spec.name, "pool": pool, "merge_base": first.merge_base,
+                  "trained_format": vars(first.trained_format) if first.merge_base == "nf4-dequantized" else None,
+                  "base": members[0].inputs["base"], "calibration_samples": spec.fuse.gptq.calibration_samples,
+                  "calibration": calibration}
+        units.append(HessianUnit(pool, first.merge_base, first.trained_format if first.merge_base == "nf4-dequantized"
+                                 else None, calibration, inputs))
+    return units
 
 
 @dataclass(frozen=True)
@@ -155,8 +200,9 @@ def shard_targets(builds: list[Build]) -> tuple[ShardTarget, ...]:
         key = (build.tenant, build.variant.merge_base)
         target = grouped.get(key)
         schemes = (target.schemes if target else ()) + (build.variant.scheme,)
+        pool = build.target.hessian_pool or (target.hessian_pool if target else None)
         grouped[key] = ShardTarget(build.tenant, build.variant.merge_base, schemes,
-                                   build.target.trained_format, build.target.output_format)
+                                   build.target.trained_format, build.target.output_format, pool)
     return tuple(grouped.values())
 
 

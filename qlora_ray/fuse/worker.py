@@ -11,20 +11,25 @@ and re-runs its unfinished unit there, which uploads the same parts again.
 from __future__ import annotations
 
 import contextlib
+import json
 import shutil
 import time
 from pathlib import Path
 
 from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
+from qlora_ray.bases import INDEX_NAME
 from qlora_ray.errors import AdapterError
+from qlora_ray.fuse.hessians import SiteHessian, capture_hessians, padded_batches, read_hessians, write_hessians
 from qlora_ray.fuse.math import LoraDelta, adapter_deltas
-from qlora_ray.fuse.shards import ShardTarget, fuse_shard, load_shard
-from qlora_ray.hardware import peak_memory_bytes, preferred_device
+from qlora_ray.fuse.plan import HessianUnit
+from qlora_ray.fuse.quant import roundtrip_4bit
+from qlora_ray.fuse.shards import GPTQ, ShardTarget, fuse_shard, load_shard
+from qlora_ray.hardware import compute_dtype, peak_memory_bytes, preferred_device
 from qlora_ray.library_output import route_library_output
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.spec import FusedVariant
 from qlora_ray.staged_data import TRAIN_FILE, fetch_rows
-from qlora_ray.store import Draft, adapter_key, base_key, fused_key
+from qlora_ray.store import Draft, adapter_key, base_key, fused_key, hessian_key
 from qlora_ray.work_orders import GptqOrder
 
 
@@ -59,8 +64,18 @@ def worker_facts() -> dict:
     return peak
 
 
+def release_gpu_cache() -> None:
+    """Hand the memory a unit freed back to the GPU: the pool's workers may share one, and what one
+    worker's allocator keeps cached the others cannot use."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 class FuseWorker:
-    """Runs fuse units: one base shard for many targets, or one tenant's GPTQ quantization."""
+    """Runs fuse units: a Hessian set for bulk GPTQ, one base shard for many targets, or one tenant's
+    whole-model GPTQ quantization."""
 
     def __init__(self, order: GptqOrder, quantized: frozenset[str], threads: int):
         import torch
@@ -94,6 +109,68 @@ class FuseWorker:
             self._deltas[tenant] = load_adapter_deltas(folder, self.device)
         return self._deltas[tenant]
 
+    def capture_hessians(self, unit: HessianUnit) -> dict:
+        """Capture one Hessian set on its merge base from its tenants' calibration rows (the rows the
+        per-tenant path would calibrate on), and publish it in place of any older set. Returns its manifest."""
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from qlora_ray.fuse.gptq import CALIBRATION_BATCH, calibration_batch, calibration_texts
+
+        started = time.perf_counter()
+        work = self.cache / "hessians" / unit.pool
+        try:
+            files = list(self.store.read_manifest(base_key(self.order.base))["files"])
+            with self._base(files) as base_dir:
+                tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+                model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto")
+                weight_map = json.loads((base_dir / INDEX_NAME).read_text())["weight_map"]
+            model.to(self.device).eval()
+            if unit.trained_format is not None:  # the NF4-dequantized base, as fuse_shard makes it (in the stored dtype)
+                for name, parameter in model.named_parameters():
+                    if name in self.quantized:
+                        parameter.data = roundtrip_4bit(parameter.data, unit.trained_format)
+            model.to(compute_dtype(self.device))
+            rows = []
+            for tenant in unit.calibration:
+                staged = fetch_rows(self.store, self.order.job, tenant, TRAIN_FILE, work / "data" / tenant)
+                texts = calibration_texts(staged, tokenizer, self.order.gptq.calibration_samples)
+                rows += [row["input_ids"] for row in calibration_batch(texts, tokenizer)]
+            pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            loaded = time.perf_counter()
+            hessians = capture_hessians(model, padded_batches(rows, CALIBRATION_BATCH, pad, self.device), self.quantized)
+            del model
+            captured = time.perf_counter()
+            out = work / "out"
+            out.mkdir(parents=True)
+            by_shard: dict[str, list[str]] = {}
+            for name, shard in weight_map.items():
+                by_shard.setdefault(shard, []).append(name)
+            sites, weights = len(hessians.sums), len(hessians.weight_sites)
+            written = write_hessians(hessians, {f: tuple(n) for f, n in by_shard.items()}, out)
+            del hessians
+            release_gpu_cache()
+            metrics = {"seconds": round(time.perf_counter() - started, 2), "load_seconds": round(loaded - started, 2),
+                       "capture_seconds": round(captured - loaded, 2), "write_seconds": round(time.perf_counter() - captured, 2),
+                       "calibration_rows": len(rows), "calibration_tokens": sum(map(len, rows)),
+                       "sites": sites, "weights": weights,
+                       "size_bytes": sum(written.values()), **worker_facts()}
+            return self.store.replace(hessian_key(self.order.job, unit.pool), out, kind="hessians",
+                                      inputs=unit.inputs, metrics=metrics)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+
+    def _shard_hessians(self, shard_file: str, targets: list[ShardTarget]) -> dict[str, dict[str, SiteHessian]]:
+        """pool -> weight -> Hessian, for this shard's weights, of every Hessian set its bulk-GPTQ targets read."""
+        hessians = {}
+        for pool in sorted({t.hessian_pool for t in targets if GPTQ in t.schemes}):
+            key = hessian_key(self.order.job, pool)
+            if shard_file not in self.store.read_manifest(key)["files"]:
+                hessians[pool] = {}  # a shard with no quantized weight
+                continue
+            with self.store.local_copy(key, [shard_file]) as folder:
+                hessians[pool] = read_hessians(folder / shard_file, self.device)
+        return hessians
+
     def fuse_shard(self, shard_file: str, targets: list[ShardTarget], drafts: dict[str, Draft]) -> dict:
         """Merge one base shard for every target and upload each output as a part of its artifact's
         version (drafts: "<tenant>/<variant>" -> the version the driver began)."""
@@ -101,6 +178,7 @@ class FuseWorker:
         with self._base([shard_file]) as folder:
             base = load_shard(folder / shard_file, self.device)
         deltas = {target.tenant: self._tenant_deltas(target.tenant) for target in targets}
+        hessians = self._shard_hessians(shard_file, targets)
         out_dir = self.cache / "out" / shard_file
         parts = {}
 
@@ -111,10 +189,12 @@ class FuseWorker:
                                             "tensor_bytes": output.tensor_bytes, "seconds": output.seconds}
 
         try:
-            fuse_shard(base, targets, deltas, self.quantized, out_dir, shard_file, on_output=upload)
+            fuse_shard(base, targets, deltas, self.quantized, out_dir, shard_file, on_output=upload,
+                       hessians=hessians, gptq=self.order.gptq)
         finally:
             shutil.rmtree(out_dir, ignore_errors=True)
-        del base
+        del base, hessians
+        release_gpu_cache()
         return {"shard": shard_file, "parts": parts, "seconds": round(time.perf_counter() - started, 3), **worker_facts()}
 
     def fuse_gptq(self, target: ShardTarget, inputs: dict) -> dict:

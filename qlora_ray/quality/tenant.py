@@ -112,6 +112,8 @@ def evaluate_tenant(order: EvalOrder, *, device: str, progress: Callable[[str], 
                                         sources={role: {"key": k, "manifest_sha256": inputs["artifacts"][k]}
                                                  for role, k in sources.items()}))
             row = measured[-1]
+            if config.kind == "fused" and config.variant.scheme == "gptq-int4":
+                row["description"] += gptq_method(store.read_manifest(sources["model"])["inputs"].get("gptq") or {})
             progress(f"eval {tenant_id}: {config.name}: accuracy {row['accuracy']:.1%}, perplexity "
                      f"{row['perplexity']:.4f}, {row['tokens_per_second']:.1f} tok/s ({row['seconds']:.0f} s)")
         results = {"tenant": tenant_id, "device": device, "rows": measured, "missing": missing}
@@ -120,6 +122,14 @@ def evaluate_tenant(order: EvalOrder, *, device: str, progress: Callable[[str], 
         (out / RESULTS_FILE).write_text(json.dumps(results, indent=2))
         metrics = {"configurations": len(measured), "missing": len(missing), "eval_rows": len(rows), "node_id": node_id}
         return store.publish(key, out, kind="eval", inputs=inputs, metrics=metrics, keep_existing=True)
+
+
+def gptq_method(settings: dict) -> str:
+    """How a gptq-int4 artifact was quantized, by its manifest's settings, for its row's description."""
+    if settings.get("mode") == "bulk":
+        hessian = "its own calibration rows" if settings.get("hessian") == "per-tenant" else "every tenant's rows pooled"
+        return f"; bulk GPTQ against the merge base's Hessians from {hessian}"
+    return "; GPTQModel on the merged model, per tenant"
 
 
 def measure(config: EvalConfig, tenant: TenantSpec, rows: list[dict], paths: dict[str, Path], *, device: str,

@@ -4,6 +4,8 @@ format, and the refusals."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -75,9 +77,20 @@ def test_merging_into_a_4bit_base_the_tenant_never_had_is_refused(tmp_path):
 
 
 def test_a_scheme_that_is_not_shard_wise_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="'gptq-int4' is not written shard by shard"):
-        fuse_shard(base_shard(), [target("a", schemes=("gptq-int4",))], {"a": delta(1)}, frozenset({Q}),
+    with pytest.raises(ValueError, match="'gguf' is not written shard by shard"):
+        fuse_shard(base_shard(), [target("a", schemes=("gguf",))], {"a": delta(1)}, frozenset({Q}),
                    tmp_path, "s.safetensors")
+
+
+def test_gptq_is_shard_wise_only_against_stored_hessians(tmp_path):
+    from qlora_ray.spec import GptqSpec
+
+    gptq = target("a", schemes=("gptq-int4",))
+    with pytest.raises(ValueError, match="need the GPTQ settings and the Hessians"):
+        fuse_shard(base_shard(), [gptq], {"a": delta(1)}, frozenset({Q}), tmp_path, "s.safetensors")
+    with pytest.raises(ValueError, match=f"{Q}: the Hessian set 'original' has no Hessian"):
+        fuse_shard(base_shard(), [replace(gptq, hessian_pool="original")], {"a": delta(1)}, frozenset({Q}), tmp_path,
+                   "s.safetensors", hessians={"original": {}}, gptq=GptqSpec(group_size=32))
 
 
 def test_a_gptq_group_size_must_divide_every_input_size():
@@ -109,3 +122,10 @@ def test_a_gptq_checkpoint_keeps_dense_tensors_in_bf16_whatever_it_computed_in(t
     assert torch.equal(tensors["q.qweight"], qweight) and tensors["q.scales"].dtype == torch.float16
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["dtype"] == "bfloat16" and config["quantization_config"] == {"bits": 4}
+
+
+def test_tenants_are_stacked_in_near_equal_stacks_under_the_element_bound():
+    down_proj = 4096 * 14336  # an 8B's: 9 fit under the bound
+    assert [len(s) for s in shards.stacks(list(range(24)), down_proj)] == [8, 8, 8]
+    assert [len(s) for s in shards.stacks(list(range(24)), 4096 * 1024)] == [24]
+    assert [len(s) for s in shards.stacks(list(range(3)), shards.MAX_STACK_ELEMENTS * 2)] == [1, 1, 1]

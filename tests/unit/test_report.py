@@ -55,3 +55,12 @@ def test_the_markdown_and_terminal_reports_hold_every_row_and_the_failures():
     assert "keeps at least 98% of the accuracy" in markdown
     assert "sql (50 eval rows, scorer sql, on cpu)" in text and "FAILED sql/nf4.original" in text
     assert "None." in render_markdown(report({"nf4.original": PASS}, {"nf4": "nf4.original"}))
+
+
+def test_a_gptq_rows_description_says_how_it_was_quantized():
+    from qlora_ray.quality.tenant import gptq_method
+
+    assert gptq_method({"mode": "per-tenant"}) == "; GPTQModel on the merged model, per tenant"
+    assert gptq_method({}) == "; GPTQModel on the merged model, per tenant"  # made before bulk GPTQ existed
+    assert "every tenant's rows pooled" in gptq_method({"mode": "bulk", "hessian": "pooled"})
+    assert "its own calibration rows" in gptq_method({"mode": "bulk", "hessian": "per-tenant"})

@@ -1,0 +1,155 @@
+"""Calibration statistics for bulk GPTQ: each quantized weight's input Hessian, captured once per job.
+
+GPTQ quantizes a weight against H = 2/n · XᵀX, X being the n token rows that reach the weight on
+calibration data. Per-tenant GPTQ (GPTQModel) re-captures every layer's inputs through each tenant's
+own merged model. Bulk GPTQ captures them once, on the merge base itself (the 16-bit original or
+its NF4-dequantized form), from the tenants' calibration rows, either pooled (one Hessian for every
+tenant, so tenants are solved stacked) or one set per tenant from its own rows.
+
+Weights that read the same input tensor (q/k/v of attention, gate/up of an MLP) share one Hessian
+("site"): found at capture, by the forward handing each of them the very same tensor object, so no
+architecture's module names are hard-coded. On disk a set is one safetensors file per base shard,
+holding the upper triangles of the sites its quantized weights read (a Hessian is symmetric, so
+half is stored: an 8B's set is 16 GB rather than 33), with the weight -> site map in its metadata.
+Local functions only (no Ray, no store).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+@dataclass
+class Hessians:
+    """XᵀX sums (float32) per site, their token counts, and the site each weight reads."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    tokens: dict[str, int] = field(default_factory=dict)
+    weight_sites: dict[str, str] = field(default_factory=dict)
+
+    def normalized(self, site: str) -> torch.Tensor:
+        """H as GPTQModel's GPTQ holds it: 2/n · XᵀX over the n calibration tokens."""
+        return self.sums[site] * (2.0 / self.tokens[site])
+
+
+def capture_hessians(model: torch.nn.Module, batches, weight_names: frozenset[str]) -> Hessians:
+    """Run the model's decoder over `batches` ((input_ids, attention_mask) pairs on the model's device)
+    and sum XᵀX of the non-padding token rows reaching every nn.Linear whose weight is in weight_names."""
+    hessians = Hessians()
+    state = {"input": None, "site": None, "keep": None}
+    handles = []
+
+    def hook_for(weight: str):
+        def hook(module, args):
+            x = args[0]
+            site = hessians.weight_sites.setdefault(weight, state["site"] if x is state["input"] else weight)
+            state["input"], state["site"] = x, site
+            if site != weight:
+                return  # reads the input another weight of this site already summed
+            rows = x.reshape(-1, x.shape[-1])[state["keep"]].float()
+            if site not in hessians.sums:
+                hessians.sums[site] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+                hessians.tokens[site] = 0
+            hessians.sums[site].addmm_(rows.T, rows)
+            hessians.tokens[site] += rows.shape[0]
+        return hook
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and f"{name}.weight" in weight_names:
+            handles.append(module.register_forward_pre_hook(hook_for(f"{name}.weight")))
+    missing = sorted(weight_names - {f"{name}.weight" for name, _ in model.named_modules()})
+    if missing:
+        raise ValueError(f"the model has no linear layers for {missing[:3]} ({len(missing)} weight(s))")
+    # XᵀX is most of the capture's work (a pool of 24 tenants' rows is ~1M tokens). On a GPU the
+    # model computes in bf16, whose values TF32 holds exactly, and TF32 accumulates in fp32: the
+    # tensor cores give the same sums as full fp32, many times faster.
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        with torch.no_grad():
+            for input_ids, attention_mask in batches:
+                state.update(input=None, site=None, keep=attention_mask.reshape(-1).bool())
+                # The decoder alone: the LM head is never quantized, and its logits would cost vocab x tokens.
+                model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        for handle in handles:
+            handle.remove()
+        state.clear()
+    unreached = sorted(weight_names - set(hessians.weight_sites))
+    if unreached:
+        raise ValueError(f"no calibration input reached {unreached[:3]} ({len(unreached)} weight(s))")
+    return hessians
+
+
+def padded_batches(rows: list[list[int]], batch_size: int, pad_id: int, device: str):
+    """(input_ids, attention_mask) batches of token rows, right-padded; rows of similar length go
+    together so little is padded."""
+    ordered = sorted((row for row in rows if row), key=len)
+    for start in range(0, len(ordered), batch_size):
+        chunk = ordered[start:start + batch_size]
+        width = len(chunk[-1])
+        ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), width), dtype=torch.long)
+        for i, row in enumerate(chunk):
+            ids[i, :len(row)] = torch.tensor(row)
+            mask[i, :len(row)] = 1
+        yield ids.to(device), mask.to(device)
+
+
+def upper_triangle(matrix: torch.Tensor) -> torch.Tensor:
+    """The upper triangle (diagonal included) of a square matrix, row by row, as one vector."""
+    keep = torch.ones(matrix.shape, dtype=torch.bool, device=matrix.device).triu()
+    return matrix[keep]
+
+
+def symmetric_from_upper(packed: torch.Tensor, size: int) -> torch.Tensor:
+    """The symmetric matrix whose upper triangle upper_triangle() gave."""
+    keep = torch.ones((size, size), dtype=torch.bool, device=packed.device).triu()
+    full = torch.zeros((size, size), dtype=packed.dtype, device=packed.device)
+    full[keep] = packed
+    return full + full.triu(1).T
+
+
+def write_hessians(hessians: Hessians, shards: dict[str, tuple[str, ...]], folder: Path) -> dict[str, int]:
+    """One file per base shard (named as the shard) holding the sites its weights read, normalized.
+    Shards without quantized weights get no file. Returns {file: bytes}."""
+    written = {}
+    for shard_file, names in sorted(shards.items()):
+        weights = {name: hessians.weight_sites[name] for name in names if name in hessians.weight_sites}
+        if not weights:
+            continue
+        sites = sorted(set(weights.values()))
+        tensors = {site: upper_triangle(hessians.normalized(site)).cpu() for site in sites}
+        metadata = {"weight_sites": json.dumps(weights, sort_keys=True),
+                    "tokens": json.dumps({site: hessians.tokens[site] for site in sites}, sort_keys=True),
+                    "columns": json.dumps({site: hessians.sums[site].shape[0] for site in sites}, sort_keys=True)}
+        path = folder / shard_file
+        save_file(tensors, str(path), metadata={"format": "pt", **metadata})
+        written[shard_file] = path.stat().st_size
+        del tensors
+    return written
+
+
+@dataclass(frozen=True)
+class SiteHessian:
+    """One site's H (2/n · XᵀX, float32) and its n calibration tokens."""
+
+    matrix: torch.Tensor
+    tokens: int
+
+
+def read_hessians(path: Path, device: str) -> dict[str, SiteHessian]:
+    """weight name -> its site's Hessian, from a file write_hessians made (weights of one site share one tensor)."""
+    with safe_open(str(path), framework="pt", device=device) as handle:
+        metadata = handle.metadata()
+        weight_sites, tokens, columns = (json.loads(metadata[k]) for k in ("weight_sites", "tokens", "columns"))
+        sites = {site: SiteHessian(symmetric_from_upper(handle.get_tensor(site), columns[site]), tokens[site])
+                 for site in sorted(set(weight_sites.values()))}
+    return {weight: sites[site] for weight, site in weight_sites.items()}

@@ -1,0 +1,131 @@
+"""Bulk gptq-int4 end to end on the tiny base: Hessian sets in the store, every tenant's GPTQ model
+written in the shard-wise pass, loaded by plain transformers, and equal to GPTQModel's per-tenant
+run where both see the same inputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from qlora_ray.fuse.launch import fuse_job
+from qlora_ray.store import Store, fused_key, hessian_key
+from tests.conftest import copy_base
+from tests.helpers import base_dir_of, fuse_spec, publish_adapter
+
+GPTQ = {"group_size": 32, "calibration_samples": 16}
+IDS = torch.tensor([[5, 72, 101, 108, 108, 111, 32, 119, 111, 114, 108, 100, 33, 10]])
+Q_PROJ = "model.layers.0.self_attn.q_proj"
+
+
+@pytest.fixture
+def two_tenants(tiny_store, tmp_path):
+    store = Store(str(tmp_path / "store"))
+    copy_base(tiny_store, store, tmp_path)
+    base_dir = base_dir_of(store, tmp_path)
+    for seed, tenant in enumerate(("acme", "globex")):
+        publish_adapter(store, tenant, base_dir, tmp_path, seed=seed, r=4, lora_alpha=8)
+    return store, base_dir
+
+
+def fetched(store: Store, tenant: str, variant: str, folder: Path) -> Path:
+    store.fetch(fused_key("t", tenant, variant), folder / tenant / variant)
+    return folder / tenant / variant
+
+
+def tensors_of(folder: Path) -> dict[str, torch.Tensor]:
+    return {name: t for path in folder.glob("*.safetensors") for name, t in load_file(str(path)).items()}
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(IDS).logits.float()
+
+
+def test_bulk_gptq_loads_in_transformers_and_matches_gptqmodel_where_inputs_agree(two_tenants, tmp_path, local_ray):
+    store, base_dir = two_tenants
+    # GPTQModel's whole-model run for acme, kept aside, then removed so that bulk mode makes it again.
+    per_tenant = fuse_spec(tmp_path, store, ["acme"], schemes=["gptq-int4"], gptq=GPTQ)
+    (outcome,) = fuse_job(per_tenant, progress=lambda _: None)
+    assert outcome.state == "done", outcome.error
+    reference_dir = fetched(store, "acme", "gptq-int4.original", tmp_path / "per-tenant")
+    reference = tensors_of(reference_dir)
+    store.delete(fused_key("t", "acme", "gptq-int4.original"))
+
+    lines = []
+    bulk = fuse_spec(tmp_path, store, ["acme", "globex"], schemes=["bf16", "gptq-int4"],
+                     gptq={**GPTQ, "mode": "bulk", "hessian": "per-tenant"})
+    outcomes = fuse_job(bulk, progress=lines.append)
+    assert [(o.tenant, o.variant, o.state) for o in outcomes] == [
+        ("acme", "bf16.original", "done"), ("acme", "gptq-int4.original", "done"),
+        ("globex", "bf16.original", "done"), ("globex", "gptq-int4.original", "done")], [o.error for o in outcomes]
+    assert any("capturing 2 Hessian set(s)" in line for line in lines)
+    hessians = store.read_manifest(hessian_key("t", "original.acme"))
+    assert hessians["kind"] == "hessians" and list(hessians["inputs"]["calibration"]) == ["acme"]
+    assert hessians["metrics"]["calibration_rows"] == 16
+    manifest = store.read_manifest(fused_key("t", "acme", "gptq-int4.original"))
+    assert manifest["inputs"]["gptq"]["mode"] == "bulk"
+    assert manifest["inputs"]["hessians"] == {"key": hessian_key("t", "original.acme")}
+
+    folder = fetched(store, "acme", "gptq-int4.original", tmp_path / "bulk")
+    ours = tensors_of(folder)
+    assert sorted(ours) == sorted(reference)  # the same checkpoint layout as GPTQModel's save
+    assert all(ours[name].dtype == reference[name].dtype for name in ours)
+    # Layer 0's q/k/v read the embeddings, which the adapter does not change: the base's inputs are the
+    # merged model's, so the per-tenant Hessian is GPTQModel's own (up to summation order).
+    scales_ratio = ours[f"{Q_PROJ}.scales"].float() / reference[f"{Q_PROJ}.scales"].float()
+    torch.testing.assert_close(scales_ratio, torch.ones_like(scales_ratio), rtol=1e-3, atol=1e-3)
+    same_words = (ours[f"{Q_PROJ}.qweight"] == reference[f"{Q_PROJ}.qweight"]).float().mean().item()
+    assert same_words > 0.95, same_words
+    config = json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert (config["quant_method"], config["bits"], config["group_size"], config["checkpoint_format"]) == (
+        "gptq", 4, 32, "gptq")
+
+    quantized = AutoModelForCausalLM.from_pretrained(str(folder))
+    assert type(quantized.model.layers[0].self_attn.q_proj).__module__.startswith("gptqmodel.")
+    merged = logits(AutoModelForCausalLM.from_pretrained(str(fetched(store, "acme", "bf16.original", tmp_path / "bulk")),
+                                                         dtype=torch.float32))
+    base = logits(AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32))
+    got = logits(quantized)
+    gptqmodels = logits(AutoModelForCausalLM.from_pretrained(str(reference_dir)))
+    assert (got - merged).norm() < (got - base).norm()
+    assert (got - merged).norm() < 1.5 * (gptqmodels - merged).norm()  # as close to the merged model as GPTQModel's
+
+    # A rerun reuses the Hessian sets and skips what is complete.
+    created = hessians["created_at"]
+    assert {o.state for o in fuse_job(bulk, progress=lambda _: None)} == {"skipped"}
+    assert store.read_manifest(hessian_key("t", "original.acme"))["created_at"] == created
+
+
+def test_pooled_hessians_per_merge_base_and_a_changed_pool_is_captured_again(two_tenants, tmp_path, local_ray):
+    store, _ = two_tenants
+    spec = fuse_spec(tmp_path, store, ["acme", "globex"], schemes=["gptq-int4"], merge_base="both",
+                     gptq={**GPTQ, "mode": "bulk"})
+    outcomes = fuse_job(spec, progress=lambda _: None)
+    assert [o.state for o in outcomes] == ["done"] * 4, [o.error for o in outcomes]
+    original = store.read_manifest(hessian_key("t", "original"))
+    dequantized = store.read_manifest(hessian_key("t", "nf4-dequantized.nf4-dq"))
+    assert list(original["inputs"]["calibration"]) == ["acme", "globex"]
+    assert original["metrics"]["calibration_rows"] == 32  # both tenants' 16 rows
+    assert dequantized["inputs"]["trained_format"] == {"quant_type": "nf4", "double_quant": True}
+    # The two merge bases' Hessians differ (the NF4 round trip changes every layer's inputs past the first).
+    with store.local_copy(hessian_key("t", "original")) as one, \
+            store.local_copy(hessian_key("t", "nf4-dequantized.nf4-dq")) as other:
+        first, second = sorted(one.glob("*.safetensors")), sorted(other.glob("*.safetensors"))
+        assert [p.name for p in first] == [p.name for p in second]
+        assert any(not torch.equal(load_file(str(x))[k], load_file(str(y))[k])
+                   for x, y in zip(first, second) for k in load_file(str(x)))
+    for tenant in ("acme", "globex"):
+        codes = [tensors_of(fetched(store, tenant, f"gptq-int4.{base}", tmp_path / base))[f"{Q_PROJ}.qweight"]
+                 for base in ("original", "nf4-dequantized")]
+        assert not torch.equal(*codes)
+
+    # One tenant fused again alone: its pool is now only its rows, so the set is captured anew.
+    store.delete(fused_key("t", "globex", "gptq-int4.original"))
+    (again,) = [o for o in fuse_job(spec, progress=lambda _: None) if o.state != "skipped"]
+    assert (again.tenant, again.variant, again.state) == ("globex", "gptq-int4.original", "done")
+    assert list(store.read_manifest(hessian_key("t", "original"))["inputs"]["calibration"]) == ["globex"]
