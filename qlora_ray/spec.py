@@ -245,6 +245,9 @@ class GptqSpec(_Model):
     hessian: Literal["pooled", "per-tenant"] = Field(
         "pooled", description="With mode bulk: one Hessian per layer from all tenants' calibration rows (tenants "
         "are solved stacked), or one per tenant from its own rows (each solved alone).")
+    sequential: bool = Field(
+        True, description="With mode bulk: take each layer's Hessians from the outputs of the layers before it "
+        "once quantized, as GPTQ does (false: all from the 16-bit merge base, in one forward).")
 
     @field_validator("group_size")
     @classmethod

@@ -63,6 +63,15 @@ def solve_stacked(weights: list[torch.Tensor], hessian: torch.Tensor, tokens: in
     return [GptqCodes(d, s, z, g_idx) for d, s, z in zip(dequantized.split(rows), scales.split(rows), zeros.split(rows))]
 
 
+def quantize_layer_in_place(layer: torch.nn.Module, prefix: str, hessians: dict, config) -> None:
+    """Replace each weight `prefix + name` of the layer named in hessians (weight name -> SiteHessian)
+    by its GPTQ-quantized value: what the next layer's Hessians are then taken through."""
+    for weight, hessian in hessians.items():
+        parameter = layer.get_parameter(weight.removeprefix(prefix))
+        (codes,) = solve_stacked([parameter.data], hessian.matrix, hessian.tokens, config)
+        parameter.data = codes.dequantized.to(parameter.dtype)
+
+
 def _to_int32(words: torch.Tensor) -> torch.Tensor:
     """int64 words -> int32 holding their low 32 bits (GPTQ's words are unsigned bit patterns)."""
     words = words & 0xFFFFFFFF

@@ -38,15 +38,35 @@ class Hessians:
         return self.sums[site] * (2.0 / self.tokens[site])
 
 
-def capture_hessians(model: torch.nn.Module, batches, weight_names: frozenset[str]) -> Hessians:
+@dataclass(frozen=True)
+class SiteHessian:
+    """One site's H (2/n · XᵀX, float32) and its n calibration tokens."""
+
+    matrix: torch.Tensor
+    tokens: int
+
+
+class _LayerInputs(Exception):
+    """Raised by the hook that caught the first decoder layer's inputs: the rest of the forward is not needed."""
+
+
+def capture_hessians(model: torch.nn.Module, batches, weight_names: frozenset[str], quantize_layer=None) -> Hessians:
     """Run the model's decoder over `batches` ((input_ids, attention_mask) pairs on the model's device)
-    and sum XᵀX of the non-padding token rows reaching every nn.Linear whose weight is in weight_names."""
+    and sum XᵀX of the non-padding token rows reaching every nn.Linear whose weight is in weight_names.
+
+    With quantize_layer, layer by layer as GPTQ itself goes: each decoder layer's Hessians are taken
+    from the outputs of the layers before it once those are quantized (quantize_layer(layer, its
+    name + ".", {weight name: SiteHessian}) quantizes a layer's weights in place), so that every layer's
+    quantization is chosen against the error the earlier layers' quantization left. Without it,
+    from the model as it is, in one forward."""
     hessians = Hessians()
-    state = {"input": None, "site": None, "keep": None}
+    state = {"input": None, "site": None, "keep": None, "on": True}
     handles = []
 
     def hook_for(weight: str):
         def hook(module, args):
+            if not state["on"]:
+                return  # a pass that only makes the next layer's inputs
             x = args[0]
             site = hessians.weight_sites.setdefault(weight, state["site"] if x is state["input"] else weight)
             state["input"], state["site"] = x, site
@@ -73,10 +93,13 @@ def capture_hessians(model: torch.nn.Module, batches, weight_names: frozenset[st
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
         with torch.no_grad():
-            for input_ids, attention_mask in batches:
-                state.update(input=None, site=None, keep=attention_mask.reshape(-1).bool())
-                # The decoder alone: the LM head is never quantized, and its logits would cost vocab x tokens.
-                model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            if quantize_layer is None:
+                for input_ids, attention_mask in batches:
+                    state.update(input=None, site=None, keep=attention_mask.reshape(-1).bool())
+                    # The decoder alone: the LM head is never quantized, and its logits would cost vocab x tokens.
+                    model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            else:
+                _layer_by_layer(model, batches, hessians, state, quantize_layer)
     finally:
         torch.backends.cuda.matmul.allow_tf32 = tf32
         for handle in handles:
@@ -86,6 +109,44 @@ def capture_hessians(model: torch.nn.Module, batches, weight_names: frozenset[st
     if unreached:
         raise ValueError(f"no calibration input reached {unreached[:3]} ({len(unreached)} weight(s))")
     return hessians
+
+
+def _layer_by_layer(model: torch.nn.Module, batches, hessians: Hessians, state: dict, quantize_layer) -> None:
+    """Catch the first decoder layer's inputs for every batch (GPTQ's "catcher"), then per layer: one
+    pass through it to sum its Hessians, quantize it, and one pass more to make the next layer's inputs."""
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
+        raise ValueError(f"{type(model).__name__}: no decoder layers at base_model.layers to quantize layer by layer")
+    caught = []
+
+    def catch(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        caught.append([hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}, args[1:]])
+        raise _LayerInputs
+
+    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    keeps = []
+    try:
+        for input_ids, attention_mask in batches:
+            keeps.append(attention_mask.reshape(-1).bool())
+            try:
+                model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _LayerInputs:
+                pass
+    finally:
+        handle.remove()
+    names = {module: name for name, module in model.named_modules()}
+    for layer in layers:
+        for (hidden, kwargs, rest), keep in zip(caught, keeps):
+            state.update(input=None, site=None, keep=keep, on=True)
+            layer(hidden, *rest, **kwargs)
+        prefix = names[layer] + "."
+        quantize_layer(layer, prefix, {weight: SiteHessian(hessians.normalized(site), hessians.tokens[site])
+                                       for weight, site in hessians.weight_sites.items() if weight.startswith(prefix)})
+        state.update(input=None, site=None, on=False)
+        for entry in caught:
+            output = layer(entry[0], *entry[2], **entry[1])
+            entry[0] = output[0] if isinstance(output, tuple) else output
 
 
 def padded_batches(rows: list[list[int]], batch_size: int, pad_id: int, device: str):
@@ -135,14 +196,6 @@ def write_hessians(hessians: Hessians, shards: dict[str, tuple[str, ...]], folde
         written[shard_file] = path.stat().st_size
         del tensors
     return written
-
-
-@dataclass(frozen=True)
-class SiteHessian:
-    """One site's H (2/n · XᵀX, float32) and its n calibration tokens."""
-
-    matrix: torch.Tensor
-    tokens: int
 
 
 def read_hessians(path: Path, device: str) -> dict[str, SiteHessian]:

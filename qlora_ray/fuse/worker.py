@@ -19,6 +19,7 @@ from pathlib import Path
 from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
 from qlora_ray.bases import INDEX_NAME
 from qlora_ray.errors import AdapterError
+from qlora_ray.fuse.gptq_bulk import quantize_config, quantize_layer_in_place
 from qlora_ray.fuse.hessians import SiteHessian, capture_hessians, padded_batches, read_hessians, write_hessians
 from qlora_ray.fuse.math import LoraDelta, adapter_deltas
 from qlora_ray.fuse.plan import HessianUnit
@@ -137,7 +138,12 @@ class FuseWorker:
                 rows += [row["input_ids"] for row in calibration_batch(texts, tokenizer)]
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             loaded = time.perf_counter()
-            hessians = capture_hessians(model, padded_batches(rows, CALIBRATION_BATCH, pad, self.device), self.quantized)
+            quantize = None
+            if self.order.gptq.sequential:
+                config = quantize_config(self.order.gptq)
+                quantize = lambda layer, prefix, found: quantize_layer_in_place(layer, prefix, found, config)  # noqa: E731
+            hessians = capture_hessians(model, padded_batches(rows, CALIBRATION_BATCH, pad, self.device), self.quantized,
+                                        quantize)
             del model
             captured = time.perf_counter()
             out = work / "out"

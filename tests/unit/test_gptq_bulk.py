@@ -135,3 +135,32 @@ def test_upper_triangle_round_trip():
     packed = upper_triangle(matrix)
     assert packed.numel() == 17 * 18 // 2
     assert torch.equal(symmetric_from_upper(packed, 17), matrix.triu() + matrix.triu(1).T)
+
+
+def test_sequential_capture_takes_each_layer_from_the_quantized_layers_before_it():
+    """Layer 0 reads the embeddings either way; layer 1 reads layer 0's output, which the sequential
+    capture quantized first (through quantize_layer, once per layer, with that layer's weights only)."""
+    from qlora_ray.fuse.gptq_bulk import quantize_layer_in_place
+
+    names = frozenset(f"model.layers.{i}.{linear}.weight" for i in range(2) for linear in LINEARS)
+    rows = [[1, 5, 9, 3, 4], [7, 8], [2, 3, 4, 5, 6, 7, 8, 9, 10]]
+    model = _tiny_llama()
+    plain = capture_hessians(model, padded_batches(rows, 2, 0, "cpu"), names)
+    config = quantize_config(GptqSpec(group_size=16))
+    calls = []
+
+    def quantize(layer, prefix, hessians):
+        calls.append((prefix, sorted(hessians)))
+        quantize_layer_in_place(layer, prefix, hessians, config)
+
+    before = model.model.layers[0].mlp.down_proj.weight.clone()
+    sequential = capture_hessians(model, padded_batches(rows, 2, 0, "cpu"), names, quantize)
+    assert [prefix for prefix, _ in calls] == ["model.layers.0.", "model.layers.1."]
+    assert calls[0][1] == sorted(n for n in names if ".0." in n)
+    assert sequential.weight_sites == plain.weight_sites and sequential.tokens == plain.tokens
+    for site in plain.sums:
+        if ".layers.0.self_attn.q_proj" in site:
+            torch.testing.assert_close(sequential.sums[site], plain.sums[site])
+        elif ".layers.1." in site:
+            assert not torch.allclose(sequential.sums[site], plain.sums[site])
+    assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, before)  # quantized in place
