@@ -178,9 +178,13 @@ def symmetric_from_upper(packed: torch.Tensor, size: int) -> torch.Tensor:
     return full + full.triu(1).T
 
 
-def write_hessians(hessians: Hessians, shards: dict[str, tuple[str, ...]], folder: Path) -> dict[str, int]:
-    """One file per base shard (named as the shard) holding the sites its weights read, normalized.
-    Shards without quantized weights get no file. Returns {file: bytes}."""
+def write_hessians(hessians: Hessians, weight_map: dict[str, str], folder: Path) -> dict[str, int]:
+    """One file per base shard (named as the shard; weight_map is the base's index: tensor -> shard)
+    holding the sites its weights read, normalized. Shards without quantized weights get no file.
+    Returns {file: bytes}."""
+    shards: dict[str, list[str]] = {}
+    for name, shard_file in weight_map.items():
+        shards.setdefault(shard_file, []).append(name)
     written = {}
     for shard_file, names in sorted(shards.items()):
         weights = {name: hessians.weight_sites[name] for name in names if name in hessians.weight_sites}

@@ -11,6 +11,7 @@ and re-runs its unfinished unit there, which uploads the same parts again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import time
@@ -138,21 +139,16 @@ class FuseWorker:
                 rows += [row["input_ids"] for row in calibration_batch(texts, tokenizer)]
             pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
             loaded = time.perf_counter()
-            quantize = None
-            if self.order.gptq.sequential:
-                config = quantize_config(self.order.gptq)
-                quantize = lambda layer, prefix, found: quantize_layer_in_place(layer, prefix, found, config)  # noqa: E731
+            quantize = (functools.partial(quantize_layer_in_place, config=quantize_config(self.order.gptq))
+                        if self.order.gptq.sequential else None)
             hessians = capture_hessians(model, padded_batches(rows, CALIBRATION_BATCH, pad, self.device), self.quantized,
                                         quantize)
             del model
             captured = time.perf_counter()
             out = work / "out"
             out.mkdir(parents=True)
-            by_shard: dict[str, list[str]] = {}
-            for name, shard in weight_map.items():
-                by_shard.setdefault(shard, []).append(name)
             sites, weights = len(hessians.sums), len(hessians.weight_sites)
-            written = write_hessians(hessians, {f: tuple(n) for f, n in by_shard.items()}, out)
+            written = write_hessians(hessians, weight_map, out)
             del hessians
             release_gpu_cache()
             metrics = {"seconds": round(time.perf_counter() - started, 2), "load_seconds": round(loaded - started, 2),
