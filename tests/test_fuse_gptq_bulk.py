@@ -129,3 +129,23 @@ def test_pooled_hessians_per_merge_base_and_a_changed_pool_is_captured_again(two
     (again,) = [o for o in fuse_job(spec, progress=lambda _: None) if o.state != "skipped"]
     assert (again.tenant, again.variant, again.state) == ("globex", "gptq-int4.original", "done")
     assert list(store.read_manifest(hessian_key("t", "original"))["inputs"]["calibration"]) == ["globex"]
+
+
+def test_a_hessian_set_that_cannot_be_captured_fails_only_the_builds_that_read_it(two_tenants, tmp_path, local_ray):
+    from qlora_ray.store import data_key
+    from tests.helpers import stored_file
+
+    store, _ = two_tenants
+    Path(stored_file(store, data_key("t", "globex"), "train.jsonl")).write_text('{"prompt": "tampered"}\n')
+    spec = fuse_spec(tmp_path, store, ["acme", "globex"], schemes=["bf16", "gptq-int4"],
+                     gptq={**GPTQ, "mode": "bulk", "hessian": "per-tenant"})
+    lines = []
+    outcomes = {(o.tenant, o.variant): o for o in fuse_job(spec, progress=lines.append)}
+    assert [k for k, o in outcomes.items() if o.state == "done"] == [
+        ("acme", "bf16.original"), ("acme", "gptq-int4.original"), ("globex", "bf16.original")]
+    failed = outcomes[("globex", "gptq-int4.original")]
+    assert failed.state == "failed" and failed.error.startswith("hessians original.globex: ")
+    assert "damaged" in failed.error or "sha256" in failed.error, failed.error
+    assert any("hessians original.globex FAILED" in line for line in lines)
+    assert not store.is_complete(hessian_key("t", "original.globex"))
+    assert not store.is_complete(fused_key("t", "globex", "gptq-int4.original"))
