@@ -4,14 +4,15 @@
 
 Base: shape:llama3-8b (random weights: speed only). Tenants: N adapters with random LoRA factors
 (r 16, the seven projections of every layer), each with the dates task's training rows staged as
-its calibration data. Every phase is `qlora_ray.fuse.launch.fuse_job` on a local Ray cluster, with
-the same workers and resources, on the same base, in the same run:
+its calibration data. Every phase is `qlora_ray.fuse.launch.fuse_job` on a local Ray cluster, on the
+same base, in the same run, with --workers workers sharing the GPU (per-tenant: one, see below):
 
 - per-tenant: `fuse.gptq.mode: per-tenant` for the first --per-tenant tenants (a whole GPTQModel
   run each, on one worker holding the whole GPU: each worker keeps a 16-bit merged copy on local
   disk, and two would not fit beside the base on the machine's 64 GiB); its wall time is scaled to
   N tenants;
-- bulk: `fuse.gptq.mode: bulk` (pooled Hessian) for all N tenants, Hessian capture included;
+- bulk: `fuse.gptq.mode: bulk` (pooled Hessian, the default capture) for all N tenants, Hessian
+  capture included;
 - shard16: bf16 and nf4 for all N tenants (the shard-wise pass the other schemes already had), so
   the table shows what each scheme costs per tenant.
 
