@@ -875,9 +875,12 @@ def _lost_a_conditional_write(exc: OSError) -> bool:
 @functools.cache
 def _checksum_errors() -> tuple[type[BaseException], ...]:
     """botocore's verdict that a body failed the checksum S3 stored with the object (CRC32 by default).
-    Imported when first needed, on an error: folder and memory stores have no use for botocore."""
-    from botocore.exceptions import FlexibleChecksumError
-
+    Imported when first needed, on an error: folder and memory stores have no use for botocore, and
+    a remote store other than S3 (gcsfs, a custom fsspec protocol) may run without it: then none."""
+    try:
+        from botocore.exceptions import FlexibleChecksumError
+    except ImportError:
+        return ()
     return (FlexibleChecksumError,)
 
 
@@ -885,11 +888,18 @@ def _checksum_errors() -> tuple[type[BaseException], ...]:
 def _transfer_faults() -> tuple[type[BaseException], ...]:
     """What _retrying reads again: bytes that failed a checksum, and a response body cut short
     (aiohttp's ClientPayloadError and botocore's wrappers around a broken body read)."""
-    from aiohttp import ClientPayloadError
-    from botocore.exceptions import IncompleteReadError, ResponseStreamingError
-
-    return (_Damaged, *_checksum_errors(), ClientPayloadError, IncompleteReadError, ResponseStreamingError,
-            http.client.IncompleteRead)
+    faults = [_Damaged, *_checksum_errors(), http.client.IncompleteRead]
+    try:  # absent where the store's protocol does not use them; their faults cannot happen there either
+        from aiohttp import ClientPayloadError
+        faults.append(ClientPayloadError)
+    except ImportError:
+        pass
+    try:
+        from botocore.exceptions import IncompleteReadError, ResponseStreamingError
+        faults += [IncompleteReadError, ResponseStreamingError]
+    except ImportError:
+        pass
+    return tuple(faults)
 
 
 def _with_s3_retries(options: dict) -> dict:

@@ -234,6 +234,29 @@ def test_a_local_store_that_cannot_be_created(tmp_path):
         Store(str(blocker / "store")).check_reachable()
 
 
+def test_a_fault_is_named_as_itself_where_botocore_is_not_installed(tmp_path, monkeypatch):
+    """Folder and memory stores need no botocore (a GPU image may lack it): a disk that fills up
+    during a publish is reported as that, not as a failed import of botocore."""
+    import sys
+
+    from qlora_ray import store as store_module
+
+    monkeypatch.setitem(sys.modules, "botocore", None)
+    monkeypatch.setitem(sys.modules, "botocore.exceptions", None)
+    store_module._checksum_errors.cache_clear()
+    store = Store(str(tmp_path / "store"))
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store.fs, "put_file", disk_full)
+    try:
+        with pytest.raises(StoreError, match="No space left on device"):
+            store.publish("bases/b", make_artifact(tmp_path / "src"), kind="base", inputs={})
+    finally:
+        store_module._checksum_errors.cache_clear()
+
+
 def test_display_uri_hides_credentials():
     assert display_uri("s3://AKIA:secret@bucket/x") == "s3://bucket/x"
     assert display_uri("/local/path") == "/local/path"
