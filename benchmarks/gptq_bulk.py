@@ -1,6 +1,6 @@
 """Bulk gptq-int4 (one shard-wise pass for every tenant) against per-tenant GPTQ, on a GPU.
 
-    python3 benchmarks/gptq_bulk.py --out OUT_DIR [--tenants 24] [--per-tenant 2] [--phases per-tenant,bulk,shard16]
+    python3 benchmarks/gptq_bulk.py --out OUT_DIR [--tenants 24] [--per-tenant 2] [--phases per-tenant,bulk,bulk-own,shard16]
 
 Base: shape:llama3-8b (random weights: speed only). Tenants: N adapters with random LoRA factors
 (r 16, the seven projections of every layer), each with the dates task's training rows staged as
@@ -11,14 +11,26 @@ same base, in the same run, with --workers workers sharing the GPU (per-tenant: 
   run each, on one worker holding the whole GPU: each worker keeps a 16-bit merged copy on local
   disk, and two would not fit beside the base on the machine's 64 GiB); its wall time is scaled to
   N tenants;
-- bulk: `fuse.gptq.mode: bulk` (pooled Hessian, the default capture) for all N tenants, Hessian
-  capture included;
+- bulk: `fuse.gptq.mode: bulk` (one Hessian set from every tenant's rows pooled, captured layer by
+  layer) for all N tenants, the capture included;
+- bulk-own: `mode: bulk, hessian: per-tenant` (each tenant's Hessians from its own rows) for the
+  first --own-tenants tenants: a set is 16 GB on an 8B, so N of them do not fit the disk;
 - shard16: bf16 and nf4 for all N tenants (the shard-wise pass the other schemes already had), so
   the table shows what each scheme costs per tenant.
+
+The gptq-int4 phases merge into --merge-base (default: the NF4-dequantized base, where bulk GPTQ
+with each tenant's own rows keeps the demo tenants' accuracy: docs/quality.md).
 
 The machine's disk cannot hold N tenants' outputs: fused shards go to a sink (sparse files, see
 fuse_speed.py; FUSE_SINK_KEEP="" keeps none). The base and the Hessian sets are stored for real.
 Results: OUT_DIR/gptq-bulk.json and .md, written after every phase.
+
+A device call is limited to 10 minutes, less than the phases take on an 8B. With --resume, a
+call reuses the base, the adapters and the results that an earlier call (on the same, still warm
+machine) left in --work, so the phases can be spread over back-to-back calls of one run:
+
+    gptq_bulk.py --out OUT --work .gptq-bulk-work --phases per-tenant
+    gptq_bulk.py --out OUT --work .gptq-bulk-work --phases bulk --resume
 """
 
 from __future__ import annotations
@@ -41,15 +53,15 @@ CALIBRATION = REPO / "jobs" / "data" / "dates" / "train.jsonl"
 
 
 def phase_job(work: Path, store_url: str, shape: str, tenants: list[str], schemes: list[str], gptq: dict,
-              workers: int, device: str) -> Path:
+              workers: int, device: str, merge_base: str = "original") -> Path:
     import yaml
 
     job = {"name": "bench", "store": store_url, "base": {"name": "base", "source": f"shape:{shape}"},
            "tenants": [{"id": t, "train_data": str(CALIBRATION)} for t in tenants],
-           "fuse": {"schemes": schemes, "merge_base": "original", "workers": workers, "gptq": gptq,
+           "fuse": {"schemes": schemes, "merge_base": merge_base, "workers": workers, "gptq": gptq,
                     "resources": {"num_cpus": max(1, 12 // workers) if device == "cuda" else 1,
                                   "num_gpus": 1 / workers if device == "cuda" else 0}}}
-    path = work / f"job-{'-'.join(schemes)}-{gptq.get('mode', 'per-tenant')}.yaml"
+    path = work / f"job-{'-'.join(schemes)}-{gptq.get('mode', 'per-tenant')}-{gptq.get('hessian', 'pooled')}.yaml"
     path.write_text(yaml.safe_dump(job))
     return path
 
@@ -59,14 +71,21 @@ def run_phase(name: str, job: Path, store, results: dict, out: Path) -> dict:
 
     from qlora_ray.fuse.launch import fuse_job
     from qlora_ray.spec import load_spec
-    from qlora_ray.store import fused_key, hessian_key
+    from qlora_ray.store import fused_key, run_key
 
     spec = load_spec(job)
     ray.init(address="local", include_dashboard=False, log_to_driver=True,
              runtime_env={"worker_process_setup_hook": "benchmarks.fuse_speed.register_sink",
                           "env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), "FUSE_SINK_KEEP": ""}})
     started = time.perf_counter()
-    outcomes = fuse_job(spec, progress=lambda line: print(f"[{name}] {line}", flush=True))
+    last_unit = [0.0]  # when the last unit of work came back: the rest of the wall time is sealing
+
+    def progress(line: str) -> None:
+        if " done " in line or "captured" in line:
+            last_unit[0] = time.perf_counter() - started
+        print(f"[{name}] {line}", flush=True)
+
+    outcomes = fuse_job(spec, progress=progress)
     seconds = time.perf_counter() - started
     ray.shutdown()
     failed = [(o.tenant, o.variant, o.error) for o in outcomes if o.state != "done"]
@@ -75,16 +94,19 @@ def run_phase(name: str, job: Path, store, results: dict, out: Path) -> dict:
     tenants = len({o.tenant for o in outcomes})
     peak = lambda key: round(max(o.metrics.get(key, 0) for o in outcomes) / 2**30, 2)  # noqa: E731
     row = {"phase": name, "schemes": sorted({o.variant for o in outcomes}), "tenants": tenants,
-           "wall_seconds": round(seconds, 1), "seconds_per_tenant": round(seconds / tenants, 2),
+           "gptq": spec.fuse.gptq.model_dump(), "wall_seconds": round(seconds, 1),
+           "seconds_per_tenant": round(seconds / tenants, 2), "last_unit_done_seconds": round(last_unit[0], 1),
            "worker_peak_rss_gib": peak("worker_peak_rss_bytes"), "worker_peak_gpu_gib": peak("worker_peak_gpu_bytes"),
            "size_gb_per_tenant": {o.variant: round(o.metrics["size_bytes"] / 1e9, 2) for o in outcomes}}
-    if "gptq-int4" in spec.fuse.schemes and spec.fuse.gptq.mode == "bulk":
-        pool = "original"  # the one pooled set of merge base original
-        metrics = store.read_manifest(hessian_key(spec.name, pool))["metrics"]
-        row["hessians"] = {k: metrics[k] for k in ("seconds", "load_seconds", "capture_seconds", "write_seconds",
-                                                   "calibration_rows", "calibration_tokens", "sites", "size_bytes")}
-        row["hessians"]["worker_peak_gpu_gib"] = round(metrics.get("worker_peak_gpu_bytes", 0) / 2**30, 2)
-        store.delete(hessian_key(spec.name, pool))
+    hessian_sets = [f"{run_key(spec.name)}/hessians/{pool}" for pool in store.list_complete(f"{run_key(spec.name)}/hessians")]
+    if hessian_sets:
+        metrics = [store.read_manifest(key)["metrics"] for key in hessian_sets]
+        row["hessians"] = {"sets": len(metrics), **{k: round(sum(m[k] for m in metrics), 2) for k in (
+            "seconds", "load_seconds", "capture_seconds", "write_seconds", "calibration_rows", "calibration_tokens",
+            "sites", "size_bytes")}}
+        row["hessians"]["worker_peak_gpu_gib"] = round(max(m.get("worker_peak_gpu_bytes", 0) for m in metrics) / 2**30, 2)
+        for key in hessian_sets:
+            store.delete(key)
     for outcome in outcomes:  # sparse shards, but their small files are real; the next phase starts clean
         store.delete(fused_key(spec.name, outcome.tenant, outcome.variant))
     results["phases"][name] = row
@@ -94,10 +116,10 @@ def run_phase(name: str, job: Path, store, results: dict, out: Path) -> dict:
 
 
 def save(results: dict, out: Path) -> None:
-    (out / "gptq-bulk.json").write_text(json.dumps(results, indent=2))
     phases = results["phases"]
     lines = [f"# Bulk gptq-int4 against per-tenant GPTQ, {results['tenants']} tenants of shape:{results['shape']} "
-             f"({results['date']})", "", f"Device: {results['device']}. Command: `{results['command']}`", "",
+             f"({results['date']})", "", f"Device: {results['device']}. Commands: "
+             + "; ".join(f"`{command}`" for command in results["commands"]), "",
              "| phase | tenants timed | wall s | s per tenant | worker peak GPU GiB | worker peak RSS GiB |",
              "|---|---|---|---|---|---|"]
     lines += [f"| {name} ({', '.join(row['schemes'])}) | {row['tenants']} | {row['wall_seconds']} | "
@@ -109,50 +131,40 @@ def save(results: dict, out: Path) -> None:
         results["bulk_speedup"] = round(scaled / phases["bulk"]["wall_seconds"], 2)
         lines += ["", f"Per-tenant GPTQ scaled to {results['tenants']} tenants: {scaled:.0f} s; bulk took "
                   f"{phases['bulk']['wall_seconds']} s: **{results['bulk_speedup']}x** (target: 5x)."]
-    if "bulk" in phases and "hessians" in phases["bulk"]:
-        h = phases["bulk"]["hessians"]
-        lines += ["", f"Bulk's Hessian set: {h['calibration_rows']} rows ({h['calibration_tokens']} tokens), "
-                  f"{h['sites']} sites, {h['size_bytes'] / 1e9:.1f} GB: base loaded in {h['load_seconds']} s, "
-                  f"captured in {h['capture_seconds']} s, written and published in {h['write_seconds']} s."]
-        (out / "gptq-bulk.json").write_text(json.dumps(results, indent=2))
+    if "per-tenant" in phases and "bulk-own" in phases:
+        results["bulk_own_speedup_per_tenant"] = round(
+            phases["per-tenant"]["seconds_per_tenant"] / phases["bulk-own"]["seconds_per_tenant"], 2)
+        lines += ["", f"Bulk with each tenant's own Hessians: {phases['bulk-own']['seconds_per_tenant']} s a tenant "
+                  f"against per-tenant GPTQ's {phases['per-tenant']['seconds_per_tenant']} s: "
+                  f"**{results['bulk_own_speedup_per_tenant']}x** a tenant ({phases['bulk-own']['tenants']} tenants timed)."]
+    for name, row in phases.items():
+        if "hessians" in row:
+            h = row["hessians"]
+            lines += ["", f"{name}: {h['sets']} Hessian set(s) from {h['calibration_rows']} rows "
+                      f"({h['calibration_tokens']} tokens), {h['size_bytes'] / 1e9:.1f} GB, {h['seconds']} s of "
+                      f"capture units (loading the base {h['load_seconds']} s, capturing {h['capture_seconds']} s, "
+                      f"writing and publishing {h['write_seconds']} s); a capture worker's peak GPU memory "
+                      f"{h['worker_peak_gpu_gib']} GiB. Its last unit was done at {row['last_unit_done_seconds']} s "
+                      f"of {row['wall_seconds']} s (the rest: sealing the artifacts)."]
+    for folder in (out, Path(results["work"])):  # the work copy is what a --resume call continues
+        (folder / "gptq-bulk.json").write_text(json.dumps(results, indent=2))
     (out / "gptq-bulk.md").write_text("\n".join(lines) + "\n")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--tenants", type=int, default=24)
-    parser.add_argument("--per-tenant", type=int, default=2, help="tenants timed through per-tenant GPTQ")
-    parser.add_argument("--phases", default="per-tenant,bulk,shard16")
-    parser.add_argument("--workers", type=int, default=4, help="fuse workers sharing the GPU (bulk and shard16)")
-    parser.add_argument("--shard-size", default="2GB", help="the base's shard size")
-    parser.add_argument("--shape", default="llama3-8b", help="shape:NAME of the base (tiny to try it on a CPU)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/gptq-bulk"))
-    args = parser.parse_args()
+def make_base_and_tenants(args, store, tenants: list[str], device: str, results: dict) -> None:
     import torch
+    from transformers import AutoConfig
 
     from qlora_ray.bases import import_base
-    from qlora_ray.store import Store, adapter_key, data_key
+    from qlora_ray.store import adapter_key, data_key
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    args.out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(args.work, ignore_errors=True)
-    register_sink()
-    store_url = f"sink://{args.work}/store"
-    store = Store(store_url)
-    results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "shape": args.shape,
-               "tenants": args.tenants, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
-               "command": " ".join([Path(sys.executable).name, *sys.argv]), "phases": {}}
     started = time.perf_counter()
     import_base(f"shape:{args.shape}", "base", store, shard_size=args.shard_size, device=device, progress=print)
     results["base_import_seconds"] = round(time.perf_counter() - started, 1)
     if device == "cuda":
         torch.cuda.empty_cache()  # the base was made on the GPU the workers share
-    from transformers import AutoConfig
-
     store.fetch("bases/base", args.work / "base-config", only=["config.json"])
     config = AutoConfig.from_pretrained(str(args.work / "base-config"))
-    tenants = [f"tenant-{i:02d}" for i in range(args.tenants)]
     rows = args.work / "rows"
     rows.mkdir(parents=True)
     shutil.copy(CALIBRATION, rows / "train.jsonl")
@@ -162,15 +174,61 @@ def main() -> None:
         store.publish(adapter_key("bench", tenant), folder, kind="adapter", inputs={"training_fingerprint": "random"})
         store.publish(data_key("bench", tenant), rows, kind="data", inputs={"train_sha256": "dates"})
         shutil.rmtree(folder)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--tenants", type=int, default=24)
+    parser.add_argument("--per-tenant", type=int, default=2, help="tenants timed through per-tenant GPTQ")
+    parser.add_argument("--phases", default="per-tenant,bulk,bulk-own,shard16")
+    parser.add_argument("--own-tenants", type=int, default=2,
+                        help="tenants timed through bulk-own (each tenant's Hessian set is 16 GB on an 8B)")
+    parser.add_argument("--merge-base", default="nf4-dequantized", choices=["original", "nf4-dequantized"],
+                        help="the gptq-int4 phases' merge base (shard16 merges into the original)")
+    parser.add_argument("--workers", type=int, default=4, help="fuse workers sharing the GPU (bulk and shard16)")
+    parser.add_argument("--shard-size", default="2GB", help="the base's shard size")
+    parser.add_argument("--shape", default="llama3-8b", help="shape:NAME of the base (tiny to try it on a CPU)")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/gptq-bulk"))
+    parser.add_argument("--resume", action="store_true", help="continue the run an earlier call left in --work")
+    args = parser.parse_args()
+    import torch
+
+    from qlora_ray.store import Store
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work = args.work.resolve()
+    register_sink()
+    store_url = f"sink://{args.work}/store"
+    store = Store(store_url)
+    command = " ".join([Path(sys.executable).name, *sys.argv])
+    tenants = [f"tenant-{i:02d}" for i in range(args.tenants)]
+    if args.resume:
+        if not (args.work / "gptq-bulk.json").is_file():
+            raise SystemExit(f"--resume: no earlier call's results in {args.work}")
+        results = json.loads((args.work / "gptq-bulk.json").read_text())
+        if (results["shape"], results["tenants"]) != (args.shape, args.tenants):
+            raise SystemExit(f"--resume: {args.work} holds {results['tenants']} tenants of shape:{results['shape']}")
+        results["commands"].append(command)
+    else:
+        shutil.rmtree(args.work, ignore_errors=True)
+        results = {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "shape": args.shape,
+                   "tenants": args.tenants, "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu",
+                   "commands": [command], "work": str(args.work), "phases": {}}
+        make_base_and_tenants(args, store, tenants, device, results)
     save(results, args.out)
     gptq = {} if device == "cuda" else {"group_size": 32, "calibration_samples": 16}
     for phase in args.phases.split(","):
         if phase == "per-tenant":
             job = phase_job(args.work, store_url, args.shape, tenants[:args.per_tenant], ["gptq-int4"], gptq,
-                            1, device)
+                            1, device, args.merge_base)
         elif phase == "bulk":
             job = phase_job(args.work, store_url, args.shape, tenants, ["gptq-int4"], {**gptq, "mode": "bulk"},
-                            args.workers, device)
+                            args.workers, device, args.merge_base)
+        elif phase == "bulk-own":
+            job = phase_job(args.work, store_url, args.shape, tenants[:args.own_tenants], ["gptq-int4"],
+                            {**gptq, "mode": "bulk", "hessian": "per-tenant"}, args.workers, device, args.merge_base)
         elif phase == "shard16":
             job = phase_job(args.work, store_url, args.shape, tenants, ["bf16", "nf4"], gptq, args.workers, device)
         else:
