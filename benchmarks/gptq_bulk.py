@@ -27,10 +27,11 @@ Results: OUT_DIR/gptq-bulk.json and .md, written after every phase.
 
 A device call is limited to 10 minutes, less than the phases take on an 8B. With --resume, a
 call reuses the base, the adapters and the results that an earlier call (on the same, still warm
-machine) left in --work, so the phases can be spread over back-to-back calls of one run:
+machine) left in --work, so the phases can be spread over back-to-back calls of one run. Keep
+--work under /tmp there: the repository's ignored folders are not kept between calls.
 
-    gptq_bulk.py --out OUT --work .gptq-bulk-work --phases per-tenant
-    gptq_bulk.py --out OUT --work .gptq-bulk-work --phases bulk --resume
+    gptq_bulk.py --out OUT --phases per-tenant
+    gptq_bulk.py --out OUT --phases bulk --resume
 """
 
 from __future__ import annotations
