@@ -338,3 +338,28 @@ def test_gptq_calibrates_on_short_rows_and_names_rows_without_tokens(tiny_store,
     assert (tmp_path / "out" / "config.json").exists()
     with pytest.raises(DataError, match="hold no tokens"):
         gptq_quantize(base, tmp_path / "out2", ["", ""], GptqSpec(group_size=32), device="cpu")
+
+
+def test_the_pool_is_no_larger_than_the_machine_and_one_that_cannot_start_fails_at_once(tiny_job_store, tmp_path,
+                                                                                     local_ray):
+    """On a cluster we started (nothing will join it), a fuse worker that no node can place would
+    wait without end, and so would the unit handed to it: the pool shrinks to what fits, and a job
+    whose one worker cannot fit fails now, naming the setting, with nothing published."""
+    from qlora_ray.fuse.launch import _pool_size
+
+    base_dir = base_dir_of(tiny_job_store, tmp_path)
+    publish_adapter(tiny_job_store, "acme", base_dir, tmp_path, seed=1, r=4, lora_alpha=8)
+    lines = []
+    assert _pool_size(fuse_spec(tmp_path, tiny_job_store, ["acme"], workers=4), 4, lines.append) == 2  # 2 CPUs
+    assert lines == ["fuse.workers: 4 asked, but this machine has room for 2 worker(s) of CPU 1 (fuse.resources); "
+                     "fusing on 2"]
+    assert _pool_size(fuse_spec(tmp_path, tiny_job_store, ["acme"], workers=4), 1, lines.append) == 1
+    assert len(lines) == 1  # fewer units than room: nothing to say
+
+    spec = fuse_spec(tmp_path, tiny_job_store, ["acme"], resources={"num_cpus": 3})
+    outcomes = fuse_job(spec, progress=lines.append)
+    assert [(o.variant, o.state) for o in outcomes] == [("bf16.original", "failed"), ("nf4.original", "failed")]
+    assert all("fuse.resources: no node of this Ray cluster has room for one fuse worker (CPU 3)" in o.error
+               for o in outcomes)
+    assert not tiny_job_store.list_complete("runs/t/fused/acme")
+    assert not tiny_job_store.fs.exists(tiny_job_store.path("runs/t/fused/acme/bf16.original"))

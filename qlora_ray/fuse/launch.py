@@ -27,7 +27,8 @@ from typing import Callable
 
 from qlora_ray.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_files
 from qlora_ray.bases import INDEX_NAME
-from qlora_ray.cluster import error_text, init_ray, node_request, refuse_process_local_store
+from qlora_ray.cluster import (copies_that_fit, error_text, init_ray, joined_existing_cluster, live_node_resources,
+                               node_request, ray_resource_names, refuse_process_local_store)
 from qlora_ray.errors import AdapterError, StoreError, UserError
 from qlora_ray.fuse.layout import BaseLayout, adapter_problems, read_layout
 from qlora_ray.fuse.gptq_bulk import quantize_config
@@ -151,13 +152,19 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
     hessian_sets = [unit for unit in hessian_units(spec, [a.build for a in artifacts])
                     if not _hessians_current(store, spec, unit)]
     units = fuse_units(layout.shard_files, {a.name: (a.build, a.draft) for a in artifacts}, gptq_builds)
+    pool_size = _pool_size(spec, max(len(units), len(hessian_sets)), progress)
+    if not pool_size:
+        error = (f"fuse.resources: no node of this Ray cluster has room for one fuse worker ({_asked(resources)}); "
+                 "lower fuse.resources")
+        progress(f"fuse: failed: {error}")
+        return _refuse_all(store, artifacts, gptq_builds, error)
     # max_task_retries=-1: a unit whose actor died runs again once the actor is back, however many
     # times Ray tries in between; a bounded count is spent in the instant before a dead node is
     # known dead. The restarts bound it: past them the actor is gone and its unit fails.
     actor_class = ray.remote(FuseWorker).options(**node_request(resources), max_restarts=MAX_RESTARTS,
                                                  max_task_retries=-1)
     workers = [actor_class.remote(GptqOrder.of(spec), layout.quantized, int(resources.num_cpus))
-               for _ in range(min(spec.fuse.workers, max(len(units), len(hessian_sets))))]
+               for _ in range(pool_size)]
     started = time.monotonic()
     if hessian_sets:
         progress(f"fusing: capturing {len(hessian_sets)} Hessian set(s) for bulk GPTQ on {len(workers)} worker(s)")
@@ -232,6 +239,32 @@ def _hessians_current(store: Store, spec: JobSpec, unit: HessianUnit) -> bool:
     """Whether the store holds this Hessian set captured from the same inputs (then it is used as it is)."""
     key = hessian_key(spec.name, unit.pool)
     return store.is_complete(key) and store.read_manifest(key)["inputs"] == unit.inputs
+
+
+def _pool_size(spec: JobSpec, units: int, progress: Callable[[str], None]) -> int:
+    """How many fuse workers to start: fuse.workers, no more than there are units, and, on a cluster
+    we started (no autoscaler: no node will join), no more than its nodes have room for. A worker no
+    node can place waits without end, and so would every unit handed to it. 0: not even one fits."""
+    wanted = min(spec.fuse.workers, units)
+    if joined_existing_cluster():
+        return wanted
+    room = copies_that_fit(live_node_resources(), ray_resource_names(spec.fuse.resources))
+    if room < wanted:
+        progress(f"fuse.workers: {wanted} asked, but this machine has room for {room} worker(s) of "
+                 f"{_asked(spec.fuse.resources)} (fuse.resources); fusing on {room}")
+    return min(wanted, room)
+
+
+def _asked(resources) -> str:
+    return ", ".join(f"{name} {amount:g}" for name, amount in ray_resource_names(resources).items() if amount > 0)
+
+
+def _refuse_all(store: Store, artifacts: list[_Artifact], gptq_builds: list[Build], error: str) -> list[FuseOutcome]:
+    """Every build of the pool failed with one error, before any work: drafts removed, nothing published."""
+    for artifact in artifacts:
+        store.abandon(artifact.draft)
+    builds = [a.build for a in artifacts] + gptq_builds
+    return [FuseOutcome(build.tenant, build.variant.name, "failed", error=error) for build in builds]
 
 
 def _schedule(workers: list, units: list, call: Callable, settle: Callable[[object, dict | None, str | None], None],
