@@ -16,8 +16,8 @@ ratio compares runs on one machine in one call. The job files are what a user wr
   says it trained on.
 - `fuse`: --tenants random adapters (r 16, the seven projections) fused into bf16 and nf4 on
   shape:llama3-1b (shard-wise: every tenant's merge per base shard; an 8B's 16 GB bf16 copy per
-  tenant would not fit the disk twice) and into gptq-int4 on
-  shape:smollm2-135m (one GPTQ run per tenant), `fuse.workers` = GPUs with a whole GPU each:
+  tenant would not fit the disk twice), and into gptq-int4 on the same base in bulk mode (the pooled
+  Hessian set captured on one worker, then the shard pass), `fuse.workers` = GPUs with a whole GPU each:
   `qlora-ray fuse`'s wall time and the GPUs each fused model's manifest lists.
 - `serve`: a shape:llama3-8b gptq-int4 model of random weights behind the Serve app, `qlora-ray bench`
   at concurrency 64, with one replica (batch 64) and with one replica per GPU (batch 64 / replicas,
@@ -119,7 +119,7 @@ def fuse_part(run: Run, args) -> str:
     cuda = run.device == "cuda"
     results = {}
     parts = (("bf16+nf4", "llama3-1b" if cuda else "tiny", ["bf16", "nf4"], "300MB"),
-             ("gptq-int4", "smollm2-135m" if cuda else "tiny", ["gptq-int4"], "100MB"))
+             ("gptq-int4", "llama3-1b" if cuda else "tiny", ["gptq-int4"], "300MB"))
     for label, shape, schemes, shard in (part for part in parts if part[0] in args.fuse_schemes):
         walls, facts = {}, {}
         for gpus in args.gpus:
@@ -127,7 +127,8 @@ def fuse_part(run: Run, args) -> str:
                             base={"name": shape, "source": f"shape:{shape}", "shard_size": shard},
                             tenants=tenants(args.tenants),
                             fuse={"schemes": schemes, "merge_base": "original", "workers": gpus,
-                                  "gptq": {"group_size": 64 if cuda else 32, "calibration_samples": 32},
+                                  "gptq": {"mode": "bulk", "group_size": 128 if cuda else 32,
+                                           "calibration_samples": 32},
                                   "resources": {"num_cpus": 6 if cuda else 1, "num_gpus": 1 if cuda else 0}})
             spec, store = store_of(job)
             if gpus == args.gpus[0]:
