@@ -261,10 +261,12 @@ class FuseSpec(_Model):
     schemes: list[Scheme] = Field(
         default_factory=lambda: ["bf16", "nf4"], description="Fused artifacts to produce per tenant."
     )
-    merge_base: MergeBase | Literal["both"] = Field(
-        "original",
+    merge_base: MergeBase | Literal["both", "auto"] = Field(
+        "auto",
         description="Merge into the 16-bit original (merge-then-quantize), the NF4-dequantized base the QLoRA "
-        "adapter was trained against, or both (the better one, by the quality gate, becomes the default).",
+        "adapter was trained against, both (the better one, by the quality gate, becomes the default), or auto: "
+        "gptq-int4 into the NF4-dequantized base (the original for a LoRA trained on the 16-bit base), bf16 and "
+        "nf4 into the original, where each measured best (docs/quality.md).",
     )
     gptq: GptqSpec = Field(default_factory=GptqSpec)
     workers: int = Field(2, gt=0, description="Fuse actors in the pool.")
@@ -438,6 +440,13 @@ class JobSpec(_Model):
     def fused_variants(self, tenant: TenantSpec) -> list[FusedVariant]:
         """Every fused artifact the job asks for this tenant: each scheme under each merge base."""
         choice = tenant.merge_base or self.fuse.merge_base
+        if choice == "auto":
+            # Requantizing onto the NF4 grid the adapter was trained on rounds its update away (nf4
+            # stays on the original); GPTQ keeps it, and the merged weights are then the model the
+            # adapter was trained as.
+            qlora = tenant.training.quantization != "none"
+            return [FusedVariant(scheme, "nf4-dequantized" if scheme == "gptq-int4" and qlora else "original")
+                    for scheme in self.fuse.schemes]
         if choice == "both":
             # a LoRA trained on the 16-bit base has no 4-bit base to merge into
             merge_bases = ["original"] if tenant.training.quantization == "none" else ["original", "nf4-dequantized"]

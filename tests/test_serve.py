@@ -46,7 +46,8 @@ def served(smollm2_store, tmp_path_factory):
     job = {
         "name": "t", "store": store.uri, "base": {"name": "smollm2-135m"},
         "tenants": [{"id": t, "train_data": str(REPO / "jobs" / "data" / "dates" / "train.jsonl")} for t in TENANTS],
-        "fuse": {"schemes": ["bf16", "nf4", "gptq-int4"], "workers": 2, "gptq": {"group_size": 64, "calibration_samples": 8}},
+        "fuse": {"schemes": ["bf16", "nf4", "gptq-int4"], "merge_base": "original", "workers": 2,
+                 "gptq": {"group_size": 64, "calibration_samples": 8}},
         "serve": {"port": port, "max_resident_models": 2, "max_tokens": 64, "context": 256,
                   "catalog_refresh_s": 0.5, "resources": {"num_cpus": 1}},
     }

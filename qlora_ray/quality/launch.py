@@ -13,6 +13,7 @@ The driver:
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Callable
 
 from qlora_ray.cluster import as_completed, error_text, init_ray, refuse_process_local_store, task_options
@@ -119,7 +120,7 @@ def build_report(spec: JobSpec, store: Store, tenant_ids: list[str]) -> dict:
             "reference": reference_name(spec, rows), "rows": rows, "missing": results["missing"],
             "verdicts": {name: verdict.to_dict() for name, verdict in verdicts.items()},
             "defaults": default_variants(variants, by_name, verdicts) if reference else {},
-            "merge_bases": len({v.merge_base for v in variants}),
+            "merge_bases": max(Counter(v.scheme for v in variants).values(), default=0),  # of one scheme, at most
             "results": {"key": key, "manifest_sha256": manifest_digest(store.read_manifest(key))},
         }
     return {"job": spec.name, "quality_gate": spec.quality_gate.model_dump(mode="json"),

@@ -214,3 +214,21 @@ def test_fused_variants_per_tenant(tmp_path):
     job["tenants"][1]["merge_base"] = "nf4-dequantized"
     (problem,) = problems(tmp_path, job)
     assert "tenant 'lora' trains on the 16-bit base" in problem and "merge_base: nf4-dequantized" in problem
+
+
+def test_the_default_merge_base_is_chosen_per_scheme(tmp_path):
+    """auto (the default): gptq-int4 into the NF4-dequantized base a QLoRA adapter was trained
+    against, bf16 and nf4 into the original; a LoRA of the 16-bit base has only the original."""
+    job = minimal(fuse={"schemes": ["bf16", "nf4", "gptq-int4"]}, tenants=[
+        {"id": "qlora", "train_data": "d.jsonl"},
+        {"id": "lora", "train_data": "d.jsonl", "quantization": "none"},
+        {"id": "pinned", "train_data": "d.jsonl", "merge_base": "original"},
+    ])
+    spec = load_spec(write_job(tmp_path, job))
+    assert spec.fuse.merge_base == "auto"
+    names = {t.id: [v.name for v in spec.fused_variants(t)] for t in spec.tenants}
+    assert names == {
+        "qlora": ["bf16.original", "nf4.original", "gptq-int4.nf4-dequantized"],
+        "lora": ["bf16.original", "nf4.original", "gptq-int4.original"],
+        "pinned": ["bf16.original", "nf4.original", "gptq-int4.original"],
+    }
