@@ -53,9 +53,21 @@ def load_adapter_deltas(adapter_dir: Path, device: str = "cpu") -> dict[str, Lor
     return adapter_deltas(state, config)
 
 
+def start_unit() -> float:
+    """Mark the start of a unit: the GPU peak worker_facts reports is then this unit's own (a worker
+    that captured a Hessian set would otherwise report that peak for every shard after it). Returns
+    the start time."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return time.perf_counter()
+
+
 def worker_facts() -> dict:
-    """This worker process's peak resident memory so far (and the GPU's, on a GPU worker), and the
-    Ray node and GPUs it runs on (a cluster's operators check that fusing landed where it was meant to)."""
+    """This worker's peak GPU memory in the unit (on a GPU worker; see start_unit), its process's peak
+    resident memory so far, and the Ray node and GPUs it runs on (a cluster's operators check that
+    fusing landed where it was meant to)."""
     import ray
     import torch
 
@@ -118,7 +130,7 @@ class FuseWorker:
 
         from qlora_ray.fuse.gptq import CALIBRATION_BATCH, calibration_batch, calibration_texts
 
-        started = time.perf_counter()
+        started = start_unit()
         work = self.cache / "hessians" / unit.pool
         try:
             files = list(self.store.read_manifest(base_key(self.order.base))["files"])
@@ -176,7 +188,7 @@ class FuseWorker:
     def fuse_shard(self, shard_file: str, targets: list[ShardTarget], drafts: dict[str, Draft]) -> dict:
         """Merge one base shard for every target and upload each output as a part of its artifact's
         version (drafts: "<tenant>/<variant>" -> the version the driver began)."""
-        started = time.perf_counter()
+        started = start_unit()
         with self._base([shard_file]) as folder:
             base = load_shard(folder / shard_file, self.device)
         deltas = {target.tenant: self._tenant_deltas(target.tenant) for target in targets}
@@ -205,7 +217,7 @@ class FuseWorker:
 
         from qlora_ray.fuse.gptq import calibration_texts, gptq_quantize
 
-        started = time.perf_counter()
+        started = start_unit()
         variant = FusedVariant("gptq-int4", target.merge_base).name
         key = fused_key(self.order.job, target.tenant, variant)
         work = self.cache / "gptq" / target.tenant / variant
