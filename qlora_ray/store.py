@@ -876,7 +876,7 @@ def _lost_a_conditional_write(exc: OSError) -> bool:
 def _checksum_errors() -> tuple[type[BaseException], ...]:
     """botocore's verdict that a body failed the checksum S3 stored with the object (CRC32 by default).
     Imported when first needed, on an error: folder and memory stores have no use for botocore, and
-    a remote store other than S3 (gcsfs, a custom fsspec protocol) may run without it: then none."""
+    may run where it is not installed (the GPU image): then there is no such fault to recognise."""
     try:
         from botocore.exceptions import FlexibleChecksumError
     except ImportError:
