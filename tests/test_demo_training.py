@@ -93,7 +93,11 @@ def test_demo_tenants_learn_their_tasks(smollm2_store, tmp_path):
     accuracy = exact_match(model, tokenizer, rows, "exact", batch_size=spec.eval.batch_size)
     perplexity = answer_perplexity(model, tokenizer, rows, batch_size=spec.eval.batch_size)
     row = next(r for r in report["tenants"]["dates"]["rows"] if r["name"] == GPTQ_VARIANT)
-    assert (row["correct"], row["answer_tokens"]) == (accuracy.correct, perplexity.tokens)
+    assert row["answer_tokens"] == perplexity.tokens
+    # One greedy answer may flip between the stage's and this pass's matmul shapes (below): in the CI
+    # run of 43159bf, dates' row 21 ("2008-01-03") had its last digit's top two logits one bf16 step
+    # apart (43.0 against 42.75), and the stage answered "2008-01-30".
+    assert abs(row["correct"] - accuracy.correct) <= 1, (row["correct"], accuracy.correct)
     # the stage runs each prompt once for both measures (quality/scoring.score): other matmul shapes, so
     # 4-bit kernels computing in bf16 round a little differently: 6e-4 measured for nf4 and 1.4e-3 for
     # gptq-int4 on SmolLM2 (CI, 2026-11-23)
