@@ -72,7 +72,7 @@ def run_phase(name: str, job: Path, store, results: dict, out: Path) -> dict:
 
     from qlora_ray.fuse.launch import fuse_job
     from qlora_ray.spec import load_spec
-    from qlora_ray.store import fused_key, run_key
+    from qlora_ray.store import fused_key, hessian_key, run_key
 
     spec = load_spec(job)
     ray.init(address="local", include_dashboard=False, log_to_driver=True,
@@ -99,7 +99,7 @@ def run_phase(name: str, job: Path, store, results: dict, out: Path) -> dict:
            "seconds_per_tenant": round(seconds / tenants, 2), "last_unit_done_seconds": round(last_unit[0], 1),
            "worker_peak_rss_gib": peak("worker_peak_rss_bytes"), "worker_peak_gpu_gib": peak("worker_peak_gpu_bytes"),
            "size_gb_per_tenant": {o.variant: round(o.metrics["size_bytes"] / 1e9, 2) for o in outcomes}}
-    hessian_sets = [f"{run_key(spec.name)}/hessians/{pool}" for pool in store.list_complete(f"{run_key(spec.name)}/hessians")]
+    hessian_sets = [hessian_key(spec.name, pool) for pool in store.list_complete(f"{run_key(spec.name)}/hessians")]
     if hessian_sets:
         metrics = [store.read_manifest(key)["metrics"] for key in hessian_sets]
         row["hessians"] = {"sets": len(metrics), **{k: round(sum(m[k] for m in metrics), 2) for k in (

@@ -254,7 +254,8 @@ def _start_app(spec, extra_keys: dict[str, str] | None = None) -> tuple[str, flo
 def _refuse_replicas_that_cannot_start(spec) -> None:
     """Serve waits without end for a replica no node has room for. On a cluster we started (no
     autoscaler: nothing will join), say so now, naming the settings, rather than hang."""
-    from qlora_ray.cluster import copies_that_fit, joined_existing_cluster, live_node_resources, ray_resource_names
+    from qlora_ray.cluster import (copies_that_fit, describe_request, joined_existing_cluster, live_node_resources,
+                                   ray_resource_names)
 
     if joined_existing_cluster():
         return
@@ -263,7 +264,7 @@ def _refuse_replicas_that_cannot_start(spec) -> None:
     needed = deployments * spec.serve.num_replicas
     room = copies_that_fit(live_node_resources(), wanted)
     if room < needed:
-        asked = ", ".join(f"{name} {amount:g}" for name, amount in wanted.items() if amount > 0)
+        asked = describe_request(wanted)
         what = f"{deployments} deployments x {spec.serve.num_replicas}" if deployments > 1 else str(needed)
         raise UserError(f"serve.num_replicas: {what} replica(s) of {asked} each (serve.resources) do not fit this "
                         f"machine: it has room for {room}; lower serve.num_replicas or serve.resources"

@@ -73,6 +73,11 @@ def ray_resource_names(resources: Resources) -> dict[str, float]:
     return {"CPU": resources.num_cpus, "GPU": resources.num_gpus, **resources.custom}
 
 
+def describe_request(wanted: dict[str, float]) -> str:
+    """What ray_resource_names asks, for a message: 'CPU 2, GPU 0.5' (the zero amounts left out)."""
+    return ", ".join(f"{name} {amount:g}" for name, amount in wanted.items() if amount > 0)
+
+
 def copies_that_fit(nodes: list[dict[str, float]], wanted: dict[str, float]) -> int:
     """How many actors asking `wanted` (Ray's resource names) the nodes can hold at once, each on one
     node: Serve's replicas are such actors."""

@@ -27,8 +27,8 @@ from typing import Callable
 
 from qlora_ray.adapter_files import ADAPTER_CONFIG, ADAPTER_WEIGHTS, check_adapter_files
 from qlora_ray.bases import INDEX_NAME
-from qlora_ray.cluster import (copies_that_fit, error_text, init_ray, joined_existing_cluster, live_node_resources,
-                               node_request, ray_resource_names, refuse_process_local_store)
+from qlora_ray.cluster import (copies_that_fit, describe_request, error_text, init_ray, joined_existing_cluster,
+                               live_node_resources, node_request, ray_resource_names, refuse_process_local_store)
 from qlora_ray.errors import AdapterError, StoreError, UserError
 from qlora_ray.fuse.layout import BaseLayout, adapter_problems, read_layout
 from qlora_ray.fuse.gptq_bulk import quantize_config
@@ -154,8 +154,8 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
     units = fuse_units(layout.shard_files, {a.name: (a.build, a.draft) for a in artifacts}, gptq_builds)
     pool_size = _pool_size(spec, max(len(units), len(hessian_sets)), progress)
     if not pool_size:
-        error = (f"fuse.resources: no node of this Ray cluster has room for one fuse worker ({_asked(resources)}); "
-                 "lower fuse.resources")
+        asked = describe_request(ray_resource_names(resources))
+        error = f"fuse.resources: no node of this Ray cluster has room for one fuse worker ({asked}); lower fuse.resources"
         progress(f"fuse: failed: {error}")
         return _refuse_all(store, artifacts, gptq_builds, error)
     # max_task_retries=-1: a unit whose actor died runs again once the actor is back, however many
@@ -251,12 +251,8 @@ def _pool_size(spec: JobSpec, units: int, progress: Callable[[str], None]) -> in
     room = copies_that_fit(live_node_resources(), ray_resource_names(spec.fuse.resources))
     if room < wanted:
         progress(f"fuse.workers: {wanted} asked, but this machine has room for {room} worker(s) of "
-                 f"{_asked(spec.fuse.resources)} (fuse.resources); fusing on {room}")
+                 f"{describe_request(ray_resource_names(spec.fuse.resources))} (fuse.resources); fusing on {room}")
     return min(wanted, room)
-
-
-def _asked(resources) -> str:
-    return ", ".join(f"{name} {amount:g}" for name, amount in ray_resource_names(resources).items() if amount > 0)
 
 
 def _refuse_all(store: Store, artifacts: list[_Artifact], gptq_builds: list[Build], error: str) -> list[FuseOutcome]:
