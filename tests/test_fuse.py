@@ -7,6 +7,7 @@ in the store exactly where the train stage publishes them.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -333,9 +334,13 @@ def test_gptq_calibrates_on_short_rows_and_names_rows_without_tokens(tiny_store,
 
     base = tmp_path / "base"
     tiny_store.fetch("bases/tiny", base)
+    temp = Path(tempfile.gettempdir())
+    before = set(temp.glob("gptqmodel_*"))
     metrics = gptq_quantize(base, tmp_path / "out", ["2 km", "3 m"], GptqSpec(group_size=32), device="cpu")
     assert metrics["calibration_rows"] == 2 and 2 <= metrics["calibration_tokens"] <= 10
     assert (tmp_path / "out" / "config.json").exists()
+    # GPTQModel's layer offload goes beside the model, into the caller's scratch, not a folder of its own in /tmp
+    assert (tmp_path / "gptqmodel-offload").is_dir() and set(temp.glob("gptqmodel_*")) <= before
     with pytest.raises(DataError, match="hold no tokens"):
         gptq_quantize(base, tmp_path / "out2", ["", ""], GptqSpec(group_size=32), device="cpu")
 

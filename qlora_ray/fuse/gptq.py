@@ -74,7 +74,11 @@ def gptq_quantize(merged_dir: Path, out_dir: Path, texts: list[str], spec: GptqS
     calibration = [row for row in calibration_batch(texts, tokenizer) if row["input_ids"]]
     if not calibration:
         raise DataError(f"GPTQ calibration: the {len(texts)} training row(s) chosen hold no tokens")
-    config = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=True)
+    # GPTQModel offloads finished layers to disk, by default into a temporary folder of its own that
+    # outlives a worker process Ray ends (a model's 16-bit size left in /tmp per tenant): into the
+    # caller's scratch folder instead, removed with it.
+    config = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=True,
+                            offload_to_disk_path=str(merged_dir.parent / "gptqmodel-offload"))
     # GPTQModel prints ~1.5 MB of progress per SmolLM2 and writes a ./logs folder: both go to the
     # scratch folder, and the log's tail is shown only if quantization fails.
     log_path = merged_dir.parent / "gptqmodel.log"
