@@ -243,11 +243,14 @@ class GptqSpec(_Model):
         "per-tenant", description="bulk: every tenant's model in the shard-wise pass, quantized against Hessians "
         "captured once on the merge base; per-tenant: a whole GPTQModel run per tenant on its merged model.")
     hessian: Literal["pooled", "per-tenant"] = Field(
-        "pooled", description="With mode bulk: one Hessian per layer from all tenants' calibration rows (tenants "
-        "are solved stacked), or one per tenant from its own rows (each solved alone).")
+        "pooled", description="With mode bulk: one Hessian set per merge base from all tenants' calibration rows, "
+        "captured once and stored (tenants are solved stacked); or per-tenant: each tenant's own, from its own rows "
+        "through its own merged model, summed and used layer by layer in one walk of the base for a group of "
+        "tenants, never stored.")
     sequential: bool = Field(
         True, description="With mode bulk: take each layer's Hessians from the outputs of the layers before it "
-        "once quantized, as GPTQ does (false: all from the 16-bit merge base, in one forward).")
+        "once quantized, as GPTQ does (false: from the 16-bit layers: the merge base's, in one forward, when "
+        "pooled; the tenant's merged ones when per-tenant).")
 
     @field_validator("group_size")
     @classmethod

@@ -1,6 +1,6 @@
-"""Bulk gptq-int4 end to end on the tiny base: Hessian sets in the store, every tenant's GPTQ model
-written in the shard-wise pass, loaded by plain transformers, and equal to GPTQModel's per-tenant
-run where both see the same inputs."""
+"""Bulk gptq-int4 end to end on the tiny base: with per-tenant Hessians, every tenant's GPTQ model
+made in walks of the base, loaded by plain transformers, and equal to GPTQModel's per-tenant run
+where both see the same inputs; with pooled Hessians, sets in the store read by the shard-wise pass."""
 
 from __future__ import annotations
 
@@ -63,20 +63,23 @@ def test_bulk_gptq_loads_in_transformers_and_matches_gptqmodel_where_inputs_agre
     assert [(o.tenant, o.variant, o.state) for o in outcomes] == [
         ("acme", "bf16.original", "done"), ("acme", "gptq-int4.original", "done"),
         ("globex", "bf16.original", "done"), ("globex", "gptq-int4.original", "done")], [o.error for o in outcomes]
-    assert any("capturing 2 Hessian set(s)" in line for line in lines)
-    hessians = store.read_manifest(hessian_key("t", "original.acme"))
-    assert hessians["kind"] == "hessians" and list(hessians["inputs"]["calibration"]) == ["acme"]
-    assert hessians["metrics"]["calibration_rows"] == 16
+    # Each tenant's own Hessians, in a walk of the base on each of the 2 workers: none is stored.
+    assert any("2 gptq-int4 model(s) with their own Hessians in 2 walk(s)" in line for line in lines), lines
+    assert not any("Hessian set" in line for line in lines)
+    assert not store.is_complete(hessian_key("t", "original.acme")) and not store.is_complete(hessian_key("t", "original"))
     manifest = store.read_manifest(fused_key("t", "acme", "gptq-int4.original"))
-    assert manifest["inputs"]["gptq"]["mode"] == "bulk"
-    assert manifest["inputs"]["hessians"] == {"key": hessian_key("t", "original.acme")}
+    assert (manifest["inputs"]["gptq"]["mode"], manifest["inputs"]["gptq"]["hessian"]) == ("bulk", "per-tenant")
+    assert "hessians" not in manifest["inputs"]
+    assert manifest["metrics"]["shards"] == len(list(base_dir.glob("*.safetensors")))
 
     folder = fetched(store, "acme", "gptq-int4.original", tmp_path / "bulk")
     ours = tensors_of(folder)
     assert sorted(ours) == sorted(reference)  # the same checkpoint layout as GPTQModel's save
     assert all(ours[name].dtype == reference[name].dtype for name in ours)
-    # Layer 0's q/k/v read the embeddings, which the adapter does not change: the base's inputs are the
-    # merged model's, so the per-tenant Hessian is GPTQModel's own (up to summation order).
+    # Layer 0's q/k/v read the embeddings, which the adapter does not change: the walk's Hessian is
+    # GPTQModel's own (up to summation order), so are the codes. From layer 1 on the two runs' inputs
+    # part (with layer 0 quantized first or not, layer 1's q_proj shares about 40 % of its words with
+    # GPTQModel's): the logits below are the comparison there.
     scales_ratio = ours[f"{Q_PROJ}.scales"].float() / reference[f"{Q_PROJ}.scales"].float()
     torch.testing.assert_close(scales_ratio, torch.ones_like(scales_ratio), rtol=1e-3, atol=1e-3)
     same_words = (ours[f"{Q_PROJ}.qweight"] == reference[f"{Q_PROJ}.qweight"]).float().mean().item()
@@ -95,10 +98,7 @@ def test_bulk_gptq_loads_in_transformers_and_matches_gptqmodel_where_inputs_agre
     assert (got - merged).norm() < (got - base).norm()
     assert (got - merged).norm() < 1.5 * (gptqmodels - merged).norm()  # as close to the merged model as GPTQModel's
 
-    # A rerun reuses the Hessian sets and skips what is complete.
-    created = hessians["created_at"]
-    assert {o.state for o in fuse_job(bulk, progress=lambda _: None)} == {"skipped"}
-    assert store.read_manifest(hessian_key("t", "original.acme"))["created_at"] == created
+    assert {o.state for o in fuse_job(bulk, progress=lambda _: None)} == {"skipped"}  # a rerun skips what is complete
 
 
 def test_pooled_hessians_per_merge_base_and_a_changed_pool_is_captured_again(two_tenants, tmp_path, local_ray):
@@ -131,21 +131,30 @@ def test_pooled_hessians_per_merge_base_and_a_changed_pool_is_captured_again(two
     assert list(store.read_manifest(hessian_key("t", "original"))["inputs"]["calibration"]) == ["globex"]
 
 
-def test_a_hessian_set_that_cannot_be_captured_fails_only_the_builds_that_read_it(two_tenants, tmp_path, local_ray):
+def test_calibration_rows_that_cannot_be_read_fail_only_the_builds_that_read_them(two_tenants, tmp_path, local_ray):
+    """Pooled, globex's tampered rows fail the set, so both tenants' gptq-int4; per tenant, in one walk
+    for both (one worker), globex's alone."""
     from qlora_ray.store import data_key
     from tests.helpers import stored_file
 
     store, _ = two_tenants
     Path(stored_file(store, data_key("t", "globex"), "train.jsonl")).write_text('{"prompt": "tampered"}\n')
-    spec = fuse_spec(tmp_path, store, ["acme", "globex"], schemes=["bf16", "gptq-int4"],
-                     gptq={**GPTQ, "mode": "bulk", "hessian": "per-tenant"})
+    pooled = fuse_spec(tmp_path, store, ["acme", "globex"], schemes=["bf16", "gptq-int4"], gptq={**GPTQ, "mode": "bulk"})
     lines = []
-    outcomes = {(o.tenant, o.variant): o for o in fuse_job(spec, progress=lines.append)}
-    assert [k for k, o in outcomes.items() if o.state == "done"] == [
-        ("acme", "bf16.original"), ("acme", "gptq-int4.original"), ("globex", "bf16.original")]
+    outcomes = {(o.tenant, o.variant): o for o in fuse_job(pooled, progress=lines.append)}
+    assert [k for k, o in outcomes.items() if o.state == "done"] == [("acme", "bf16.original"), ("globex", "bf16.original")]
+    failed = outcomes[("acme", "gptq-int4.original")]
+    assert failed.error.startswith("hessians original: ") and ("damaged" in failed.error or "sha256" in failed.error)
+    assert any("hessians original FAILED" in line for line in lines)
+    assert not store.is_complete(hessian_key("t", "original"))
+
+    own = fuse_spec(tmp_path, store, ["acme", "globex"], schemes=["bf16", "gptq-int4"], workers=1,
+                    gptq={**GPTQ, "mode": "bulk", "hessian": "per-tenant"})
+    lines = []
+    outcomes = {(o.tenant, o.variant): o for o in fuse_job(own, progress=lines.append)}
+    assert outcomes[("acme", "gptq-int4.original")].state == "done", outcomes[("acme", "gptq-int4.original")].error
     failed = outcomes[("globex", "gptq-int4.original")]
-    assert failed.state == "failed" and failed.error.startswith("hessians original.globex: ")
+    assert failed.state == "failed" and failed.error.startswith("gptq original for acme, globex: "), failed.error
     assert "damaged" in failed.error or "sha256" in failed.error, failed.error
-    assert any("hessians original.globex FAILED" in line for line in lines)
-    assert not store.is_complete(hessian_key("t", "original.globex"))
+    assert any(line.startswith("fuse globex/gptq-int4.original: FAILED") for line in lines), lines
     assert not store.is_complete(fused_key("t", "globex", "gptq-int4.original"))

@@ -99,4 +99,6 @@ def pack_gptq(name: str, codes: GptqCodes, bits: int) -> dict[str, torch.Tensor]
     # v1 stores each zero point minus one (GPTQModel's convert_gptq_v2_to_v1_format_module).
     qzeros = qzeros - sum(1 << shift for shift in shifts.tolist())
     return {f"{prefix}.qweight": _to_int32(qweight).cpu(), f"{prefix}.qzeros": _to_int32(qzeros).cpu(),
-            f"{prefix}.scales": scales.to(torch.float16).cpu(), f"{prefix}.g_idx": codes.g_idx.to(torch.int32).cpu()}
+            f"{prefix}.scales": scales.to(torch.float16).cpu(),
+            # a copy: the weights of one stacked solve share one g_idx, and a checkpoint file may hold several
+            f"{prefix}.g_idx": codes.g_idx.to(device="cpu", dtype=torch.int32, copy=True)}

@@ -1,10 +1,12 @@
-"""Calibration statistics for bulk GPTQ: each quantized weight's input Hessian, captured once per job.
+"""Calibration statistics for bulk GPTQ: each quantized weight's input Hessian.
 
 GPTQ quantizes a weight against H = 2/n · XᵀX, X being the n token rows that reach the weight on
 calibration data. Per-tenant GPTQ (GPTQModel) re-captures every layer's inputs through each tenant's
-own merged model. Bulk GPTQ captures them once, on the merge base itself (the 16-bit original or
-its NF4-dequantized form), from the tenants' calibration rows, either pooled (one Hessian for every
-tenant, so tenants are solved stacked) or one set per tenant from its own rows.
+own merged model. Bulk GPTQ with pooled Hessians captures them once per job, on the merge base
+itself (the 16-bit original or its NF4-dequantized form), from every tenant's calibration rows, and
+stores the set; with per-tenant Hessians, fuse/gptq_stream.py sums them layer by layer through each
+tenant's own merged layers with the pieces here (catch_layer_inputs, layer_hessians, advance) and
+stores nothing.
 
 Weights that read the same input tensor (q/k/v of attention, gate/up of an MLP) share one Hessian
 ("site"): found at capture, by the forward handing each of them the very same tensor object, so no
@@ -17,6 +19,7 @@ Local functions only (no Ray, no store).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,21 +53,26 @@ class _LayerInputs(Exception):
     """Raised by the hook that caught the first decoder layer's inputs: the rest of the forward is not needed."""
 
 
-def capture_hessians(model: torch.nn.Module, batches, weight_names: frozenset[str], quantize_layer=None) -> Hessians:
-    """Run the model's decoder over `batches` ((input_ids, attention_mask) pairs on the model's device)
-    and sum XᵀX of the non-padding token rows reaching every nn.Linear whose weight is in weight_names.
+@dataclass
+class LayerInput:
+    """One calibration batch as it enters a decoder layer: its hidden states, the other arguments the
+    decoder hands every layer (positions, masks), and which of its token rows are not padding."""
 
-    With quantize_layer, layer by layer as GPTQ itself goes: each decoder layer's Hessians are taken
-    from the outputs of the layers before it once those are quantized (quantize_layer(layer, its
-    name + ".", {weight name: SiteHessian}) quantizes a layer's weights in place), so that every layer's
-    quantization is chosen against the error the earlier layers' quantization left. Without it,
-    from the model as it is, in one forward."""
-    hessians = Hessians()
-    state = {"input": None, "site": None, "keep": None, "on": True}
-    handles = []
+    hidden: torch.Tensor
+    args: tuple
+    kwargs: dict
+    keep: torch.Tensor
 
+    def through(self, layer: torch.nn.Module):
+        return layer(self.hidden, *self.args, **self.kwargs)
+
+
+def _sum_hooks(module: torch.nn.Module, prefix: str, weight_names: frozenset[str], hessians: Hessians, state: dict) -> list:
+    """Forward pre-hooks on the linears of `module` whose weight (`prefix` + its name) is in
+    weight_names, summing XᵀX of the non-padding rows they read (state["keep"]) into `hessians`.
+    Weights handed the very same input tensor in a row (state["input"]) share one site."""
     def hook_for(weight: str):
-        def hook(module, args):
+        def hook(_, args):
             if not state["on"]:
                 return  # a pass that only makes the next layer's inputs
             x = args[0]
@@ -80,73 +88,120 @@ def capture_hessians(model: torch.nn.Module, batches, weight_names: frozenset[st
             hessians.tokens[site] += rows.shape[0]
         return hook
 
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and f"{name}.weight" in weight_names:
-            handles.append(module.register_forward_pre_hook(hook_for(f"{name}.weight")))
+    return [sub.register_forward_pre_hook(hook_for(f"{prefix}{name}.weight")) for name, sub in module.named_modules()
+            if isinstance(sub, torch.nn.Linear) and f"{prefix}{name}.weight" in weight_names]
+
+
+@contextmanager
+def tf32_sums():
+    """XᵀX is most of a capture's work (a pool of 24 tenants' rows is ~1M tokens). On a GPU the model
+    computes in bf16, whose values TF32 holds exactly, and TF32 accumulates in fp32: the tensor cores
+    give the same sums as full fp32, many times faster."""
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def capture_hessians(model: torch.nn.Module, batches, weight_names: frozenset[str], quantize_layer=None) -> Hessians:
+    """Run the model's decoder over `batches` ((input_ids, attention_mask) pairs on the model's device)
+    and sum XᵀX of the non-padding token rows reaching every nn.Linear whose weight is in weight_names.
+
+    With quantize_layer, layer by layer as GPTQ itself goes: each decoder layer's Hessians are taken
+    from the outputs of the layers before it once those are quantized (quantize_layer(layer, its
+    name + ".", {weight name: SiteHessian}) quantizes a layer's weights in place), so that every layer's
+    quantization is chosen against the error the earlier layers' quantization left. Without it,
+    from the model as it is, in one forward."""
     missing = sorted(weight_names - {f"{name}.weight" for name, _ in model.named_modules()})
     if missing:
         raise ValueError(f"the model has no linear layers for {missing[:3]} ({len(missing)} weight(s))")
-    # XᵀX is most of the capture's work (a pool of 24 tenants' rows is ~1M tokens). On a GPU the
-    # model computes in bf16, whose values TF32 holds exactly, and TF32 accumulates in fp32: the
-    # tensor cores give the same sums as full fp32, many times faster.
-    tf32 = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
-        with torch.no_grad():
-            if quantize_layer is None:
+    hessians = Hessians()
+    with torch.no_grad(), tf32_sums():
+        if quantize_layer is None:
+            state = {"input": None, "site": None, "keep": None, "on": True}
+            handles = _sum_hooks(model, "", weight_names, hessians, state)
+            try:
                 for input_ids, attention_mask in batches:
                     state.update(input=None, site=None, keep=attention_mask.reshape(-1).bool())
                     # The decoder alone: the LM head is never quantized, and its logits would cost vocab x tokens.
                     model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            else:
-                _layer_by_layer(model, batches, hessians, state, quantize_layer)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        for handle in handles:
-            handle.remove()
-        state.clear()
+            finally:
+                for handle in handles:
+                    handle.remove()
+        else:
+            inputs = catch_layer_inputs(model, batches)
+            for layer, prefix in decoder_layers(model):
+                found = layer_hessians(layer, prefix, weight_names, inputs)
+                for part in ("sums", "tokens", "weight_sites"):
+                    getattr(hessians, part).update(getattr(found, part))
+                quantize_layer(layer, prefix, {weight: SiteHessian(found.normalized(site), found.tokens[site])
+                                               for weight, site in found.weight_sites.items()})
+                del found
+                advance(layer, inputs)
     unreached = sorted(weight_names - set(hessians.weight_sites))
     if unreached:
         raise ValueError(f"no calibration input reached {unreached[:3]} ({len(unreached)} weight(s))")
     return hessians
 
 
-def _layer_by_layer(model: torch.nn.Module, batches, hessians: Hessians, state: dict, quantize_layer) -> None:
-    """Catch the first decoder layer's inputs for every batch (GPTQ's "catcher"), then per layer: one
-    pass through it to sum its Hessians, quantize it, and one pass more to make the next layer's inputs."""
+def decoder_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, str]]:
+    """(layer, its weights' name prefix) of every decoder layer, in order."""
     layers = getattr(model.base_model, "layers", None)
     if not isinstance(layers, torch.nn.ModuleList) or not len(layers):
         raise ValueError(f"{type(model).__name__}: no decoder layers at base_model.layers to quantize layer by layer")
+    names = {module: name for name, module in model.named_modules()}
+    return [(layer, names[layer] + ".") for layer in layers]
+
+
+def catch_layer_inputs(model: torch.nn.Module, batches) -> list[LayerInput]:
+    """What reaches the first decoder layer for every batch (GPTQ's "catcher"); the model runs no further."""
+    first = decoder_layers(model)[0][0]
     caught = []
 
     def catch(module, args, kwargs):
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        caught.append([hidden, {k: v for k, v in kwargs.items() if k != "hidden_states"}, args[1:]])
+        caught.append((hidden, tuple(args[1:]), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
         raise _LayerInputs
 
-    handle = layers[0].register_forward_pre_hook(catch, with_kwargs=True)
+    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     keeps = []
     try:
-        for input_ids, attention_mask in batches:
-            keeps.append(attention_mask.reshape(-1).bool())
-            try:
-                model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-            except _LayerInputs:
-                pass
+        with torch.no_grad():
+            for input_ids, attention_mask in batches:
+                keeps.append(attention_mask.reshape(-1).bool())
+                try:
+                    model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                except _LayerInputs:
+                    pass
     finally:
         handle.remove()
-    names = {module: name for name, module in model.named_modules()}
-    for layer in layers:
-        for (hidden, kwargs, rest), keep in zip(caught, keeps):
-            state.update(input=None, site=None, keep=keep, on=True)
-            layer(hidden, *rest, **kwargs)
-        prefix = names[layer] + "."
-        quantize_layer(layer, prefix, {weight: SiteHessian(hessians.normalized(site), hessians.tokens[site])
-                                       for weight, site in hessians.weight_sites.items() if weight.startswith(prefix)})
-        state.update(input=None, site=None, on=False)
-        for entry in caught:
-            output = layer(entry[0], *entry[2], **entry[1])
-            entry[0] = output[0] if isinstance(output, tuple) else output
+    return [LayerInput(hidden, args, kwargs, keep) for (hidden, args, kwargs), keep in zip(caught, keeps)]
+
+
+def layer_hessians(layer: torch.nn.Module, prefix: str, weight_names: frozenset[str], inputs: list[LayerInput]) -> Hessians:
+    """The Hessian sums of the layer's weights in weight_names, from one pass of `inputs` through it."""
+    hessians = Hessians()
+    state = {"input": None, "site": None, "keep": None, "on": True}
+    handles = _sum_hooks(layer, prefix, weight_names, hessians, state)
+    try:
+        with torch.no_grad(), tf32_sums():
+            for entry in inputs:
+                state.update(input=None, site=None, keep=entry.keep)
+                entry.through(layer)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def advance(layer: torch.nn.Module, inputs: list[LayerInput]) -> None:
+    """Make each input the layer's output: what the next layer reads."""
+    with torch.no_grad():
+        for entry in inputs:
+            output = entry.through(layer)
+            entry.hidden = output[0] if isinstance(output, tuple) else output
 
 
 def padded_batches(rows: list[list[int]], batch_size: int, pad_id: int, device: str):

@@ -6,11 +6,14 @@ The driver:
    base lacks, fails that tenant now, before anything is written, and the others go on;
 2. skips artifacts already complete, and begins a new version (Store.begin) of each shard-wise one
    (bf16, nf4, and gptq-int4 in bulk mode);
-3. for bulk gptq-int4, has the pool capture each Hessian set the builds read (one per merge base,
-   or per tenant), unless the store holds it from the same inputs; a set that fails fails its builds;
-4. hands the work to `fuse.workers` actors: one unit per base shard (every tenant's shard-wise
-   outputs for that shard, uploaded into their versions), then one unit per tenant and merge base
-   for per-tenant gptq-int4, which publishes its own;
+3. for bulk gptq-int4 with pooled Hessians, has the pool capture each Hessian set the builds read
+   (one per merge base), unless the store holds it from the same inputs; a set that fails fails its
+   builds;
+4. hands the work to `fuse.workers` actors: for bulk gptq-int4 with per-tenant Hessians, one walk of
+   the base per group of tenants (each shard's part of their artifacts uploaded as the walk completes
+   it); one unit per base shard (every tenant's other shard-wise outputs for that shard, uploaded
+   into their versions); then one unit per tenant and merge base for per-tenant gptq-int4, which
+   publishes its own;
 5. seals each shard-wise version (config, tokenizer, index, manifest, _SUCCESS) once all its
    shards are in. A version with a failed part is abandoned, never sealed; a failure removes only
    this run's version, never a complete artifact another run published meanwhile.
@@ -32,8 +35,9 @@ from qlora_ray.cluster import (copies_that_fit, describe_request, error_text, in
 from qlora_ray.errors import AdapterError, StoreError, UserError
 from qlora_ray.fuse.layout import BaseLayout, adapter_problems, read_layout
 from qlora_ray.fuse.gptq_bulk import quantize_config
-from qlora_ray.fuse.plan import (AdapterFacts, Build, FuseOutcome, GptqUnit, HessianUnit, ShardUnit, TenantPlan,
-                                  adapter_format, fuse_units, gptq_problems, hessian_units, plan_tenant)
+from qlora_ray.fuse.plan import (AdapterFacts, Build, FuseOutcome, GptqUnit, HessianUnit, ShardUnit, StreamUnit,
+                                  TenantPlan, adapter_format, fuse_units, gptq_problems, hessian_units, plan_tenant,
+                                  stream_units)
 from qlora_ray.fuse.worker import FuseWorker, load_adapter_deltas
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.manifest import manifest_digest
@@ -84,7 +88,7 @@ def fuse_job(spec: JobSpec, *, progress: Callable[[str], None] = print) -> list[
                                              problems_of_gptq, tmp / "adapters", progress)
             outcomes += settled
             for build in builds:
-                if not build.shard_wise:
+                if not build.drafted:
                     gptq_builds.append(build)
                     continue
                 try:
@@ -151,8 +155,10 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
     resources = spec.fuse.resources
     hessian_sets = [unit for unit in hessian_units(spec, [a.build for a in artifacts])
                     if not _hessians_current(store, spec, unit)]
-    units = fuse_units(layout.shard_files, {a.name: (a.build, a.draft) for a in artifacts}, gptq_builds)
-    pool_size = _pool_size(spec, max(len(units), len(hessian_sets)), progress)
+    streamed = {a.name: (a.build, a.draft) for a in artifacts if a.build.streamed}
+    shard_wise = {a.name: (a.build, a.draft) for a in artifacts if not a.build.streamed}
+    units = fuse_units(layout.shard_files, shard_wise, gptq_builds)
+    pool_size = _pool_size(spec, max(len(units) + len(streamed), len(hessian_sets)), progress)
     if not pool_size:
         asked = describe_request(ray_resource_names(resources))
         error = f"fuse.resources: no node of this Ray cluster has room for one fuse worker ({asked}); lower fuse.resources"
@@ -166,6 +172,7 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
     workers = [actor_class.remote(GptqOrder.of(spec), layout.quantized, int(resources.num_cpus))
                for _ in range(pool_size)]
     started = time.monotonic()
+    by_name = {artifact.name: artifact for artifact in artifacts}
     if hessian_sets:
         progress(f"fusing: capturing {len(hessian_sets)} Hessian set(s) for bulk GPTQ on {len(workers)} worker(s)")
         failed_pools = {}
@@ -185,19 +192,37 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
             if pool in failed_pools:
                 artifact.error = f"hessians {pool}: {failed_pools[pool]}"
         if failed_pools:
-            units = fuse_units(layout.shard_files, {a.name: (a.build, a.draft) for a in artifacts if not a.error},
-                               gptq_builds)
-    by_name = {artifact.name: artifact for artifact in artifacts}
-    shard_artifacts = sum(1 for a in artifacts if not a.error)
-    progress(f"fusing on {len(workers)} worker(s): {len(layout.shard_files)} base shard(s) x {shard_artifacts} "
-             f"shard-wise artifact(s), then {len(gptq_builds)} per-tenant GPTQ quantization(s)")
+            units = fuse_units(layout.shard_files, {name: entry for name, entry in shard_wise.items()
+                                                    if not by_name[name].error}, gptq_builds)
+    # The walks first: each is a whole model's work for several tenants, against a shard's for the shard units.
+    walks = stream_units(streamed, len(workers))
+    units = walks + units
+    shard_artifacts = sum(1 for name in shard_wise if not by_name[name].error)
+    progress(f"fusing on {len(workers)} worker(s): "
+             + (f"{len(streamed)} gptq-int4 model(s) with their own Hessians in {len(walks)} walk(s) of the base, "
+                if walks else "")
+             + f"{len(layout.shard_files)} base shard(s) x {shard_artifacts} shard-wise artifact(s), then "
+             f"{len(gptq_builds)} per-tenant GPTQ quantization(s)")
     outcomes: list[FuseOutcome] = []
     shards_done = 0
 
-    def settle(unit: ShardUnit | GptqUnit, result: dict | None, error: str | None) -> None:
+    def settle(unit: ShardUnit | StreamUnit | GptqUnit, result: dict | None, error: str | None) -> None:
         nonlocal shards_done
         elapsed = time.monotonic() - started
-        if isinstance(unit, ShardUnit):
+        if isinstance(unit, StreamUnit):
+            for name in unit.drafts:
+                artifact = by_name[name]
+                problem = error or result["failed"].get(name)
+                if problem:
+                    artifact.error = artifact.error or f"{unit.name}: {problem}"
+                    progress(f"fuse {name}: FAILED: {problem}")
+                else:
+                    facts = {k: v for k, v in result.items() if k.startswith("worker_")}
+                    artifact.parts.update({shard: part | facts for shard, part in result["parts"][name].items()})
+            if not error:
+                progress(f"fuse: {unit.name}: done for {len(result['parts'])} model(s) in {result['seconds']:.0f} s "
+                         f"[{elapsed:.0f} s]")
+        elif isinstance(unit, ShardUnit):
             shards_done += 1
             for name in unit.drafts:
                 artifact = by_name[name]
@@ -218,7 +243,9 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
                 outcomes.append(FuseOutcome(build.tenant, build.variant.name, "done", result["metrics"]))
                 progress(f"fuse {unit.name}: done in {result['metrics']['seconds']:.0f} s [{elapsed:.0f} s]")
 
-    def call(worker, unit: ShardUnit | GptqUnit):
+    def call(worker, unit: ShardUnit | StreamUnit | GptqUnit):
+        if isinstance(unit, StreamUnit):
+            return worker.fuse_gptq_stream.remote(unit)
         if isinstance(unit, ShardUnit):
             return worker.fuse_shard.remote(unit.shard_file, list(unit.targets), unit.drafts)
         return worker.fuse_gptq.remote(unit.build.target, unit.build.inputs)

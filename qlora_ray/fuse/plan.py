@@ -44,6 +44,7 @@ class Build:
     variant: FusedVariant
     inputs: dict
     target: ShardTarget
+    streamed: bool = False  # bulk gptq-int4 with per-tenant Hessians: quantized in a StreamUnit's walk
 
     @property
     def tenant(self) -> str:
@@ -52,6 +53,12 @@ class Build:
     @property
     def shard_wise(self) -> bool:
         return self.variant.scheme in SHARD_SCHEMES or self.target.hessian_pool is not None
+
+    @property
+    def drafted(self) -> bool:
+        """Whether the driver begins its version and seals it from parts the workers upload (every
+        build but per-tenant GPTQ's, whose worker publishes the whole artifact)."""
+        return self.shard_wise or self.streamed
 
 
 @dataclass(frozen=True)
@@ -78,11 +85,10 @@ def gptq_problems(spec: JobSpec, layout: BaseLayout) -> list[str]:
     return group_size_problems(spec.fuse.gptq, {name: layout.shapes[name][-1] for name in layout.quantized})
 
 
-def hessian_pool(spec: JobSpec, tenant: TenantSpec, merge_base: str, trained: FourBit | None) -> str:
-    """The name of the Hessian set a bulk gptq-int4 build of this tenant is quantized against: one per
-    merge base (and 4-bit format, for the NF4-dequantized base), or per tenant too."""
-    name = merge_base if merge_base == "original" else f"{merge_base}.{trained.quant_type}{'-dq' if trained.double_quant else ''}"
-    return f"{name}.{tenant.id}" if spec.fuse.gptq.hessian == "per-tenant" else name
+def hessian_pool(merge_base: str, trained: FourBit | None) -> str:
+    """The name of the pooled Hessian set a bulk gptq-int4 build is quantized against: one per merge
+    base (and 4-bit format, for the NF4-dequantized base)."""
+    return merge_base if merge_base == "original" else f"{merge_base}.{trained.quant_type}{'-dq' if trained.double_quant else ''}"
 
 
 def plan_tenant(spec: JobSpec, tenant: TenantSpec, todo: list[FusedVariant], adapter: AdapterFacts,
@@ -124,12 +130,15 @@ def plan_tenant(spec: JobSpec, tenant: TenantSpec, todo: list[FusedVariant], ada
             inputs["gptq"] = spec.fuse.gptq.model_dump(mode="json")
             inputs["calibration"] = {"key": data_key(spec.name, tenant.id),
                                      "train_sha256": adapter.data_manifest["inputs"].get("train_sha256")}
-        pool = None
+        pool, streamed = None, False
         if variant.scheme == GPTQ and spec.fuse.gptq.mode == "bulk":
-            pool = hessian_pool(spec, tenant, variant.merge_base, trained)
-            inputs["hessians"] = {"key": hessian_key(spec.name, pool)}
+            if spec.fuse.gptq.hessian == "pooled":
+                pool = hessian_pool(variant.merge_base, trained)
+                inputs["hessians"] = {"key": hessian_key(spec.name, pool)}
+            else:
+                streamed = True
         target = ShardTarget(tenant.id, variant.merge_base, (variant.scheme,), trained, output_format(tenant), pool)
-        builds.append(Build(variant, inputs, target))
+        builds.append(Build(variant, inputs, target, streamed))
     return TenantPlan(builds, failed)
 
 
@@ -181,6 +190,38 @@ def hessian_units(spec: JobSpec, builds: list[Build]) -> list[HessianUnit]:
                   "calibration": calibration}
         units.append(HessianUnit(pool, first.merge_base, first.trained_format if first.merge_base == "nf4-dequantized"
                                  else None, calibration, inputs))
+    return units
+
+
+@dataclass(frozen=True)
+class StreamUnit:
+    """Bulk gptq-int4 with per-tenant Hessians for a group of tenants under one merge base: one walk
+    over the base, each base shard's part of every tenant's artifact uploaded into its version as the
+    walk completes it (drafts: `<tenant>/<variant>` -> the version the driver began)."""
+
+    targets: tuple[ShardTarget, ...]
+    drafts: dict[str, Draft]
+
+    @property
+    def name(self) -> str:
+        return f"gptq {self.targets[0].merge_base} for {', '.join(t.tenant for t in self.targets)}"
+
+
+def stream_units(builds: dict[str, tuple[Build, Draft]], workers: int) -> list[StreamUnit]:
+    """The streamed builds (keyed by `<tenant>/<variant>`) in groups that share a merge base, each
+    split into at most `workers` near-equal units: each unit holds the base once, and the pool walks
+    its units side by side."""
+    groups: dict[tuple, list[tuple[str, Build, Draft]]] = {}
+    for name, (build, draft) in builds.items():
+        groups.setdefault((build.target.merge_base, build.target.trained_format), []).append((name, build, draft))
+    units = []
+    for members in groups.values():
+        count = min(workers, len(members))
+        size = -(-len(members) // count)
+        for at in range(0, len(members), size):
+            chunk = members[at:at + size]
+            units.append(StreamUnit(tuple(build.target for _, build, _ in chunk),
+                                    {name: draft for name, _, draft in chunk}))
     return units
 
 

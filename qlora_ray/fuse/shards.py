@@ -6,8 +6,8 @@ only one target's merged tensors are alive at a time, so memory is bounded by a 
 LoRA factors, whatever the model's size. The nf4-dequantized base is computed once per shard for all
 the tenants that merge into it.
 
-Bulk gptq-int4 goes weight by weight instead: every target's merged copy of one weight is quantized
-against that weight's stored Hessian (fuse/hessians.py), the targets sharing a Hessian stacked into
+Bulk gptq-int4 with pooled Hessians goes weight by weight instead: every target's merged copy of one
+weight is quantized against that weight's stored Hessian (fuse/hessians.py), the targets sharing a Hessian stacked into
 one solve (fuse/gptq_bulk.py); the packed results, a quarter of the 16-bit size, are kept until the
 shard's file is written.
 """
@@ -29,7 +29,8 @@ from qlora_ray.fuse.math import LoraDelta, fuse_weight
 from qlora_ray.fuse.quant import FourBit, roundtrip_4bit, serialize_4bit
 from qlora_ray.spec import FusedVariant, GptqSpec
 
-# The schemes always written shard by shard; gptq-int4 is too in bulk mode (a target with a hessian_pool).
+# The schemes always written shard by shard; gptq-int4 is too in bulk mode with pooled Hessians (a target
+# with a hessian_pool).
 SHARD_SCHEMES = ("bf16", "nf4")
 GPTQ = "gptq-int4"
 # The most weight elements solved in one stacked GPTQ call: 2^29 (an 8B's down_proj for 9 tenants)
@@ -46,7 +47,7 @@ class ShardTarget:
     schemes: tuple[str, ...]  # a subset of SHARD_SCHEMES, plus gptq-int4 in bulk mode
     trained_format: FourBit | None  # how the tenant's base was quantized in training (None: 16-bit LoRA)
     output_format: FourBit  # the nf4 scheme's format
-    hessian_pool: str | None = None  # bulk gptq-int4: the Hessian set its weights are quantized against
+    hessian_pool: str | None = None  # pooled bulk gptq-int4: the Hessian set its weights are quantized against
 
 
 @dataclass(frozen=True)
@@ -158,6 +159,12 @@ def stacks(members: list, weight_elements: int) -> list[list]:
     return [members[i:i + size] for i in range(0, len(members), size)]
 
 
+def checkpoint_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor GPTQ leaves unquantized, as a gptq-int4 checkpoint keeps it: on the CPU, in bf16
+    where the base computes in fp32 (as GPTQModel's checkpoints store them here)."""
+    return (tensor.to(torch.bfloat16) if tensor.dtype == torch.float32 else tensor).cpu()
+
+
 def gptq_shard(base: dict[str, torch.Tensor], targets: list[ShardTarget], start_of, deltas: dict[str, dict[str, LoraDelta]],
                quantized: frozenset[str], hessians: dict[str, dict[str, SiteHessian]],
                gptq: GptqSpec) -> dict[ShardTarget, dict[str, torch.Tensor]]:
@@ -183,8 +190,7 @@ def gptq_shard(base: dict[str, torch.Tensor], targets: list[ShardTarget], start_
             for target in targets:
                 tensor = merged(target, name)
                 if id(tensor) not in copies:
-                    copies[id(tensor)] = (tensor, (tensor.to(torch.bfloat16) if tensor.dtype == torch.float32
-                                                   else tensor).cpu())
+                    copies[id(tensor)] = (tensor, checkpoint_copy(tensor))
                 packed[target][name] = copies[id(tensor)][1]
             del copies
             continue

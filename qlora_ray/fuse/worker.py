@@ -19,20 +19,24 @@ from pathlib import Path
 
 from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
 from qlora_ray.bases import INDEX_NAME
-from qlora_ray.errors import AdapterError
+from qlora_ray.errors import AdapterError, UserError
 from qlora_ray.fuse.gptq_bulk import quantize_config, quantize_layer_in_place
+from qlora_ray.fuse.gptq_stream import StreamTenant, quantize_tenants_layerwise
 from qlora_ray.fuse.hessians import SiteHessian, capture_hessians, padded_batches, read_hessians, write_hessians
-from qlora_ray.fuse.math import LoraDelta, adapter_deltas
-from qlora_ray.fuse.plan import HessianUnit
+from qlora_ray.fuse.math import LoraDelta, adapter_deltas, fuse_weight
+from qlora_ray.fuse.plan import HessianUnit, StreamUnit
 from qlora_ray.fuse.quant import roundtrip_4bit
-from qlora_ray.fuse.shards import GPTQ, ShardTarget, fuse_shard, load_shard
+from qlora_ray.fuse.shards import GPTQ, ShardTarget, checkpoint_copy, fuse_shard, load_shard
 from qlora_ray.hardware import compute_dtype, peak_memory_bytes, preferred_device
-from qlora_ray.library_output import route_library_output
+from qlora_ray.library_output import route_library_output, say
 from qlora_ray.local_disk import scratch_dir
 from qlora_ray.spec import FusedVariant
 from qlora_ray.staged_data import TRAIN_FILE, fetch_rows
 from qlora_ray.store import Draft, adapter_key, base_key, fused_key, hessian_key
 from qlora_ray.work_orders import GptqOrder
+
+# How often a walk of bulk GPTQ with per-tenant Hessians says which layer it is at.
+PROGRESS_EVERY_S = 30
 
 
 def load_adapter_deltas(adapter_dir: Path, device: str = "cpu") -> dict[str, LoraDelta]:
@@ -126,7 +130,7 @@ class FuseWorker:
     def capture_hessians(self, unit: HessianUnit) -> dict:
         """Capture one Hessian set on its merge base from its tenants' calibration rows (the rows the
         per-tenant path would calibrate on), and publish it in place of any older set. Returns its manifest."""
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         from qlora_ray.fuse.gptq import CALIBRATION_BATCH, calibration_batch, calibration_texts
 
@@ -136,14 +140,8 @@ class FuseWorker:
             files = list(self.store.read_manifest(base_key(self.order.base))["files"])
             with self._base(files) as base_dir:
                 tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-                model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto")
+                model, _ = self._load_merge_base(base_dir, unit)
                 weight_map = json.loads((base_dir / INDEX_NAME).read_text())["weight_map"]
-            model.to(self.device).eval()
-            if unit.trained_format is not None:  # the NF4-dequantized base, as fuse_shard makes it (in the stored dtype)
-                for name, parameter in model.named_parameters():
-                    if name in self.quantized:
-                        parameter.data = roundtrip_4bit(parameter.data, unit.trained_format)
-            model.to(compute_dtype(self.device))
             rows = []
             for tenant in unit.calibration:
                 staged = fetch_rows(self.store, self.order.job, tenant, TRAIN_FILE, work / "data" / tenant)
@@ -172,6 +170,78 @@ class FuseWorker:
                                       inputs=unit.inputs, metrics=metrics)
         finally:
             shutil.rmtree(work, ignore_errors=True)
+
+    def _load_merge_base(self, base_dir: Path, target: ShardTarget | HessianUnit):
+        """(the base model on this worker's device in its compute dtype, weight name -> the merge base's
+        tensor of each quantized weight in the dtype the base stores: the original's, or its NF4 round
+        trip as fuse_shard makes it)."""
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype="auto")
+        model.to(self.device).eval()
+        start = {}
+        for name, parameter in model.named_parameters():
+            if name in self.quantized:
+                if target.merge_base == "nf4-dequantized":
+                    parameter.data = roundtrip_4bit(parameter.data, target.trained_format)
+                start[name] = parameter.data
+        model.to(compute_dtype(self.device))
+        return model, start
+
+    def fuse_gptq_stream(self, unit: StreamUnit) -> dict:
+        """GPTQ-quantize a group of tenants against their own Hessians in one walk over the merge base
+        (fuse/gptq_stream.py), uploading each base shard's file of every tenant's artifact as soon as
+        the walk has quantized the shard's weights. A tenant whose calibration rows or adapter cannot be
+        read fails alone, before the walk."""
+        from transformers import AutoTokenizer
+
+        from qlora_ray.fuse.gptq import CALIBRATION_BATCH, calibration_batch, calibration_texts
+
+        started = start_unit()
+        work = self.cache / "stream"
+        names = {t.tenant: f"{t.tenant}/{FusedVariant(GPTQ, t.merge_base).name}" for t in unit.targets}
+        failed: dict[str, str] = {}
+        parts: dict[str, dict] = {name: {} for name in names.values()}
+        try:
+            files = list(self.store.read_manifest(base_key(self.order.base))["files"])
+            with self._base(files) as base_dir:
+                tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+                pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+                tenants = []
+                for target in unit.targets:
+                    try:
+                        staged = fetch_rows(self.store, self.order.job, target.tenant, TRAIN_FILE, work / "data" / target.tenant)
+                        texts = calibration_texts(staged, tokenizer, self.order.gptq.calibration_samples)
+                        rows = [row["input_ids"] for row in calibration_batch(texts, tokenizer)]
+                        tenants.append(StreamTenant(target.tenant, self._tenant_deltas(target.tenant),
+                                                    list(padded_batches(rows, CALIBRATION_BATCH, pad, self.device))))
+                    except UserError as exc:
+                        failed[names[target.tenant]] = str(exc)
+                if tenants:
+                    model, start = self._load_merge_base(base_dir, unit.targets[0])
+                    writer = _StreamWriter(self, unit, tenants, names, base_dir, parts, work / "out")
+                    writer.write_ready()
+                    layers = len(model.base_model.layers)
+                    said = [time.perf_counter()]
+
+                    def on_layer(index: int, packed: dict, seconds: dict) -> None:
+                        writer.add(packed, seconds)
+                        writer.write_ready()
+                        if time.perf_counter() - said[0] >= PROGRESS_EVERY_S or index + 1 == layers:
+                            said[0] = time.perf_counter()
+                            say(f"fuse: {unit.name}: layer {index + 1}/{layers} [{said[0] - started:.0f} s]")
+
+                    quantize_tenants_layerwise(model, start, tenants, quantize_config(self.order.gptq),
+                                               self.order.gptq.bits, sequential=self.order.gptq.sequential,
+                                               on_layer=on_layer)
+                    del model, start
+                    writer.check_complete()
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+            release_gpu_cache()
+        for name in failed:
+            parts.pop(name)
+        return {"parts": parts, "failed": failed, "seconds": round(time.perf_counter() - started, 3), **worker_facts()}
 
     def _shard_hessians(self, shard_file: str, targets: list[ShardTarget]) -> dict[str, dict[str, SiteHessian]]:
         """pool -> weight -> Hessian, for this shard's weights, of every Hessian set its bulk-GPTQ targets read."""
@@ -252,3 +322,64 @@ class FuseWorker:
                 if not rel.endswith(".safetensors"):
                     shutil.copy2(base_dir / rel, out / rel)
         return out
+
+
+class _StreamWriter:
+    """Assembles and uploads each tenant's file of a base shard once the walk has quantized every
+    weight of the shard: its packed tensors, and the shard's other tensors merged and kept in 16 bits
+    as fuse_shard's gptq-int4 keeps them."""
+
+    def __init__(self, worker: FuseWorker, unit: StreamUnit, tenants: list[StreamTenant], names: dict[str, str],
+                 base_dir: Path, parts: dict[str, dict], out: Path):
+        weight_map = json.loads((base_dir / INDEX_NAME).read_text())["weight_map"]
+        self.shards: dict[str, set[str]] = {}
+        for name, shard_file in weight_map.items():
+            self.shards.setdefault(shard_file, set()).update({name} & worker.quantized)
+        self.worker, self.unit, self.tenants, self.names = worker, unit, tenants, names
+        self.base_dir, self.parts, self.out = base_dir, parts, out
+        self.packed: dict[str, dict] = {t.name: {} for t in tenants}
+        self.seconds = {t.name: 0.0 for t in tenants}
+        self.done: set[str] = set()
+        self.written: set[str] = set()
+
+    def add(self, packed: dict[str, dict], seconds: dict[str, float]) -> None:
+        for tenant, tensors in packed.items():
+            self.packed[tenant].update(tensors)
+            self.seconds[tenant] += seconds[tenant]
+            self.done.update(f"{key.rsplit('.', 1)[0]}.weight" for key in tensors)
+
+    def write_ready(self) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        for shard_file, weights in sorted(self.shards.items()):
+            if shard_file in self.written or not weights <= self.done:
+                continue
+            with safe_open(str(self.base_dir / shard_file), framework="pt", device=self.worker.device) as handle:
+                base = {name: handle.get_tensor(name) for name in handle.keys() if name not in self.worker.quantized}
+            for tenant in self.tenants:
+                began = time.perf_counter()
+                deltas = tenant.deltas
+                tensors = {name: checkpoint_copy(fuse_weight(tensor, deltas[name]) if name in deltas else tensor)
+                           for name, tensor in base.items()}
+                prefixes = {weight.removesuffix("weight") for weight in weights}
+                for key in [k for k in self.packed[tenant.name] if k.rsplit(".", 1)[0] + "." in prefixes]:
+                    tensors[key] = self.packed[tenant.name].pop(key)
+                path = self.out / tenant.name / shard_file
+                path.parent.mkdir(parents=True, exist_ok=True)
+                save_file(tensors, str(path), metadata={"format": "pt"})
+                name = self.names[tenant.name]
+                described = self.worker.store.put_part(self.unit.drafts[name], shard_file, path)
+                path.unlink()
+                spent = self.seconds[tenant.name] + time.perf_counter() - began
+                self.seconds[tenant.name] = 0.0
+                self.parts[name][shard_file] = {**described, "tensors": sorted(tensors), "seconds": round(spent, 3),
+                                                "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+                del tensors
+            del base
+            self.written.add(shard_file)
+
+    def check_complete(self) -> None:
+        missing = sorted(set(self.shards) - self.written)
+        if missing:
+            raise ValueError(f"the walk left base shard(s) {missing[:3]} with weights it did not quantize")

@@ -127,8 +127,9 @@ def evaluate_tenant(order: EvalOrder, *, device: str, progress: Callable[[str], 
 def gptq_method(settings: dict) -> str:
     """How a gptq-int4 artifact was quantized, by its manifest's settings, for its row's description."""
     if settings.get("mode") == "bulk":
-        hessian = "its own calibration rows" if settings.get("hessian") == "per-tenant" else "every tenant's rows pooled"
-        return f"; bulk GPTQ against the merge base's Hessians from {hessian}"
+        if settings.get("hessian") == "per-tenant":
+            return "; bulk GPTQ, each layer against its Hessian from its own calibration rows through its merged model"
+        return "; bulk GPTQ against the merge base's Hessians from every tenant's rows pooled"
     return "; GPTQModel on the merged model, per tenant"
 
 

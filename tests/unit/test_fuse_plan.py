@@ -4,7 +4,8 @@ inputs its manifests record, what is refused and why, and the units the actor po
 from __future__ import annotations
 
 from qlora_ray.fuse.layout import BaseLayout
-from qlora_ray.fuse.plan import AdapterFacts, GptqUnit, ShardUnit, fuse_units, gptq_problems, plan_tenant
+from qlora_ray.fuse.plan import (AdapterFacts, GptqUnit, ShardUnit, fuse_units, gptq_problems, plan_tenant,
+                                  stream_units)
 from qlora_ray.fuse.quant import FourBit
 from qlora_ray.store import Draft, Store
 from tests.helpers import fuse_spec
@@ -92,3 +93,33 @@ def test_one_shard_unit_per_base_shard_merges_each_tenant_and_merge_base_once(tm
                                                                   ("original", ("bf16", "nf4"))]
     assert set(shards[0].drafts) == set(shard_builds)
     assert fuse_units(["model-1.safetensors"], {}, gptq) == [GptqUnit(b) for b in gptq]  # nothing shard-wise to do
+
+
+def test_bulk_gptq_with_per_tenant_hessians_is_walked_in_groups_per_merge_base(tmp_path):
+    """No Hessian set to read: the builds are drafted (their worker uploads parts), in at most one
+    walk per worker and merge base, each tenant once."""
+    spec = fuse_spec(tmp_path, Store(str(tmp_path / "store")), [f"t{i}" for i in range(5)], schemes=["bf16", "gptq-int4"],
+                     merge_base="both", gptq={"mode": "bulk", "hessian": "per-tenant"})
+    streamed = {}
+    for tenant in spec.tenants:
+        plan = plan_tenant(spec, tenant, spec.fused_variants(tenant), facts(), "d", [])
+        for build in plan.builds:
+            assert build.drafted and build.streamed == (build.variant.scheme == "gptq-int4")
+            assert build.shard_wise != build.streamed and "hessians" not in build.inputs
+            if build.streamed:
+                streamed[f"{tenant.id}/{build.variant.name}"] = (build, Draft(f"runs/t/fused/{tenant.id}", "v1"))
+    units = stream_units(streamed, workers=2)
+    assert [u.name for u in units] == ["gptq original for t0, t1, t2", "gptq original for t3, t4",
+                                       "gptq nf4-dequantized for t0, t1, t2", "gptq nf4-dequantized for t3, t4"]
+    assert sorted(name for u in units for name in u.drafts) == sorted(streamed)
+    assert all(len({t.merge_base for t in u.targets}) == 1 for u in units)
+    assert len(stream_units(streamed, workers=16)) == 10  # one tenant a walk, never an empty one
+
+
+def test_pooled_bulk_gptq_reads_one_hessian_set_per_merge_base(tmp_path):
+    spec = spec_of(tmp_path, schemes=["gptq-int4"], merge_base="both", gptq={"mode": "bulk"})
+    tenant = spec.tenant("acme")
+    builds = plan_tenant(spec, tenant, spec.fused_variants(tenant), facts(), "d", []).builds
+    assert sorted(b.inputs["hessians"]["key"] for b in builds) == ["runs/t/hessians/nf4-dequantized.nf4-dq",
+                                                                   "runs/t/hessians/original"]
+    assert all(b.shard_wise and not b.streamed for b in builds)

@@ -1,0 +1,99 @@
+"""Bulk GPTQ with each tenant's own Hessians, never stored: many tenants' models GPTQ-quantized in
+one walk over the merge base, layer by layer, as GPTQ itself goes (local functions: no Ray, no store).
+
+Per-tenant GPTQ (GPTQModel) takes each layer's Hessian from the tenant's own merged model, the layers
+before it already quantized. A pooled Hessian, from every tenant's rows on the merge base, costs one
+capture for all but quantizes a tenant whose inputs are a minority of the pool for the wrong
+directions; a stored set per tenant costs a capture and 16 GB each on an 8B (docs/quality.md).
+
+Here one model (the merge base) serves every tenant of a group. Per decoder layer and per tenant:
+the tenant's merged weights are put in the layer, its calibration rows run through it summing XᵀX
+per site, the site's weights are solved against that Hessian (weights that read one input stacked
+in one solve), and the rows run through the layer once more, now quantized, to make that tenant's
+inputs to the next layer. A Hessian lives for one layer of one tenant; what stays is each tenant's
+hidden states and its packed tensors, until the caller writes them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from qlora_ray.fuse.gptq_bulk import pack_gptq, solve_stacked
+from qlora_ray.fuse.hessians import LayerInput, advance, catch_layer_inputs, decoder_layers, layer_hessians
+from qlora_ray.fuse.math import LoraDelta, fuse_weight
+from qlora_ray.fuse.shards import stacks
+
+
+@dataclass
+class StreamTenant:
+    """One tenant of the walk: its LoRA deltas (weight name -> delta, on the model's device) and its
+    calibration batches ((input_ids, attention_mask) pairs on the model's device)."""
+
+    name: str
+    deltas: dict[str, LoraDelta]
+    batches: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Tensor], tenants: list[StreamTenant],
+                               config, bits: int, *, sequential: bool = True,
+                               on_layer: Callable[[int, dict[str, dict[str, torch.Tensor]], dict[str, float]], None]
+                               ) -> None:
+    """GPTQ-quantize every tenant's merged copy of the weights in `start` (weight name -> the merge
+    base's tensor, in the dtype the base stores; the model's own weights are swapped in and out, and
+    put back at the end of each layer).
+
+    After each decoder layer, on_layer(index, {tenant: its packed checkpoint tensors of the layer, on
+    the CPU}, {tenant: seconds of its work on the layer}) is called. With sequential, a tenant's next
+    layer reads its layers before quantized (GPTQ's own order); without, its 16-bit merged layers.
+    """
+    layers = decoder_layers(model)
+    outside = sorted(name for name in start if not any(name.startswith(prefix) for _, prefix in layers))
+    if outside:
+        raise ValueError(f"{outside[:3]} ({len(outside)} weight(s)) lie outside the decoder layers, which bulk GPTQ "
+                         "with per-tenant Hessians quantizes one at a time")
+    compute = next(model.parameters()).dtype
+    inputs: dict[str, list[LayerInput]] = {t.name: catch_layer_inputs(model, t.batches) for t in tenants}
+    for index, (layer, prefix) in enumerate(layers):
+        params = {name: layer.get_parameter(name.removeprefix(prefix)) for name in start if name.startswith(prefix)}
+        packed, seconds = {}, {}
+        for tenant in tenants:
+            began = time.perf_counter()
+            merged = {name: fuse_weight(start[name], tenant.deltas[name]) if name in tenant.deltas else start[name]
+                      for name in params}
+            for name, parameter in params.items():
+                parameter.data = merged[name].to(compute)
+            packed[tenant.name] = _solve_layer(layer, prefix, merged, params, inputs[tenant.name], config, bits,
+                                               sequential=sequential, compute=compute)
+            advance(layer, inputs[tenant.name])
+            del merged
+            seconds[tenant.name] = time.perf_counter() - began
+        for name, parameter in params.items():
+            parameter.data = start[name].to(compute)
+        on_layer(index, packed, seconds)
+
+
+def _solve_layer(layer: torch.nn.Module, prefix: str, merged: dict[str, torch.Tensor], params: dict, inputs: list[LayerInput],
+                 config, bits: int, *, sequential: bool, compute: torch.dtype) -> dict[str, torch.Tensor]:
+    """One tenant's layer: its Hessians from one pass of its inputs, each site's weights solved
+    against them, packed. With sequential, the layer's weights become the quantized ones."""
+    hessians = layer_hessians(layer, prefix, frozenset(params), inputs)
+    unreached = sorted(set(params) - set(hessians.weight_sites))
+    if unreached:
+        raise ValueError(f"no calibration input reached {unreached[:3]} ({len(unreached)} weight(s))")
+    sites: dict[str, list[str]] = {}
+    for name in sorted(params):
+        sites.setdefault(hessians.weight_sites[name], []).append(name)
+    tensors = {}
+    for site, names in sites.items():
+        matrix, tokens = hessians.normalized(site), hessians.tokens[site]
+        for stack in stacks(names, max(merged[name].numel() for name in names)):
+            for name, codes in zip(stack, solve_stacked([merged[name] for name in stack], matrix, tokens, config)):
+                tensors.update(pack_gptq(name, codes, bits))
+                if sequential:
+                    params[name].data = codes.dequantized.to(compute)
+        del matrix
+    return tensors

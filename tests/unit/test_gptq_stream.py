@@ -1,0 +1,103 @@
+"""Bulk GPTQ's walk with per-tenant Hessians against the same steps taken one by one: each tenant's
+merged model captured whole, each weight solved alone."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from qlora_ray.fuse.gptq_bulk import pack_gptq, quantize_config, solve_stacked
+from qlora_ray.fuse.gptq_stream import StreamTenant, quantize_tenants_layerwise
+from qlora_ray.fuse.hessians import capture_hessians, padded_batches
+from qlora_ray.fuse.math import LoraDelta, fuse_weight
+from qlora_ray.spec import GptqSpec
+from tests.unit.test_gptq_bulk import LINEARS, _tiny_llama
+
+pytest.importorskip("gptqmodel")
+
+NAMES = frozenset(f"model.layers.{i}.{linear}.weight" for i in range(2) for linear in LINEARS)
+SPEC = GptqSpec(group_size=16)
+ROWS = {"acme": [[1, 5, 9, 3, 4], [7, 8], [2, 3, 4, 5, 6, 7, 8, 9, 10]], "globex": [[11, 12, 13], [40, 41, 42, 43, 44, 45]]}
+
+
+def deltas(model: torch.nn.Module, seed: int) -> dict[str, LoraDelta]:
+    """A rank-2 LoRA on every quantized weight, large enough to change what GPTQ sees."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = dict(model.named_parameters())
+    return {name: LoraDelta(name, torch.randn(2, weights[name].shape[1], generator=generator) * 0.3,
+                            torch.randn(weights[name].shape[0], 2, generator=generator) * 0.3, 1.0)
+            for name in NAMES}
+
+
+def walk(model: torch.nn.Module, tenants: dict[str, int], *, sequential: bool) -> dict[str, dict[str, torch.Tensor]]:
+    start = {name: p.data.clone() for name, p in model.named_parameters() if name in NAMES}
+    walkers = [StreamTenant(name, deltas(model, seed), list(padded_batches(ROWS[name], 2, 0, "cpu")))
+               for name, seed in tenants.items()]
+    packed: dict[str, dict[str, torch.Tensor]] = {name: {} for name in tenants}
+    layers = []
+
+    def on_layer(index, tensors, seconds):
+        layers.append(index)
+        assert set(tensors) == set(seconds) == set(tenants)
+        for name, part in tensors.items():
+            packed[name].update(part)
+
+    quantize_tenants_layerwise(model, start, walkers, quantize_config(SPEC), SPEC.bits, sequential=sequential,
+                               on_layer=on_layer)
+    assert layers == [0, 1]
+    for name, parameter in model.named_parameters():
+        if name in start:
+            assert torch.equal(parameter.data, start[name]), f"{name} was not put back"
+    return packed
+
+
+def test_without_sequential_each_weight_is_solved_against_its_merged_models_hessian():
+    """The reference: the tenant's merged model captured in one forward, each weight solved alone."""
+    model = _tiny_llama()
+    ours = walk(model, {"acme": 0}, sequential=False)["acme"]
+
+    merged = copy.deepcopy(model)
+    for name, delta in deltas(model, 0).items():
+        parameter = merged.get_parameter(name)
+        parameter.data = fuse_weight(parameter.data, delta)
+    hessians = capture_hessians(merged, padded_batches(ROWS["acme"], 2, 0, "cpu"), NAMES)
+    config = quantize_config(SPEC)
+    expected = set()
+    for name in sorted(NAMES):
+        site = hessians.weight_sites[name]
+        (codes,) = solve_stacked([merged.get_parameter(name).data], hessians.normalized(site), hessians.tokens[site], config)
+        for key, tensor in pack_gptq(name, codes, SPEC.bits).items():
+            expected.add(key)
+            if key.endswith(".scales"):
+                torch.testing.assert_close(ours[key].float(), tensor.float(), rtol=1e-3, atol=1e-4)
+            else:
+                assert (ours[key] == tensor).float().mean() > 0.99, key
+    assert sorted(ours) == sorted(expected)
+
+
+def test_tenants_walked_together_get_what_each_gets_alone():
+    together = walk(_tiny_llama(), {"acme": 0, "globex": 1}, sequential=True)
+    for name, seed in (("acme", 0), ("globex", 1)):
+        alone = walk(_tiny_llama(), {name: seed}, sequential=True)[name]
+        assert sorted(alone) == sorted(together[name])
+        for key in alone:
+            assert torch.equal(alone[key], together[name][key]), key
+    assert not torch.equal(together["acme"]["model.layers.0.mlp.down_proj.qweight"],
+                           together["globex"]["model.layers.0.mlp.down_proj.qweight"])
+
+
+def test_sequential_changes_the_layers_after_the_first():
+    plain = walk(_tiny_llama(), {"acme": 0}, sequential=False)["acme"]
+    sequential = walk(_tiny_llama(), {"acme": 0}, sequential=True)["acme"]
+    for part in ("qweight", "scales"):  # layer 0 reads the embeddings either way
+        assert torch.equal(plain[f"model.layers.0.self_attn.q_proj.{part}"], sequential[f"model.layers.0.self_attn.q_proj.{part}"])
+    assert not torch.equal(plain["model.layers.1.self_attn.q_proj.qweight"], sequential["model.layers.1.self_attn.q_proj.qweight"])
+
+
+def test_weights_outside_the_decoder_layers_are_refused():
+    model = _tiny_llama()
+    start = {"lm_head.weight": model.lm_head.weight.data}
+    with pytest.raises(ValueError, match="outside the decoder layers"):
+        quantize_tenants_layerwise(model, start, [], quantize_config(SPEC), 4, on_layer=lambda *_: None)
