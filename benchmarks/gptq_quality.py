@@ -11,7 +11,8 @@ adapter unmerged, as `qlora-ray eval` does. Variants:
 
 - per-tenant: `fuse.gptq.mode: per-tenant` (GPTQModel on each tenant's merged model);
 - bulk: `mode: bulk`, one Hessian set from every tenant's rows pooled;
-- bulk-own: `mode: bulk, hessian: per-tenant`, each tenant's Hessians from its own rows.
+- bulk-own: `mode: bulk, hessian: per-tenant`, each tenant's Hessians from its own rows through its
+  own merged model, in walks of the base (fuse/gptq_stream.py).
 
 --gptq overrides the job's fuse.gptq settings for every variant (to try group sizes, activation
 order, calibration rows). Results: OUT_DIR/gptq-quality.json and .md, written after every variant.

@@ -12,8 +12,8 @@ ratio compares runs on one machine in one call. The job files are what a user wr
 - `train`: after a warm-up job (two steps of each data set, so that every measured run finds the
   machine's compile caches warm), --tenants tenants (the demo's four data sets, round robin) on
   shape:smollm2-135m, --train-steps steps each, 1/--per-gpu of a GPU per task: `qlora-ray train`'s wall time, the
-  speed-up over one GPU and its efficiency (speed-up / GPUs), and the GPUs each adapter's manifest
-  says it trained on.
+  speed-up over one GPU and its efficiency (speed-up / GPUs), the GPUs each adapter's manifest
+  says it trained on, and where each task's time went (its start, the training loop, the rest).
 - `fuse`: --tenants random adapters (r 16, the seven projections) fused into bf16 and nf4 on
   shape:llama3-1b (shard-wise: every tenant's merge per base shard; an 8B's 16 GB bf16 copy per
   tenant would not fit the disk twice), and into gptq-int4 on the same base in bulk mode (the pooled
@@ -72,6 +72,28 @@ def artifact_facts(store, keys: list[str], gpu_key: str) -> dict:
             "artifacts_per_gpu": dict(Counter(",".join(map(str, g or [])) or "none" for g in where.values()))}
 
 
+def task_seconds(store, spec, launched: float) -> dict:
+    """Where each training task's time went, from its status record and its adapter's manifest, in
+    seconds from the command's start: when the task began training its tenant (its worker started
+    and imported), how long it took before and after the training loop (loading the base, the data,
+    saving), the loop itself, and when it ended."""
+    from qlora_ray.store import adapter_key
+    from qlora_ray.train.status import read_status
+
+    rows = {}
+    for tenant in spec.tenants:
+        status, key = read_status(store, spec.name, tenant.id), adapter_key(spec.name, tenant.id)
+        if not status or not store.is_complete(key):
+            continue
+        metrics = store.read_manifest(key)["metrics"]
+        loop = metrics["train_seconds"]
+        busy = status["finished_ts"] - status["started_ts"]
+        rows[tenant.id] = {"started": round(status["started_ts"] - launched, 1), "outside_loop": round(busy - loop, 1),
+                           "load": metrics.get("load_seconds"), "setup": metrics.get("setup_seconds"),
+                           "loop": round(loop, 1), "ended": round(status["finished_ts"] - launched, 1)}
+    return rows
+
+
 def scaling_rows(walls: dict[int, float]) -> dict:
     one = walls[min(walls)]
     return {str(g): {"wall_s": wall, "speedup": round(one / wall, 2), "efficiency": round(one / wall / g * min(walls), 2)}
@@ -101,15 +123,24 @@ def train_part(run: Run, args) -> str:
     run.cli("warm-up: 2 steps of each data set", "train", str(warm_up), env=visible(1, run))
     for gpus in args.gpus:
         path = job(f"train-{gpus}gpu", args.tenants, args.train_steps)
+        launched = time.time()
         run.cli(f"train on {gpus} GPU(s)", "train", str(path), env=visible(gpus, run))
         walls[gpus] = run.results["steps"][f"train on {gpus} GPU(s)"]["seconds"]
         spec, store = store_of(path)
         facts[str(gpus)] = artifact_facts(store, [adapter_key(spec.name, t.id) for t in spec.tenants], "gpu_ids")
+        facts[str(gpus)]["task_seconds"] = task_seconds(store, spec, launched)
         run.results["train"] = {"tenants": args.tenants, "steps": args.train_steps, "gpu_share": gpu_share,
                                 "scaling": scaling_rows(walls), "artifacts": facts}
         run.save()
+    lines = ["", "Each task's time (seconds from the command's start; min to max over its tenants):", "",
+             "| GPUs | task started | outside the loop | of it, loading the base | of it, the trainer's set-up | "
+             "training loop | task ended |", "|---|---|---|---|---|---|---|"]
+    for gpus, fact in facts.items():
+        spread = {part: [row[part] for row in fact["task_seconds"].values() if row[part] is not None]
+                  for part in ("started", "outside_loop", "load", "setup", "loop", "ended")}
+        lines.append(f"| {gpus} | " + " | ".join(f"{min(v)} to {max(v)}" if v else "-" for v in spread.values()) + " |")
     return render(run.results["train"], f"{args.tenants} tenants, {args.train_steps} steps each, "
-                  f"{gpu_share:g} GPU per task, on shape:{shape}")
+                  f"{gpu_share:g} GPU per task, on shape:{shape}") + "\n".join(lines) + "\n"
 
 
 def fuse_part(run: Run, args) -> str:
@@ -228,8 +259,8 @@ def main() -> None:
     parser.add_argument("--tenants", type=int, default=8)
     parser.add_argument("--per-gpu", type=int, default=4, help="--part train: tenants trained at once on one GPU")
     parser.add_argument("--fuse-schemes", default="bf16+nf4,gptq-int4", type=lambda text: text.split(","),
-                        help="--part fuse: bf16+nf4 (shard-wise, shape:llama3-1b), gptq-int4 (per tenant, "
-                             "shape:smollm2-135m) or both")
+                        help="--part fuse: bf16+nf4 (shard-wise), gptq-int4 (bulk, pooled Hessians) or both, "
+                             "each on shape:llama3-1b")
     parser.add_argument("--train-steps", type=int, default=60)
     parser.add_argument("--bench-seconds", type=float, default=10.0)
     parser.add_argument("--no-install", action="store_true", help="use the environment as it is (default on cpu)")

@@ -89,6 +89,7 @@ def test_train_stage_trains_skips_and_isolates_bad_tenants(tiny_job_store, tmp_p
     assert {"adapter_config.json", "adapter_model.safetensors"} <= set(manifest["files"])
     metrics, inputs = manifest["metrics"], manifest["inputs"]
     assert metrics["steps"] == 6 and metrics["tokens_per_second"] > 0 and metrics["peak_memory_bytes"] > 0
+    assert metrics["load_seconds"] > 0 and metrics["setup_seconds"] > 0 and metrics["train_seconds"] > 0
     assert metrics["eval_loss"] > 0 and metrics["train_loss"] > 0
     assert inputs["training"]["lora"]["r"] == 16 and inputs["training"]["quantization"] == "nf4"
     assert len(inputs["base"]["manifest_sha256"]) == 64 and len(inputs["data"]["train_sha256"]) == 64

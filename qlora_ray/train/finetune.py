@@ -152,14 +152,19 @@ def finetune(
     """
     route_library_output()
     device = hardware.preferred_device()
+    started = time.perf_counter()
     model, tokenizer = load_base_for_training(base_dir, spec, device)
+    loaded = time.perf_counter()
     use_liger = resolve_fused_kernels(spec, device)
     config = sft_config(spec, device, work_dir / "checkpoints", use_liger=use_liger)
     trainer = build_trainer(spec, device, model, tokenizer, config, sft_datasets(train_rows, eval_rows),
                             on_progress=on_progress, on_checkpoint=on_checkpoint)
+    prepared = time.perf_counter()
     run = run_training(trainer, device, resume_from)
     metrics = collect_metrics(trainer, run, spec, device, use_liger=use_liger, resume_from=resume_from,
                               evaluate=bool(eval_rows))
+    # What a task spends outside the training loop: on a small model a large share of its time.
+    metrics.update(load_seconds=round(loaded - started, 2), setup_seconds=round(prepared - loaded, 2))
     adapter_dir = save_adapter(trainer.model, work_dir / "adapter", base_model_name)
     return FinetuneResult(adapter_dir=adapter_dir, metrics=metrics)
 
