@@ -213,7 +213,9 @@ def stream_units(builds: dict[str, tuple[Build, Draft]], workers: int) -> list[S
     its units side by side."""
     groups: dict[tuple, list[tuple[str, Build, Draft]]] = {}
     for name, (build, draft) in builds.items():
-        groups.setdefault((build.target.merge_base, build.target.trained_format), []).append((name, build, draft))
+        target = build.target  # the 4-bit format makes another merge base only for the NF4-dequantized one
+        base = (target.merge_base, target.trained_format if target.merge_base == "nf4-dequantized" else None)
+        groups.setdefault(base, []).append((name, build, draft))
     units = []
     for members in groups.values():
         count = min(workers, len(members))

@@ -22,7 +22,8 @@ from qlora_ray.bases import INDEX_NAME
 from qlora_ray.errors import AdapterError, UserError
 from qlora_ray.fuse.gptq_bulk import quantize_config, quantize_layer_in_place
 from qlora_ray.fuse.gptq_stream import StreamTenant, quantize_tenants_layerwise
-from qlora_ray.fuse.hessians import SiteHessian, capture_hessians, padded_batches, read_hessians, write_hessians
+from qlora_ray.fuse.hessians import (SiteHessian, capture_hessians, decoder_layers, padded_batches, read_hessians,
+                                     write_hessians)
 from qlora_ray.fuse.math import LoraDelta, adapter_deltas, fuse_weight
 from qlora_ray.fuse.plan import HessianUnit, StreamUnit
 from qlora_ray.fuse.quant import roundtrip_4bit
@@ -221,7 +222,7 @@ class FuseWorker:
                     model, start = self._load_merge_base(base_dir, unit.targets[0])
                     writer = _StreamWriter(self, unit, tenants, names, base_dir, parts, work / "out")
                     writer.write_ready()
-                    layers = len(model.base_model.layers)
+                    layers = len(decoder_layers(model))
                     said = [time.perf_counter()]
 
                     def on_layer(index: int, packed: dict, seconds: dict) -> None:

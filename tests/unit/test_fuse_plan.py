@@ -114,6 +114,11 @@ def test_bulk_gptq_with_per_tenant_hessians_is_walked_in_groups_per_merge_base(t
     assert sorted(name for u in units for name in u.drafts) == sorted(streamed)
     assert all(len({t.merge_base for t in u.targets}) == 1 for u in units)
     assert len(stream_units(streamed, workers=16)) == 10  # one tenant a walk, never an empty one
+    # A LoRA trained on the 16-bit base shares the original's walk with the QLoRA adapters.
+    (sixteen_bit,) = plan_tenant(spec, spec.tenant("t4"), [v for v in spec.fused_variants(spec.tenant("t4"))
+                                                           if v.name == "gptq-int4.original"], facts(trained=None), "d", []).builds
+    streamed["t4/gptq-int4.original"] = (sixteen_bit, streamed["t4/gptq-int4.original"][1])
+    assert [u.name for u in stream_units(streamed, workers=2)][:2] == ["gptq original for t0, t1, t2", "gptq original for t3, t4"]
 
 
 def test_pooled_bulk_gptq_reads_one_hessian_set_per_merge_base(tmp_path):
