@@ -56,7 +56,7 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
         raise ValueError(f"{outside[:3]} ({len(outside)} weight(s)) lie outside the decoder layers, which bulk GPTQ "
                          "with per-tenant Hessians quantizes one at a time")
     compute = next(model.parameters()).dtype
-    inputs: dict[str, list[LayerInput]] = {t.name: catch_layer_inputs(model, t.batches) for t in tenants}
+    inputs: dict[str, list[LayerInput]] = {t.name: _first_inputs(model, t, frozenset(start)) for t in tenants}
     for index, (layer, prefix) in enumerate(layers):
         params = {name: layer.get_parameter(name.removeprefix(prefix)) for name in start if name.startswith(prefix)}
         packed, seconds = {}, {}
@@ -74,6 +74,22 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
         for name, parameter in params.items():
             parameter.data = start[name].to(compute)
         on_layer(index, packed, seconds)
+
+
+def _first_inputs(model: torch.nn.Module, tenant: StreamTenant, quantized: frozenset[str]) -> list[LayerInput]:
+    """What reaches the first decoder layer for the tenant's rows, through its own merged weights
+    before the layers (an adapter may train the embeddings): merged in for the catch, then put back."""
+    before = {}
+    try:
+        for name, delta in tenant.deltas.items():
+            if name not in quantized:
+                parameter = model.get_parameter(name)
+                before[name] = parameter.data
+                parameter.data = fuse_weight(parameter.data, delta)
+        return catch_layer_inputs(model, tenant.batches)
+    finally:
+        for name, tensor in before.items():
+            model.get_parameter(name).data = tensor
 
 
 def _solve_layer(layer: torch.nn.Module, prefix: str, merged: dict[str, torch.Tensor], params: dict, inputs: list[LayerInput],

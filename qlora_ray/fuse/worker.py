@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
 from qlora_ray.bases import INDEX_NAME
-from qlora_ray.errors import AdapterError, UserError
+from qlora_ray.errors import AdapterError, DataError, UserError
 from qlora_ray.fuse.gptq_bulk import quantize_config, quantize_layer_in_place
 from qlora_ray.fuse.gptq_stream import StreamTenant, quantize_tenants_layerwise
 from qlora_ray.fuse.hessians import (SiteHessian, capture_hessians, decoder_layers, padded_batches, read_hessians,
@@ -141,7 +141,7 @@ class FuseWorker:
             files = list(self.store.read_manifest(base_key(self.order.base))["files"])
             with self._base(files) as base_dir:
                 tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-                model, _ = self._load_merge_base(base_dir, unit)
+                model = self._load_merge_base(base_dir, unit)[0]  # its 16-bit start tensors are not needed here
                 weight_map = json.loads((base_dir / INDEX_NAME).read_text())["weight_map"]
             rows = []
             for tenant in unit.calibration:
@@ -213,7 +213,9 @@ class FuseWorker:
                     try:
                         staged = fetch_rows(self.store, self.order.job, target.tenant, TRAIN_FILE, work / "data" / target.tenant)
                         texts = calibration_texts(staged, tokenizer, self.order.gptq.calibration_samples)
-                        rows = [row["input_ids"] for row in calibration_batch(texts, tokenizer)]
+                        rows = [row["input_ids"] for row in calibration_batch(texts, tokenizer) if row["input_ids"]]
+                        if not rows:
+                            raise DataError(f"GPTQ calibration: the {len(texts)} training row(s) chosen hold no tokens")
                         tenants.append(StreamTenant(target.tenant, self._tenant_deltas(target.tenant),
                                                     list(padded_batches(rows, CALIBRATION_BATCH, pad, self.device))))
                     except UserError as exc:

@@ -17,22 +17,28 @@ from tests.unit.test_gptq_bulk import LINEARS, _tiny_llama
 
 pytest.importorskip("gptqmodel")
 
+EMBEDDINGS = "model.embed_tokens.weight"
 NAMES = frozenset(f"model.layers.{i}.{linear}.weight" for i in range(2) for linear in LINEARS)
 SPEC = GptqSpec(group_size=16)
 ROWS = {"acme": [[1, 5, 9, 3, 4], [7, 8], [2, 3, 4, 5, 6, 7, 8, 9, 10]], "globex": [[11, 12, 13], [40, 41, 42, 43, 44, 45]]}
 
 
 def deltas(model: torch.nn.Module, seed: int) -> dict[str, LoraDelta]:
-    """A rank-2 LoRA on every quantized weight, large enough to change what GPTQ sees."""
+    """A rank-2 LoRA on every quantized weight and on the embeddings, large enough to change what GPTQ sees."""
     generator = torch.Generator().manual_seed(seed)
     weights = dict(model.named_parameters())
-    return {name: LoraDelta(name, torch.randn(2, weights[name].shape[1], generator=generator) * 0.3,
-                            torch.randn(weights[name].shape[0], 2, generator=generator) * 0.3, 1.0)
-            for name in NAMES}
+    found = {name: LoraDelta(name, torch.randn(2, weights[name].shape[1], generator=generator) * 0.3,
+                             torch.randn(weights[name].shape[0], 2, generator=generator) * 0.3, 1.0)
+             for name in NAMES}
+    vocab, width = weights[EMBEDDINGS].shape
+    found[EMBEDDINGS] = LoraDelta(EMBEDDINGS, torch.randn(2, vocab, generator=generator),
+                                  torch.randn(width, 2, generator=generator), 1.0, embedding=True)
+    return found
 
 
 def walk(model: torch.nn.Module, tenants: dict[str, int], *, sequential: bool) -> dict[str, dict[str, torch.Tensor]]:
-    start = {name: p.data.clone() for name, p in model.named_parameters() if name in NAMES}
+    before = {name: p.data.clone() for name, p in model.named_parameters()}
+    start = {name: tensor for name, tensor in before.items() if name in NAMES}
     walkers = [StreamTenant(name, deltas(model, seed), list(padded_batches(ROWS[name], 2, 0, "cpu")))
                for name, seed in tenants.items()]
     packed: dict[str, dict[str, torch.Tensor]] = {name: {} for name in tenants}
@@ -47,14 +53,14 @@ def walk(model: torch.nn.Module, tenants: dict[str, int], *, sequential: bool) -
     quantize_tenants_layerwise(model, start, walkers, quantize_config(SPEC), SPEC.bits, sequential=sequential,
                                on_layer=on_layer)
     assert layers == [0, 1]
-    for name, parameter in model.named_parameters():
-        if name in start:
-            assert torch.equal(parameter.data, start[name]), f"{name} was not put back"
+    for name, parameter in model.named_parameters():  # the embeddings too, merged in for each tenant's catch
+        assert torch.equal(parameter.data, before[name]), f"{name} was not put back"
     return packed
 
 
 def test_without_sequential_each_weight_is_solved_against_its_merged_models_hessian():
-    """The reference: the tenant's merged model captured in one forward, each weight solved alone."""
+    """The reference: the tenant's merged model (its embeddings too) captured in one forward, each
+    weight solved alone."""
     model = _tiny_llama()
     ours = walk(model, {"acme": 0}, sequential=False)["acme"]
 
