@@ -77,9 +77,10 @@ def test_bulk_gptq_loads_in_transformers_and_matches_gptqmodel_where_inputs_agre
     assert sorted(ours) == sorted(reference)  # the same checkpoint layout as GPTQModel's save
     assert all(ours[name].dtype == reference[name].dtype for name in ours)
     # Layer 0's q/k/v read the embeddings, which the adapter does not change: the walk's Hessian is
-    # GPTQModel's own (up to summation order), so are the codes. From layer 1 on the two runs' inputs
-    # part (with layer 0 quantized first or not, layer 1's q_proj shares about 40 % of its words with
-    # GPTQModel's): the logits below are the comparison there.
+    # GPTQModel's own (up to summation order), so are the codes. Past them GPTQModel quantizes a layer
+    # in four subsets, each subset's Hessian taken after the subsets before it are quantized, where the
+    # walk sums a layer's Hessians in one pass; GPTQ's codes follow such small differences (layer 1's
+    # q_proj shares about 40 % of its words with GPTQModel's): the logits below are the comparison there.
     scales_ratio = ours[f"{Q_PROJ}.scales"].float() / reference[f"{Q_PROJ}.scales"].float()
     torch.testing.assert_close(scales_ratio, torch.ones_like(scales_ratio), rtol=1e-3, atol=1e-3)
     same_words = (ours[f"{Q_PROJ}.qweight"] == reference[f"{Q_PROJ}.qweight"]).float().mean().item()
