@@ -39,12 +39,14 @@ class StreamTenant:
 
 
 def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Tensor], tenants: list[StreamTenant],
-                               config, bits: int, *, sequential: bool = True,
+                               config, bits: int, *, sequential: bool = True, park: str | None = None,
                                on_layer: Callable[[int, dict[str, dict[str, torch.Tensor]], dict[str, float]], None]
                                ) -> None:
     """GPTQ-quantize every tenant's merged copy of the weights in `start` (weight name -> the merge
     base's tensor, in the dtype the base stores; the model's own weights are swapped in and out, and
-    put back at the end of each layer).
+    put back at the end of each layer). With `park` (a device), each tenant's layer inputs wait there
+    between its turns: on a GPU, a walk of many tenants with long rows would otherwise hold all their
+    hidden states at once (up to 2 GiB a tenant on an 8B).
 
     After each decoder layer, on_layer(index, {tenant: its packed checkpoint tensors of the layer, on
     the CPU}, {tenant: seconds of its work on the layer}) is called. With sequential, a tenant's next
@@ -56,7 +58,11 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
         raise ValueError(f"{outside[:3]} ({len(outside)} weight(s)) lie outside the decoder layers, which bulk GPTQ "
                          "with per-tenant Hessians quantizes one at a time")
     compute = next(model.parameters()).dtype
-    inputs: dict[str, list[LayerInput]] = {t.name: _first_inputs(model, t, frozenset(start)) for t in tenants}
+    device = next(model.parameters()).device
+    inputs: dict[str, list[LayerInput]] = {}
+    for tenant in tenants:
+        inputs[tenant.name] = _first_inputs(model, tenant, frozenset(start))
+        _move(inputs[tenant.name], park)
     for index, (layer, prefix) in enumerate(layers):
         params = {name: layer.get_parameter(name.removeprefix(prefix)) for name in start if name.startswith(prefix)}
         packed, seconds = {}, {}
@@ -66,14 +72,23 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
                       for name in params}
             for name, parameter in params.items():
                 parameter.data = merged[name].to(compute)
+            _move(inputs[tenant.name], park and device)
             packed[tenant.name] = _solve_layer(layer, prefix, merged, params, inputs[tenant.name], config, bits,
                                                sequential=sequential, compute=compute)
             advance(layer, inputs[tenant.name])
+            _move(inputs[tenant.name], park)
             del merged
             seconds[tenant.name] = time.perf_counter() - began
         for name, parameter in params.items():
             parameter.data = start[name].to(compute)
         on_layer(index, packed, seconds)
+
+
+def _move(inputs: list[LayerInput], device) -> None:
+    """Move a tenant's layer inputs to `device`; none: where they are."""
+    if device is not None:
+        for entry in inputs:
+            entry.to(device)
 
 
 def _first_inputs(model: torch.nn.Module, tenant: StreamTenant, quantized: frozenset[str]) -> list[LayerInput]:

@@ -66,6 +66,18 @@ class LayerInput:
     def through(self, layer: torch.nn.Module):
         return layer(self.hidden, *self.args, **self.kwargs)
 
+    def to(self, device) -> None:
+        """Move its tensors (hidden states, positions, masks) to `device`, in place."""
+        def moved(value):
+            if isinstance(value, torch.Tensor):
+                return value.to(device)
+            if isinstance(value, (tuple, list)):
+                return type(value)(moved(v) for v in value)
+            return value
+
+        self.hidden, self.args, self.keep = moved(self.hidden), moved(self.args), moved(self.keep)
+        self.kwargs = {key: moved(value) for key, value in self.kwargs.items()}
+
 
 def _sum_hooks(module: torch.nn.Module, prefix: str, weight_names: frozenset[str], hessians: Hessians, state: dict) -> list:
     """Forward pre-hooks on the linears of `module` whose weight (`prefix` + its name) is in

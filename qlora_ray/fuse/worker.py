@@ -236,7 +236,7 @@ class FuseWorker:
 
                     quantize_tenants_layerwise(model, start, tenants, quantize_config(self.order.gptq),
                                                self.order.gptq.bits, sequential=self.order.gptq.sequential,
-                                               on_layer=on_layer)
+                                               park="cpu" if self.device == "cuda" else None, on_layer=on_layer)
                     del model, start
                     writer.check_complete()
         finally:

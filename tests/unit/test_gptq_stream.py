@@ -36,7 +36,8 @@ def deltas(model: torch.nn.Module, seed: int) -> dict[str, LoraDelta]:
     return found
 
 
-def walk(model: torch.nn.Module, tenants: dict[str, int], *, sequential: bool) -> dict[str, dict[str, torch.Tensor]]:
+def walk(model: torch.nn.Module, tenants: dict[str, int], *, sequential: bool,
+         park: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
     before = {name: p.data.clone() for name, p in model.named_parameters()}
     start = {name: tensor for name, tensor in before.items() if name in NAMES}
     walkers = [StreamTenant(name, deltas(model, seed), list(padded_batches(ROWS[name], 2, 0, "cpu")))
@@ -51,7 +52,7 @@ def walk(model: torch.nn.Module, tenants: dict[str, int], *, sequential: bool) -
             packed[name].update(part)
 
     quantize_tenants_layerwise(model, start, walkers, quantize_config(SPEC), SPEC.bits, sequential=sequential,
-                               on_layer=on_layer)
+                               park=park, on_layer=on_layer)
     assert layers == [0, 1]
     for name, parameter in model.named_parameters():  # the embeddings too, merged in for each tenant's catch
         assert torch.equal(parameter.data, before[name]), f"{name} was not put back"
@@ -84,7 +85,8 @@ def test_without_sequential_each_weight_is_solved_against_its_merged_models_hess
 
 
 def test_tenants_walked_together_get_what_each_gets_alone():
-    together = walk(_tiny_llama(), {"acme": 0, "globex": 1}, sequential=True)
+    """Together with their layer inputs parked between turns (on a GPU worker: on the CPU), alone without."""
+    together = walk(_tiny_llama(), {"acme": 0, "globex": 1}, sequential=True, park="cpu")
     for name, seed in (("acme", 0), ("globex", 1)):
         alone = walk(_tiny_llama(), {name: seed}, sequential=True)[name]
         assert sorted(alone) == sorted(together[name])
@@ -107,3 +109,25 @@ def test_weights_outside_the_decoder_layers_are_refused():
     start = {"lm_head.weight": model.lm_head.weight.data}
     with pytest.raises(ValueError, match="outside the decoder layers"):
         quantize_tenants_layerwise(model, start, [], quantize_config(SPEC), 4, on_layer=lambda *_: None)
+
+
+def test_parked_layer_inputs_move_every_tensor_they_hold():
+    """Hidden states, the positions' (cos, sin) pair, masks, the padding flags: all go where the input is parked."""
+    from qlora_ray.fuse.hessians import catch_layer_inputs
+
+    (entry,) = catch_layer_inputs(_tiny_llama(), padded_batches(ROWS["acme"], 3, 0, "cpu"))
+    entry.to("meta")
+
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            for item in value:
+                yield from tensors(item)
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from tensors(item)
+
+    found = list(tensors([entry.hidden, entry.args, entry.kwargs, entry.keep]))
+    assert len(found) >= 4 and all(t.device.type == "meta" for t in found)
+    assert isinstance(entry.kwargs["position_embeddings"], tuple)
