@@ -51,6 +51,14 @@ def calibration_batch(texts: list[str], tokenizer) -> list[dict]:
     return rows
 
 
+def calibration_rows(texts: list[str], tokenizer) -> list[dict]:
+    """The rows of calibration_batch that hold tokens; a DataError when none does."""
+    rows = [row for row in calibration_batch(texts, tokenizer) if row["input_ids"]]
+    if not rows:
+        raise DataError(f"GPTQ calibration: the {len(texts)} training row(s) chosen hold no tokens")
+    return rows
+
+
 def group_size_problems(spec: GptqSpec, in_features: dict[str, int]) -> list[str]:
     """GPTQ groups split each weight's input columns; a group size must divide all of them."""
     if spec.group_size == -1:
@@ -71,9 +79,7 @@ def gptq_quantize(merged_dir: Path, out_dir: Path, texts: list[str], spec: GptqS
 
     started = time.perf_counter()
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
-    calibration = [row for row in calibration_batch(texts, tokenizer) if row["input_ids"]]
-    if not calibration:
-        raise DataError(f"GPTQ calibration: the {len(texts)} training row(s) chosen hold no tokens")
+    calibration = calibration_rows(texts, tokenizer)
     # GPTQModel offloads finished layers to disk, by default into a temporary folder of its own that
     # outlives a worker process Ray ends (a model's 16-bit size left in /tmp per tenant): into the
     # caller's scratch folder instead, removed with it.

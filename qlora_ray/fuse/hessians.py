@@ -85,8 +85,6 @@ def _sum_hooks(module: torch.nn.Module, prefix: str, weight_names: frozenset[str
     Weights handed the very same input tensor in a row (state["input"]) share one site."""
     def hook_for(weight: str):
         def hook(_, args):
-            if not state["on"]:
-                return  # a pass that only makes the next layer's inputs
             x = args[0]
             site = hessians.weight_sites.setdefault(weight, state["site"] if x is state["input"] else weight)
             state["input"], state["site"] = x, site
@@ -132,7 +130,7 @@ def capture_hessians(model: torch.nn.Module, batches, weight_names: frozenset[st
     hessians = Hessians()
     with torch.no_grad(), tf32_sums():
         if quantize_layer is None:
-            state = {"input": None, "site": None, "keep": None, "on": True}
+            state = {"input": None, "site": None, "keep": None}
             handles = _sum_hooks(model, "", weight_names, hessians, state)
             try:
                 for input_ids, attention_mask in batches:
@@ -195,7 +193,7 @@ def catch_layer_inputs(model: torch.nn.Module, batches) -> list[LayerInput]:
 def layer_hessians(layer: torch.nn.Module, prefix: str, weight_names: frozenset[str], inputs: list[LayerInput]) -> Hessians:
     """The Hessian sums of the layer's weights in weight_names, from one pass of `inputs` through it."""
     hessians = Hessians()
-    state = {"input": None, "site": None, "keep": None, "on": True}
+    state = {"input": None, "site": None, "keep": None}
     handles = _sum_hooks(layer, prefix, weight_names, hessians, state)
     try:
         with torch.no_grad(), tf32_sums():

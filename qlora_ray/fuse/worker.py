@@ -19,7 +19,7 @@ from pathlib import Path
 
 from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
 from qlora_ray.bases import INDEX_NAME
-from qlora_ray.errors import AdapterError, DataError, UserError
+from qlora_ray.errors import AdapterError, UserError
 from qlora_ray.fuse.gptq_bulk import quantize_config, quantize_layer_in_place
 from qlora_ray.fuse.gptq_stream import StreamTenant, quantize_tenants_layerwise
 from qlora_ray.fuse.hessians import (SiteHessian, capture_hessians, decoder_layers, padded_batches, read_hessians,
@@ -196,7 +196,7 @@ class FuseWorker:
         read fails alone, before the walk."""
         from transformers import AutoTokenizer
 
-        from qlora_ray.fuse.gptq import CALIBRATION_BATCH, calibration_batch, calibration_texts
+        from qlora_ray.fuse.gptq import CALIBRATION_BATCH, calibration_rows, calibration_texts
 
         started = start_unit()
         work = self.cache / "stream"
@@ -213,9 +213,7 @@ class FuseWorker:
                     try:
                         staged = fetch_rows(self.store, self.order.job, target.tenant, TRAIN_FILE, work / "data" / target.tenant)
                         texts = calibration_texts(staged, tokenizer, self.order.gptq.calibration_samples)
-                        rows = [row["input_ids"] for row in calibration_batch(texts, tokenizer) if row["input_ids"]]
-                        if not rows:
-                            raise DataError(f"GPTQ calibration: the {len(texts)} training row(s) chosen hold no tokens")
+                        rows = [row["input_ids"] for row in calibration_rows(texts, tokenizer)]
                         tenants.append(StreamTenant(target.tenant, self._tenant_deltas(target.tenant),
                                                     list(padded_batches(rows, CALIBRATION_BATCH, pad, self.device))))
                     except UserError as exc:
