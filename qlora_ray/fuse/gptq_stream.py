@@ -17,7 +17,8 @@ hidden states and its packed tensors, until the caller writes them.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -38,10 +39,31 @@ class StreamTenant:
     batches: list[tuple[torch.Tensor, torch.Tensor]]
 
 
+@dataclass
+class StageClock:
+    """Seconds the walk spends in each of its steps, summed over layers and tenants: where a long
+    walk's time goes. The device is synchronized at the end of each step, so work a GPU had queued
+    counts for the step that queued it (the solver waits on the GPU anyway)."""
+
+    device: torch.device
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @contextmanager
+    def __call__(self, stage: str):
+        began = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - began
+
+    def summary(self) -> str:
+        return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.seconds.items())
+
+
 def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Tensor], tenants: list[StreamTenant],
                                config, bits: int, *, sequential: bool = True, park: str | None = None,
-                               on_layer: Callable[[int, dict[str, dict[str, torch.Tensor]], dict[str, float]], None]
-                               ) -> None:
+                               on_layer: Callable[[int, dict[str, dict[str, torch.Tensor]], dict[str, float]], None],
+                               clock: StageClock | None = None) -> None:
     """GPTQ-quantize every tenant's merged copy of the weights in `start` (weight name -> the merge
     base's tensor, in the dtype the base stores; the model's own weights are swapped in and out, and
     put back at the end of each layer). With `park` (a device), each tenant's layer inputs wait there
@@ -51,6 +73,7 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
     After each decoder layer, on_layer(index, {tenant: its packed checkpoint tensors of the layer, on
     the CPU}, {tenant: seconds of its work on the layer}) is called. With sequential, a tenant's next
     layer reads its layers before quantized (GPTQ's own order); without, its 16-bit merged layers.
+    `clock` (default: a fresh one) sums the seconds of each step.
     """
     layers = decoder_layers(model)
     outside = sorted(name for name in start if not any(name.startswith(prefix) for _, prefix in layers))
@@ -59,24 +82,31 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
                          "with per-tenant Hessians quantizes one at a time")
     compute = next(model.parameters()).dtype
     device = next(model.parameters()).device
+    clock = clock or StageClock(device)
     inputs: dict[str, list[LayerInput]] = {}
     for tenant in tenants:
-        inputs[tenant.name] = _first_inputs(model, tenant, frozenset(start))
-        _move(inputs[tenant.name], park)
+        with clock("first inputs"):
+            inputs[tenant.name] = _first_inputs(model, tenant, frozenset(start))
+        with clock("park"):
+            _move(inputs[tenant.name], park)
     for index, (layer, prefix) in enumerate(layers):
         params = {name: layer.get_parameter(name.removeprefix(prefix)) for name in start if name.startswith(prefix)}
         packed, seconds = {}, {}
         for tenant in tenants:
             began = time.perf_counter()
-            merged = {name: fuse_weight(start[name], tenant.deltas[name]) if name in tenant.deltas else start[name]
-                      for name in params}
-            for name, parameter in params.items():
-                parameter.data = merged[name].to(compute)
-            _move(inputs[tenant.name], park and device)
+            with clock("merge"):
+                merged = {name: fuse_weight(start[name], tenant.deltas[name]) if name in tenant.deltas else start[name]
+                          for name in params}
+                for name, parameter in params.items():
+                    parameter.data = merged[name].to(compute)
+            with clock("park"):
+                _move(inputs[tenant.name], park and device)
             packed[tenant.name] = _solve_layer(layer, prefix, merged, params, inputs[tenant.name], config, bits,
-                                               sequential=sequential, compute=compute)
-            advance(layer, inputs[tenant.name])
-            _move(inputs[tenant.name], park)
+                                               sequential=sequential, compute=compute, clock=clock)
+            with clock("advance"):
+                advance(layer, inputs[tenant.name])
+            with clock("park"):
+                _move(inputs[tenant.name], park)
             del merged
             seconds[tenant.name] = time.perf_counter() - began
         for name, parameter in params.items():
@@ -108,10 +138,11 @@ def _first_inputs(model: torch.nn.Module, tenant: StreamTenant, quantized: froze
 
 
 def _solve_layer(layer: torch.nn.Module, prefix: str, merged: dict[str, torch.Tensor], params: dict, inputs: list[LayerInput],
-                 config, bits: int, *, sequential: bool, compute: torch.dtype) -> dict[str, torch.Tensor]:
+                 config, bits: int, *, sequential: bool, compute: torch.dtype, clock: StageClock) -> dict[str, torch.Tensor]:
     """One tenant's layer: its Hessians from one pass of its inputs, each site's weights solved
     against them, packed. With sequential, the layer's weights become the quantized ones."""
-    hessians = layer_hessians(layer, prefix, frozenset(params), inputs)
+    with clock("hessians"):
+        hessians = layer_hessians(layer, prefix, frozenset(params), inputs)
     unreached = sorted(set(params) - set(hessians.weight_sites))
     if unreached:
         raise ValueError(f"no calibration input reached {unreached[:3]} ({len(unreached)} weight(s))")
@@ -122,9 +153,12 @@ def _solve_layer(layer: torch.nn.Module, prefix: str, merged: dict[str, torch.Te
     for site, names in sites.items():
         matrix, tokens = hessians.normalized(site), hessians.tokens[site]
         for stack in stacks(names, max(merged[name].numel() for name in names)):
-            for name, codes in zip(stack, solve_stacked([merged[name] for name in stack], matrix, tokens, config)):
-                tensors.update(pack_gptq(name, codes, bits))
-                if sequential:
-                    params[name].data = codes.dequantized.to(compute)
+            with clock("solve"):
+                solved = solve_stacked([merged[name] for name in stack], matrix, tokens, config)
+            with clock("pack"):
+                for name, codes in zip(stack, solved):
+                    tensors.update(pack_gptq(name, codes, bits))
+                    if sequential:
+                        params[name].data = codes.dequantized.to(compute)
         del matrix
     return tensors

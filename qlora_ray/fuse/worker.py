@@ -21,7 +21,7 @@ from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
 from qlora_ray.bases import INDEX_NAME
 from qlora_ray.errors import AdapterError, UserError
 from qlora_ray.fuse.gptq_bulk import quantize_config, quantize_layer_in_place
-from qlora_ray.fuse.gptq_stream import StreamTenant, quantize_tenants_layerwise
+from qlora_ray.fuse.gptq_stream import StageClock, StreamTenant, quantize_tenants_layerwise
 from qlora_ray.fuse.hessians import (SiteHessian, capture_hessians, decoder_layers, padded_batches, read_hessians,
                                      write_hessians)
 from qlora_ray.fuse.math import LoraDelta, adapter_deltas, fuse_weight
@@ -194,11 +194,13 @@ class FuseWorker:
         (fuse/gptq_stream.py), uploading each base shard's file of every tenant's artifact as soon as
         the walk has quantized the shard's weights. A tenant whose calibration rows or adapter cannot be
         read fails alone, before the walk."""
+        import torch
         from transformers import AutoTokenizer
 
         from qlora_ray.fuse.gptq import CALIBRATION_BATCH, calibration_rows, calibration_texts
 
         started = start_unit()
+        clock = StageClock(torch.device(self.device))
         work = self.cache / "stream"
         names = {t.tenant: f"{t.tenant}/{FusedVariant(GPTQ, t.merge_base).name}" for t in unit.targets}
         failed: dict[str, str] = {}
@@ -219,30 +221,36 @@ class FuseWorker:
                     except UserError as exc:
                         failed[names[target.tenant]] = str(exc)
                 if tenants:
-                    model, start = self._load_merge_base(base_dir, unit.targets[0])
+                    with clock("load"):
+                        model, start = self._load_merge_base(base_dir, unit.targets[0])
                     writer = _StreamWriter(self, unit, tenants, names, base_dir, parts, work / "out")
-                    writer.write_ready()
+                    with clock("write"):
+                        writer.write_ready()
                     layers = len(decoder_layers(model))
                     said = [time.perf_counter()]
 
                     def on_layer(index: int, packed: dict, seconds: dict) -> None:
                         writer.add(packed, seconds)
-                        writer.write_ready()
+                        with clock("write"):
+                            writer.write_ready()
                         if time.perf_counter() - said[0] >= PROGRESS_EVERY_S or index + 1 == layers:
                             said[0] = time.perf_counter()
                             say(f"fuse: {unit.name}: layer {index + 1}/{layers} [{said[0] - started:.0f} s]")
 
                     quantize_tenants_layerwise(model, start, tenants, quantize_config(self.order.gptq),
                                                self.order.gptq.bits, sequential=self.order.gptq.sequential,
-                                               park="cpu" if self.device == "cuda" else None, on_layer=on_layer)
+                                               park="cpu" if self.device == "cuda" else None, on_layer=on_layer,
+                                               clock=clock)
                     del model, start
                     writer.check_complete()
+                    say(f"fuse: {unit.name}: done in {time.perf_counter() - started:.0f} s: {clock.summary()}")
         finally:
             shutil.rmtree(work, ignore_errors=True)
             release_gpu_cache()
         for name in failed:
             parts.pop(name)
-        return {"parts": parts, "failed": failed, "seconds": round(time.perf_counter() - started, 3), **worker_facts()}
+        return {"parts": parts, "failed": failed, "seconds": round(time.perf_counter() - started, 3),
+                "stage_seconds": {stage: round(seconds, 3) for stage, seconds in clock.seconds.items()}, **worker_facts()}
 
     def _shard_hessians(self, shard_file: str, targets: list[ShardTarget]) -> dict[str, dict[str, SiteHessian]]:
         """pool -> weight -> Hessian, for this shard's weights, of every Hessian set its bulk-GPTQ targets read."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from qlora_ray.fuse.gptq_bulk import pack_gptq, quantize_config, solve_stacked
-from qlora_ray.fuse.gptq_stream import StreamTenant, quantize_tenants_layerwise
+from qlora_ray.fuse.gptq_stream import StageClock, StreamTenant, quantize_tenants_layerwise
 from qlora_ray.fuse.hessians import capture_hessians, padded_batches
 from qlora_ray.fuse.math import LoraDelta, fuse_weight
 from qlora_ray.spec import GptqSpec
@@ -51,9 +51,11 @@ def walk(model: torch.nn.Module, tenants: dict[str, int], *, sequential: bool,
         for name, part in tensors.items():
             packed[name].update(part)
 
+    clock = StageClock(torch.device("cpu"))
     quantize_tenants_layerwise(model, start, walkers, quantize_config(SPEC), SPEC.bits, sequential=sequential,
-                               park=park, on_layer=on_layer)
+                               park=park, on_layer=on_layer, clock=clock)
     assert layers == [0, 1]
+    assert set(clock.seconds) == {"first inputs", "park", "merge", "hessians", "solve", "pack", "advance"}
     for name, parameter in model.named_parameters():  # the embeddings too, merged in for each tenant's catch
         assert torch.equal(parameter.data, before[name]), f"{name} was not put back"
     return packed
