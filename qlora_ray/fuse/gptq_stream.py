@@ -6,12 +6,13 @@ before it already quantized. A pooled Hessian, from every tenant's rows on the m
 capture for all but quantizes a tenant whose inputs are a minority of the pool for the wrong
 directions; a stored set per tenant costs a capture and 16 GB each on an 8B (docs/quality.md).
 
-Here one model (the merge base) serves every tenant of a group. Per decoder layer and per tenant:
-the tenant's merged weights are put in the layer, its calibration rows run through it summing XᵀX
-per site, the site's weights are solved against that Hessian (weights that read one input stacked
-in one solve), and the rows run through the layer once more, now quantized, to make that tenant's
-inputs to the next layer. A Hessian lives for one layer of one tenant; what stays is each tenant's
-hidden states and its packed tensors, until the caller writes them.
+Here one model (the merge base) serves every tenant of a group. Per decoder layer, for a batch of
+tenants: each tenant's merged weights are put in the layer and its calibration rows run through it
+summing XᵀX per site; each site's weights of the whole batch are solved at once, every tenant
+against its own Hessian (gptq_batched.py; a tenant's weights that read one input stacked); then each
+tenant's rows run through the layer once more, now quantized, to make its inputs to the next layer.
+A Hessian lives for one layer of one batch; what stays is each tenant's hidden states and its packed
+tensors, until the caller writes them.
 """
 
 from __future__ import annotations
@@ -23,10 +24,16 @@ from typing import Callable
 
 import torch
 
-from qlora_ray.fuse.gptq_bulk import pack_gptq, solve_stacked
+from qlora_ray.fuse.gptq_batched import solve_batched
+from qlora_ray.fuse.gptq_bulk import GptqCodes, pack_gptq
 from qlora_ray.fuse.hessians import LayerInput, advance, catch_layer_inputs, decoder_layers, layer_hessians
 from qlora_ray.fuse.math import LoraDelta, fuse_weight
 from qlora_ray.fuse.shards import stacks
+
+# The most float32 elements a batch of tenants is solved with, counting each tenant's weight and its
+# inverse Hessian (about 4 GB a copy): an 8B's down_proj takes 4 tenants at once, so that four
+# workers sharing an H200 fit beside their bases.
+MAX_BATCH_ELEMENTS = 2**30
 
 
 @dataclass
@@ -91,24 +98,14 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
             _move(inputs[tenant.name], park)
     for index, (layer, prefix) in enumerate(layers):
         params = {name: layer.get_parameter(name.removeprefix(prefix)) for name in start if name.startswith(prefix)}
-        packed, seconds = {}, {}
-        for tenant in tenants:
-            began = time.perf_counter()
-            with clock("merge"):
-                merged = {name: fuse_weight(start[name], tenant.deltas[name]) if name in tenant.deltas else start[name]
-                          for name in params}
-                for name, parameter in params.items():
-                    parameter.data = merged[name].to(compute)
-            with clock("park"):
-                _move(inputs[tenant.name], park and device)
-            packed[tenant.name] = _solve_layer(layer, prefix, merged, params, inputs[tenant.name], config, bits,
-                                               sequential=sequential, compute=compute, clock=clock)
-            with clock("advance"):
-                advance(layer, inputs[tenant.name])
-            with clock("park"):
-                _move(inputs[tenant.name], park)
-            del merged
-            seconds[tenant.name] = time.perf_counter() - began
+        packed: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in tenants}
+        seconds = {tenant.name: 0.0 for tenant in tenants}
+        together = max(1, MAX_BATCH_ELEMENTS // max(p.numel() + p.shape[1] ** 2 for p in params.values()))
+        for first in range(0, len(tenants), together):
+            batch = tenants[first:first + together]
+            for tenant, work in _solve_batch(layer, prefix, start, params, batch, inputs, config, bits, park=park,
+                                             sequential=sequential, compute=compute, clock=clock).items():
+                packed[tenant], seconds[tenant] = work
         for name, parameter in params.items():
             parameter.data = start[name].to(compute)
         on_layer(index, packed, seconds)
@@ -137,28 +134,76 @@ def _first_inputs(model: torch.nn.Module, tenant: StreamTenant, quantized: froze
             model.get_parameter(name).data = tensor
 
 
-def _solve_layer(layer: torch.nn.Module, prefix: str, merged: dict[str, torch.Tensor], params: dict, inputs: list[LayerInput],
-                 config, bits: int, *, sequential: bool, compute: torch.dtype, clock: StageClock) -> dict[str, torch.Tensor]:
-    """One tenant's layer: its Hessians from one pass of its inputs, each site's weights solved
-    against them, packed. With sequential, the layer's weights become the quantized ones."""
-    with clock("hessians"):
-        hessians = layer_hessians(layer, prefix, frozenset(params), inputs)
-    unreached = sorted(set(params) - set(hessians.weight_sites))
-    if unreached:
-        raise ValueError(f"no calibration input reached {unreached[:3]} ({len(unreached)} weight(s))")
+def _solve_batch(layer: torch.nn.Module, prefix: str, start: dict[str, torch.Tensor], params: dict,
+                 batch: list[StreamTenant], inputs: dict[str, list[LayerInput]], config, bits: int, *, park,
+                 sequential: bool, compute: torch.dtype, clock: StageClock) -> dict[str, tuple[dict, float]]:
+    """One layer for a batch of tenants: each tenant's Hessians from one pass of its inputs through
+    its merged layer, each site's weights of all of them solved in one batched solve (the weights
+    that read one input stacked, per tenant), packed; then each tenant's inputs advanced through its
+    layer, quantized with sequential, merged without. Returns {tenant: (its packed tensors, seconds
+    of its work: its own steps, and its share of the batched ones)}."""
+    device = next(layer.parameters()).device
+    merged, hessians, spent = {}, {}, {}
+    for tenant in batch:
+        began = time.perf_counter()
+        with clock("merge"):
+            merged[tenant.name] = {name: fuse_weight(start[name], tenant.deltas[name]) if name in tenant.deltas
+                                   else start[name] for name in params}
+            for name, parameter in params.items():
+                parameter.data = merged[tenant.name][name].to(compute)
+        with clock("park"):
+            _move(inputs[tenant.name], park and device)
+        with clock("hessians"):
+            hessians[tenant.name] = layer_hessians(layer, prefix, frozenset(params), inputs[tenant.name])
+        with clock("park"):
+            _move(inputs[tenant.name], park)
+        unreached = sorted(set(params) - set(hessians[tenant.name].weight_sites))
+        if unreached:
+            raise ValueError(f"no calibration input reached {unreached[:3]} ({len(unreached)} weight(s)) for {tenant.name}")
+        spent[tenant.name] = time.perf_counter() - began
+    began = time.perf_counter()
     sites: dict[str, list[str]] = {}
-    for name in sorted(params):
-        sites.setdefault(hessians.weight_sites[name], []).append(name)
-    tensors = {}
+    for name in sorted(params):  # every tenant's layer is the same layer: the same sites
+        sites.setdefault(hessians[batch[0].name].weight_sites[name], []).append(name)
+    packed: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in batch}
+    quantized: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in batch}
     for site, names in sites.items():
-        matrix, tokens = hessians.normalized(site), hessians.tokens[site]
-        for stack in stacks(names, max(merged[name].numel() for name in names)):
+        matrices = [hessians[tenant.name].normalized(site) for tenant in batch]
+        tokens = [hessians[tenant.name].tokens[site] for tenant in batch]
+        for tenant in batch:  # the sums are not needed past this point: each is (in, in) float32
+            del hessians[tenant.name].sums[site]
+        for stack in stacks(names, max(params[name].numel() for name in names)):
             with clock("solve"):
-                solved = solve_stacked([merged[name] for name in stack], matrix, tokens, config)
+                solved = solve_batched([torch.cat([merged[tenant.name][name] for name in stack]) for tenant in batch],
+                                       matrices, tokens, config)
             with clock("pack"):
-                for name, codes in zip(stack, solved):
-                    tensors.update(pack_gptq(name, codes, bits))
-                    if sequential:
-                        params[name].data = codes.dequantized.to(compute)
-        del matrix
-    return tensors
+                rows = [params[name].shape[0] for name in stack]
+                for tenant, codes in zip(batch, solved):
+                    for name, part in zip(stack, _split(codes, rows)):
+                        packed[tenant.name].update(pack_gptq(name, part, bits))
+                        if sequential:
+                            quantized[tenant.name][name] = part.dequantized
+        del matrices
+    del hessians
+    shared = (time.perf_counter() - began) / len(batch)
+    for tenant in batch:
+        began = time.perf_counter()
+        weights = quantized[tenant.name] if sequential else merged[tenant.name]
+        for name, parameter in params.items():
+            parameter.data = weights[name].to(compute)
+        with clock("park"):
+            _move(inputs[tenant.name], park and device)
+        with clock("advance"):
+            advance(layer, inputs[tenant.name])
+        with clock("park"):
+            _move(inputs[tenant.name], park)
+        spent[tenant.name] += shared + time.perf_counter() - began
+    return {tenant.name: (packed[tenant.name], spent[tenant.name]) for tenant in batch}
+
+
+def _split(codes: GptqCodes, rows: list[int]) -> list[GptqCodes]:
+    """A stacked solve's result, one part per weight of the stack (their rows, in order)."""
+    if len(rows) == 1:
+        return [codes]
+    return [GptqCodes(d, s, z, codes.g_idx) for d, s, z in
+            zip(codes.dequantized.split(rows), codes.scales.split(rows), codes.zeros.split(rows))]

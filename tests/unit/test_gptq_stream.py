@@ -86,8 +86,12 @@ def test_without_sequential_each_weight_is_solved_against_its_merged_models_hess
     assert sorted(ours) == sorted(expected)
 
 
-def test_tenants_walked_together_get_what_each_gets_alone():
-    """Together with their layer inputs parked between turns (on a GPU worker: on the CPU), alone without."""
+@pytest.mark.parametrize("one_batch", [True, False])
+def test_tenants_walked_together_get_what_each_gets_alone(one_batch, monkeypatch):
+    """Together with their layer inputs parked between turns (on a GPU worker: on the CPU), alone
+    without; solved in one batch, or each in a batch of its own (a batch too large for memory)."""
+    if not one_batch:
+        monkeypatch.setattr("qlora_ray.fuse.gptq_stream.MAX_BATCH_ELEMENTS", 1)
     together = walk(_tiny_llama(), {"acme": 0, "globex": 1}, sequential=True, park="cpu")
     for name, seed in (("acme", 0), ("globex", 1)):
         alone = walk(_tiny_llama(), {name: seed}, sequential=True)[name]

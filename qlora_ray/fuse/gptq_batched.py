@@ -1,0 +1,170 @@
+"""GPTQ for many tenants' weights of one site at once, each against its own Hessian: GPTQModel's
+solver, batched over tenants (local functions: no Ray, no store).
+
+Bulk GPTQ with per-tenant Hessians solves every tenant's weights of every site separately. One
+GPTQModel solve is a walk over the columns, one column after another, each step a handful of small
+GPU kernels over one weight's rows; on an 8B, GPTQModel's solves of a tenant's layer took about
+0.7 s of an H200 that was busy throughout, yet one such kernel fills little of it. Stacking tenants
+row-wise (gptq_bulk.solve_stacked) only works for tenants that share a Hessian. Here the tenants
+of a site are a batch dimension instead: each step of the walk runs once for all of them, every
+tenant's rows against its own inverse Hessian, so the GPU does the same steps for many tenants in
+the time of about one.
+
+GPTQModel has no batched solver, so this one is ours; it follows GPTQModel's `GPTQ.quantize` step by
+step (the configurations `quantize_config` builds: natural, activation-ordered or act-group-aware
+column order, groups found as the walk reaches them), and reuses its pieces: the Quantizer, the
+damped inverse Hessian with its recovery, and the group-aware orderings. A tenant whose Hessian has
+no inverse factor, or whose walk ends with a NaN loss, is solved by GPTQModel itself, which has its
+fallbacks for those. tests/unit/test_gptq_batched.py checks the codes, scales and zeros against
+GPTQModel's, tenant by tenant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from qlora_ray.fuse.gptq_bulk import GptqCodes, solve_stacked
+
+BLOCK = 128  # GPTQModel's block of columns between the lazy batch updates
+
+
+@dataclass
+class _Order:
+    """One tenant's column order: perm[new] = old (None: natural), and for act-group-aware order the
+    groups' order, whose scales and zeros are put back in the groups' own order afterwards."""
+
+    perm: torch.Tensor | None = None
+    group_perm: torch.Tensor | None = None
+
+
+def solve_batched(weights: list[torch.Tensor], hessians: list[torch.Tensor], tokens: list[int], config
+                  ) -> list[GptqCodes]:
+    """GPTQ-quantize each weight (all of one shape (out, in), on one device) against its own Hessian
+    (in, in) of tokens[i] calibration tokens: what GPTQModel's solver gives each alone."""
+    if not (len(weights) == len(hessians) == len(tokens)) or not weights:
+        raise ValueError("solve_batched takes one Hessian and one token count per weight, and at least one weight")
+    if len({tuple(w.shape) for w in weights}) != 1:
+        raise ValueError(f"solve_batched solves weights of one shape (got {sorted({tuple(w.shape) for w in weights})})")
+    if config.static_groups or config.mock_quantization or float(config.mse or 0.0) > 0.0:
+        raise ValueError("solve_batched follows GPTQModel without static groups, mock quantization or an MSE search")
+    from gptqmodel.quantization.gptq import GPTQ
+
+    rows, columns = weights[0].shape
+    device = weights[0].device
+    count = len(weights)
+    batch = torch.empty(count, rows, columns, dtype=torch.float32, device=device)
+    inverses = torch.empty(count, columns, columns, dtype=torch.float32, device=device)
+    orders, solvable, quantizer = [], [], None
+    for slot, (weight, hessian) in enumerate(zip(weights, hessians)):
+        with torch.device("meta"):
+            linear = torch.nn.Linear(columns, rows, bias=False)
+        task = GPTQ(linear, config)  # its quantizer and its damped inverse, configured as GPTQModel's processor does
+        task.quantizer.configure(perchannel=True)
+        quantizer = quantizer or task.quantizer
+        matrix = hessian.to(device=device, dtype=torch.float32, copy=True)
+        batch[slot] = weight
+        dead = torch.diag(matrix) == 0
+        matrix[dead, dead] = 1
+        batch[slot][:, dead] = 0
+        order = _column_order(matrix, config)
+        if order.perm is not None:
+            batch[slot] = batch[slot][:, order.perm]
+            matrix = matrix[order.perm][:, order.perm]
+        inverse, _ = task.hessian_inverse(matrix)
+        if inverse is None:  # walked on an identity, its result dropped
+            inverses[slot] = torch.eye(columns, device=device)
+        else:
+            inverses[slot] = inverse
+            solvable.append(slot)
+        orders.append(order)
+        del matrix, inverse
+    if config.group_size == -1:  # one group a row: GPTQModel finds its scale on the weight as given
+        quantizer.find_params(torch.cat([weight.float() for weight in weights]), weight=True)
+    dequantized, scales, zeros, losses = _walk(batch, inverses, quantizer, config.group_size)
+    del batch, inverses
+    codes: dict[int, GptqCodes] = {}
+    for slot in solvable:
+        if tokens[slot] and not math.isnan(losses[slot].item()):
+            codes[slot] = _unpermute(dequantized[slot], scales[slot], zeros[slot], orders[slot],
+                                     config.group_size if config.group_size != -1 else columns, weights[slot].dtype)
+    for slot, weight in enumerate(weights):
+        if slot not in codes:  # no inverse factor, or a NaN loss: GPTQModel's own fallbacks decide
+            (codes[slot],) = solve_stacked([weight], hessians[slot], tokens[slot], config)
+    return [codes[slot] for slot in range(count)]
+
+
+def _column_order(hessian: torch.Tensor, config) -> _Order:
+    """The order GPTQModel quantizes the columns in, from the Hessian's diagonal."""
+    if config.desc_act:
+        return _Order(perm=torch.argsort(torch.diag(hessian), descending=True))
+    if config.act_group_aware:
+        from gptqmodel.quantization.gar import (compose_final_perm, compute_global_perm, compute_local_perms,
+                                                extend_perm_with_tail)
+
+        diagonal = torch.diag(hessian)
+        local, values = compute_local_perms(diagonal, config.group_size, return_values=True)
+        groups = compute_global_perm(diagonal, config.group_size, precomputed_values=values)
+        perm = extend_perm_with_tail(compose_final_perm(local, groups, config.group_size), diagonal.numel())
+        return _Order(perm=perm, group_perm=groups)
+    return _Order()
+
+
+def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: int):
+    """GPTQ's column walk for a batch of weights (batch, out, in) in the order they are to be solved,
+    each with its inverse Hessian's upper Cholesky factor (batch, in, in); the weights are worked on
+    in place. Groups of group_size columns get their scales as the walk reaches them (-1: the
+    quantizer's, set by the caller). Returns the dequantized weights, the scales and zeros of each
+    group in the order the walk met them (batch, out, groups), and each weight's summed loss (batch,)."""
+    batch, rows, columns = weights.shape
+    flat = (batch * rows, -1)
+    dequantized = torch.zeros_like(weights)
+    losses = torch.zeros(batch, dtype=torch.float32, device=weights.device)
+    scales, zeros = [], []
+    for first in range(0, columns, BLOCK):
+        last = min(first + BLOCK, columns)
+        block = weights[:, :, first:last].clone()
+        errors = torch.zeros_like(block)
+        block_losses = torch.zeros_like(block)
+        corner = inverses[:, first:last, first:last]
+        for i in range(last - first):
+            column = first + i
+            if group_size != -1 and column % group_size == 0:
+                quantizer.find_params(weights[:, :, column:column + group_size].reshape(flat), weight=True)
+                scales.append(quantizer.scale.view(batch, rows))
+                zeros.append(quantizer.zero.view(batch, rows))
+            w = block[:, :, i]
+            d = corner[:, i, i].unsqueeze(1)
+            q = quantizer.quantize(w.reshape(batch * rows, 1)).view(batch, rows)
+            dequantized[:, :, column] = q
+            delta = errors[:, :, i]
+            torch.sub(w, q, out=delta)
+            block_losses[:, :, i] = delta.square() / d.square()
+            delta.div_(d)
+            block[:, :, i:] -= delta.unsqueeze(2) * corner[:, i, i:].unsqueeze(1)
+        losses += block_losses.sum(dim=(1, 2)) / 2
+        for b in range(batch):  # one product per weight: the same kernels, so the same sums, as GPTQModel's
+            weights[b, :, last:] -= errors[b].matmul(inverses[b, first:last, last:])
+    if group_size == -1:
+        scales.append(quantizer.scale.view(batch, rows))
+        zeros.append(quantizer.zero.view(batch, rows))
+    return dequantized, torch.stack(scales, dim=2), torch.stack(zeros, dim=2), losses
+
+
+def _unpermute(dequantized: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: _Order, group: int,
+               dtype: torch.dtype) -> GptqCodes:
+    """One weight's result back in its own column order, as GPTQModel returns it."""
+    columns = dequantized.shape[1]
+    g_idx = torch.arange(columns, device=dequantized.device, dtype=torch.int32) // group
+    if order.perm is not None:
+        inverse = torch.argsort(order.perm)
+        dequantized = dequantized[:, inverse]
+        if order.group_perm is None:
+            g_idx = g_idx[inverse]
+        else:
+            groups = torch.argsort(order.group_perm)
+            kept = torch.cat([groups, torch.arange(groups.numel(), scales.shape[1], device=groups.device)])
+            scales, zeros = scales[:, kept], zeros[:, kept]
+    return GptqCodes(dequantized.to(dtype), scales, zeros, g_idx)
