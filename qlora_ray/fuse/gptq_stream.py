@@ -168,10 +168,9 @@ def _solve_batch(layer: torch.nn.Module, prefix: str, start: dict[str, torch.Ten
     packed: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in batch}
     quantized: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in batch}
     for site, names in sites.items():
-        matrices = [hessians[tenant.name].normalized(site) for tenant in batch]
         tokens = [hessians[tenant.name].tokens[site] for tenant in batch]
-        for tenant in batch:  # the sums are not needed past this point: each is (in, in) float32
-            del hessians[tenant.name].sums[site]
+        # H = 2/n·XᵀX made in place of each sum (each is (in, in) float32: 0.8 GB for an 8B's down_proj)
+        matrices = [hessians[tenant.name].sums.pop(site).mul_(2.0 / count) for tenant, count in zip(batch, tokens)]
         for stack in stacks(names, max(params[name].numel() for name in names)):
             with clock("solve"):
                 solved = solve_batched([torch.cat([merged[tenant.name][name] for name in stack]) for tenant in batch],
