@@ -34,6 +34,10 @@ from qlora_ray.fuse.shards import stacks
 # inverse Hessian (about 4 GB a copy): an 8B's down_proj takes 4 tenants at once, so that four
 # workers sharing an H200 fit beside their bases.
 MAX_BATCH_ELEMENTS = 2**30
+# The layer inputs (hidden states, positions, masks) a walk keeps on the GPU, over all its tenants;
+# past them, a tenant's wait on the CPU between its turns. 128 rows of 512 tokens are about 0.6 GB
+# a tenant on an 8B, and each move costs two copies a layer.
+RESIDENT_INPUT_BYTES = 4 * 2**30
 
 
 @dataclass
@@ -73,9 +77,9 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
                                clock: StageClock | None = None) -> None:
     """GPTQ-quantize every tenant's merged copy of the weights in `start` (weight name -> the merge
     base's tensor, in the dtype the base stores; the model's own weights are swapped in and out, and
-    put back at the end of each layer). With `park` (a device), each tenant's layer inputs wait there
-    between its turns: on a GPU, a walk of many tenants with long rows would otherwise hold all their
-    hidden states at once (up to 2 GiB a tenant on an 8B).
+    put back at the end of each layer). With `park` (a device), the layer inputs of the tenants past
+    the first RESIDENT_INPUT_BYTES wait there between their turns: on a GPU, a walk of many tenants
+    with long rows would otherwise hold all their hidden states at once (up to 2 GiB a tenant on an 8B).
 
     After each decoder layer, on_layer(index, {tenant: its packed checkpoint tensors of the layer, on
     the CPU}, {tenant: seconds of its work on the layer}) is called. With sequential, a tenant's next
@@ -91,11 +95,18 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
     device = next(model.parameters()).device
     clock = clock or StageClock(device)
     inputs: dict[str, list[LayerInput]] = {}
+    parked: dict[str, str | None] = {}  # tenant -> where its inputs wait between its turns (None: the model's device)
+    resident = 0
     for tenant in tenants:
         with clock("first inputs"):
             inputs[tenant.name] = _first_inputs(model, tenant, frozenset(start))
-        with clock("park"):
-            _move(inputs[tenant.name], park)
+        size = sum(entry.nbytes for entry in inputs[tenant.name])
+        if park is None or resident + size <= RESIDENT_INPUT_BYTES:
+            parked[tenant.name], resident = None, resident + size
+        else:
+            parked[tenant.name] = park
+            with clock("park"):
+                _move(inputs[tenant.name], parked[tenant.name])
     for index, (layer, prefix) in enumerate(layers):
         params = {name: layer.get_parameter(name.removeprefix(prefix)) for name in start if name.startswith(prefix)}
         packed: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in tenants}
@@ -103,7 +114,7 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
         together = max(1, MAX_BATCH_ELEMENTS // max(p.numel() + p.shape[1] ** 2 for p in params.values()))
         for first in range(0, len(tenants), together):
             batch = tenants[first:first + together]
-            for tenant, work in _solve_batch(layer, prefix, start, params, batch, inputs, config, bits, park=park,
+            for tenant, work in _solve_batch(layer, prefix, start, params, batch, inputs, config, bits, parked=parked,
                                              sequential=sequential, compute=compute, clock=clock).items():
                 packed[tenant], seconds[tenant] = work
         for name, parameter in params.items():
@@ -135,7 +146,7 @@ def _first_inputs(model: torch.nn.Module, tenant: StreamTenant, quantized: froze
 
 
 def _solve_batch(layer: torch.nn.Module, prefix: str, start: dict[str, torch.Tensor], params: dict,
-                 batch: list[StreamTenant], inputs: dict[str, list[LayerInput]], config, bits: int, *, park,
+                 batch: list[StreamTenant], inputs: dict[str, list[LayerInput]], config, bits: int, *, parked: dict,
                  sequential: bool, compute: torch.dtype, clock: StageClock) -> dict[str, tuple[dict, float]]:
     """One layer for a batch of tenants: each tenant's Hessians from one pass of its inputs through
     its merged layer, each site's weights of all of them solved in one batched solve (the weights
@@ -152,11 +163,11 @@ def _solve_batch(layer: torch.nn.Module, prefix: str, start: dict[str, torch.Ten
             for name, parameter in params.items():
                 parameter.data = merged[tenant.name][name].to(compute)
         with clock("park"):
-            _move(inputs[tenant.name], park and device)
+            _move(inputs[tenant.name], parked[tenant.name] and device)
         with clock("hessians"):
             hessians[tenant.name] = layer_hessians(layer, prefix, frozenset(params), inputs[tenant.name])
         with clock("park"):
-            _move(inputs[tenant.name], park)
+            _move(inputs[tenant.name], parked[tenant.name])
         unreached = sorted(set(params) - set(hessians[tenant.name].weight_sites))
         if unreached:
             raise ValueError(f"no calibration input reached {unreached[:3]} ({len(unreached)} weight(s)) for {tenant.name}")
@@ -191,11 +202,11 @@ def _solve_batch(layer: torch.nn.Module, prefix: str, start: dict[str, torch.Ten
         for name, parameter in params.items():
             parameter.data = weights[name].to(compute)
         with clock("park"):
-            _move(inputs[tenant.name], park and device)
+            _move(inputs[tenant.name], parked[tenant.name] and device)
         with clock("advance"):
             advance(layer, inputs[tenant.name])
         with clock("park"):
-            _move(inputs[tenant.name], park)
+            _move(inputs[tenant.name], parked[tenant.name])
         spent[tenant.name] += shared + time.perf_counter() - began
     return {tenant.name: (packed[tenant.name], spent[tenant.name]) for tenant in batch}
 

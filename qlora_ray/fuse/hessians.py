@@ -66,6 +66,18 @@ class LayerInput:
     def through(self, layer: torch.nn.Module):
         return layer(self.hidden, *self.args, **self.kwargs)
 
+    @property
+    def nbytes(self) -> int:
+        """The bytes of its tensors (hidden states, positions, masks, padding flags)."""
+        def size(value) -> int:
+            if isinstance(value, torch.Tensor):
+                return value.numel() * value.element_size()
+            if isinstance(value, (tuple, list)):
+                return sum(map(size, value))
+            return 0
+
+        return size(self.hidden) + size(self.args) + size(self.keep) + sum(map(size, self.kwargs.values()))
+
     def to(self, device) -> None:
         """Move its tensors (hidden states, positions, masks) to `device`, in place."""
         def moved(value):

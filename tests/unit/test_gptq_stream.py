@@ -137,3 +137,25 @@ def test_parked_layer_inputs_move_every_tensor_they_hold():
     found = list(tensors([entry.hidden, entry.args, entry.kwargs, entry.keep]))
     assert len(found) >= 4 and all(t.device.type == "meta" for t in found)
     assert isinstance(entry.kwargs["position_embeddings"], tuple)
+    assert entry.nbytes == sum(t.numel() * t.element_size() for t in found)
+
+
+def test_only_the_tenants_past_the_resident_budget_are_parked(monkeypatch):
+    """The first tenant's inputs fit the budget and stay put; the second's go to the park and back each turn."""
+    import qlora_ray.fuse.gptq_stream as stream
+    from qlora_ray.fuse.hessians import catch_layer_inputs
+
+    model = _tiny_llama()
+    first = sum(e.nbytes for e in catch_layer_inputs(model, padded_batches(ROWS["acme"], 2, 0, "cpu")))
+    monkeypatch.setattr(stream, "RESIDENT_INPUT_BYTES", first)
+    moves = []
+    real = stream._move
+    monkeypatch.setattr(stream, "_move", lambda inputs, device: (moves.append((len(inputs), str(device))),
+                                                                   real(inputs, device)))
+    walk(model, {"acme": 0, "globex": 1}, sequential=True, park="cpu")
+    acme, globex = len(ROWS["acme"]) // 2 + 1, len(ROWS["globex"]) // 2  # batches of 2 rows
+    assert {count for count, device in moves if device != "None"} == {globex}
+    # parked after the catch; then each of 2 layers brings it to the model's device (also the CPU
+    # here) and parks it again, for the Hessians' pass and for the advance
+    assert moves.count((globex, "cpu")) == 1 + 2 * 4
+    assert moves.count((acme, "cpu")) == 0
