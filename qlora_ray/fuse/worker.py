@@ -224,25 +224,28 @@ class FuseWorker:
                     with clock("load"):
                         model, start = self._load_merge_base(base_dir, unit.targets[0])
                     writer = _StreamWriter(self, unit, tenants, names, base_dir, parts, work / "out")
-                    with clock("write"):
+                    try:
                         writer.write_ready()
-                    layers = len(decoder_layers(model))
-                    said = [time.perf_counter()]
+                        layers = len(decoder_layers(model))
+                        said = [time.perf_counter()]
 
-                    def on_layer(index: int, packed: dict, seconds: dict) -> None:
-                        writer.add(packed, seconds)
-                        with clock("write"):
+                        def on_layer(index: int, packed: dict, seconds: dict) -> None:
+                            writer.add(packed, seconds)
                             writer.write_ready()
-                        if time.perf_counter() - said[0] >= PROGRESS_EVERY_S or index + 1 == layers:
-                            said[0] = time.perf_counter()
-                            say(f"fuse: {unit.name}: layer {index + 1}/{layers} [{said[0] - started:.0f} s]")
+                            if time.perf_counter() - said[0] >= PROGRESS_EVERY_S or index + 1 == layers:
+                                said[0] = time.perf_counter()
+                                say(f"fuse: {unit.name}: layer {index + 1}/{layers} [{said[0] - started:.0f} s]")
 
-                    quantize_tenants_layerwise(model, start, tenants, quantize_config(self.order.gptq),
-                                               self.order.gptq.bits, sequential=self.order.gptq.sequential,
-                                               park="cpu" if self.device == "cuda" else None, on_layer=on_layer,
-                                               clock=clock)
-                    del model, start
-                    writer.check_complete()
+                        quantize_tenants_layerwise(model, start, tenants, quantize_config(self.order.gptq),
+                                                   self.order.gptq.bits, sequential=self.order.gptq.sequential,
+                                                   park="cpu" if self.device == "cuda" else None, on_layer=on_layer,
+                                                   clock=clock)
+                        del model, start
+                        with clock("waiting for the writes"):
+                            writer.finish()
+                    finally:
+                        writer.close()
+                    clock.seconds["writing, beside the walk"] = writer.busy_seconds
                     say(f"fuse: {unit.name}: done in {time.perf_counter() - started:.0f} s: {clock.summary()}")
         finally:
             shutil.rmtree(work, ignore_errors=True)
@@ -336,10 +339,16 @@ class FuseWorker:
 class _StreamWriter:
     """Assembles and uploads each tenant's file of a base shard once the walk has quantized every
     weight of the shard: its packed tensors, and the shard's other tensors merged and kept in 16 bits
-    as fuse_shard's gptq-int4 keeps them."""
+    as fuse_shard's gptq-int4 keeps them.
+
+    The files are written by one thread beside the walk: saving, hashing and uploading a tenant's
+    shard file is CPU and network work (about 1 s for an 8B's shard on the H200 machine), which the
+    GPU need not wait for. The walk hands over only what is ready; the thread owns it from there."""
 
     def __init__(self, worker: FuseWorker, unit: StreamUnit, tenants: list[StreamTenant], names: dict[str, str],
                  base_dir: Path, parts: dict[str, dict], out: Path):
+        from concurrent.futures import ThreadPoolExecutor
+
         weight_map = json.loads((base_dir / INDEX_NAME).read_text())["weight_map"]
         self.shards: dict[str, set[str]] = {}
         for name, shard_file in weight_map.items():
@@ -350,6 +359,9 @@ class _StreamWriter:
         self.seconds = {t.name: 0.0 for t in tenants}
         self.done: set[str] = set()
         self.written: set[str] = set()
+        self.busy_seconds = 0.0  # the thread's time writing
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-writer")
+        self._writes: list = []
 
     def add(self, packed: dict[str, dict], seconds: dict[str, float]) -> None:
         for tenant, tensors in packed.items():
@@ -358,37 +370,55 @@ class _StreamWriter:
             self.done.update(f"{key.rsplit('.', 1)[0]}.weight" for key in tensors)
 
     def write_ready(self) -> None:
-        from safetensors import safe_open
-        from safetensors.torch import save_file
-
+        """Hand every shard whose weights are all quantized to the thread; raise what a write raised."""
         for shard_file, weights in sorted(self.shards.items()):
             if shard_file in self.written or not weights <= self.done:
                 continue
-            with safe_open(str(self.base_dir / shard_file), framework="pt", device=self.worker.device) as handle:
-                base = {name: handle.get_tensor(name) for name in handle.keys() if name not in self.worker.quantized}
-            for tenant in self.tenants:
-                began = time.perf_counter()
-                deltas = tenant.deltas
-                tensors = {name: checkpoint_copy(fuse_weight(tensor, deltas[name]) if name in deltas else tensor)
-                           for name, tensor in base.items()}
-                prefixes = {weight.removesuffix("weight") for weight in weights}
-                for key in [k for k in self.packed[tenant.name] if k.rsplit(".", 1)[0] + "." in prefixes]:
-                    tensors[key] = self.packed[tenant.name].pop(key)
-                path = self.out / tenant.name / shard_file
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file(tensors, str(path), metadata={"format": "pt"})
-                name = self.names[tenant.name]
-                described = self.worker.store.put_part(self.unit.drafts[name], shard_file, path)
-                path.unlink()
-                spent = self.seconds[tenant.name] + time.perf_counter() - began
-                self.seconds[tenant.name] = 0.0
-                self.parts[name][shard_file] = {**described, "tensors": sorted(tensors), "seconds": round(spent, 3),
-                                                "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
-                del tensors
-            del base
+            prefixes = {weight.removesuffix("weight") for weight in weights}
+            packed = {tenant: {key: tensors.pop(key) for key in [k for k in tensors if k.rsplit(".", 1)[0] + "." in prefixes]}
+                      for tenant, tensors in self.packed.items()}
+            seconds, self.seconds = self.seconds, {t.name: 0.0 for t in self.tenants}
+            self._writes.append(self._thread.submit(self._write_shard, shard_file, packed, seconds))
             self.written.add(shard_file)
+        for write in [w for w in self._writes if w.done()]:
+            write.result()
+            self._writes.remove(write)
 
-    def check_complete(self) -> None:
+    def _write_shard(self, shard_file: str, packed: dict[str, dict], seconds: dict[str, float]) -> None:
+        from safetensors import safe_open
+        from safetensors.torch import save_file
+
+        began_shard = time.perf_counter()
+        with safe_open(str(self.base_dir / shard_file), framework="pt", device=self.worker.device) as handle:
+            base = {name: handle.get_tensor(name) for name in handle.keys() if name not in self.worker.quantized}
+        for tenant in self.tenants:
+            began = time.perf_counter()
+            deltas = tenant.deltas
+            tensors = {name: checkpoint_copy(fuse_weight(tensor, deltas[name]) if name in deltas else tensor)
+                       for name, tensor in base.items()}
+            tensors.update(packed.pop(tenant.name))
+            path = self.out / tenant.name / shard_file
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(tensors, str(path), metadata={"format": "pt"})
+            name = self.names[tenant.name]
+            described = self.worker.store.put_part(self.unit.drafts[name], shard_file, path)
+            path.unlink()
+            spent = seconds[tenant.name] + time.perf_counter() - began
+            self.parts[name][shard_file] = {**described, "tensors": sorted(tensors), "seconds": round(spent, 3),
+                                            "tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values())}
+            del tensors
+        self.busy_seconds += time.perf_counter() - began_shard
+
+    def finish(self) -> None:
+        """Wait for every write (raising the first that failed), and check every shard was written."""
+        for write in self._writes:
+            write.result()
+        self._writes.clear()
         missing = sorted(set(self.shards) - self.written)
         if missing:
             raise ValueError(f"the walk left base shard(s) {missing[:3]} with weights it did not quantize")
+
+    def close(self) -> None:
+        """Stop the thread: writes not begun are dropped, one under way ends first (before the caller
+        removes the folder it writes in)."""
+        self._thread.shutdown(wait=True, cancel_futures=True)

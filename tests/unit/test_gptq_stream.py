@@ -29,7 +29,7 @@ def deltas(model: torch.nn.Module, seed: int) -> dict[str, LoraDelta]:
     weights = dict(model.named_parameters())
     found = {name: LoraDelta(name, torch.randn(2, weights[name].shape[1], generator=generator) * 0.3,
                              torch.randn(weights[name].shape[0], 2, generator=generator) * 0.3, 1.0)
-             for name in NAMES}
+             for name in sorted(NAMES)}  # sorted: the draws must not follow the process's string hashing
     vocab, width = weights[EMBEDDINGS].shape
     found[EMBEDDINGS] = LoraDelta(EMBEDDINGS, torch.randn(2, vocab, generator=generator),
                                   torch.randn(width, 2, generator=generator), 1.0, embedding=True)
