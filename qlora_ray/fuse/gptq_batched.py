@@ -119,38 +119,112 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
     quantizer's, set by the caller). Returns the dequantized weights, the scales and zeros of each
     group in the order the walk met them (batch, out, groups), and each weight's summed loss (batch,)."""
     batch, rows, columns = weights.shape
-    flat = (batch * rows, -1)
     dequantized = torch.zeros_like(weights)
     losses = torch.zeros(batch, dtype=torch.float32, device=weights.device)
     scales, zeros = [], []
-    for first in range(0, columns, BLOCK):
-        last = min(first + BLOCK, columns)
-        block = weights[:, :, first:last].clone()
-        errors = torch.zeros_like(block)
-        block_losses = torch.zeros_like(block)
-        corner = inverses[:, first:last, first:last]
-        for i in range(last - first):
-            column = first + i
-            if group_size != -1 and column % group_size == 0:
-                quantizer.find_params(weights[:, :, column:column + group_size].reshape(flat), weight=True)
-                scales.append(quantizer.scale.view(batch, rows))
-                zeros.append(quantizer.zero.view(batch, rows))
-            w = block[:, :, i]
-            d = corner[:, i, i].unsqueeze(1)
-            q = quantizer.quantize(w.reshape(batch * rows, 1)).view(batch, rows)
-            dequantized[:, :, column] = q
-            delta = errors[:, :, i]
-            torch.sub(w, q, out=delta)
-            block_losses[:, :, i] = delta.square() / d.square()
-            delta.div_(d)
-            block[:, :, i:] -= delta.unsqueeze(2) * corner[:, i, i:].unsqueeze(1)
-        losses += block_losses.sum(dim=(1, 2)) / 2
-        for b in range(batch):  # one product per weight: the same kernels, so the same sums, as GPTQModel's
-            weights[b, :, last:] -= errors[b].matmul(inverses[b, first:last, last:])
     if group_size == -1:
         scales.append(quantizer.scale.view(batch, rows))
         zeros.append(quantizer.zero.view(batch, rows))
+    for first in range(0, columns, BLOCK):
+        last = min(first + BLOCK, columns)
+        # The groups starting in this block take their scales from the weights as they stand at its
+        # start, as GPTQModel's do: the walk changes the weights only after the block.
+        column_scales = torch.empty(batch, rows, last - first, dtype=weights.dtype, device=weights.device)
+        column_zeros = torch.empty_like(column_scales)
+        starts = {c for c in range(first, last) if group_size != -1 and c % group_size == 0}
+        bounds = sorted(starts | {first}) + [last]
+        for at, end in zip(bounds, bounds[1:]):  # runs of columns under one group's scale
+            if at in starts:
+                quantizer.find_params(weights[:, :, at:at + group_size].reshape(batch * rows, -1), weight=True)
+                scales.append(quantizer.scale.view(batch, rows))
+                zeros.append(quantizer.zero.view(batch, rows))
+            column_scales[:, :, at - first:end - first] = scales[-1].unsqueeze(2)
+            column_zeros[:, :, at - first:end - first] = zeros[-1].unsqueeze(2)
+        block = weights[:, :, first:last].clone()
+        errors = _COLUMNS.run(block, inverses[:, first:last, first:last], column_scales, column_zeros, quantizer.maxq,
+                              dequantized[:, :, first:last])
+        losses += errors.square().sum(dim=(1, 2)) / 2  # each error is (w - q) / d: GPTQModel's loss terms, summed
+        for b in range(batch):  # one product per weight: the same kernels, so the same sums, as GPTQModel's
+            weights[b, :, last:] -= errors[b].matmul(inverses[b, first:last, last:])
     return dequantized, torch.stack(scales, dim=2), torch.stack(zeros, dim=2), losses
+
+
+def _columns(block: torch.Tensor, corner: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, maxq: torch.Tensor,
+             out: torch.Tensor) -> torch.Tensor:
+    """GPTQ's steps over one block's columns (batch, out, width), each against its scale and zero
+    (batch, out, width) and the block's corner of the inverse factor (batch, width, width): each
+    column quantized into `out`, its error spread over the block's later columns. Returns the errors
+    divided by the factor's diagonal, which the caller spreads over the columns after the block."""
+    from gptqmodel.quantization.quantizer import quantize
+
+    errors = torch.zeros_like(block)
+    for i in range(block.shape[2]):
+        w = block[:, :, i]
+        q = quantize(w, scales[:, :, i], zeros[:, :, i], maxq, False)
+        out[:, :, i] = q
+        delta = errors[:, :, i]
+        torch.sub(w, q, out=delta)
+        delta.div_(corner[:, i, i].unsqueeze(1))
+        block[:, :, i:] -= delta.unsqueeze(2) * corner[:, i, i:].unsqueeze(1)
+    return errors
+
+
+class _ColumnSteps:
+    """Runs _columns: on a GPU, as a CUDA graph captured once per block shape, replayed for every
+    block of that shape. A block is about ten small kernels a column, each over a batch's rows; one
+    launch a block instead of over a thousand keeps the GPU from waiting on the launches. Elsewhere,
+    or if a capture fails, step by step."""
+
+    def __init__(self):
+        self._graphs: dict[tuple, tuple] = {}
+        self._refused: set[tuple] = set()
+
+    def run(self, block, corner, scales, zeros, maxq, out) -> torch.Tensor:
+        key = (tuple(block.shape), block.dtype, str(block.device))
+        if block.device.type != "cuda" or key in self._refused:
+            return _columns(block, corner, scales, zeros, maxq, out)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(block, corner, scales, zeros, maxq)
+            except RuntimeError as exc:
+                from qlora_ray.library_output import say
+
+                say(f"gptq: CUDA graph capture of a {tuple(block.shape)} block failed ({exc}); solving it step by step")
+                self._refused.add(key)
+                return _columns(block, corner, scales, zeros, maxq, out)
+        graph, inputs, (errors, result) = self._graphs[key]
+        for static, value in zip(inputs, (block, corner, scales, zeros, maxq)):
+            static.copy_(value)
+        graph.replay()
+        out.copy_(result)
+        return errors
+
+    @staticmethod
+    def _capture(block, corner, scales, zeros, maxq):
+        inputs = tuple(t.clone() for t in (block, corner, scales, zeros, maxq))
+        result = torch.empty_like(block)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # a warm-up off the capture, as torch.cuda.graphs asks
+            _columns(*(t.clone() for t in inputs), result)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            errors = _columns(*inputs, result)
+        return graph, inputs, (errors, result)
+
+    def clear(self) -> None:
+        """Free the graphs and their buffers (a walk ends)."""
+        self._graphs.clear()
+        self._refused.clear()
+
+
+_COLUMNS = _ColumnSteps()
+
+
+def release_graphs() -> None:
+    """Free the CUDA graphs the batched solves captured (their buffers hold a block's tensors each)."""
+    _COLUMNS.clear()
 
 
 def _unpermute(dequantized: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: _Order, group: int,

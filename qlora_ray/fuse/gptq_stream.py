@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from qlora_ray.fuse.gptq_batched import solve_batched
+from qlora_ray.fuse.gptq_batched import release_graphs, solve_batched
 from qlora_ray.fuse.gptq_bulk import GptqCodes, pack_gptq
 from qlora_ray.fuse.hessians import LayerInput, advance, catch_layer_inputs, decoder_layers, layer_hessians
 from qlora_ray.fuse.math import LoraDelta, fuse_weight
@@ -107,19 +107,22 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
             parked[tenant.name] = park
             with clock("park"):
                 _move(inputs[tenant.name], parked[tenant.name])
-    for index, (layer, prefix) in enumerate(layers):
-        params = {name: layer.get_parameter(name.removeprefix(prefix)) for name in start if name.startswith(prefix)}
-        packed: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in tenants}
-        seconds = {tenant.name: 0.0 for tenant in tenants}
-        together = max(1, MAX_BATCH_ELEMENTS // max(p.numel() + p.shape[1] ** 2 for p in params.values()))
-        for first in range(0, len(tenants), together):
-            batch = tenants[first:first + together]
-            for tenant, work in _solve_batch(layer, prefix, start, params, batch, inputs, config, bits, parked=parked,
-                                             sequential=sequential, compute=compute, clock=clock).items():
-                packed[tenant], seconds[tenant] = work
-        for name, parameter in params.items():
-            parameter.data = start[name].to(compute)
-        on_layer(index, packed, seconds)
+    try:  # the CUDA graphs of the batched solves hold a block's buffers each: freed as the walk ends
+        for index, (layer, prefix) in enumerate(layers):
+            params = {name: layer.get_parameter(name.removeprefix(prefix)) for name in start if name.startswith(prefix)}
+            packed: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in tenants}
+            seconds = {tenant.name: 0.0 for tenant in tenants}
+            together = max(1, MAX_BATCH_ELEMENTS // max(p.numel() + p.shape[1] ** 2 for p in params.values()))
+            for first in range(0, len(tenants), together):
+                batch = tenants[first:first + together]
+                for tenant, work in _solve_batch(layer, prefix, start, params, batch, inputs, config, bits, parked=parked,
+                                                 sequential=sequential, compute=compute, clock=clock).items():
+                    packed[tenant], seconds[tenant] = work
+            for name, parameter in params.items():
+                parameter.data = start[name].to(compute)
+            on_layer(index, packed, seconds)
+    finally:
+        release_graphs()
 
 
 def _move(inputs: list[LayerInput], device) -> None:

@@ -33,18 +33,20 @@ def _assert_same(ours, theirs):
     assert torch.equal(ours.g_idx.int(), theirs.g_idx.int())
 
 
-@pytest.mark.parametrize("group_size,desc_act,act_group_aware", [
-    (32, False, True),   # the job's default: groups in act-group-aware order
-    (32, False, False),  # natural order
-    (32, True, False),   # activation order
-    (-1, False, False),  # one scale a row
+@pytest.mark.parametrize("group_size,desc_act,act_group_aware,columns", [
+    (32, False, True, 160),    # the job's default order, act-group-aware; a full and a partial block of 128
+    (32, False, False, 160),   # natural order
+    (32, True, False, 160),    # activation order
+    (-1, False, False, 160),   # one scale a row
+    (64, False, True, 320),    # two groups begin in each block
+    (256, False, False, 320),  # a group spans two blocks
 ])
-def test_each_tenant_gets_the_codes_of_gptqmodels_own_solve(group_size, desc_act, act_group_aware):
+def test_each_tenant_gets_the_codes_of_gptqmodels_own_solve(group_size, desc_act, act_group_aware, columns):
     config = quantize_config(GptqSpec(group_size=group_size, desc_act=desc_act))
     config = dataclasses.replace(config, act_group_aware=act_group_aware) if config.act_group_aware != act_group_aware else config
     assert config.act_group_aware == act_group_aware
-    weights = _weights(3, 48, 160)  # 160 columns: a walk of a full and a partial block
-    hessians = [_hessian(160, 300 + 50 * i, seed=i) for i in range(3)]
+    weights = _weights(3, 48, columns)
+    hessians = [_hessian(columns, 300 + 50 * i, seed=i) for i in range(3)]
     tokens = [300, 350, 400]
     ours = solve_batched(weights, hessians, tokens, config)
     for weight, hessian, count, mine in zip(weights, hessians, tokens, ours):
