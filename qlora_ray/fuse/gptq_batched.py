@@ -1,14 +1,14 @@
 """GPTQ for many tenants' weights of one site at once, each against its own Hessian: GPTQModel's
 solver, batched over tenants (local functions: no Ray, no store).
 
-Bulk GPTQ with per-tenant Hessians solves every tenant's weights of every site separately. One
-GPTQModel solve is a walk over the columns, one column after another, each step a handful of small
-GPU kernels over one weight's rows; on an 8B, GPTQModel's solves of a tenant's layer took about
-0.7 s of an H200 that was busy throughout, yet one such kernel fills little of it. Stacking tenants
-row-wise (gptq_bulk.solve_stacked) only works for tenants that share a Hessian. Here the tenants
-of a site are a batch dimension instead: each step of the walk runs once for all of them, every
-tenant's rows against its own inverse Hessian, so the GPU does the same steps for many tenants in
-the time of about one.
+Bulk GPTQ with per-tenant Hessians solves every tenant's weights of every site. GPTQModel's solver
+takes one weight and one Hessian a call, and its walk over the columns is sequential: a call is a
+long chain of small steps over one weight's rows, and the walks of bulk GPTQ spent most of their
+time in these calls (benchmarks/results/2026-11-30-h200-gptq-walk-stages.md). Stacking tenants
+row-wise (gptq_bulk.solve_stacked) only works for tenants that share a Hessian. Here the tenants of
+a site are a batch dimension instead: each step of the walk runs once for all of them, every
+tenant's rows against its own inverse Hessian. On a GPU, the steps of a block of 128 columns run as
+one CUDA graph, so they do not wait on their launches.
 
 GPTQModel has no batched solver, so this one is ours; it follows GPTQModel's `GPTQ.quantize` step by
 step (the configurations `quantize_config` builds: natural, activation-ordered or act-group-aware
