@@ -53,3 +53,42 @@ def test_codes_match_gptqmodels_on_the_gpu():
         # GPTQModel's fused kernel rounds in its own order: a rounding tie may fall the other way
         assert (mine.dequantized != theirs.dequantized).float().mean() < 1e-3
         torch.testing.assert_close(mine.scales, theirs.scales, rtol=1e-3, atol=1e-5)
+
+
+def test_a_walk_on_the_gpu_batches_tenants_as_each_alone(monkeypatch):
+    """The walk on CUDA, its tenants parked on the CPU and solved in one batch through the CUDA
+    graphs, gives each tenant what a walk of its own gives."""
+    from qlora_ray.fuse.gptq_stream import StreamTenant, quantize_tenants_layerwise
+    from qlora_ray.fuse.hessians import padded_batches
+    from qlora_ray.fuse.math import LoraDelta
+    from tests.unit.test_gptq_stream import NAMES, ROWS, SPEC
+    from tests.unit.test_gptq_bulk import _tiny_llama
+
+    monkeypatch.setattr("qlora_ray.fuse.gptq_stream.RESIDENT_INPUT_BYTES", 0)  # park every tenant
+    captures = []
+    real_capture = gptq_batched._ColumnSteps._capture
+    monkeypatch.setattr(gptq_batched._ColumnSteps, "_capture",
+                        staticmethod(lambda *args: captures.append(args[0].shape) or real_capture(*args)))
+
+    def walk(names: dict[str, int]) -> dict[str, dict[str, torch.Tensor]]:
+        model = _tiny_llama().cuda()
+        start = {name: p.data.clone() for name, p in model.named_parameters() if name in NAMES}
+        tenants = []
+        for name, seed in names.items():
+            generator = torch.Generator().manual_seed(seed)
+            deltas = {weight: LoraDelta(weight, torch.randn(2, start[weight].shape[1], generator=generator).cuda() * 0.3,
+                                        torch.randn(start[weight].shape[0], 2, generator=generator).cuda() * 0.3, 1.0)
+                      for weight in sorted(NAMES)}
+            tenants.append(StreamTenant(name, deltas, list(padded_batches(ROWS[name], 2, 0, "cuda"))))
+        packed = {name: {} for name in names}
+        quantize_tenants_layerwise(model, start, tenants, quantize_config(SPEC), SPEC.bits, park="cpu",
+                                   on_layer=lambda _, tensors, __: [packed[n].update(t) for n, t in tensors.items()])
+        return packed
+
+    together = walk({"acme": 0, "globex": 1})
+    assert captures, "no CUDA graph was captured"
+    for name, seed in (("acme", 0), ("globex", 1)):
+        alone = walk({name: seed})[name]
+        assert sorted(alone) == sorted(together[name])
+        for key in alone:
+            assert torch.equal(alone[key], together[name][key]), key
