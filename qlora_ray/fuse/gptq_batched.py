@@ -57,13 +57,12 @@ def solve_batched(weights: list[torch.Tensor], hessians: list[torch.Tensor], tok
     count = len(weights)
     batch = torch.empty(count, rows, columns, dtype=torch.float32, device=device)
     inverses = torch.empty(count, columns, columns, dtype=torch.float32, device=device)
-    orders, solvable, quantizer = [], [], None
+    with torch.device("meta"):
+        linear = torch.nn.Linear(columns, rows, bias=False)
+    task = GPTQ(linear, config)  # its quantizer and its damped inverse, configured as GPTQModel's processor does
+    task.quantizer.configure(perchannel=True)
+    orders, solvable = [], []
     for slot, (weight, hessian) in enumerate(zip(weights, hessians)):
-        with torch.device("meta"):
-            linear = torch.nn.Linear(columns, rows, bias=False)
-        task = GPTQ(linear, config)  # its quantizer and its damped inverse, configured as GPTQModel's processor does
-        task.quantizer.configure(perchannel=True)
-        quantizer = quantizer or task.quantizer
         matrix = hessian.to(device=device, dtype=torch.float32, copy=True)
         batch[slot] = weight
         dead = torch.diag(matrix) == 0
@@ -82,8 +81,8 @@ def solve_batched(weights: list[torch.Tensor], hessians: list[torch.Tensor], tok
         orders.append(order)
         del matrix, inverse
     if config.group_size == -1:  # one group a row: GPTQModel finds its scale on the weight as given
-        quantizer.find_params(torch.cat([weight.float() for weight in weights]), weight=True)
-    dequantized, scales, zeros, losses = _walk(batch, inverses, quantizer, config.group_size)
+        task.quantizer.find_params(torch.cat([weight.float() for weight in weights]), weight=True)
+    dequantized, scales, zeros, losses = _walk(batch, inverses, task.quantizer, config.group_size)
     del batch, inverses
     codes: dict[int, GptqCodes] = {}
     for slot in solvable:

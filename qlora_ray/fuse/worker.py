@@ -221,32 +221,7 @@ class FuseWorker:
                     except UserError as exc:
                         failed[names[target.tenant]] = str(exc)
                 if tenants:
-                    with clock("load"):
-                        model, start = self._load_merge_base(base_dir, unit.targets[0])
-                    writer = _StreamWriter(self, unit, tenants, names, base_dir, parts, work / "out")
-                    try:
-                        writer.write_ready()
-                        layers = len(decoder_layers(model))
-                        said = [time.perf_counter()]
-
-                        def on_layer(index: int, packed: dict, seconds: dict) -> None:
-                            writer.add(packed, seconds)
-                            writer.write_ready()
-                            if time.perf_counter() - said[0] >= PROGRESS_EVERY_S or index + 1 == layers:
-                                said[0] = time.perf_counter()
-                                say(f"fuse: {unit.name}: layer {index + 1}/{layers} [{said[0] - started:.0f} s]")
-
-                        quantize_tenants_layerwise(model, start, tenants, quantize_config(self.order.gptq),
-                                                   self.order.gptq.bits, sequential=self.order.gptq.sequential,
-                                                   park="cpu" if self.device == "cuda" else None, on_layer=on_layer,
-                                                   clock=clock)
-                        del model, start
-                        with clock("waiting for the writes"):
-                            writer.finish()
-                    finally:
-                        writer.close()
-                    clock.seconds["writing, beside the walk"] = writer.busy_seconds
-                    say(f"fuse: {unit.name}: done in {time.perf_counter() - started:.0f} s: {clock.summary()}")
+                    self._walk_and_write(unit, tenants, names, base_dir, parts, work / "out", clock, started)
         finally:
             shutil.rmtree(work, ignore_errors=True)
             release_gpu_cache()
@@ -254,6 +229,35 @@ class FuseWorker:
             parts.pop(name)
         return {"parts": parts, "failed": failed, "seconds": round(time.perf_counter() - started, 3),
                 "stage_seconds": {stage: round(seconds, 3) for stage, seconds in clock.seconds.items()}, **worker_facts()}
+
+    def _walk_and_write(self, unit: StreamUnit, tenants: list[StreamTenant], names: dict[str, str], base_dir: Path,
+                        parts: dict[str, dict], out: Path, clock: StageClock, started: float) -> None:
+        """The walk of fuse_gptq_stream over the base in base_dir, its shard files written beside it."""
+        with clock("load"):
+            model, start = self._load_merge_base(base_dir, unit.targets[0])
+        layers = len(decoder_layers(model))
+        said = [time.perf_counter()]
+        writer = _StreamWriter(self, unit, tenants, names, base_dir, parts, out)
+
+        def on_layer(index: int, packed: dict, seconds: dict) -> None:
+            writer.add(packed, seconds)
+            writer.write_ready()
+            if time.perf_counter() - said[0] >= PROGRESS_EVERY_S or index + 1 == layers:
+                said[0] = time.perf_counter()
+                say(f"fuse: {unit.name}: layer {index + 1}/{layers} [{said[0] - started:.0f} s]")
+
+        try:
+            writer.write_ready()
+            quantize_tenants_layerwise(model, start, tenants, quantize_config(self.order.gptq), self.order.gptq.bits,
+                                       sequential=self.order.gptq.sequential,
+                                       park="cpu" if self.device == "cuda" else None, on_layer=on_layer, clock=clock)
+            del model, start
+            with clock("waiting for the writes"):
+                writer.finish()
+        finally:
+            writer.close()
+        clock.seconds["writing, beside the walk"] = writer.busy_seconds
+        say(f"fuse: {unit.name}: done in {time.perf_counter() - started:.0f} s: {clock.summary()}")
 
     def _shard_hessians(self, shard_file: str, targets: list[ShardTarget]) -> dict[str, dict[str, SiteHessian]]:
         """pool -> weight -> Hessian, for this shard's weights, of every Hessian set its bulk-GPTQ targets read."""
@@ -342,8 +346,7 @@ class _StreamWriter:
     as fuse_shard's gptq-int4 keeps them.
 
     The files are written by one thread beside the walk: saving, hashing and uploading a tenant's
-    shard file is CPU and network work (about 1 s for an 8B's shard on the H200 machine), which the
-    GPU need not wait for. The walk hands over only what is ready; the thread owns it from there."""
+    shard file is CPU and network work, which the GPU need not wait for. The walk hands over only what is ready; the thread owns it from there."""
 
     def __init__(self, worker: FuseWorker, unit: StreamUnit, tenants: list[StreamTenant], names: dict[str, str],
                  base_dir: Path, parts: dict[str, dict], out: Path):
