@@ -118,6 +118,7 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
     quantizer's, set by the caller). Returns the dequantized weights, the scales and zeros of each
     group in the order the walk met them (batch, out, groups), and each weight's summed loss (batch,)."""
     batch, rows, columns = weights.shape
+    maxq = float(quantizer.maxq)  # the largest code, read once: inside a CUDA graph it cannot be read
     dequantized = torch.zeros_like(weights)
     losses = torch.zeros(batch, dtype=torch.float32, device=weights.device)
     scales, zeros = [], []
@@ -140,7 +141,7 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
             column_scales[:, :, at - first:end - first] = scales[-1].unsqueeze(2)
             column_zeros[:, :, at - first:end - first] = zeros[-1].unsqueeze(2)
         block = weights[:, :, first:last].clone()
-        errors = _COLUMNS.run(block, inverses[:, first:last, first:last], column_scales, column_zeros, quantizer.maxq,
+        errors = _COLUMNS.run(block, inverses[:, first:last, first:last], column_scales, column_zeros, maxq,
                               dequantized[:, :, first:last])
         losses += errors.square().sum(dim=(1, 2)) / 2  # each error is (w - q) / d: GPTQModel's loss terms, summed
         for b in range(batch):  # one product per weight: the same kernels, so the same sums, as GPTQModel's
@@ -148,18 +149,20 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
     return dequantized, torch.stack(scales, dim=2), torch.stack(zeros, dim=2), losses
 
 
-def _columns(block: torch.Tensor, corner: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, maxq: torch.Tensor,
+def _columns(block: torch.Tensor, corner: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, maxq: float,
              out: torch.Tensor) -> torch.Tensor:
     """GPTQ's steps over one block's columns (batch, out, width), each against its scale and zero
     (batch, out, width) and the block's corner of the inverse factor (batch, width, width): each
     column quantized into `out`, its error spread over the block's later columns. Returns the errors
-    divided by the factor's diagonal, which the caller spreads over the columns after the block."""
-    from gptqmodel.quantization.quantizer import quantize
+    divided by the factor's diagonal, which the caller spreads over the columns after the block.
 
+    The rounding is GPTQModel's `quantizer.quantize` for asymmetric codes, written out: its own
+    function compares its `maxq` tensor with 0 in Python, a read of the GPU that a CUDA graph's
+    capture refuses (and that stalls the step-by-step walk at every column)."""
     errors = torch.zeros_like(block)
     for i in range(block.shape[2]):
-        w = block[:, :, i]
-        q = quantize(w, scales[:, :, i], zeros[:, :, i], maxq, False)
+        w, scale, zero = block[:, :, i], scales[:, :, i], zeros[:, :, i]
+        q = scale * (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero)
         out[:, :, i] = q
         delta = errors[:, :, i]
         torch.sub(w, q, out=delta)
@@ -179,7 +182,7 @@ class _ColumnSteps:
         self._refused: set[tuple] = set()
 
     def run(self, block, corner, scales, zeros, maxq, out) -> torch.Tensor:
-        key = (tuple(block.shape), block.dtype, str(block.device))
+        key = (tuple(block.shape), block.dtype, str(block.device), maxq)
         if block.device.type != "cuda" or key in self._refused:
             return _columns(block, corner, scales, zeros, maxq, out)
         if key not in self._graphs:
@@ -192,7 +195,7 @@ class _ColumnSteps:
                 self._refused.add(key)
                 return _columns(block, corner, scales, zeros, maxq, out)
         graph, inputs, (errors, result) = self._graphs[key]
-        for static, value in zip(inputs, (block, corner, scales, zeros, maxq)):
+        for static, value in zip(inputs, (block, corner, scales, zeros)):
             static.copy_(value)
         graph.replay()
         out.copy_(result)
@@ -200,16 +203,16 @@ class _ColumnSteps:
 
     @staticmethod
     def _capture(block, corner, scales, zeros, maxq):
-        inputs = tuple(t.clone() for t in (block, corner, scales, zeros, maxq))
+        inputs = tuple(t.clone() for t in (block, corner, scales, zeros))
         result = torch.empty_like(block)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # a warm-up off the capture, as torch.cuda.graphs asks
-            _columns(*(t.clone() for t in inputs), result)
+            _columns(*(t.clone() for t in inputs), maxq, result)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            errors = _columns(*inputs, result)
+            errors = _columns(*inputs, maxq, result)
         return graph, inputs, (errors, result)
 
     def clear(self) -> None:

@@ -27,7 +27,7 @@ def _block(seed: int, batch: int = 3, rows: int = 256, width: int = 128):
 
 
 def test_the_captured_graph_replays_the_step_by_step_walk():
-    steps, maxq = gptq_batched._ColumnSteps(), torch.tensor(15.0, device="cuda")
+    steps, maxq = gptq_batched._ColumnSteps(), 15.0
     for seed in (1, 2, 3):  # the first run captures; the later ones replay on new values
         block, factor, scales, zeros = _block(seed)
         eager_out, graph_out = torch.empty_like(block), torch.empty_like(block)
