@@ -127,9 +127,12 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
         zeros.append(quantizer.zero.view(batch, rows))
     for first in range(0, columns, BLOCK):
         last = min(first + BLOCK, columns)
+        # The block is walked column-major (batch, width, out): each column's steps and each error's
+        # spread over the later columns touch memory in runs, where the weights' own layout would
+        # read one float in every row's stride. Every float operation is the same, so the codes are.
         # The groups starting in this block take their scales from the weights as they stand at its
         # start, as GPTQModel's do: the walk changes the weights only after the block.
-        column_scales = torch.empty(batch, rows, last - first, dtype=weights.dtype, device=weights.device)
+        column_scales = torch.empty(batch, last - first, rows, dtype=weights.dtype, device=weights.device)
         column_zeros = torch.empty_like(column_scales)
         starts = {c for c in range(first, last) if group_size != -1 and c % group_size == 0}
         bounds = sorted(starts | {first}) + [last]
@@ -138,12 +141,14 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
                 quantizer.find_params(weights[:, :, at:at + group_size].reshape(batch * rows, -1), weight=True)
                 scales.append(quantizer.scale.view(batch, rows))
                 zeros.append(quantizer.zero.view(batch, rows))
-            column_scales[:, :, at - first:end - first] = scales[-1].unsqueeze(2)
-            column_zeros[:, :, at - first:end - first] = zeros[-1].unsqueeze(2)
-        block = weights[:, :, first:last].clone()
-        errors = _COLUMNS.run(block, inverses[:, first:last, first:last], column_scales, column_zeros, maxq,
-                              dequantized[:, :, first:last])
+            column_scales[:, at - first:end - first] = scales[-1].unsqueeze(1)
+            column_zeros[:, at - first:end - first] = zeros[-1].unsqueeze(1)
+        block = weights[:, :, first:last].transpose(1, 2).contiguous()
+        block_codes = torch.empty_like(block)
+        errors = _COLUMNS.run(block, inverses[:, first:last, first:last], column_scales, column_zeros, maxq, block_codes)
+        dequantized[:, :, first:last] = block_codes.transpose(1, 2)
         losses += errors.square().sum(dim=(1, 2)) / 2  # each error is (w - q) / d: GPTQModel's loss terms, summed
+        errors = errors.transpose(1, 2).contiguous()  # (batch, out, width), as GPTQModel multiplies them
         for b in range(batch):  # one product per weight: the same kernels, so the same sums, as GPTQModel's
             weights[b, :, last:] -= errors[b].matmul(inverses[b, first:last, last:])
     return dequantized, torch.stack(scales, dim=2), torch.stack(zeros, dim=2), losses
@@ -151,23 +156,24 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
 
 def _columns(block: torch.Tensor, corner: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, maxq: float,
              out: torch.Tensor) -> torch.Tensor:
-    """GPTQ's steps over one block's columns (batch, out, width), each against its scale and zero
-    (batch, out, width) and the block's corner of the inverse factor (batch, width, width): each
-    column quantized into `out`, its error spread over the block's later columns. Returns the errors
-    divided by the factor's diagonal, which the caller spreads over the columns after the block.
+    """GPTQ's steps over one block's columns, column-major (batch, width, out), each against its
+    scale and zero (batch, width, out) and the block's corner of the inverse factor (batch, width,
+    width): each column quantized into `out`, its error spread over the block's later columns.
+    Returns the errors divided by the factor's diagonal (batch, width, out), which the caller spreads
+    over the columns after the block.
 
     The rounding is GPTQModel's `quantizer.quantize` for asymmetric codes, written out: its own
     function compares its `maxq` tensor with 0 in Python, a read of the GPU that a CUDA graph's
     capture refuses (and that stalls the step-by-step walk at every column)."""
     errors = torch.zeros_like(block)
-    for i in range(block.shape[2]):
-        w, scale, zero = block[:, :, i], scales[:, :, i], zeros[:, :, i]
+    for i in range(block.shape[1]):
+        w, scale, zero = block[:, i], scales[:, i], zeros[:, i]
         q = scale * (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero)
-        out[:, :, i] = q
-        delta = errors[:, :, i]
+        out[:, i] = q
+        delta = errors[:, i]
         torch.sub(w, q, out=delta)
         delta.div_(corner[:, i, i].unsqueeze(1))
-        block[:, :, i:] -= delta.unsqueeze(2) * corner[:, i, i:].unsqueeze(1)
+        block[:, i + 1:] -= corner[:, i, i + 1:].unsqueeze(2) * delta.unsqueeze(1)
     return errors
 
 

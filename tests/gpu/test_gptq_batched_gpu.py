@@ -19,10 +19,10 @@ pytest.importorskip("gptqmodel")
 
 def _block(seed: int, batch: int = 3, rows: int = 256, width: int = 128):
     generator = torch.Generator(device="cuda").manual_seed(seed)
-    block = torch.randn(batch, rows, width, generator=generator, device="cuda") * 0.02
+    block = torch.randn(batch, width, rows, generator=generator, device="cuda") * 0.02  # column-major, as the walk hands it
     factor = torch.linalg.cholesky(torch.eye(width, device="cuda") * 2 + 0.1, upper=True).expand(batch, -1, -1).contiguous()
-    scales = torch.full((batch, rows, width), 0.006, device="cuda")
-    zeros = torch.full((batch, rows, width), 8.0, device="cuda")
+    scales = torch.full((batch, width, rows), 0.006, device="cuda")
+    zeros = torch.full((batch, width, rows), 8.0, device="cuda")
     return block, factor, scales, zeros
 
 
