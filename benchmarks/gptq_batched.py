@@ -13,7 +13,9 @@ fused CUDA kernel, whose float rounding may differ from the eager steps the batc
 
 Weights and Hessians are random (the solver's work does not depend on their values); the job's
 default GPTQ settings (4 bits, group size 128, act-group-aware order). Each timing follows a warm-up.
-Results: OUT_DIR/gptq-batched.json and .md.
+Results: OUT_DIR/gptq-batched.json and .md; with --profile N, OUT_DIR/gptq-batched-profile.txt
+holds torch.profiler's table of the ops of one batched solve of N tenants of each site, the ops
+that took the most GPU (on a CPU, CPU) time first.
 """
 
 from __future__ import annotations
@@ -55,6 +57,19 @@ def timed(fn, device: str) -> tuple[float, object]:
     return time.perf_counter() - began, result
 
 
+def profiled(fn, device: str) -> str:
+    """torch.profiler's table of fn's ops, those of most device time first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as trace:
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    key = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+    return trace.key_averages().table(sort_by=key, row_limit=20, max_name_column_width=60)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, type=Path)
@@ -62,7 +77,9 @@ def main() -> None:
     parser.add_argument("--reference", type=int, default=8, help="tenants solved by GPTQModel one at a time")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", type=int, default=1, help="divide the shapes by this (to try it on a CPU)")
+    parser.add_argument("--profile", type=int, default=0, help="profile a batched solve of this many tenants a site")
     args = parser.parse_args()
+    profiles = []
     config = quantize_config(GptqSpec())
     most = max(args.tenants + [args.reference])
     rows = []
@@ -92,6 +109,10 @@ def main() -> None:
             del ours
         rows.append(row)
         print(json.dumps(row), flush=True)
+        if args.profile:
+            profiles.append(f"## {site}: a batched solve of {args.profile} tenants, ({out}, {columns}) each\n\n"
+                            + profiled(lambda: solve_batched(weights[:args.profile], hessians[:args.profile],
+                                                             [TOKENS] * args.profile, config), args.device))
         for held in (weights, hessians, theirs):  # freed before the next site's are made
             held.clear()
         if args.device == "cuda":
@@ -120,6 +141,9 @@ def main() -> None:
                       "" if fraction is None else f"{fraction:.2e}"]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     (args.out / "gptq-batched.md").write_text("\n".join(lines) + "\n")
+    if profiles:
+        (args.out / "gptq-batched-profile.txt").write_text(f"{device}, {result['date']}: `{result['command']}`\n\n"
+                                                           + "\n\n".join(profiles) + "\n")
     print("\n".join(lines))
 
 
