@@ -173,7 +173,7 @@ def _columns(block: torch.Tensor, corner: torch.Tensor, scales: torch.Tensor, ze
         delta = errors[:, i]
         torch.sub(w, q, out=delta)
         delta.div_(corner[:, i, i].unsqueeze(1))
-        block[:, i + 1:] -= corner[:, i, i + 1:].unsqueeze(2) * delta.unsqueeze(1)
+        block[:, i + 1:].baddbmm_(corner[:, i, i + 1:].unsqueeze(2), delta.unsqueeze(1), alpha=-1)
     return errors
 
 
