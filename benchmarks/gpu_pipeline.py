@@ -25,7 +25,8 @@ publishes a shape:llama3-8b gptq-int4 model (random weights, round-to-nearest in
 measures it through the engine alone (in this process) and through Serve over HTTP, at batch =
 concurrency 1, 8, 32 and 64, with streams sent at each --stream-intervals value (default 0 and 50
 ms), plus the time to first token of a ~512-token prompt and the TTFT p99 at concurrency 32 of
-prompts and answers of varied lengths: issue 19's targets (use --bench-seconds 10 or more).
+prompts and answers of varied lengths: issue 19's targets (use --bench-seconds 10 or more). With
+--gateway-replicas 1,2, Serve is measured with each number of gateway replicas in the same run.
 
 The base has random weights (the real SmolLM2 ships as a GGUF too large to carry), so the eval
 table's accuracies measure nothing but that every configuration loads and runs; its timings and the
@@ -313,13 +314,13 @@ def serve_engine_rate(run: Run, args) -> str:
     output_tokens, prompt_words, long_prompt_words = (128, 24, 93) if cuda else (16, 8, 20)
     model = f"acme/{variant}"
 
-    def job(interval: float) -> Path:
+    def job(interval: float, gateways: int = 1) -> Path:
         return write_job(run, name="gpu-serve", base={"name": shape, "source": f"shape:{shape}"},
                          tenants=[{"id": "acme", "train_data": str(DATA / "dates" / "train.jsonl")}],
                          fuse={"schemes": [variant.split(".")[0]], "merge_base": "original"},
                          serve={"max_batch": max(levels), "max_ongoing_requests": 2 * max(levels), "context": 1024,
                                 "max_tokens": 512, "unmerged_baseline": False, "allow_failed_quality": True,
-                                "stream_interval_ms": interval,
+                                "stream_interval_ms": interval, "gateway_replicas": gateways,
                                 "resources": {"num_cpus": 2, "num_gpus": 1 if cuda else 0}})
 
     spec, store = store_of(job(0))
@@ -334,14 +335,16 @@ def serve_engine_rate(run: Run, args) -> str:
     run.save()
     served: dict[str, list] = {}
     for interval in args.stream_intervals:
-        path = job(interval)
-        run.cli(f"bench, stream interval {interval} ms", "bench", str(path), "--models", model,
-                "--concurrency", ",".join(map(str, levels)), "--duration", str(args.bench_seconds),
-                "--prompt-tokens", str(prompt_words), "--output-tokens", str(output_tokens))
-        served[str(interval)] = bench_report(path)["results"]
+        for gateways in args.gateway_replicas:
+            label = f"{interval} ms" + (f", {gateways} gateway(s)" if len(args.gateway_replicas) > 1 else "")
+            path = job(interval, gateways)
+            run.cli(f"bench, stream interval {interval} ms, {gateways} gateway replica(s)", "bench", str(path),
+                    "--models", model, "--concurrency", ",".join(map(str, levels)), "--duration",
+                    str(args.bench_seconds), "--prompt-tokens", str(prompt_words), "--output-tokens", str(output_tokens))
+            served[label] = bench_report(path)["results"]
         run.results["served"] = served
         run.save()
-    # The job file as the last interval wrote it.
+    # The job file as the last interval and gateway count wrote it.
     run.cli("bench, long prompts", "bench", str(path), "--models", model, "--concurrency", "1",
             "--requests", "8", "--prompt-tokens", str(long_prompt_words), "--output-tokens", "2")
     run.results["served_long_prompt"] = bench_report(path)["results"][0]
@@ -488,9 +491,9 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
              "generate(); Serve: `qlora-ray bench` output tokens/s over HTTP, streams sent per step (0 ms) or in "
              "intervals (serve.stream_interval_ms).", "",
              "| batch = concurrency | engine tok/s | "
-             + " | ".join(f"Serve {i} ms tok/s (share)" for i in intervals) + " | "
-             + " | ".join(f"TTFT p50 / p99 ms, {i} ms" for i in intervals) + " | "
-             + f"TTFT p50 ms, {intervals[-1]} ms: in the replica / of it the engine |",
+             + " | ".join(f"Serve {i} tok/s (share)" for i in intervals) + " | "
+             + " | ".join(f"TTFT p50 / p99 ms, {i}" for i in intervals) + " | "
+             + f"TTFT p50 ms, {intervals[-1]}: in the replica / of it the engine |",
              "|---|---|" + "---|" * (2 * len(intervals) + 1)]
     for level, rate in engine["tok_s"].items():
         cells = [level, str(rate)]
@@ -504,7 +507,7 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
     lines += ["", "A lone request's first token (one token asked), in the driver: "
               + "; ".join(f"{name} {ms} ms" for name, ms in engine.get("lone_first_token_ms", {}).items()) + "."]
     lines += ["", f"Time to first token of a {engine['long_prompt_tokens']}-token prompt: engine "
-                  f"{engine['long_prompt_ttft_ms']} ms; through Serve ({intervals[-1]} ms, concurrency 1) p50 "
+                  f"{engine['long_prompt_ttft_ms']} ms; through Serve ({intervals[-1]}, concurrency 1) p50 "
                   f"{long_row['ttft_ms_p50']} ms (prompt {long_row['mean_prompt_tokens']} tokens), of which "
                   f"{long_row.get('replica_ttft_ms_p50')} ms in the replica and {long_row.get('engine_ttft_ms_p50')} "
                   "ms from the scheduler's queue to the first token."]
@@ -561,6 +564,9 @@ def main() -> None:
     parser.add_argument("--stream-intervals", default="0,50", type=lambda text: [int(v) for v in text.split(",")],
                         help="--part serve: the serve.stream_interval_ms values Serve is measured at (the last "
                              "one also for the long prompts)")
+    parser.add_argument("--gateway-replicas", default="1", type=lambda text: [int(v) for v in text.split(",")],
+                        help="--part serve: the serve.gateway_replicas values Serve is measured at, at each interval "
+                             "(the last one also for the long prompts and varied lengths)")
     args = parser.parse_args()
     shape = args.shape or ("smollm2-135m" if args.device == "cuda" else "tiny")
     run_part(args, PARTS[args.part], shape, f"on {gpu_name()}")

@@ -310,6 +310,10 @@ class ServeSpec(_Model):
     host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
     port: int = Field(8000, gt=0, lt=65536, description="HTTP port of the Serve proxy.")
     num_replicas: int = Field(1, gt=0, description="Replicas of the model deployment.")
+    gateway_replicas: int = Field(
+        1, gt=0, description="Replicas of the HTTP gateway (no CPU or GPU reserved). Every stream's events pass "
+        "through a gateway's event loop; with many streams at once, more replicas share them (Serve's proxy spreads "
+        "the requests).")
     max_resident_models: int = Field(
         4, gt=0, description="Models a replica holds at once. When another must load, an idle one leaves: the "
         "asking tenant's own if it holds its share of the room, else one of a tenant over its share, least recently "

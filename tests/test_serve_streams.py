@@ -1,6 +1,7 @@
 """Continuous batching through the whole Serve app, with an injected engine (ModelServer's loader) whose
 every decode step takes a known time: a short answer next to a long one ends first, with its usage
-and [DONE]; a request sent mid-generation joins the running batch; a closed stream frees its slot."""
+and [DONE]; a request sent mid-generation joins the running batch; a closed stream frees its slot.
+The app runs two gateway replicas, so the streams also cross whichever one Serve's proxy picks."""
 
 from __future__ import annotations
 
@@ -18,8 +19,15 @@ from tests.helpers import MODEL, STEP_SECONDS, fake_engine_app, fake_loader
 def app(tmp_path_factory):
     tmp_path = tmp_path_factory.mktemp("streams")
     with fake_engine_app(Store(str(tmp_path / "store")), tmp_path, ["acme"], fake_loader,
-                         {"max_batch": 2, "max_tokens": 400}) as (url, _):
+                         {"max_batch": 2, "max_tokens": 400, "gateway_replicas": 2}) as (url, _):
         yield f"{url}/v1"
+
+
+def test_the_gateway_runs_as_many_replicas_as_asked(app):
+    from ray import serve
+
+    gateway = serve.status().applications["t"].deployments["Gateway"]
+    assert gateway.replica_states == {"RUNNING": 2}
 
 
 class Arrivals:
