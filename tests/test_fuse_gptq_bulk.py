@@ -77,14 +77,17 @@ def test_bulk_gptq_loads_in_transformers_and_matches_gptqmodel_where_inputs_agre
     assert sorted(ours) == sorted(reference)  # the same checkpoint layout as GPTQModel's save
     assert all(ours[name].dtype == reference[name].dtype for name in ours)
     # Layer 0's q/k/v read the embeddings, which the adapter does not change: the walk's Hessian is
-    # GPTQModel's own (up to summation order), so are the codes. Past them GPTQModel quantizes a layer
-    # in four subsets, each subset's Hessian taken after the subsets before it are quantized, where the
-    # walk sums a layer's Hessians in one pass; GPTQ's codes follow such small differences (layer 1's
-    # q_proj shares about 40 % of its words with GPTQModel's): the logits below are the comparison there.
+    # GPTQModel's own (up to summation order), so are the codes. Like GPTQModel, the walk takes each
+    # site's Hessian once the sites before it are quantized, so o_proj reads attention over the same
+    # quantized q/k/v (it shared 45 % of its words with GPTQModel's when the walk took a layer's
+    # Hessians in one pass). Past it, float rounding that differs (summation order, the forward's
+    # kernels) flips a few codes, GPTQ spreads each flip over the later columns, and the differences
+    # compound layer by layer: the logits below are the comparison there.
+    for weight, least in ((Q_PROJ, 0.95), ("model.layers.0.self_attn.o_proj", 0.9)):
+        same_words = (ours[f"{weight}.qweight"] == reference[f"{weight}.qweight"]).float().mean().item()
+        assert same_words > least, (weight, same_words)
     scales_ratio = ours[f"{Q_PROJ}.scales"].float() / reference[f"{Q_PROJ}.scales"].float()
     torch.testing.assert_close(scales_ratio, torch.ones_like(scales_ratio), rtol=1e-3, atol=1e-3)
-    same_words = (ours[f"{Q_PROJ}.qweight"] == reference[f"{Q_PROJ}.qweight"]).float().mean().item()
-    assert same_words > 0.95, same_words
     config = json.loads((folder / "config.json").read_text())["quantization_config"]
     assert (config["quant_method"], config["bits"], config["group_size"], config["checkpoint_format"]) == (
         "gptq", 4, 32, "gptq")

@@ -7,10 +7,12 @@ capture for all but quantizes a tenant whose inputs are a minority of the pool f
 directions; a stored set per tenant costs a capture and 16 GB each on an 8B (docs/quality.md).
 
 Here one model (the merge base) serves every tenant of a group. Per decoder layer, for a batch of
-tenants: each tenant's merged weights are put in the layer and its calibration rows run through it
-summing XᵀX per site; each site's weights of the whole batch are solved at once, every tenant
-against its own Hessian (gptq_batched.py; a tenant's weights that read one input stacked); then each
-tenant's rows run through the layer once more, now quantized, to make its inputs to the next layer.
+tenants, site by site (the weights that read one input: q/k/v, o, gate/up, down) in the order the
+forward reaches them, as GPTQModel quantizes a layer's subsets: each tenant's weights are put in the
+layer (the sites before quantized, the rest merged) and its calibration rows run through it summing
+XᵀX of the site; the site's weights of the whole batch are solved at once, every tenant against its
+own Hessian (gptq_batched.py; a tenant's weights that read one input stacked). Then each tenant's
+rows run through the layer once more, now quantized, to make its inputs to the next layer.
 A Hessian lives for one layer of one batch; what stays is each tenant's hidden states and its packed
 tensors, until the caller writes them.
 """
@@ -26,7 +28,8 @@ import torch
 
 from qlora_ray.fuse.gptq_batched import release_graphs, solve_batched
 from qlora_ray.fuse.gptq_bulk import GptqCodes, pack_gptq
-from qlora_ray.fuse.hessians import LayerInput, advance, catch_layer_inputs, decoder_layers, layer_hessians
+from qlora_ray.fuse.hessians import (LayerInput, advance, catch_layer_inputs, decoder_layers, layer_hessians,
+                                     layer_sites)
 from qlora_ray.fuse.math import LoraDelta, fuse_weight
 from qlora_ray.fuse.shards import stacks
 
@@ -151,54 +154,46 @@ def _first_inputs(model: torch.nn.Module, tenant: StreamTenant, quantized: froze
 def _solve_batch(layer: torch.nn.Module, prefix: str, start: dict[str, torch.Tensor], params: dict,
                  batch: list[StreamTenant], inputs: dict[str, list[LayerInput]], config, bits: int, *, parked: dict,
                  sequential: bool, compute: torch.dtype, clock: StageClock) -> dict[str, tuple[dict, float]]:
-    """One layer for a batch of tenants: each tenant's Hessians from one pass of its inputs through
-    its merged layer, each site's weights of all of them solved in one batched solve (the weights
-    that read one input stacked, per tenant), packed; then each tenant's inputs advanced through its
-    layer, quantized with sequential, merged without. Returns {tenant: (its packed tensors, seconds
-    of its work: its own steps, and its share of the batched ones)}."""
+    """One layer for a batch of tenants, site by site in the order the forward reaches them, as
+    GPTQModel's subsets go (with sequential; without, every site in one pass from the merged layer):
+    each tenant's Hessian of the site from a pass of its inputs through its layer, the sites before
+    already quantized; the site's weights of all of them solved in one batched solve (the weights
+    that read one input stacked, per tenant), packed. Then each tenant's inputs are advanced through
+    its layer, quantized with sequential, merged without. Returns {tenant: (its packed tensors,
+    seconds of its work: its own steps, and its share of the batched ones)}."""
     device = next(layer.parameters()).device
-    merged, hessians, spent = {}, {}, {}
+    merged, spent = {}, {}
     for tenant in batch:
         began = time.perf_counter()
         with clock("merge"):
             merged[tenant.name] = {name: fuse_weight(start[name], tenant.deltas[name]) if name in tenant.deltas
                                    else start[name] for name in params}
-            for name, parameter in params.items():
-                parameter.data = merged[tenant.name][name].to(compute)
-        with clock("park"):
-            _move(inputs[tenant.name], parked[tenant.name] and device)
-        with clock("hessians"):
-            hessians[tenant.name] = layer_hessians(layer, prefix, frozenset(params), inputs[tenant.name])
-        with clock("park"):
-            _move(inputs[tenant.name], parked[tenant.name])
-        unreached = sorted(set(params) - set(hessians[tenant.name].weight_sites))
-        if unreached:
-            raise ValueError(f"no calibration input reached {unreached[:3]} ({len(unreached)} weight(s)) for {tenant.name}")
         spent[tenant.name] = time.perf_counter() - began
-    began = time.perf_counter()
-    sites: dict[str, list[str]] = {}
-    for name in sorted(params):  # every tenant's layer is the same layer: the same sites
-        sites.setdefault(hessians[batch[0].name].weight_sites[name], []).append(name)
     packed: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in batch}
     quantized: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in batch}
-    for site, names in sites.items():
-        tokens = [hessians[tenant.name].tokens[site] for tenant in batch]
-        # H = 2/n·XᵀX made in place of each sum (each is (in, in) float32: 0.8 GB for an 8B's down_proj)
-        matrices = [hessians[tenant.name].sums.pop(site).mul_(2.0 / count) for tenant, count in zip(batch, tokens)]
-        for stack in stacks(names, max(params[name].numel() for name in names)):
-            with clock("solve"):
-                solved = solve_batched([torch.cat([merged[tenant.name][name] for name in stack]) for tenant in batch],
-                                       matrices, tokens, config)
-            with clock("pack"):
-                rows = [params[name].shape[0] for name in stack]
-                for tenant, codes in zip(batch, solved):
-                    for name, part in zip(stack, _split(codes, rows)):
-                        packed[tenant.name].update(pack_gptq(name, part, bits))
-                        if sequential:
-                            quantized[tenant.name][name] = part.dequantized
-        del matrices
-    del hessians
-    shared = (time.perf_counter() - began) / len(batch)
+    groups = _site_order(layer, prefix, params, merged, batch[0].name, inputs, parked, compute) if sequential \
+        else [sorted(params)]
+    for names in groups:
+        hessians = {}
+        for tenant in batch:
+            began = time.perf_counter()
+            weights = {**merged[tenant.name], **quantized[tenant.name]}
+            for name, parameter in params.items():
+                parameter.data = weights[name].to(compute)
+            with clock("park"):
+                _move(inputs[tenant.name], parked[tenant.name] and device)
+            with clock("hessians"):
+                hessians[tenant.name] = layer_hessians(layer, prefix, frozenset(names), inputs[tenant.name])
+            with clock("park"):
+                _move(inputs[tenant.name], parked[tenant.name])
+            unreached = sorted(set(names) - set(hessians[tenant.name].weight_sites))
+            if unreached:
+                raise ValueError(f"no calibration input reached {unreached[:3]} ({len(unreached)} weight(s)) for {tenant.name}")
+            spent[tenant.name] += time.perf_counter() - began
+        began = time.perf_counter()
+        _solve_sites(names, params, batch, merged, hessians, config, bits, packed, quantized if sequential else None, clock)
+        for tenant in batch:
+            spent[tenant.name] += (time.perf_counter() - began) / len(batch)
     for tenant in batch:
         began = time.perf_counter()
         weights = quantized[tenant.name] if sequential else merged[tenant.name]
@@ -210,8 +205,50 @@ def _solve_batch(layer: torch.nn.Module, prefix: str, start: dict[str, torch.Ten
             advance(layer, inputs[tenant.name])
         with clock("park"):
             _move(inputs[tenant.name], parked[tenant.name])
-        spent[tenant.name] += shared + time.perf_counter() - began
+        spent[tenant.name] += time.perf_counter() - began
     return {tenant.name: (packed[tenant.name], spent[tenant.name]) for tenant in batch}
+
+
+def _site_order(layer: torch.nn.Module, prefix: str, params: dict, merged: dict, tenant: str,
+                inputs: dict[str, list[LayerInput]], parked: dict, compute: torch.dtype) -> list[list[str]]:
+    """The layer's weights grouped by site, in the order its forward reaches the sites: found on one
+    input of one tenant (every tenant's layer is the same layer)."""
+    for name, parameter in params.items():
+        parameter.data = merged[tenant][name].to(compute)
+    entry = inputs[tenant][0]
+    if parked[tenant]:
+        entry.to(next(layer.parameters()).device)
+    try:
+        return layer_sites(layer, prefix, frozenset(params), entry)
+    finally:
+        if parked[tenant]:
+            entry.to(parked[tenant])
+
+
+def _solve_sites(names: list[str], params: dict, batch: list[StreamTenant], merged: dict, hessians: dict, config,
+                 bits: int, packed: dict, quantized: dict | None, clock: StageClock) -> None:
+    """Solve the weights `names` of every tenant of the batch against its own Hessians (one batched
+    solve per stack of weights that read one site), pack them into `packed`, and keep their
+    dequantized weights in `quantized` (None: not kept)."""
+    sites: dict[str, list[str]] = {}
+    for name in sorted(names):  # every tenant's layer is the same layer: the same sites
+        sites.setdefault(hessians[batch[0].name].weight_sites[name], []).append(name)
+    for site, stacked in sites.items():
+        tokens = [hessians[tenant.name].tokens[site] for tenant in batch]
+        # H = 2/n·XᵀX made in place of each sum (each is (in, in) float32: 0.8 GB for an 8B's down_proj)
+        matrices = [hessians[tenant.name].sums.pop(site).mul_(2.0 / count) for tenant, count in zip(batch, tokens)]
+        for stack in stacks(stacked, max(params[name].numel() for name in stacked)):
+            with clock("solve"):
+                solved = solve_batched([torch.cat([merged[tenant.name][name] for name in stack]) for tenant in batch],
+                                       matrices, tokens, config)
+            with clock("pack"):
+                rows = [params[name].shape[0] for name in stack]
+                for tenant, codes in zip(batch, solved):
+                    for name, part in zip(stack, _split(codes, rows)):
+                        packed[tenant.name].update(pack_gptq(name, part, bits))
+                        if quantized is not None:
+                            quantized[tenant.name][name] = part.dequantized
+        del matrices
 
 
 def _split(codes: GptqCodes, rows: list[int]) -> list[GptqCodes]:

@@ -5,8 +5,8 @@ calibration data. Per-tenant GPTQ (GPTQModel) re-captures every layer's inputs t
 own merged model. Bulk GPTQ with pooled Hessians captures them once per job, on the merge base
 itself (the 16-bit original or its NF4-dequantized form), from every tenant's calibration rows, and
 stores the set; with per-tenant Hessians, fuse/gptq_stream.py sums them layer by layer through each
-tenant's own merged layers with the pieces here (catch_layer_inputs, layer_hessians, advance) and
-stores nothing.
+tenant's own merged layers with the pieces here (catch_layer_inputs, layer_sites, layer_hessians,
+advance) and stores nothing.
 
 Weights that read the same input tensor (q/k/v of attention, gate/up of an MLP) share one Hessian
 ("site"): found at capture, by the forward handing each of them the very same tensor object, so no
@@ -100,8 +100,8 @@ def _sum_hooks(module: torch.nn.Module, prefix: str, weight_names: frozenset[str
             x = args[0]
             site = hessians.weight_sites.setdefault(weight, state["site"] if x is state["input"] else weight)
             state["input"], state["site"] = x, site
-            if site != weight:
-                return  # reads the input another weight of this site already summed
+            if site != weight or state.get("map_only"):
+                return  # reads the input another weight of this site already summed (or only sites are asked)
             rows = x.reshape(-1, x.shape[-1])[state["keep"]].float()
             if site not in hessians.sums:
                 hessians.sums[site] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
@@ -216,6 +216,24 @@ def layer_hessians(layer: torch.nn.Module, prefix: str, weight_names: frozenset[
         for handle in handles:
             handle.remove()
     return hessians
+
+
+def layer_sites(layer: torch.nn.Module, prefix: str, weight_names: frozenset[str], entry: LayerInput) -> list[list[str]]:
+    """The layer's weights in weight_names grouped by the input they read (sites), in the order its
+    forward reaches them: one pass of one input, summing nothing."""
+    hessians = Hessians()
+    state = {"input": None, "site": None, "keep": entry.keep, "map_only": True}
+    handles = _sum_hooks(layer, prefix, weight_names, hessians, state)
+    try:
+        with torch.no_grad():
+            entry.through(layer)
+    finally:
+        for handle in handles:
+            handle.remove()
+    groups: dict[str, list[str]] = {}
+    for weight, site in hessians.weight_sites.items():
+        groups.setdefault(site, []).append(weight)
+    return list(groups.values())
 
 
 def advance(layer: torch.nn.Module, inputs: list[LayerInput]) -> None:

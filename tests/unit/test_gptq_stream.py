@@ -156,6 +156,7 @@ def test_only_the_tenants_past_the_resident_budget_are_parked(monkeypatch):
     acme, globex = len(ROWS["acme"]) // 2 + 1, len(ROWS["globex"]) // 2  # batches of 2 rows
     assert {count for count, device in moves if device != "None"} == {globex}
     # parked after the catch; then each of 2 layers brings it to the model's device (also the CPU
-    # here) and parks it again, for the Hessians' pass and for the advance
-    assert moves.count((globex, "cpu")) == 1 + 2 * 4
+    # here) and parks it again, for the Hessian passes of its 4 sites (q/k/v, o, gate/up, down) and
+    # for the advance
+    assert moves.count((globex, "cpu")) == 1 + 2 * 2 * (4 + 1)
     assert moves.count((acme, "cpu")) == 0
