@@ -49,6 +49,10 @@ class SiteHessian:
     tokens: int
 
 
+class _WeightsReached(Exception):
+    """Raised by the hook of the last weight a layer pass sums: the rest of the layer is not needed."""
+
+
 class _LayerInputs(Exception):
     """Raised by the hook that caught the first decoder layer's inputs: the rest of the forward is not needed."""
 
@@ -100,14 +104,18 @@ def _sum_hooks(module: torch.nn.Module, prefix: str, weight_names: frozenset[str
             x = args[0]
             site = hessians.weight_sites.setdefault(weight, state["site"] if x is state["input"] else weight)
             state["input"], state["site"] = x, site
-            if site != weight or state.get("map_only"):
-                return  # reads the input another weight of this site already summed (or only sites are asked)
-            rows = x.reshape(-1, x.shape[-1])[state["keep"]].float()
-            if site not in hessians.sums:
-                hessians.sums[site] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
-                hessians.tokens[site] = 0
-            hessians.sums[site].addmm_(rows.T, rows)
-            hessians.tokens[site] += rows.shape[0]
+            # a weight that reads the input another weight of its site already summed adds nothing
+            if site == weight and not state.get("map_only"):
+                rows = x.reshape(-1, x.shape[-1])[state["keep"]].float()
+                if site not in hessians.sums:
+                    hessians.sums[site] = torch.zeros(x.shape[-1], x.shape[-1], dtype=torch.float32, device=x.device)
+                    hessians.tokens[site] = 0
+                hessians.sums[site].addmm_(rows.T, rows)
+                hessians.tokens[site] += rows.shape[0]
+            if state.get("stop_after"):  # the rest of the layer's forward is not needed once all are reached
+                state["seen"].add(weight)
+                if len(state["seen"]) == state["stop_after"]:
+                    raise _WeightsReached
         return hook
 
     return [sub.register_forward_pre_hook(hook_for(f"{prefix}{name}.weight")) for name, sub in module.named_modules()
@@ -203,15 +211,17 @@ def catch_layer_inputs(model: torch.nn.Module, batches) -> list[LayerInput]:
 
 
 def layer_hessians(layer: torch.nn.Module, prefix: str, weight_names: frozenset[str], inputs: list[LayerInput]) -> Hessians:
-    """The Hessian sums of the layer's weights in weight_names, from one pass of `inputs` through it."""
+    """The Hessian sums of the layer's weights in weight_names, from one pass of `inputs` through it
+    (each input's pass ends once every one of them has read its input)."""
     hessians = Hessians()
     state = {"input": None, "site": None, "keep": None}
     handles = _sum_hooks(layer, prefix, weight_names, hessians, state)
+    state["stop_after"] = len(handles)
     try:
         with torch.no_grad(), tf32_sums():
             for entry in inputs:
-                state.update(input=None, site=None, keep=entry.keep)
-                entry.through(layer)
+                state.update(input=None, site=None, keep=entry.keep, seen=set())
+                _through_until_reached(layer, entry)
     finally:
         for handle in handles:
             handle.remove()
@@ -222,11 +232,12 @@ def layer_sites(layer: torch.nn.Module, prefix: str, weight_names: frozenset[str
     """The layer's weights in weight_names grouped by the input they read (sites), in the order its
     forward reaches them: one pass of one input, summing nothing."""
     hessians = Hessians()
-    state = {"input": None, "site": None, "keep": entry.keep, "map_only": True}
+    state = {"input": None, "site": None, "keep": entry.keep, "map_only": True, "seen": set()}
     handles = _sum_hooks(layer, prefix, weight_names, hessians, state)
+    state["stop_after"] = len(handles)
     try:
         with torch.no_grad():
-            entry.through(layer)
+            _through_until_reached(layer, entry)
     finally:
         for handle in handles:
             handle.remove()
@@ -234,6 +245,13 @@ def layer_sites(layer: torch.nn.Module, prefix: str, weight_names: frozenset[str
     for weight, site in hessians.weight_sites.items():
         groups.setdefault(site, []).append(weight)
     return list(groups.values())
+
+
+def _through_until_reached(layer: torch.nn.Module, entry: LayerInput) -> None:
+    try:
+        entry.through(layer)
+    except _WeightsReached:
+        pass
 
 
 def advance(layer: torch.nn.Module, inputs: list[LayerInput]) -> None:

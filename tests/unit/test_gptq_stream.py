@@ -160,3 +160,31 @@ def test_only_the_tenants_past_the_resident_budget_are_parked(monkeypatch):
     # for the advance
     assert moves.count((globex, "cpu")) == 1 + 2 * 2 * (4 + 1)
     assert moves.count((acme, "cpu")) == 0
+
+
+def test_a_layer_pass_ends_once_its_weights_have_read_their_inputs():
+    """layer_sites finds the sites in the forward's order; a pass summing one site's Hessian stops at
+    it (the MLP never runs for q/k/v) and sums what a pass of the whole layer sums."""
+    from qlora_ray.fuse.hessians import catch_layer_inputs, decoder_layers, layer_hessians, layer_sites
+
+    model = _tiny_llama()
+    layer, prefix = decoder_layers(model)[0]
+    inputs = catch_layer_inputs(model, padded_batches(ROWS["acme"], 2, 0, "cpu"))
+    weights = frozenset(name for name in NAMES if name.startswith(prefix))
+    sites = layer_sites(layer, prefix, weights, inputs[0])
+    assert [[name.removeprefix(prefix) for name in site] for site in sites] == [
+        ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"], ["self_attn.o_proj.weight"],
+        ["mlp.gate_proj.weight", "mlp.up_proj.weight"], ["mlp.down_proj.weight"]]
+    mlp_runs = []
+    handle = layer.mlp.register_forward_pre_hook(lambda *_: mlp_runs.append(1))
+    try:
+        whole = layer_hessians(layer, prefix, weights, inputs)
+        assert len(mlp_runs) == len(inputs)  # down_proj reads its input inside the MLP
+        mlp_runs.clear()
+        first = layer_hessians(layer, prefix, frozenset(sites[0]), inputs)
+        assert not mlp_runs
+    finally:
+        handle.remove()
+    site = whole.weight_sites[sites[0][0]]
+    assert set(first.sums) == {site} and first.tokens[site] == whole.tokens[site]
+    assert torch.equal(first.sums[site], whole.sums[site])
