@@ -249,8 +249,9 @@ class GptqSpec(_Model):
         "tenants, never stored.")
     sequential: bool = Field(
         True, description="With mode bulk: take each layer's Hessians from the outputs of the layers before it "
-        "once quantized, as GPTQ does (false: from the 16-bit layers: the merge base's, in one forward, when "
-        "pooled; the tenant's merged ones when per-tenant).")
+        "once quantized, as GPTQ does, and with per-tenant Hessians each site's (q/k/v, o, gate/up, down) once the "
+        "sites before it in the layer are quantized, as GPTQModel does (false: from the 16-bit layers: the merge "
+        "base's, in one forward, when pooled; the tenant's merged ones when per-tenant).")
 
     @field_validator("group_size")
     @classmethod
