@@ -129,7 +129,8 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
         last = min(first + BLOCK, columns)
         # The block is walked column-major (batch, width, out): each column's steps and each error's
         # spread over the later columns touch memory in runs, where the weights' own layout would
-        # read one float in every row's stride. Every float operation is the same, so the codes are.
+        # read one float in every row's stride. Each element sees the same float operations, so the
+        # codes stay GPTQModel's (tests/unit/test_gptq_batched.py).
         # The groups starting in this block take their scales from the weights as they stand at its
         # start, as GPTQModel's do: the walk changes the weights only after the block.
         column_scales = torch.empty(batch, last - first, rows, dtype=weights.dtype, device=weights.device)
@@ -160,7 +161,8 @@ def _columns(block: torch.Tensor, corner: torch.Tensor, scales: torch.Tensor, ze
     scale and zero (batch, width, out) and the block's corner of the inverse factor (batch, width,
     width): each column quantized into `out`, its error spread over the block's later columns.
     Returns the errors divided by the factor's diagonal (batch, width, out), which the caller spreads
-    over the columns after the block.
+    over the columns after the block. A column's error is spread by one in-place baddbmm of inner size
+    1: a product and a subtraction per element, as GPTQModel's, with the block read and written once.
 
     The rounding is GPTQModel's `quantizer.quantize` for asymmetric codes, written out: its own
     function compares its `maxq` tensor with 0 in Python, a read of the GPU that a CUDA graph's
