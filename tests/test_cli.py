@@ -17,7 +17,7 @@ from tests.conftest import REPO
 VERBS = ["validate", "base", "train", "fuse", "eval", "serve", "keys", "bench", "run", "status"]
 
 
-@pytest.mark.parametrize("path", sorted((REPO / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((REPO / "jobs").rglob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_job_file_validates_with_its_data(path, capsys):
     load_spec(path)
     assert main(["validate", str(path), "--no-store"]) == 0
