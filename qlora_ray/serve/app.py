@@ -56,11 +56,11 @@ def model_options(spec: JobSpec, name: str) -> dict:
 
 
 def gateway_options(spec: JobSpec) -> dict:
-    """The gateway only awaits the models, so each of its replicas takes every request their replicas
-    and queues can hold, and room for the cheap routes: the models' bound is the one that answers
-    overload, in OpenAI's shape. Serve's proxy queues as many again for it, then answers the same 429 itself, in
-    plain text. (Serve counts a request as queued until it is assigned, so a queue bound as tight
-    as the models' would turn away bursts the gateway has room for.)"""
+    """The gateway only awaits the models, so each gateway replica takes every request the models'
+    replicas and queues can hold, and room for the cheap routes: the models' bound is the one that
+    answers overload, in OpenAI's shape. Serve's proxy queues as many again for it, then answers the
+    same 429 itself, in plain text. (Serve counts a request as queued until it is assigned, so a
+    queue bound as tight as the models' would turn away bursts the gateway has room for.)"""
     replicas = spec.serve.max_replicas or spec.serve.num_replicas
     deployments = 2 if spec.serve.unmerged_baseline else 1
     held = deployments * (replicas * _max_ongoing(spec) + spec.serve.max_queued_requests) + GATEWAY_SPARE_REQUESTS
