@@ -116,10 +116,13 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
             packed: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in tenants}
             seconds = {tenant.name: 0.0 for tenant in tenants}
             together = max(1, MAX_BATCH_ELEMENTS // max(p.numel() + p.shape[1] ** 2 for p in params.values()))
+            groups = _site_order(layer, prefix, params, inputs[tenants[0].name][0], parked[tenants[0].name]) \
+                if sequential else [sorted(params)]
             for first in range(0, len(tenants), together):
                 batch = tenants[first:first + together]
-                for tenant, work in _solve_batch(layer, prefix, start, params, batch, inputs, config, bits, parked=parked,
-                                                 sequential=sequential, compute=compute, clock=clock).items():
+                for tenant, work in _solve_batch(layer, prefix, start, params, groups, batch, inputs, config, bits,
+                                                 parked=parked, sequential=sequential, compute=compute,
+                                                 clock=clock).items():
                     packed[tenant], seconds[tenant] = work
             for name, parameter in params.items():
                 parameter.data = start[name].to(compute)
@@ -152,13 +155,14 @@ def _first_inputs(model: torch.nn.Module, tenant: StreamTenant, quantized: froze
 
 
 def _solve_batch(layer: torch.nn.Module, prefix: str, start: dict[str, torch.Tensor], params: dict,
-                 batch: list[StreamTenant], inputs: dict[str, list[LayerInput]], config, bits: int, *, parked: dict,
-                 sequential: bool, compute: torch.dtype, clock: StageClock) -> dict[str, tuple[dict, float]]:
-    """One layer for a batch of tenants, site by site in the order the forward reaches them, as
-    GPTQModel's subsets go (with sequential; without, every site in one pass from the merged layer):
-    each tenant's Hessian of the site from a pass of its inputs through its layer, the sites before
-    already quantized; the site's weights of all of them solved in one batched solve (the weights
-    that read one input stacked, per tenant), packed. Then each tenant's inputs are advanced through
+                 groups: list[list[str]], batch: list[StreamTenant], inputs: dict[str, list[LayerInput]], config,
+                 bits: int, *, parked: dict, sequential: bool, compute: torch.dtype,
+                 clock: StageClock) -> dict[str, tuple[dict, float]]:
+    """One layer for a batch of tenants, one group of weights after another (with sequential, its
+    sites in the order the forward reaches them, as GPTQModel's subsets go; without, all of them in
+    one pass from the merged layer): each tenant's Hessians of the group from a pass of its inputs
+    through its layer, the groups before already quantized; the group's weights of all of them
+    solved in one batched solve per site (the weights that read one input stacked, per tenant), packed. Then each tenant's inputs are advanced through
     its layer, quantized with sequential, merged without. Returns {tenant: (its packed tensors,
     seconds of its work: its own steps, and its share of the batched ones)}."""
     device = next(layer.parameters()).device
@@ -171,8 +175,6 @@ def _solve_batch(layer: torch.nn.Module, prefix: str, start: dict[str, torch.Ten
         spent[tenant.name] = time.perf_counter() - began
     packed: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in batch}
     quantized: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in batch}
-    groups = _site_order(layer, prefix, params, merged, batch[0].name, inputs, parked, compute) if sequential \
-        else [sorted(params)]
     for names in groups:
         hessians = {}
         for tenant in batch:
@@ -209,20 +211,18 @@ def _solve_batch(layer: torch.nn.Module, prefix: str, start: dict[str, torch.Ten
     return {tenant.name: (packed[tenant.name], spent[tenant.name]) for tenant in batch}
 
 
-def _site_order(layer: torch.nn.Module, prefix: str, params: dict, merged: dict, tenant: str,
-                inputs: dict[str, list[LayerInput]], parked: dict, compute: torch.dtype) -> list[list[str]]:
+def _site_order(layer: torch.nn.Module, prefix: str, params: dict, entry: LayerInput, park: str | None
+                ) -> list[list[str]]:
     """The layer's weights grouped by site, in the order its forward reaches the sites: found on one
-    input of one tenant (every tenant's layer is the same layer)."""
-    for name, parameter in params.items():
-        parameter.data = merged[tenant][name].to(compute)
-    entry = inputs[tenant][0]
-    if parked[tenant]:
+    input of one tenant, through the layer as it stands (the sites do not depend on the weights'
+    values). `park`: where the input waits (None: on the layer's device)."""
+    if park:
         entry.to(next(layer.parameters()).device)
     try:
         return layer_sites(layer, prefix, frozenset(params), entry)
     finally:
-        if parked[tenant]:
-            entry.to(parked[tenant])
+        if park:
+            entry.to(park)
 
 
 def _solve_sites(names: list[str], params: dict, batch: list[StreamTenant], merged: dict, hessians: dict, config,

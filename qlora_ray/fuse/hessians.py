@@ -213,45 +213,38 @@ def catch_layer_inputs(model: torch.nn.Module, batches) -> list[LayerInput]:
 def layer_hessians(layer: torch.nn.Module, prefix: str, weight_names: frozenset[str], inputs: list[LayerInput]) -> Hessians:
     """The Hessian sums of the layer's weights in weight_names, from one pass of `inputs` through it
     (each input's pass ends once every one of them has read its input)."""
+    return _layer_passes(layer, prefix, weight_names, inputs)
+
+
+def layer_sites(layer: torch.nn.Module, prefix: str, weight_names: frozenset[str], entry: LayerInput) -> list[list[str]]:
+    """The layer's weights in weight_names grouped by the input they read (sites), in the order its
+    forward reaches them: one pass of one input, summing nothing."""
+    groups: dict[str, list[str]] = {}
+    for weight, site in _layer_passes(layer, prefix, weight_names, [entry], map_only=True).weight_sites.items():
+        groups.setdefault(site, []).append(weight)
+    return list(groups.values())
+
+
+def _layer_passes(layer: torch.nn.Module, prefix: str, weight_names: frozenset[str], inputs: list[LayerInput],
+                  map_only: bool = False) -> Hessians:
+    """Each input through the layer with the hooks of _sum_hooks, until its weights in weight_names
+    have all read their inputs."""
     hessians = Hessians()
-    state = {"input": None, "site": None, "keep": None}
+    state = {"input": None, "site": None, "keep": None, "map_only": map_only}
     handles = _sum_hooks(layer, prefix, weight_names, hessians, state)
     state["stop_after"] = len(handles)
     try:
         with torch.no_grad(), tf32_sums():
             for entry in inputs:
                 state.update(input=None, site=None, keep=entry.keep, seen=set())
-                _through_until_reached(layer, entry)
+                try:
+                    entry.through(layer)
+                except _WeightsReached:
+                    pass
     finally:
         for handle in handles:
             handle.remove()
     return hessians
-
-
-def layer_sites(layer: torch.nn.Module, prefix: str, weight_names: frozenset[str], entry: LayerInput) -> list[list[str]]:
-    """The layer's weights in weight_names grouped by the input they read (sites), in the order its
-    forward reaches them: one pass of one input, summing nothing."""
-    hessians = Hessians()
-    state = {"input": None, "site": None, "keep": entry.keep, "map_only": True, "seen": set()}
-    handles = _sum_hooks(layer, prefix, weight_names, hessians, state)
-    state["stop_after"] = len(handles)
-    try:
-        with torch.no_grad():
-            _through_until_reached(layer, entry)
-    finally:
-        for handle in handles:
-            handle.remove()
-    groups: dict[str, list[str]] = {}
-    for weight, site in hessians.weight_sites.items():
-        groups.setdefault(site, []).append(weight)
-    return list(groups.values())
-
-
-def _through_until_reached(layer: torch.nn.Module, entry: LayerInput) -> None:
-    try:
-        entry.through(layer)
-    except _WeightsReached:
-        pass
 
 
 def advance(layer: torch.nn.Module, inputs: list[LayerInput]) -> None:

@@ -346,7 +346,8 @@ class _StreamWriter:
     as fuse_shard's gptq-int4 keeps them.
 
     The files are written by one thread beside the walk: saving, hashing and uploading a tenant's
-    shard file is CPU and network work, which the GPU need not wait for. The walk hands over only what is ready; the thread owns it from there."""
+    shard file is CPU and network work, which the GPU need not wait for. The walk hands over only
+    what is ready; the thread owns it from there."""
 
     def __init__(self, worker: FuseWorker, unit: StreamUnit, tenants: list[StreamTenant], names: dict[str, str],
                  base_dir: Path, parts: dict[str, dict], out: Path):
