@@ -8,8 +8,9 @@ H200, four walks of an 8B spent 170 of their 247 s in GPTQModel's solver with th
 throughout. This times one decoder layer's solves (q/k/v stacked, o, gate/up stacked, down: the
 stacks the walk makes) for N tenants: GPTQModel once per tenant, for the first --reference tenants
 (each tenant's time is the mean), and qlora_ray.fuse.gptq_batched.solve_batched for all N at once.
-It also counts the dequantized weights that differ between the two (GPTQModel's GPU path runs a
-fused CUDA kernel, whose float rounding may differ from the eager steps the batch takes).
+It also counts the integer codes that differ between the two (GPTQModel's GPU path runs a fused
+CUDA kernel, and the batch takes another route to the inverse factor: a rounding tie may fall the
+other way).
 
 Weights and Hessians are random (the solver's work does not depend on their values); the job's
 default GPTQ settings (4 bits, group size 128, act-group-aware order). Each timing follows a warm-up.
@@ -32,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from qlora_ray.fuse.gptq_batched import solve_batched  # noqa: E402
-from qlora_ray.fuse.gptq_bulk import quantize_config, solve_stacked  # noqa: E402
+from qlora_ray.fuse.gptq_bulk import integer_codes, quantize_config, solve_stacked  # noqa: E402
 from qlora_ray.spec import GptqSpec  # noqa: E402
 
 # (in, out) of the walk's stacks of one llama3-8b layer
@@ -95,13 +96,13 @@ def main() -> None:
         for i in range(args.reference):
             spent, (codes,) = timed(lambda: solve_stacked([weights[i]], hessians[i], TOKENS, config), args.device)
             seconds += spent
-            theirs.append(codes.dequantized.cpu())
+            theirs.append(integer_codes(codes, config.bits).cpu())
         row = {"site": site, "in": columns, "out": out, "gptqmodel_seconds_per_tenant": round(seconds / args.reference, 4)}
         for count in args.tenants:
             spent, ours = timed(lambda: solve_batched(weights[:count], hessians[:count], [TOKENS] * count, config),
                                 args.device)
             compared = min(count, args.reference)
-            differing = sum(int((ours[i].dequantized.cpu() != theirs[i]).sum()) for i in range(compared))
+            differing = sum(int((integer_codes(ours[i], config.bits).cpu() != theirs[i]).sum()) for i in range(compared))
             row[f"batched_{count}_seconds"] = round(spent, 4)
             row[f"batched_{count}_seconds_per_tenant"] = round(spent / count, 4)
             row[f"batched_{count}_speedup"] = round(seconds / args.reference / (spent / count), 2)

@@ -72,7 +72,7 @@ def solve_batched(weights: list[torch.Tensor], hessians: list[torch.Tensor], tok
         if order.perm is not None:
             batch[slot] = batch[slot][:, order.perm]
             matrix = matrix[order.perm][:, order.perm]
-        inverse, _ = task.hessian_inverse(matrix)
+        inverse = _inverse_factor(task, matrix, float(config.damp_percent))
         if inverse is None:  # walked on an identity, its result dropped
             inverses[slot] = torch.eye(columns, device=device)
         else:
@@ -109,6 +109,46 @@ def _column_order(hessian: torch.Tensor, config) -> _Order:
         perm = extend_perm_with_tail(compose_final_perm(local, groups, config.group_size), diagonal.numel())
         return _Order(perm=perm, group_perm=groups)
     return _Order()
+
+
+def _inverse_factor(task, hessian: torch.Tensor, damp: float) -> torch.Tensor | None:
+    """The upper Cholesky factor U of the damped Hessian's inverse, U^T U = (H + damp * mean(diag H) * I)^-1,
+    which GPTQ's walk reads; None where GPTQModel's damping recovery fails too.
+
+    GPTQModel factors H, inverts it from its factor (cholesky_inverse) and factors that inverse again:
+    on an 8B's down_proj, most of a tenant's solve. With J the reversal of the columns, if J H J = L L^T
+    then H^-1 = (J L^-1 J)^T (J L^-1 J), and J L^-1 J is upper triangular with a positive diagonal: it
+    is U, one factorization and one triangular inverse away (benchmarks/results/
+    2026-12-01-h200-gptq-inverse-route.md compares the two routes' time and error). Where the configured
+    damp does not make H positive definite, GPTQModel's hessian_inverse takes over with its recovery, as
+    it would alone."""
+    damped = hessian.clone()
+    diagonal = damped.diagonal()
+    diagonal.add_(damp * torch.mean(diagonal))  # GPTQModel's first try, to the float
+    lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
+    del damped
+    factor = _lower_inverse(lower).flip(0, 1)
+    if bool((info == 0) & torch.isfinite(factor).all()):
+        return factor
+    del lower, factor
+    return task.hessian_inverse(hessian)[0]
+
+
+def _lower_inverse(lower: torch.Tensor, leaf: int = 1024) -> torch.Tensor:
+    """The inverse of a lower-triangular matrix, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0],
+    [-C^-1 B A^-1, C^-1]]. torch has no triangular inverse (LAPACK's trtri); solve_triangular against
+    the identity does all n^3 of a general solve's work, where the halves' products do 2n^3/3 of it
+    as large matrix products. Below `leaf` columns, solve_triangular does it."""
+    size = lower.shape[-1]
+    if size <= leaf:
+        return torch.linalg.solve_triangular(lower, torch.eye(size, dtype=lower.dtype, device=lower.device),
+                                             upper=False)
+    half = size // 2
+    inverse = torch.zeros_like(lower)
+    first, second = _lower_inverse(lower[:half, :half], leaf), _lower_inverse(lower[half:, half:], leaf)
+    inverse[:half, :half], inverse[half:, half:] = first, second
+    inverse[half:, :half] = -(second @ (lower[half:, :half] @ first))
+    return inverse
 
 
 def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: int):

@@ -78,6 +78,14 @@ def _to_int32(words: torch.Tensor) -> torch.Tensor:
     return torch.where(words >= 1 << 31, words - (1 << 32), words).to(torch.int32)
 
 
+def integer_codes(codes: GptqCodes, bits: int) -> torch.Tensor:
+    """Each weight's integer code (out, in), int64: what a GPTQ checkpoint packs."""
+    scales, zeros = codes.scales.float(), codes.zeros.float()
+    group = codes.g_idx.long()
+    shifted = codes.dequantized.float() + (zeros * scales)[:, group]
+    return torch.round(shifted / scales[:, group]).clamp_(0, 2 ** bits - 1).to(torch.int64)
+
+
 def pack_gptq(name: str, codes: GptqCodes, bits: int) -> dict[str, torch.Tensor]:
     """The checkpoint tensors of a GPTQ linear holding `codes`, keyed from the weight's name
     ('...q_proj.weight' -> '...q_proj.qweight', '.qzeros', '.scales', '.g_idx'), in v1 format."""
@@ -85,13 +93,11 @@ def pack_gptq(name: str, codes: GptqCodes, bits: int) -> dict[str, torch.Tensor]
     per_word = PACK_BITS // bits
     scales = codes.scales.T.float().contiguous()  # (groups, out)
     zeros = codes.zeros.T.float().contiguous()
-    group = codes.g_idx.long()
-    weight = codes.dequantized.float()
-    ints = torch.round((weight + (zeros * scales)[group].T) / scales[group].T).clamp_(0, 2 ** bits - 1)
-    ints = ints.to(torch.int64).T.contiguous()  # (in, out)
+    ints = integer_codes(codes, bits).T.contiguous()  # (in, out)
     columns, rows = ints.shape
     if columns % per_word or rows % per_word:
-        raise ValueError(f"{name}: GPTQ packs {per_word} codes a word; its shape {tuple(weight.shape)} does not divide")
+        raise ValueError(f"{name}: GPTQ packs {per_word} codes a word; its shape {tuple(codes.dequantized.shape)} "
+                         "does not divide")
     shifts = torch.arange(per_word, device=ints.device, dtype=torch.int64) * bits
     qweight = (ints.view(columns // per_word, per_word, rows) << shifts.view(1, per_word, 1)).sum(1)
     zero_ints = zeros.to(torch.int64)

@@ -7,8 +7,8 @@ import dataclasses
 import pytest
 import torch
 
-from qlora_ray.fuse.gptq_batched import solve_batched
-from qlora_ray.fuse.gptq_bulk import quantize_config, solve_stacked
+from qlora_ray.fuse.gptq_batched import _inverse_factor, solve_batched
+from qlora_ray.fuse.gptq_bulk import integer_codes, quantize_config, solve_stacked
 from qlora_ray.spec import GptqSpec
 
 pytest.importorskip("gptqmodel")
@@ -26,11 +26,47 @@ def _weights(count: int, rows: int, columns: int) -> list[torch.Tensor]:
     return [torch.randn(rows, columns, generator=generator) * 0.02 for _ in range(count)]
 
 
-def _assert_same(ours, theirs):
-    assert torch.equal(ours.dequantized, theirs.dequantized)
-    assert torch.equal(ours.scales, theirs.scales)
+def _assert_same(ours, theirs, bits=4):
+    """The same codes, zeros and groups, but for a rare rounding tie that falls the other way: the
+    inverse factor takes another route than GPTQModel's, equal to float rounding
+    (test_the_inverse_factor_is_gptqmodels_and_as_accurate)."""
+    mine, its = integer_codes(ours, bits), integer_codes(theirs, bits)
+    assert (mine != its).float().mean() <= 1e-3 and (mine - its).abs().max() <= 1
     assert torch.equal(ours.zeros, theirs.zeros)
     assert torch.equal(ours.g_idx.int(), theirs.g_idx.int())
+    torch.testing.assert_close(ours.scales, theirs.scales, rtol=1e-5, atol=0)
+
+
+def _gptqmodel_task(columns: int, config):
+    from gptqmodel.quantization.gptq import GPTQ
+
+    with torch.device("meta"):
+        return GPTQ(torch.nn.Linear(columns, 8, bias=False), config)
+
+
+@pytest.mark.parametrize("columns,tokens", [(300, 200), (300, 3000), (1100, 500)])  # 1100: inverted by halves
+def test_the_inverse_factor_is_gptqmodels_and_as_accurate(columns, tokens):
+    config = quantize_config(GptqSpec())
+    hessian = _hessian(columns, tokens, seed=columns + tokens)
+    ours = _inverse_factor(_gptqmodel_task(columns, config), hessian.clone(), float(config.damp_percent))
+    theirs, damp = _gptqmodel_task(columns, config).hessian_inverse(hessian.clone())
+    assert damp == config.damp_percent
+    assert torch.equal(ours, ours.triu())
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5 * theirs.abs().max().item())
+    damped = hessian.double()
+    damped.diagonal().add_(config.damp_percent * torch.mean(damped.diagonal()))
+    exact = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(damped)), upper=True)
+    assert (ours.double() - exact).norm() <= 1.5 * (theirs.double() - exact).norm()
+
+
+def test_a_hessian_the_damp_cannot_factor_gets_gptqmodels_recovery():
+    config = quantize_config(GptqSpec())
+    hessian = _hessian(64, 200, seed=9)
+    hessian[3, 3] = -50.0  # not positive definite at the configured damp
+    ours = _inverse_factor(_gptqmodel_task(64, config), hessian.clone(), float(config.damp_percent))
+    theirs, damp = _gptqmodel_task(64, config).hessian_inverse(hessian.clone())
+    assert theirs is not None
+    assert torch.equal(ours, theirs)
 
 
 @pytest.mark.parametrize("group_size,desc_act,act_group_aware,columns", [
@@ -69,21 +105,18 @@ def test_dead_columns_and_bf16_weights_as_gptqmodel():
 def test_a_tenant_without_an_inverse_hessian_is_left_to_gptqmodel(monkeypatch):
     """A Hessian the batch cannot factor goes to GPTQModel's own solve (and its fallbacks); the
     other tenants of the batch are unaffected."""
-    from gptqmodel.quantization.gptq import GPTQ
+    from qlora_ray.fuse import gptq_batched
 
     config = quantize_config(GptqSpec(group_size=32))
     weights = _weights(2, 32, 64)
     hessians = [_hessian(64, 200, seed=5), _hessian(64, 200, seed=6)]
-    real, batched_calls = GPTQ.hessian_inverse, []
+    real, batched_calls = gptq_batched._inverse_factor, []
 
-    def second_fails_in_the_batch(self, matrix):
-        if self.module.weight.device.type == "meta":  # the batch's tasks hold no weight
-            batched_calls.append(matrix)
-            if len(batched_calls) == 2:
-                return None, 1.0
-        return real(self, matrix)
+    def second_fails_in_the_batch(task, matrix, damp):
+        batched_calls.append(matrix)
+        return None if len(batched_calls) == 2 else real(task, matrix, damp)
 
-    monkeypatch.setattr(GPTQ, "hessian_inverse", second_fails_in_the_batch)
+    monkeypatch.setattr(gptq_batched, "_inverse_factor", second_fails_in_the_batch)
     ours = solve_batched(weights, hessians, [200, 200], config)
     assert len(batched_calls) == 2
     for weight, hessian, mine in zip(weights, hessians, ours):
