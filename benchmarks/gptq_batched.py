@@ -8,7 +8,8 @@ H200, four walks of an 8B spent 170 of their 247 s in GPTQModel's solver with th
 throughout. This times one decoder layer's solves (q/k/v stacked, o, gate/up stacked, down: the
 stacks the walk makes) for N tenants: GPTQModel once per tenant, for the first --reference tenants
 (each tenant's time is the mean), and qlora_ray.fuse.gptq_batched.solve_batched for all N at once.
-It also counts the integer codes that differ between the two (GPTQModel's GPU path runs a fused
+It also counts the integer codes that differ between the two, and compares GPTQ's objective, the
+output error on the calibration rows, for the tenants both solved (GPTQModel's GPU path runs a fused
 CUDA kernel, and the batch takes another route to the inverse factor: a rounding tie may fall the
 other way).
 
@@ -46,6 +47,12 @@ def hessian(columns: int, seed: int, device: str) -> torch.Tensor:
     inputs = torch.randn(TOKENS // 8, columns, generator=generator, device=device)
     inputs *= torch.rand(columns, generator=generator, device=device) * 3
     return 2.0 / inputs.shape[0] * inputs.T @ inputs
+
+
+def gptq_loss(weight: torch.Tensor, hessian: torch.Tensor, codes) -> float:
+    """GPTQ's objective for one weight: tr((W - Q) H (W - Q)^T), the output error on the calibration rows."""
+    residual = weight.float() - codes.dequantized.float()
+    return float(((residual @ hessian) * residual).sum())
 
 
 def timed(fn, device: str) -> tuple[float, object]:
@@ -92,11 +99,12 @@ def main() -> None:
         hessians = [hessian(columns, seed, args.device) for seed in range(most)]
         solve_stacked(weights[:1], hessians[0], TOKENS, config)  # warm-up (GPTQModel builds its CUDA kernel once)
         solve_batched(weights[:2], hessians[:2], [TOKENS] * 2, config)
-        theirs, seconds = [], 0.0
+        theirs, their_losses, seconds = [], [], 0.0
         for i in range(args.reference):
             spent, (codes,) = timed(lambda: solve_stacked([weights[i]], hessians[i], TOKENS, config), args.device)
             seconds += spent
             theirs.append(integer_codes(codes, config.bits).cpu())
+            their_losses.append(gptq_loss(weights[i], hessians[i], codes))
         row = {"site": site, "in": columns, "out": out, "gptqmodel_seconds_per_tenant": round(seconds / args.reference, 4)}
         for count in args.tenants:
             spent, ours = timed(lambda: solve_batched(weights[:count], hessians[:count], [TOKENS] * count, config),
@@ -107,6 +115,8 @@ def main() -> None:
             row[f"batched_{count}_seconds_per_tenant"] = round(spent / count, 4)
             row[f"batched_{count}_speedup"] = round(seconds / args.reference / (spent / count), 2)
             row[f"batched_{count}_differing_fraction"] = differing / (compared * out * columns)
+            row[f"batched_{count}_loss_ratio"] = round(sum(gptq_loss(weights[i], hessians[i], ours[i]) for i in range(compared))
+                                                       / sum(their_losses[:compared]), 6)
             del ours
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -131,15 +141,15 @@ def main() -> None:
     (args.out / "gptq-batched.json").write_text(json.dumps(result, indent=2))
     lines = [f"# Batched GPTQ solve against GPTQModel's, one llama3-8b layer ({result['date']}, {device})", "",
              f"Command: `{result['command']}`", "",
-             "| site | GPTQModel s a tenant | " + " | ".join(f"batched {n}: s a tenant | speed-up | codes differing"
+             "| site | GPTQModel s a tenant | " + " | ".join(f"batched {n}: s a tenant | speed-up | codes differing | loss / GPTQModel's"
                                                        for n in args.tenants) + " |",
-             "|---|---|" + "---|---|---|" * len(args.tenants)]
+             "|---|---|" + "---|---|---|---|" * len(args.tenants)]
     for row in rows:
         cells = [row["site"], row["gptqmodel_seconds_per_tenant"]]
         for n in args.tenants:
             fraction = row.get(f"batched_{n}_differing_fraction")
             cells += [row[f"batched_{n}_seconds_per_tenant"], f"{row[f'batched_{n}_speedup']}x",
-                      "" if fraction is None else f"{fraction:.2e}"]
+                      "" if fraction is None else f"{fraction:.2e}", row.get(f"batched_{n}_loss_ratio", "")]
         lines.append("| " + " | ".join(map(str, cells)) + " |")
     (args.out / "gptq-batched.md").write_text("\n".join(lines) + "\n")
     if profiles:

@@ -122,33 +122,36 @@ def _inverse_factor(task, hessian: torch.Tensor, damp: float) -> torch.Tensor | 
     2026-12-01-h200-gptq-inverse-route.md compares the two routes' time and error). Where the configured
     damp does not make H positive definite, GPTQModel's hessian_inverse takes over with its recovery, as
     it would alone."""
-    damped = hessian.clone()
-    diagonal = damped.diagonal()
-    diagonal.add_(damp * torch.mean(diagonal))  # GPTQModel's first try, to the float
-    lower, info = torch.linalg.cholesky_ex(damped.flip(0, 1))
-    del damped
-    factor = _lower_inverse(lower).flip(0, 1)
-    if bool((info == 0) & torch.isfinite(factor).all()):
-        return factor
-    del lower, factor
+    mean = torch.mean(hessian.diagonal())
+    reversed_hessian = hessian.flip(0, 1)
+    reversed_hessian.diagonal().add_(damp * mean)  # GPTQModel's first try, to the float
+    lower, info = torch.linalg.cholesky_ex(reversed_hessian)
+    del reversed_hessian
+    inverse = torch.empty_like(lower)
+    _lower_inverse(lower, inverse)
+    del lower  # before the flip copies the inverse
+    if bool((info == 0) & torch.isfinite(inverse).all()):
+        return inverse.flip(0, 1)
+    del inverse
     return task.hessian_inverse(hessian)[0]
 
 
-def _lower_inverse(lower: torch.Tensor, leaf: int = 1024) -> torch.Tensor:
-    """The inverse of a lower-triangular matrix, by halves: [[A, 0], [B, C]]^-1 = [[A^-1, 0],
-    [-C^-1 B A^-1, C^-1]]. torch has no triangular inverse (LAPACK's trtri); solve_triangular against
-    the identity does all n^3 of a general solve's work, where the halves' products do 2n^3/3 of it
-    as large matrix products. Below `leaf` columns, solve_triangular does it."""
+def _lower_inverse(lower: torch.Tensor, out: torch.Tensor, leaf: int = 1024) -> None:
+    """Write the inverse of a lower-triangular matrix into `out`, by halves: [[A, 0], [B, C]]^-1 =
+    [[A^-1, 0], [-C^-1 B A^-1, C^-1]]. torch has no triangular inverse (LAPACK's trtri);
+    solve_triangular against the identity does all n^3 of a general solve's work, where the halves'
+    products do 2n^3/3 of it as large matrix products. Below `leaf` columns, solve_triangular does it."""
     size = lower.shape[-1]
     if size <= leaf:
-        return torch.linalg.solve_triangular(lower, torch.eye(size, dtype=lower.dtype, device=lower.device),
-                                             upper=False)
+        out.copy_(torch.linalg.solve_triangular(lower, torch.eye(size, dtype=lower.dtype, device=lower.device),
+                                                upper=False))
+        return
     half = size // 2
-    inverse = torch.zeros_like(lower)
-    first, second = _lower_inverse(lower[:half, :half], leaf), _lower_inverse(lower[half:, half:], leaf)
-    inverse[:half, :half], inverse[half:, half:] = first, second
-    inverse[half:, :half] = -(second @ (lower[half:, :half] @ first))
-    return inverse
+    _lower_inverse(lower[:half, :half], out[:half, :half], leaf)
+    _lower_inverse(lower[half:, half:], out[half:, half:], leaf)
+    out[:half, half:].zero_()
+    out[half:, :half] = out[half:, half:] @ (lower[half:, :half] @ out[:half, :half])
+    out[half:, :half].neg_()
 
 
 def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: int):
