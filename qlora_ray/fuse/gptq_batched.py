@@ -13,10 +13,11 @@ one CUDA graph, so they do not wait on their launches.
 GPTQModel has no batched solver, so this one is ours; it follows GPTQModel's `GPTQ.quantize` step by
 step (the configurations `quantize_config` builds: natural, activation-ordered or act-group-aware
 column order, groups found as the walk reaches them), and reuses its pieces: the Quantizer, the
-damped inverse Hessian with its recovery, and the group-aware orderings. A tenant whose Hessian has
-no inverse factor, or whose walk ends with a NaN loss, is solved by GPTQModel itself, which has its
-fallbacks for those. tests/unit/test_gptq_batched.py checks the codes, scales and zeros against
-GPTQModel's, tenant by tenant.
+damping and its recovery, and the group-aware orderings. The inverse factor takes a cheaper route
+than GPTQModel's (_inverse_factor). A tenant whose Hessian has no inverse factor, or whose walk ends
+with a NaN loss, is solved by GPTQModel itself, which has its fallbacks for those.
+tests/unit/test_gptq_batched.py checks the codes, scales and zeros against GPTQModel's, tenant by
+tenant: the same but for a rare rounding tie.
 """
 
 from __future__ import annotations
