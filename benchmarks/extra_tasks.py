@@ -7,7 +7,7 @@ jobs/extra/extra.yaml.
 - sort3: three numbers to put in ascending order (chat rows, exact match);
 - names: "First Last" to "Last, First" (prompt/completion rows, exact match).
 
-256 training rows and 50 eval rows each, drawn with a fixed seed; no eval row is a training row.
+256 training rows and 200 eval rows each, drawn with a fixed seed; no eval row is a training row.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ def names(rng: random.Random) -> dict:
 def write(task: str, make, seed: int) -> None:
     rng = random.Random(seed)
     rows: dict[str, dict] = {}
-    while len(rows) < 306:
+    while len(rows) < 256 + 200:
         row = make(rng)
         rows.setdefault(json.dumps(row), row)
     texts = list(rows)
