@@ -73,7 +73,7 @@ def solve_batched(weights: list[torch.Tensor], hessians: list[torch.Tensor], tok
         if order.perm is not None:
             batch[slot] = batch[slot][:, order.perm]
             matrix = matrix[order.perm][:, order.perm]
-        inverse = _inverse_factor(task, matrix, float(config.damp_percent))
+        inverse = _inverse_factor(task, matrix)
         if inverse is None:  # walked on an identity, its result dropped
             inverses[slot] = torch.eye(columns, device=device)
         else:
@@ -112,7 +112,7 @@ def _column_order(hessian: torch.Tensor, config) -> _Order:
     return _Order()
 
 
-def _inverse_factor(task, hessian: torch.Tensor, damp: float) -> torch.Tensor | None:
+def _inverse_factor(task, hessian: torch.Tensor) -> torch.Tensor | None:
     """The upper Cholesky factor U of the damped Hessian's inverse, U^T U = (H + damp * mean(diag H) * I)^-1,
     which GPTQ's walk reads; None where GPTQModel's damping recovery fails too.
 
@@ -125,7 +125,7 @@ def _inverse_factor(task, hessian: torch.Tensor, damp: float) -> torch.Tensor | 
     it would alone."""
     mean = torch.mean(hessian.diagonal())
     reversed_hessian = hessian.flip(0, 1)
-    reversed_hessian.diagonal().add_(damp * mean)  # GPTQModel's first try, to the float
+    reversed_hessian.diagonal().add_(float(task.qcfg.damp_percent) * mean)  # GPTQModel's first try, to the float
     lower, info = torch.linalg.cholesky_ex(reversed_hessian)
     del reversed_hessian
     inverse = torch.empty_like(lower)

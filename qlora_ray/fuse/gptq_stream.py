@@ -162,9 +162,10 @@ def _solve_batch(layer: torch.nn.Module, prefix: str, start: dict[str, torch.Ten
     sites in the order the forward reaches them, as GPTQModel's subsets go; without, all of them in
     one pass from the merged layer): each tenant's Hessians of the group from a pass of its inputs
     through its layer, the groups before already quantized; the group's weights of all of them
-    solved in one batched solve per site (the weights that read one input stacked, per tenant), packed. Then each tenant's inputs are advanced through
-    its layer, quantized with sequential, merged without. Returns {tenant: (its packed tensors,
-    seconds of its work: its own steps, and its share of the batched ones)}."""
+    solved in one batched solve per site (the weights that read one input stacked, per tenant),
+    packed. Then each tenant's inputs are advanced through its layer, quantized with sequential,
+    merged without. Returns {tenant: (its packed tensors, seconds of its work: its own steps, and its
+    share of the batched ones)}."""
     device = next(layer.parameters()).device
     merged, spent = {}, {}
     for tenant in batch:

@@ -48,7 +48,7 @@ def _gptqmodel_task(columns: int, config):
 def test_the_inverse_factor_is_gptqmodels_and_as_accurate(columns, tokens):
     config = quantize_config(GptqSpec())
     hessian = _hessian(columns, tokens, seed=columns + tokens)
-    ours = _inverse_factor(_gptqmodel_task(columns, config), hessian.clone(), float(config.damp_percent))
+    ours = _inverse_factor(_gptqmodel_task(columns, config), hessian.clone())
     theirs, damp = _gptqmodel_task(columns, config).hessian_inverse(hessian.clone())
     assert damp == config.damp_percent
     assert torch.equal(ours, ours.triu())
@@ -63,7 +63,7 @@ def test_a_hessian_the_damp_cannot_factor_gets_gptqmodels_recovery():
     config = quantize_config(GptqSpec())
     hessian = _hessian(64, 200, seed=9)
     hessian[3, 3] = -50.0  # not positive definite at the configured damp
-    ours = _inverse_factor(_gptqmodel_task(64, config), hessian.clone(), float(config.damp_percent))
+    ours = _inverse_factor(_gptqmodel_task(64, config), hessian.clone())
     theirs, damp = _gptqmodel_task(64, config).hessian_inverse(hessian.clone())
     assert theirs is not None
     assert torch.equal(ours, theirs)
@@ -112,9 +112,9 @@ def test_a_tenant_without_an_inverse_hessian_is_left_to_gptqmodel(monkeypatch):
     hessians = [_hessian(64, 200, seed=5), _hessian(64, 200, seed=6)]
     real, batched_calls = gptq_batched._inverse_factor, []
 
-    def second_fails_in_the_batch(task, matrix, damp):
+    def second_fails_in_the_batch(task, matrix):
         batched_calls.append(matrix)
-        return None if len(batched_calls) == 2 else real(task, matrix, damp)
+        return None if len(batched_calls) == 2 else real(task, matrix)
 
     monkeypatch.setattr(gptq_batched, "_inverse_factor", second_fails_in_the_batch)
     ours = solve_batched(weights, hessians, [200, 200], config)
