@@ -10,23 +10,33 @@ import os
 import threading
 import time
 
+import pytest
+
 from qlora_ray.fuse.launch import fuse_job
 from qlora_ray.local_disk import local_root, sweep_scratch
 from qlora_ray.store import fused_key
 from tests.helpers import base_dir_of, fuse_spec, kill_node, publish_adapter
 
 
-def test_a_killed_fuse_worker_is_redone_on_another_node(tiny_job_store, tmp_path):
+# Each GPTQ mode's unit folder under the worker's scratch folder, and where in it the unit stages the
+# tenant's calibration rows.
+UNIT_FOLDERS = {"per-tenant": ("gptq/{tenant}", "*/data/train.jsonl"), "bulk": ("stream", "data/{tenant}/train.jsonl")}
+
+
+@pytest.mark.parametrize("mode", sorted(UNIT_FOLDERS))
+def test_a_killed_fuse_worker_is_redone_on_another_node(tiny_job_store, tmp_path, mode):
     import ray
     from ray.cluster_utils import Cluster
 
-    tenant = f"killed{os.getpid()}"
+    tenant = f"killed{mode.replace('-', '')}{os.getpid()}"
     publish_adapter(tiny_job_store, tenant, base_dir_of(tiny_job_store, tmp_path), tmp_path, seed=5, r=4, lora_alpha=8)
     spec = fuse_spec(tmp_path, tiny_job_store, [tenant], schemes=["gptq-int4"], workers=1,
-                     gptq={"group_size": 32, "calibration_samples": 16},
+                     gptq={"mode": mode, "group_size": 32, "calibration_samples": 16},
                      resources={"num_cpus": 1, "custom": {"fuse_node": 1}})
     # A GPTQ unit fetches its calibration rows, then quantizes for seconds: the node dies in between.
-    in_flight = f"fuse-worker--*/gptq/{tenant}/*/data/train.jsonl"
+    folder, rows = (part.format(tenant=tenant) for part in UNIT_FOLDERS[mode])
+    unit_folder = f"fuse-worker--*/{folder}"
+    in_flight = f"{unit_folder}/{rows}"
     work = local_root() / "work"
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
     first = cluster.add_node(num_cpus=1, resources={"fuse_node": 1})
@@ -57,4 +67,4 @@ def test_a_killed_fuse_worker_is_redone_on_another_node(tiny_job_store, tmp_path
     # The killed attempt never reached its clean-up; the next process of this host to make a scratch
     # folder removes it (the restarted worker's, or this sweep's, whichever comes once it is gone).
     sweep_scratch()
-    assert not list(work.glob(f"fuse-worker--*/gptq/{tenant}"))
+    assert not list(work.glob(unit_folder))

@@ -217,7 +217,7 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
                     artifact.error = artifact.error or f"{unit.name}: {problem}"
                     progress(f"fuse {name}: FAILED: {problem}")
                 else:
-                    facts = {k: v for k, v in result.items() if k.startswith("worker_")}
+                    facts = {k: v for k, v in result.items() if k.startswith("worker_")} | result["calibration"][name]
                     artifact.parts.update({shard: part | facts for shard, part in result["parts"][name].items()})
             if not error:
                 progress(f"fuse: {unit.name}: done for {len(result['parts'])} model(s) in {result['seconds']:.0f} s "
@@ -349,7 +349,8 @@ def _seal(spec: JobSpec, store: Store, layout: BaseLayout, artifact: _Artifact, 
             "seconds": round(sum(p["seconds"] for p in parts), 2),
             "size_bytes": sum(f["size"] for f in files.values()),
             "shards": len(artifact.parts),
-            **{k: max(p.get(k, 0) for p in parts) for k in ("worker_peak_rss_bytes", "worker_peak_gpu_bytes")
+            **{k: max(p.get(k, 0) for p in parts)
+               for k in ("worker_peak_rss_bytes", "worker_peak_gpu_bytes", "calibration_rows", "calibration_tokens")
                if any(k in p for p in parts)},
             "worker_node_ids": sorted({p["worker_node_id"] for p in parts}),
             "worker_gpu_ids": sorted({gpu for p in parts for gpu in p.get("worker_gpu_ids", ())}),

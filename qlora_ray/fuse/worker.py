@@ -204,6 +204,7 @@ class FuseWorker:
         work = self.cache / "stream"
         names = {t.tenant: f"{t.tenant}/{FusedVariant(GPTQ, t.merge_base).name}" for t in unit.targets}
         failed: dict[str, str] = {}
+        calibration: dict[str, dict] = {}
         parts: dict[str, dict] = {name: {} for name in names.values()}
         try:
             files = list(self.store.read_manifest(base_key(self.order.base))["files"])
@@ -216,6 +217,8 @@ class FuseWorker:
                         staged = fetch_rows(self.store, self.order.job, target.tenant, TRAIN_FILE, work / "data" / target.tenant)
                         texts = calibration_texts(staged, tokenizer, self.order.gptq.calibration_samples)
                         rows = [row["input_ids"] for row in calibration_rows(texts, tokenizer)]
+                        calibration[names[target.tenant]] = {"calibration_rows": len(rows),
+                                                             "calibration_tokens": sum(map(len, rows))}
                         tenants.append(StreamTenant(target.tenant, self._tenant_deltas(target.tenant),
                                                     list(padded_batches(rows, CALIBRATION_BATCH, pad, self.device))))
                     except UserError as exc:
@@ -227,7 +230,7 @@ class FuseWorker:
             release_gpu_cache()
         for name in failed:
             parts.pop(name)
-        return {"parts": parts, "failed": failed, "seconds": round(time.perf_counter() - started, 3),
+        return {"parts": parts, "failed": failed, "calibration": calibration, "seconds": round(time.perf_counter() - started, 3),
                 "stage_seconds": {stage: round(seconds, 3) for stage, seconds in clock.seconds.items()}, **worker_facts()}
 
     def _walk_and_write(self, unit: StreamUnit, tenants: list[StreamTenant], names: dict[str, str], base_dir: Path,
