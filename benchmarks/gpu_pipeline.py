@@ -19,8 +19,8 @@
 
 `starts` deploys one model replica twice on fresh kernel folders: with no build in the store (it
 compiles: cold) and with the build the first one shared (warm). `gptq-8b` fuses one
-shape:llama3-8b tenant (random LoRA factors, r 16 on the seven projections) into gptq-int4 at the
-job defaults (group size 128, 128 calibration rows): the unit cost of per-tenant GPTQ. `serve`
+shape:llama3-8b tenant (random LoRA factors, r 16 on the seven projections) into gptq-int4 in per-tenant mode
+at the job defaults (group size 128, 128 calibration rows): the unit cost of per-tenant GPTQ. `serve`
 publishes a shape:llama3-8b gptq-int4 model (random weights, round-to-nearest in GPTQ's layout) and
 measures it through the engine alone (in this process) and through Serve over HTTP, at batch =
 concurrency 1, 8, 32 and 64, with streams sent at each --stream-intervals value (default 0 and 50
@@ -242,13 +242,13 @@ def starts(run: Run, args) -> str:
 
 
 def gptq_8b(run: Run, args) -> str:
-    """One shape:llama3-8b tenant through the fuse stage's gptq-int4, at the job defaults."""
+    """One shape:llama3-8b tenant through the fuse stage's per-tenant gptq-int4, at the job's other defaults."""
     install(run)
     shape = "llama3-8b" if run.device == "cuda" else "tiny"
     job = write_job(run, name="gpu-gptq", base={"name": shape, "source": f"shape:{shape}", "shard_size": "5GB"},
                     tenants=[{"id": "acme", "train_data": str(DATA / "dates" / "train.jsonl")}],
                     fuse={"schemes": ["gptq-int4"], "merge_base": "original", "workers": 1,
-                          "gptq": {} if run.device == "cuda" else {"group_size": 32},
+                          "gptq": {"mode": "per-tenant"} if run.device == "cuda" else {"mode": "per-tenant", "group_size": 32},
                           "resources": {"num_cpus": 8 if run.device == "cuda" else 1, "num_gpus": 1 if run.device == "cuda" else 0}})
     run.cli("base import", "base", "import", "--job", str(job), "--device", run.device)
     spec, store = store_of(job)

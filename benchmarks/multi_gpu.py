@@ -158,7 +158,7 @@ def fuse_part(run: Run, args) -> str:
                             base={"name": shape, "source": f"shape:{shape}", "shard_size": shard},
                             tenants=tenants(args.tenants),
                             fuse={"schemes": schemes, "merge_base": "original", "workers": gpus,
-                                  "gptq": {"mode": "bulk", "group_size": 128 if cuda else 32,
+                                  "gptq": {"mode": "bulk", "hessian": "pooled", "group_size": 128 if cuda else 32,
                                            "calibration_samples": 32},
                                   "resources": {"num_cpus": 6 if cuda else 1, "num_gpus": 1 if cuda else 0}})
             spec, store = store_of(job)

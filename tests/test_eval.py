@@ -268,8 +268,8 @@ def test_the_report_is_published_and_a_rerun_evaluates_nothing_again(evaluated):
     with store.local_copy(key, ["report.md"]) as folder:
         markdown = (folder / "report.md").read_text()
     assert "| gptq-int4.original |" in markdown and f"FAILED {WORSENED[0]}/{WORSENED[1]}" in markdown
-    assert "- `gptq-int4.original`: fused gptq-int4, merged into the 16-bit original; GPTQModel on the merged model, " \
-           "per tenant" in markdown
+    assert "- `gptq-int4.original`: fused gptq-int4, merged into the 16-bit original; bulk GPTQ, each layer against " \
+           "its Hessian from its own calibration rows through its merged model" in markdown
     assert any("eval acme: done" in line for line in lines)
     before = {t: store.read_manifest(eval_key("t", t))["created_at"] for t in TENANTS}
     again = eval_job(spec, progress=lambda _: None)

@@ -210,13 +210,15 @@ def test_a_rerun_skips_complete_artifacts(fused_tiny):
 
 
 def test_gptq_scheme_loads_in_plain_transformers_and_keeps_the_adapter(fused_tiny, tmp_path, local_ray):
-    """gptq-int4, calibrated on the tenant's rows: a GPTQ checkpoint transformers loads into
-    GPTQModel's quantized layers, whose logits follow the merged model rather than the base."""
+    """gptq-int4 at the default (bulk, each tenant's own Hessians), calibrated on the tenant's rows: a
+    GPTQ checkpoint transformers loads into GPTQModel's quantized layers, whose logits follow the
+    merged model rather than the base."""
     store, base_dir, _, _, _ = fused_tiny
     spec = fuse_spec(tmp_path, store, ["acme"], schemes=["gptq-int4"], gptq={"group_size": 32, "calibration_samples": 16})
     (outcome,) = fuse_job(spec, progress=lambda _: None)
     assert (outcome.variant, outcome.state) == ("gptq-int4.original", "done"), outcome.error
     manifest = store.read_manifest(fused_key("t", "acme", "gptq-int4.original"))
+    assert (manifest["inputs"]["gptq"]["mode"], manifest["inputs"]["gptq"]["hessian"]) == ("bulk", "per-tenant")
     assert manifest["inputs"]["gptq"]["group_size"] == 32 and manifest["metrics"]["calibration_rows"] == 16
     folder = fetch_fused(store, "acme", "gptq-int4.original", tmp_path)
     config = json.loads((folder / "config.json").read_text())["quantization_config"]

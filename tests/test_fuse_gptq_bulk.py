@@ -49,7 +49,7 @@ def logits(model) -> torch.Tensor:
 def test_bulk_gptq_loads_in_transformers_and_matches_gptqmodel_where_inputs_agree(two_tenants, tmp_path, local_ray):
     store, base_dir = two_tenants
     # GPTQModel's whole-model run for acme, kept aside, then removed so that bulk mode makes it again.
-    per_tenant = fuse_spec(tmp_path, store, ["acme"], schemes=["gptq-int4"], gptq=GPTQ)
+    per_tenant = fuse_spec(tmp_path, store, ["acme"], schemes=["gptq-int4"], gptq={**GPTQ, "mode": "per-tenant"})
     (outcome,) = fuse_job(per_tenant, progress=lambda _: None)
     assert outcome.state == "done", outcome.error
     reference_dir = fetched(store, "acme", "gptq-int4.original", tmp_path / "per-tenant")
@@ -108,7 +108,7 @@ def test_bulk_gptq_loads_in_transformers_and_matches_gptqmodel_where_inputs_agre
 def test_pooled_hessians_per_merge_base_and_a_changed_pool_is_captured_again(two_tenants, tmp_path, local_ray):
     store, _ = two_tenants
     spec = fuse_spec(tmp_path, store, ["acme", "globex"], schemes=["gptq-int4"], merge_base="both",
-                     gptq={**GPTQ, "mode": "bulk"})
+                     gptq={**GPTQ, "mode": "bulk", "hessian": "pooled"})
     outcomes = fuse_job(spec, progress=lambda _: None)
     assert [o.state for o in outcomes] == ["done"] * 4, [o.error for o in outcomes]
     original = store.read_manifest(hessian_key("t", "original"))
@@ -143,7 +143,7 @@ def test_calibration_rows_that_cannot_be_read_fail_only_the_builds_that_read_the
 
     store, _ = two_tenants
     Path(stored_file(store, data_key("t", "globex"), "train.jsonl")).write_text('{"prompt": "tampered"}\n')
-    pooled = fuse_spec(tmp_path, store, ["acme", "globex"], schemes=["bf16", "gptq-int4"], gptq={**GPTQ, "mode": "bulk"})
+    pooled = fuse_spec(tmp_path, store, ["acme", "globex"], schemes=["bf16", "gptq-int4"], gptq={**GPTQ, "mode": "bulk", "hessian": "pooled"})
     lines = []
     outcomes = {(o.tenant, o.variant): o for o in fuse_job(pooled, progress=lines.append)}
     assert [k for k, o in outcomes.items() if o.state == "done"] == [("acme", "bf16.original"), ("globex", "bf16.original")]

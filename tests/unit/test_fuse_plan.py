@@ -122,7 +122,7 @@ def test_bulk_gptq_with_per_tenant_hessians_is_walked_in_groups_per_merge_base(t
 
 
 def test_pooled_bulk_gptq_reads_one_hessian_set_per_merge_base(tmp_path):
-    spec = spec_of(tmp_path, schemes=["gptq-int4"], merge_base="both", gptq={"mode": "bulk"})
+    spec = spec_of(tmp_path, schemes=["gptq-int4"], merge_base="both", gptq={"mode": "bulk", "hessian": "pooled"})
     tenant = spec.tenant("acme")
     builds = plan_tenant(spec, tenant, spec.fused_variants(tenant), facts(), "d", []).builds
     assert sorted(b.inputs["hessians"]["key"] for b in builds) == ["runs/t/hessians/nf4-dequantized.nf4-dq",
