@@ -54,7 +54,7 @@ def served(smollm2_store, tmp_path_factory):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     spec = load_spec(path)
-    # GPTQ takes ~40 s a tenant here: only acme gets a gptq-int4 model (the others' are simply not served).
+    # GPTQ is the slow scheme here: only acme gets a gptq-int4 model (the others' are simply not served).
     fast_spec = spec.model_copy(update={"fuse": spec.fuse.model_copy(update={"schemes": ["bf16", "nf4"]})})
     gptq_spec = spec.model_copy(update={"fuse": spec.fuse.model_copy(update={"schemes": ["gptq-int4"]}),
                                         "tenants": spec.tenants[:1]})
