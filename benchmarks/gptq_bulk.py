@@ -5,7 +5,8 @@
 Base: shape:llama3-8b (random weights: speed only). Tenants: N adapters with random LoRA factors
 (r 16, the seven projections of every layer), each with the dates task's training rows staged as
 its calibration data. Every phase is `qlora_ray.fuse.launch.fuse_job` on a local Ray cluster, on the
-same base, in the same run, with --workers workers sharing the GPU (per-tenant: one, see below):
+same base, in the same run, with --workers workers sharing the GPU (per-tenant: one, see below;
+bulk-own: --bulk-workers, each walk sizing its batches to its share of the GPU):
 
 - per-tenant: `fuse.gptq.mode: per-tenant` for the first --per-tenant tenants (a whole GPTQModel
   run each, on one worker holding the whole GPU: each worker keeps a 16-bit merged copy on local
@@ -95,7 +96,8 @@ def run_phase(name: str, job: Path, store, results: dict, out: Path) -> dict:
     tenants = len({o.tenant for o in outcomes})
     peak = lambda key: round(max(o.metrics.get(key, 0) for o in outcomes) / 2**30, 2)  # noqa: E731
     row = {"phase": name, "schemes": sorted({o.variant for o in outcomes}), "tenants": tenants,
-           "gptq": spec.fuse.gptq.model_dump(), "wall_seconds": round(seconds, 1),
+           "gptq": spec.fuse.gptq.model_dump(), "workers": spec.fuse.workers,
+           "gpus_per_worker": spec.fuse.resources.num_gpus, "wall_seconds": round(seconds, 1),
            "seconds_per_tenant": round(seconds / tenants, 2), "last_unit_done_seconds": round(last_unit[0], 1),
            "worker_peak_rss_gib": peak("worker_peak_rss_bytes"), "worker_peak_gpu_gib": peak("worker_peak_gpu_bytes"),
            "size_gb_per_tenant": {o.variant: round(o.metrics["size_bytes"] / 1e9, 2) for o in outcomes}}
@@ -197,6 +199,7 @@ def main() -> None:
     parser.add_argument("--merge-base", default="nf4-dequantized", choices=["original", "nf4-dequantized"],
                         help="the gptq-int4 phases' merge base (shard16 merges into the original)")
     parser.add_argument("--workers", type=int, default=4, help="fuse workers sharing the GPU (bulk and shard16)")
+    parser.add_argument("--bulk-workers", type=int, help="fuse workers sharing the GPU in bulk-own (default: --workers)")
     parser.add_argument("--shard-size", default="2GB", help="the base's shard size")
     parser.add_argument("--shape", default="llama3-8b", help="shape:NAME of the base (tiny to try it on a CPU)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gptq-bulk"))
@@ -238,7 +241,8 @@ def main() -> None:
                             args.workers, device, args.merge_base)
         elif phase == "bulk-own":
             job = phase_job(args.work, store_url, args.shape, tenants, ["gptq-int4"],
-                            {**gptq, "mode": "bulk", "hessian": "per-tenant"}, args.workers, device, args.merge_base)
+                            {**gptq, "mode": "bulk", "hessian": "per-tenant"}, args.bulk_workers or args.workers, device,
+                            args.merge_base)
         elif phase == "shard16":
             job = phase_job(args.work, store_url, args.shape, tenants, ["bf16", "nf4"], gptq, args.workers, device)
         else:

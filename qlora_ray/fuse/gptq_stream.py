@@ -33,14 +33,35 @@ from qlora_ray.fuse.hessians import (LayerInput, advance, catch_layer_inputs, de
 from qlora_ray.fuse.math import LoraDelta, fuse_weight
 from qlora_ray.fuse.shards import stacks
 
-# The most float32 elements a batch of tenants is solved with, counting each tenant's weight and its
-# inverse Hessian (about 4 GB a copy): an 8B's down_proj takes 4 tenants at once, so that four
-# workers sharing an H200 fit beside their bases.
-MAX_BATCH_ELEMENTS = 2**30
-# The layer inputs (hidden states, positions, masks) a walk keeps on the GPU, over all its tenants;
-# past them, a tenant's wait on the CPU between its turns. 128 rows of 512 tokens are about 0.6 GB
-# a tenant on an 8B, and each move costs two copies a layer.
+# Without a memory budget (walk_memory: a CPU, or a worker that claimed no share of its GPU), the
+# bytes one batch of tenants is solved in, and the layer inputs a walk keeps on the model's device
+# over all its tenants; past those, a tenant's wait on the park between its turns. 12 GiB takes 4
+# tenants of an 8B's layer (down_proj's Hessian alone is 0.8 GB a tenant) and 4 GiB the inputs of 6
+# (128 rows of 512 tokens are about 0.6 GB a tenant, and each move costs two copies a layer): what
+# four workers sharing an H200 fit beside their bases.
+BATCH_BYTES = 12 * 2**30
 RESIDENT_INPUT_BYTES = 4 * 2**30
+# Of a worker's share of its GPU, what a walk leaves free: the passes' activations (a 128-row batch
+# through an 8B's MLP is about 2 GB), the CUDA graphs' pools and the allocator's slack.
+RESERVE_FRACTION = 0.1
+RESERVE_MIN_BYTES = 4 * 2**30
+
+
+def walk_memory(total_bytes: int, share: float, held_bytes: int) -> int:
+    """The bytes a walk may hold on its GPU beside what the worker holds already (the model): its
+    share of the device (resources.num_gpus, at most all of it) less a reserve. A worker with a GPU
+    to itself solves many more tenants a batch than the fixed BATCH_BYTES, and the batch's column
+    steps then cost little more than one tenant's (benchmarks/results/2026-12-02-h200-gptq-bulk-memory.md)."""
+    mine = total_bytes * min(share, 1.0)
+    return max(0, int(mine - max(RESERVE_FRACTION * mine, RESERVE_MIN_BYTES)) - held_bytes)
+
+
+def tenant_batch_bytes(params: dict[str, torch.Tensor]) -> int:
+    """The bytes one tenant adds to a layer's batch: its merged and its quantized copies of the
+    layer's weights, and at the largest site the solve's float32 weight, its dequantized result, the
+    Hessian and its inverse factor."""
+    layer = sum(p.numel() * p.element_size() for p in params.values())
+    return 2 * layer + max(4 * 2 * (p.numel() + p.shape[1] ** 2) for p in params.values())
 
 
 @dataclass
@@ -77,12 +98,14 @@ class StageClock:
 def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Tensor], tenants: list[StreamTenant],
                                config, bits: int, *, sequential: bool = True, park: str | None = None,
                                on_layer: Callable[[int, dict[str, dict[str, torch.Tensor]], dict[str, float]], None],
-                               clock: StageClock | None = None) -> None:
+                               clock: StageClock | None = None, memory: int | None = None) -> None:
     """GPTQ-quantize every tenant's merged copy of the weights in `start` (weight name -> the merge
     base's tensor, in the dtype the base stores; the model's own weights are swapped in and out, and
-    put back at the end of each layer). With `park` (a device), the layer inputs of the tenants past
-    the first RESIDENT_INPUT_BYTES wait there between their turns: on a GPU, a walk of many tenants
-    with long rows would otherwise hold all their hidden states at once (up to 2 GiB a tenant on an 8B).
+    put back at the end of each layer). `memory` (walk_memory; None: the fixed budgets) is what the
+    walk may hold on the model's device: up to half of it the tenants' layer inputs, the rest a
+    batch's solve. With `park` (a device), the layer inputs of the tenants past that wait there
+    between their turns: on a GPU, a walk of many tenants with long rows would otherwise hold all
+    their hidden states at once (up to 2 GiB a tenant on an 8B).
 
     After each decoder layer, on_layer(index, {tenant: its packed checkpoint tensors of the layer, on
     the CPU}, {tenant: seconds of its work on the layer}) is called. With sequential, a tenant's next
@@ -99,23 +122,24 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
     clock = clock or StageClock(device)
     inputs: dict[str, list[LayerInput]] = {}
     parked: dict[str, str | None] = {}  # tenant -> where its inputs wait between its turns (None: the model's device)
-    resident = 0
+    resident, resident_limit = 0, RESIDENT_INPUT_BYTES if memory is None else memory // 2
     for tenant in tenants:
         with clock("first inputs"):
             inputs[tenant.name] = _first_inputs(model, tenant, frozenset(start))
         size = sum(entry.nbytes for entry in inputs[tenant.name])
-        if park is None or resident + size <= RESIDENT_INPUT_BYTES:
+        if park is None or resident + size <= resident_limit:
             parked[tenant.name], resident = None, resident + size
         else:
             parked[tenant.name] = park
             with clock("park"):
                 _move(inputs[tenant.name], parked[tenant.name])
+    batch_bytes = BATCH_BYTES if memory is None else memory - resident
     try:  # the CUDA graphs of the batched solves hold a block's buffers each: freed as the walk ends
         for index, (layer, prefix) in enumerate(layers):
             params = {name: layer.get_parameter(name.removeprefix(prefix)) for name in start if name.startswith(prefix)}
             packed: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in tenants}
             seconds = {tenant.name: 0.0 for tenant in tenants}
-            together = max(1, MAX_BATCH_ELEMENTS // max(p.numel() + p.shape[1] ** 2 for p in params.values()))
+            together = max(1, batch_bytes // tenant_batch_bytes(params))
             groups = _site_order(layer, prefix, params, inputs[tenants[0].name][0], parked[tenants[0].name]) \
                 if sequential else [sorted(params)]
             for first in range(0, len(tenants), together):

@@ -169,7 +169,7 @@ def _run_pool(spec: JobSpec, store: Store, layout: BaseLayout, artifacts: list[_
     # known dead. The restarts bound it: past them the actor is gone and its unit fails.
     actor_class = ray.remote(FuseWorker).options(**node_request(resources), max_restarts=MAX_RESTARTS,
                                                  max_task_retries=-1)
-    workers = [actor_class.remote(GptqOrder.of(spec), layout.quantized, int(resources.num_cpus))
+    workers = [actor_class.remote(GptqOrder.of(spec), layout.quantized, int(resources.num_cpus), resources.num_gpus)
                for _ in range(pool_size)]
     started = time.monotonic()
     by_name = {artifact.name: artifact for artifact in artifacts}

@@ -21,7 +21,7 @@ from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
 from qlora_ray.bases import INDEX_NAME
 from qlora_ray.errors import AdapterError, UserError
 from qlora_ray.fuse.gptq_bulk import quantize_config, quantize_layer_in_place
-from qlora_ray.fuse.gptq_stream import StageClock, StreamTenant, quantize_tenants_layerwise
+from qlora_ray.fuse.gptq_stream import StageClock, StreamTenant, quantize_tenants_layerwise, walk_memory
 from qlora_ray.fuse.hessians import (SiteHessian, capture_hessians, decoder_layers, padded_batches, read_hessians,
                                      write_hessians)
 from qlora_ray.fuse.math import LoraDelta, adapter_deltas, fuse_weight
@@ -96,7 +96,9 @@ class FuseWorker:
     """Runs fuse units: a Hessian set for bulk GPTQ, one base shard for many targets, or one tenant's
     whole-model GPTQ quantization."""
 
-    def __init__(self, order: GptqOrder, quantized: frozenset[str], threads: int):
+    def __init__(self, order: GptqOrder, quantized: frozenset[str], threads: int, gpu_share: float = 0.0):
+        """`gpu_share`: the GPUs Ray gave this worker (fuse.resources.num_gpus); a walk of bulk GPTQ
+        sizes its batches to that share of its GPU (0: to fixed budgets)."""
         import torch
 
         route_library_output(worker=True)
@@ -104,6 +106,7 @@ class FuseWorker:
         self.order = order
         self.store = order.store.open()
         self.quantized = quantized
+        self.gpu_share = gpu_share
         self.device = preferred_device()
         self._scratch = contextlib.ExitStack()
         self.cache = self._scratch.enter_context(scratch_dir("fuse-worker"))
@@ -249,11 +252,13 @@ class FuseWorker:
                 said[0] = time.perf_counter()
                 say(f"fuse: {unit.name}: layer {index + 1}/{layers} [{said[0] - started:.0f} s]")
 
+        memory = self._walk_memory()
         try:
             writer.write_ready()
             quantize_tenants_layerwise(model, start, tenants, quantize_config(self.order.gptq), self.order.gptq.bits,
                                        sequential=self.order.gptq.sequential,
-                                       park="cpu" if self.device == "cuda" else None, on_layer=on_layer, clock=clock)
+                                       park="cpu" if self.device == "cuda" else None, on_layer=on_layer, clock=clock,
+                                       memory=memory)
             del model, start
             with clock("waiting for the writes"):
                 writer.finish()
@@ -261,6 +266,19 @@ class FuseWorker:
             writer.close()
         clock.seconds["writing, beside the walk"] = writer.busy_seconds
         say(f"fuse: {unit.name}: done in {time.perf_counter() - started:.0f} s: {clock.summary()}")
+
+    def _walk_memory(self) -> int | None:
+        """What a walk may hold on this worker's GPU beside the model it loaded (None: on a CPU, or
+        with no share of the GPU claimed, the walk's fixed budgets)."""
+        import torch
+
+        if self.device != "cuda" or self.gpu_share <= 0:
+            return None
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        memory = walk_memory(total, self.gpu_share, torch.cuda.memory_allocated())
+        say(f"fuse: bulk GPTQ walk: {memory / 2**30:.1f} GiB of the GPU for layer inputs and batches "
+            f"(a {min(self.gpu_share, 1.0):g} share of {total / 2**30:.0f} GiB, less the model and a reserve)")
+        return memory
 
     def _shard_hessians(self, shard_file: str, targets: list[ShardTarget]) -> dict[str, dict[str, SiteHessian]]:
         """pool -> weight -> Hessian, for this shard's weights, of every Hessian set its bulk-GPTQ targets read."""

@@ -37,7 +37,7 @@ def deltas(model: torch.nn.Module, seed: int) -> dict[str, LoraDelta]:
 
 
 def walk(model: torch.nn.Module, tenants: dict[str, int], *, sequential: bool,
-         park: str | None = None) -> dict[str, dict[str, torch.Tensor]]:
+         park: str | None = None, memory: int | None = None) -> dict[str, dict[str, torch.Tensor]]:
     before = {name: p.data.clone() for name, p in model.named_parameters()}
     start = {name: tensor for name, tensor in before.items() if name in NAMES}
     walkers = [StreamTenant(name, deltas(model, seed), list(padded_batches(ROWS[name], 2, 0, "cpu")))
@@ -53,7 +53,7 @@ def walk(model: torch.nn.Module, tenants: dict[str, int], *, sequential: bool,
 
     clock = StageClock(torch.device("cpu"))
     quantize_tenants_layerwise(model, start, walkers, quantize_config(SPEC), SPEC.bits, sequential=sequential,
-                               park=park, on_layer=on_layer, clock=clock)
+                               park=park, on_layer=on_layer, clock=clock, memory=memory)
     assert layers == [0, 1]
     assert set(clock.seconds) == {"first inputs", "park", "merge", "hessians", "solve", "pack", "advance"}
     for name, parameter in model.named_parameters():  # the embeddings too, merged in for each tenant's catch
@@ -91,7 +91,7 @@ def test_tenants_walked_together_get_what_each_gets_alone(one_batch, monkeypatch
     """Together with their layer inputs parked between turns (on a GPU worker: on the CPU), alone
     without; solved in one batch, or each in a batch of its own (a batch too large for memory)."""
     if not one_batch:
-        monkeypatch.setattr("qlora_ray.fuse.gptq_stream.MAX_BATCH_ELEMENTS", 1)
+        monkeypatch.setattr("qlora_ray.fuse.gptq_stream.BATCH_BYTES", 1)
     together = walk(_tiny_llama(), {"acme": 0, "globex": 1}, sequential=True, park="cpu")
     for name, seed in (("acme", 0), ("globex", 1)):
         alone = walk(_tiny_llama(), {name: seed}, sequential=True)[name]
@@ -160,6 +160,40 @@ def test_only_the_tenants_past_the_resident_budget_are_parked(monkeypatch):
     # for the advance
     assert moves.count((globex, "cpu")) == 1 + 2 * 2 * (4 + 1)
     assert moves.count((acme, "cpu")) == 0
+
+
+@pytest.mark.parametrize(("memory", "batch", "parked"), [(0, 1, True), (2**40, 2, False)])
+def test_the_walks_memory_sizes_its_batches_and_what_it_parks(memory, batch, parked, monkeypatch):
+    """With no memory beside the model, each tenant is solved alone and every tenant's inputs are
+    parked; with plenty, both tenants are solved in one batch and none waits on the park."""
+    import qlora_ray.fuse.gptq_stream as stream
+
+    sizes, moves = [], []
+    real_solve, real_move = stream.solve_batched, stream._move
+    monkeypatch.setattr(stream, "solve_batched", lambda weights, *rest: (sizes.append(len(weights)),
+                                                                         real_solve(weights, *rest))[1])
+    monkeypatch.setattr(stream, "_move", lambda inputs, device: (moves.append(device), real_move(inputs, device)))
+    walk(_tiny_llama(), {"acme": 0, "globex": 1}, sequential=True, park="cpu", memory=memory)
+    assert set(sizes) == {batch}
+    assert any(device is not None for device in moves) == parked
+
+
+def test_walk_memory_is_the_workers_share_less_a_reserve_and_what_it_holds():
+    from qlora_ray.fuse.gptq_stream import walk_memory
+
+    gib = 2**30
+    assert walk_memory(160 * gib, 0.25, 16 * gib) == 40 * gib - 4 * gib - 16 * gib  # the reserve's floor
+    assert walk_memory(160 * gib, 1.0, 16 * gib) == 160 * gib - 16 * gib - 16 * gib  # a tenth of the share
+    assert walk_memory(160 * gib, 2.0, 16 * gib) == walk_memory(160 * gib, 1.0, 16 * gib)  # one device at most
+    assert walk_memory(16 * gib, 0.5, 8 * gib) == 0
+
+
+def test_a_tenants_share_of_a_batch_counts_its_copies_of_the_layer_and_its_largest_solve():
+    from qlora_ray.fuse.gptq_stream import tenant_batch_bytes
+
+    params = {"up": torch.empty(64, 16, dtype=torch.bfloat16), "down": torch.empty(16, 64, dtype=torch.bfloat16)}
+    layer = 2 * (64 * 16 + 16 * 64)
+    assert tenant_batch_bytes(params) == 2 * layer + 4 * 2 * (16 * 64 + 64 * 64)  # down: the larger Hessian
 
 
 def test_a_layer_pass_ends_once_its_weights_have_read_their_inputs():
