@@ -50,8 +50,8 @@ RESERVE_MIN_BYTES = 4 * 2**30
 def walk_memory(total_bytes: int, share: float, held_bytes: int) -> int:
     """The bytes a walk may hold on its GPU beside what the worker holds already (the model): its
     share of the device (resources.num_gpus, at most all of it) less a reserve. A worker with a GPU
-    to itself solves many more tenants a batch than the fixed BATCH_BYTES, and the batch's column
-    steps then cost little more than one tenant's (benchmarks/results/2026-12-02-h200-gptq-bulk-memory.md)."""
+    to itself then solves every tenant of a layer in one batch, where the fixed BATCH_BYTES split
+    them in fours (benchmarks/results/2026-12-02-h200-gptq-bulk-one-worker.md)."""
     mine = total_bytes * min(share, 1.0)
     return max(0, int(mine - max(RESERVE_FRACTION * mine, RESERVE_MIN_BYTES)) - held_bytes)
 
