@@ -57,16 +57,19 @@ def test_codes_match_gptqmodels_on_the_gpu():
         torch.testing.assert_close(mine.scales, theirs.scales, rtol=1e-3, atol=1e-5)
 
 
-def test_a_walk_on_the_gpu_batches_tenants_as_each_alone(monkeypatch):
-    """The walk on CUDA, its tenants parked on the CPU and solved in one batch through the CUDA
-    graphs, gives each tenant what a walk of its own gives."""
-    from qlora_ray.fuse.gptq_stream import StreamTenant, quantize_tenants_layerwise
+@pytest.mark.parametrize("budget", ["fixed, inputs parked", "the whole GPU"])
+def test_a_walk_on_the_gpu_batches_tenants_as_each_alone(budget, monkeypatch):
+    """The walk on CUDA, its tenants solved in one batch through the CUDA graphs, gives each tenant
+    what a walk of its own gives: with the fixed budgets and every tenant's inputs parked on the
+    CPU, or sized to the whole GPU (walk_memory), every tenant's inputs kept on it."""
+    from qlora_ray.fuse.gptq_stream import StreamTenant, quantize_tenants_layerwise, walk_memory
     from qlora_ray.fuse.hessians import padded_batches
     from qlora_ray.fuse.math import LoraDelta
     from tests.unit.test_gptq_stream import NAMES, ROWS, SPEC
     from tests.unit.test_gptq_bulk import _tiny_llama
 
-    monkeypatch.setattr("qlora_ray.fuse.gptq_stream.RESIDENT_INPUT_BYTES", 0)  # park every tenant
+    if budget.startswith("fixed"):
+        monkeypatch.setattr("qlora_ray.fuse.gptq_stream.RESIDENT_INPUT_BYTES", 0)  # park every tenant
     captures = []
     real_capture = gptq_batched._ColumnSteps._capture
     monkeypatch.setattr(gptq_batched._ColumnSteps, "_capture",
@@ -83,8 +86,11 @@ def test_a_walk_on_the_gpu_batches_tenants_as_each_alone(monkeypatch):
                       for weight in sorted(NAMES)}
             tenants.append(StreamTenant(name, deltas, list(padded_batches(ROWS[name], 2, 0, "cuda"))))
         packed = {name: {} for name in names}
+        memory = None if budget.startswith("fixed") else walk_memory(
+            torch.cuda.get_device_properties(0).total_memory, 1.0, torch.cuda.memory_allocated())
         quantize_tenants_layerwise(model, start, tenants, quantize_config(SPEC), SPEC.bits, park="cpu",
-                                   on_layer=lambda _, tensors, __: [packed[n].update(t) for n, t in tensors.items()])
+                                   on_layer=lambda _, tensors, __: [packed[n].update(t) for n, t in tensors.items()],
+                                   memory=memory)
         return packed
 
     together = walk({"acme": 0, "globex": 1})
