@@ -277,7 +277,7 @@ class FuseWorker:
         total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
         memory = walk_memory(total, self.gpu_share, torch.cuda.memory_allocated())
         say(f"fuse: bulk GPTQ walk: {memory / 2**30:.1f} GiB of the GPU for layer inputs and batches "
-            f"(a {min(self.gpu_share, 1.0):g} share of {total / 2**30:.0f} GiB, less the model and a reserve)")
+            f"(num_gpus {self.gpu_share:g} of a {total / 2**30:.0f} GiB GPU, less the model and a reserve)")
         return memory
 
     def _shard_hessians(self, shard_file: str, targets: list[ShardTarget]) -> dict[str, dict[str, SiteHessian]]:
