@@ -123,7 +123,8 @@ _shared_store = None
 def share_builds_through(store) -> None:
     """Keep the compiled kernel in `store` (store.kernel_key("marlin", fingerprint)): a replica or an
     eval task on another node, or a later start on a fresh machine, loads it in seconds instead of
-    compiling it for minutes. The first process that compiles publishes it. Whoever can write that key
+    compiling it for minutes. One process compiles and publishes it while those that need it meanwhile
+    wait for it (build_claim.py). Whoever can write that key
     can run native code on the processes that load it: the store must be trusted as the code is
     (serve.share_compiled_kernels: false turns this off)."""
     global _shared_store
@@ -184,22 +185,43 @@ def ops(precision: str = "bf16"):
     namespace = getattr(torch.ops, _ops_namespace(precision))
     if hasattr(namespace, f"gptq_marlin_gemm_{precision}"):
         return namespace  # GPTQModel itself loaded it in this process
-    from qlora_ray.store import kernel_key
-
     source = _sources_folder()
     digest = _sources_digest(source)
     name, build_id = _extension_name(precision), fingerprint(digest, precision)
-    key = kernel_key("marlin", build_id)
     build = _extensions_root() / f"{name}-{build_id}"
     library = build / f"{name}.so"
+
+    def compile_here() -> None:
+        _compile(source, _extensions_root() / f"qlora_ray_marlin-sources-{digest}", build, precision)
+
     if library.exists():
         torch.ops.load_library(str(library))
-    elif _shared_store is None or not _load_shared(key, library.name):
-        _compile(source, _extensions_root() / f"qlora_ray_marlin-sources-{digest}", build, precision)
-        if _shared_store is not None:
-            _publish_shared(key, library, {"sources": digest, "torch": torch.__version__, "cuda": torch.version.cuda,
-                                           "device": torch.cuda.get_device_name()})
+    elif _shared_store is None:
+        compile_here()
+    else:
+        _load_or_build_shared(build_id, library, compile_here, what=f"the {precision} Marlin kernel",
+                              facts={"sources": digest, "torch": torch.__version__, "cuda": torch.version.cuda,
+                                     "device": torch.cuda.get_device_name()})
     return namespace
+
+
+def _load_or_build_shared(build_id: str, library: Path, compile_here, *, what: str, facts: dict) -> None:
+    """Load the store's build, else compile it here and share it: one process of the cluster compiles
+    (the one holding the build's claim), and the others that need it meanwhile wait for its build
+    instead of compiling the same kernel beside it."""
+    from qlora_ray import build_claim
+    from qlora_ray.store import kernel_claim_key, kernel_key
+
+    key = kernel_key("marlin", build_id)
+    if _load_shared(key, library.name):
+        return
+    with build_claim.one_builder(_shared_store, key, kernel_claim_key("marlin", build_id), what=what) as building:
+        if building:
+            compile_here()
+            _publish_shared(key, library, facts)
+            return
+    if not _load_shared(key, library.name):
+        compile_here()
 
 
 def _compile(source: Path, folder: Path, build: Path, precision: str) -> None:

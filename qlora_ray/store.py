@@ -19,6 +19,7 @@ Layout under the root (only the functions below build these keys):
     runs/<job>/eval/report/   runs/<job>/bench/    reports
     runs/<job>/serve/api-keys.json             the serve stage's keys (a record)
     kernels/<name>/<fingerprint>/              a compiled GPU kernel (the serve stage's Marlin build)
+    kernels/<name>/<fingerprint>.claim.json    who is compiling it now (a record: build_claim.py)
 
 Publishing is atomic for readers on every backend, S3 included (which has no rename), and safe with
 several writers on one key (two runs of one job, a Ray retry racing an attempt cut off from the
@@ -188,6 +189,11 @@ def api_keys_key(job: str) -> str:
 def kernel_key(name: str, fingerprint: str) -> str:
     """A compiled GPU kernel shared by the replicas of every node (marlin.py), per build fingerprint."""
     return f"kernels/{_segment(name, 'kernel name')}/{_segment(fingerprint, 'kernel fingerprint')}"
+
+
+def kernel_claim_key(name: str, fingerprint: str) -> str:
+    """The record of the one process compiling that kernel for the cluster (build_claim.py)."""
+    return f"{kernel_key(name, fingerprint)}.claim.json"
 
 
 def bench_key(job: str, run_id: str) -> str:
