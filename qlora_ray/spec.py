@@ -323,6 +323,11 @@ class ServeSpec(_Model):
     resident_memory: str | None = Field(
         None, description="Bytes a replica's models may hold (e.g. 60GB), besides max_resident_models. Default: on a "
         "GPU, 85% of the replica's share of it (resources.num_gpus); no byte bound on a CPU.")
+    host_memory: str | None = Field(
+        None, description="Host memory a replica keeps its models' weights in (e.g. 64GB; 0: none), least recently "
+        "used leaving first: a switch back to such a model copies its weights into the engine an evicted model of "
+        "the same shape leaves behind, instead of loading and compiling it again. Default: on a GPU, a quarter of "
+        "the node's memory; none on a CPU.")
     loads_per_tenant: int = Field(
         1, gt=0, description="Model loads of one tenant running or waiting on a replica at once; a request that "
         "would start another is answered 429 with Retry-After, so no tenant can queue up switches.")
@@ -366,6 +371,13 @@ class ServeSpec(_Model):
     @classmethod
     def _check_resident_memory(cls, value: str | None) -> str | None:
         if value is not None:
+            parse_size(value)
+        return value
+
+    @field_validator("host_memory")
+    @classmethod
+    def _check_host_memory(cls, value: str | None) -> str | None:
+        if value is not None and str(value).strip() != "0":
             parse_size(value)
         return value
 

@@ -49,7 +49,7 @@ def served(smollm2_store, tmp_path_factory):
         "fuse": {"schemes": ["bf16", "nf4", "gptq-int4"], "merge_base": "original", "workers": 2,
                  "gptq": {"group_size": 64, "calibration_samples": 8}},
         "serve": {"port": port, "max_resident_models": 2, "max_tokens": 64, "context": 256,
-                  "catalog_refresh_s": 0.5, "resources": {"num_cpus": 1}},
+                  "catalog_refresh_s": 0.5, "host_memory": "5GB", "resources": {"num_cpus": 1}},
     }
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
@@ -222,6 +222,27 @@ def test_more_models_than_the_resident_bound_answer_in_turn(served):
     facts = requests.get(f"{served['url']}/qlora-ray/resident", params={"model": "acme/bf16.original"},
                          headers={"Authorization": f"Bearer {served['keys']['acme']}"}, timeout=120).json()
     assert "acme/bf16.original" in facts["resident_models"] and len(facts["resident_models"]) == 2  # the bound held
+
+
+def test_a_switch_back_takes_over_the_evicted_models_engine_from_host_memory(served):
+    """Three bf16 models through a replica that holds two (and host memory for all of this module's
+    models): the second request for globex finds its weights in host memory and the engine of the
+    model it evicts (initech's: same shape), and still answers as the folder does under transformers."""
+    def ask(model_id: str) -> str:
+        response = requests.post(f"{served['url']}/chat/completions", timeout=120,
+                                 headers={"Authorization": f"Bearer {served['keys'][model_id.split('/')[0]]}"},
+                                 json={"model": model_id, "messages": QUESTION, "temperature": 0, "max_tokens": 8})
+        assert response.status_code == 200, response.text
+        return response.json()["choices"][0]["message"]["content"]
+
+    for model_id in ("globex/bf16.original", "initech/bf16.original", "acme/bf16.original"):
+        ask(model_id)
+    assert ask("globex/bf16.original") == reference_answer(served, "globex/bf16.original", QUESTION, 8)[0]
+    facts = requests.get(f"{served['url']}/qlora-ray/resident", params={"model": "globex/bf16.original"},
+                         headers={"Authorization": f"Bearer {served['keys']['globex']}"}, timeout=120).json()
+    assert facts["loaded_from"] == "host memory, into a spare engine", facts
+    assert sorted(facts["resident_models"]) == ["acme/bf16.original", "globex/bf16.original"]
+    assert "globex/bf16.original" in facts["host_models"]
 
 
 def test_bench_runs_end_to_end_and_its_summary_agrees_with_its_samples(served, tmp_path):

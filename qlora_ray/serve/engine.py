@@ -285,6 +285,14 @@ class StaticEngine:
         self.positions[slot] = 0
         self.host_positions[slot] = 0
 
+    def serve_another(self, stop_ids: set[int]) -> None:
+        """Start over for another model whose weights were just copied into this engine's tensors
+        (serve/switching.py): every slot free. Its compiled layers and CUDA graphs stay: they read
+        the same tensors."""
+        self.stop_ids = stop_ids
+        self.positions.zero_()
+        self.host_positions = [0] * self.max_batch
+
     def _graph(self, bucket: int, span: int, inputs: tuple[torch.Tensor, ...]) -> _StepGraph:
         graph = self._graphs.get((bucket, span))
         if graph is None:

@@ -21,9 +21,12 @@ class LoadedModel:
     """An engine, its tokenizer, and the batcher that runs its requests."""
 
     def __init__(self, entry: ModelEntry, engine, tokenizer, resident_bytes: int, load_seconds: float,
-                 serve_spec: ServeSpec):
+                 serve_spec: ServeSpec, *, loaded_from: str = "the store", signature: str | None = None):
+        """`loaded_from`: where its weights came from (switching.py); `signature`: what another model
+        must share to take over its engine (switching.signature), None if none can."""
         self.entry, self.engine, self.tokenizer = entry, engine, tokenizer
         self.resident_bytes, self.load_seconds = resident_bytes, load_seconds
+        self.loaded_from, self.signature = loaded_from, signature
         self.batcher = Batcher(engine, serve_spec.max_batch, stream_interval=serve_spec.stream_interval_ms / 1000)
         self.engine_name = type(engine).__name__
 
@@ -38,6 +41,13 @@ class LoadedModel:
             import torch
 
             torch.cuda.empty_cache()
+
+
+def serving_dtype(device: str):
+    """The activations' (and dense weights') dtype on `device`: bf16 on a GPU, fp32 on a CPU (its fast path)."""
+    import torch
+
+    return torch.bfloat16 if device == "cuda" else torch.float32
 
 
 def _context(spec: JobSpec, config) -> int:
@@ -57,12 +67,8 @@ def _stop_ids(folder: Path, tokenizer) -> set[int]:
 def load_model(spec: JobSpec, store: Store, entry: ModelEntry, device: str) -> LoadedModel:
     """The LoadedModel of a catalog entry on `device`: fused folders through our decoder where their
     weight format allows, transformers otherwise; unmerged through peft."""
-    import torch
-
-    from qlora_ray.serve.engine import TransformersEngine
-
     started = time.perf_counter()
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # fp32 is the fast CPU path
+    dtype = serving_dtype(device)
     if entry.variant == UNMERGED:  # loaded as the eval stage loads its `unmerged` row
         from qlora_ray.quality.configs import UNMERGED_ROW, load_config
 
@@ -70,7 +76,7 @@ def load_model(spec: JobSpec, store: Store, entry: ModelEntry, device: str) -> L
             loaded = load_config(UNMERGED_ROW, {"base": base_dir, "adapter": adapter_dir}, device)
             model, tokenizer = loaded.model, loaded.tokenizer
             stop_ids = _stop_ids(base_dir, tokenizer)
-        engine = TransformersEngine(model, stop_ids, context=_context(spec, model.config), max_batch=spec.serve.max_batch)
+        engine = transformers_engine(spec, model, stop_ids)
         resident = sum(p.nbytes for p in model.parameters())
     else:
         with store.local_copy(entry.key) as folder:
@@ -81,22 +87,55 @@ def load_model(spec: JobSpec, store: Store, entry: ModelEntry, device: str) -> L
 def _fused_engine(spec: JobSpec, entry: ModelEntry, folder: Path, device: str, dtype):
     """(engine, tokenizer, resident bytes) for a fused model's folder: our decoder where its weight
     format allows, transformers otherwise."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from qlora_ray.serve.decoder import Decoder
 
-    from qlora_ray.serve.engine import StaticEngine, TransformersEngine
-    from qlora_ray.serve.weights import WeightFormatError, load_decoder
+    tokenizer, stop_ids = fused_tokenizer(folder)
+    decoder = fused_decoder(entry, folder, device, dtype)
+    if not isinstance(decoder, Decoder):  # a transformers model
+        return transformers_engine(spec, decoder, stop_ids), tokenizer, decoder.get_memory_footprint()
+    engine = static_engine(spec, decoder, stop_ids)
+    return engine, tokenizer, engine_bytes(engine)
+
+
+def fused_tokenizer(folder: Path):
+    """(tokenizer, stop token ids) of a fused model's folder."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    stop_ids = _stop_ids(folder, tokenizer)
+    return tokenizer, _stop_ids(folder, tokenizer)
+
+
+def fused_decoder(entry: ModelEntry, folder: Path, device: str, dtype):
+    """Our Decoder of a fused folder, where its weight format allows; else the transformers model."""
+    from transformers import AutoModelForCausalLM
+
+    from qlora_ray.serve.weights import WeightFormatError, load_decoder
+
     try:
-        decoder = load_decoder(folder, device=device, dtype=dtype)
+        return load_decoder(folder, device=device, dtype=dtype)
     except WeightFormatError as exc:
         log.warning("%s: %s; serving it through transformers instead", entry.id, exc)
-        model = AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, use_safetensors=True,
-                                                     trust_remote_code=False).eval()
-        engine = TransformersEngine(model, stop_ids, context=_context(spec, model.config), max_batch=spec.serve.max_batch)
-        return engine, tokenizer, model.get_memory_footprint()
+        return AutoModelForCausalLM.from_pretrained(str(folder), device_map=device, use_safetensors=True,
+                                                    trust_remote_code=False).eval()
+
+
+def transformers_engine(spec: JobSpec, model, stop_ids: set[int]):
+    from qlora_ray.serve.engine import TransformersEngine
+
+    return TransformersEngine(model, stop_ids, context=_context(spec, model.config), max_batch=spec.serve.max_batch)
+
+
+def static_engine(spec: JobSpec, decoder, stop_ids: set[int]):
+    """A StaticEngine over the decoder, compiled and captured (on CUDA) before its first request."""
+    from qlora_ray.serve.engine import StaticEngine
+
     engine = StaticEngine(decoder, stop_ids, context=_context(spec, decoder.config), max_batch=spec.serve.max_batch)
     engine.warm_up()
-    resident = sum(t.nbytes for t in decoder.parameters()) + sum(t.nbytes for t in decoder.buffers())
-    return engine, tokenizer, resident + decoder.cache_bytes()
+    return engine
+
+
+def engine_bytes(engine) -> int:
+    """What a StaticEngine holds on its device: weights and KV cache."""
+    decoder = engine.decoder
+    weights = sum(t.nbytes for t in decoder.parameters()) + sum(t.nbytes for t in decoder.buffers())
+    return weights + decoder.cache_bytes()

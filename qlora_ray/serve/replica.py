@@ -19,8 +19,9 @@ from qlora_ray.hardware import preferred_device
 from qlora_ray.library_output import route_library_output
 from qlora_ray.serve.bench import percentile
 from qlora_ray.serve.catalog import ModelEntry
-from qlora_ray.serve.loading import LoadedModel, load_model
+from qlora_ray.serve.loading import LoadedModel
 from qlora_ray.serve.residency import ResidentModels, TenantLoadsExceeded
+from qlora_ray.serve.switching import ModelSwitcher
 from qlora_ray.spec import JobSpec, parse_size
 from qlora_ray.store import Store
 
@@ -75,16 +76,28 @@ def _memory_budget(spec: JobSpec, device: str) -> int | None:
     return int(0.85 * total * min(1.0, spec.serve.resources.num_gpus or 1.0))
 
 
+def _host_budget(spec: JobSpec, device: str) -> int:
+    """Bytes of host memory the replica keeps models' weights in (serve.host_memory; see its description)."""
+    value = spec.serve.host_memory
+    if value is not None:
+        return 0 if str(value).strip() == "0" else parse_size(value)
+    if device != "cuda":
+        return 0
+    import psutil
+
+    return psutil.virtual_memory().total // 4
+
+
 @serve.deployment
 class ModelServer:
-    """`loader` (default loading.load_model) builds a LoadedModel for a catalog entry: tests inject
-    fake engines here, as Ray Serve LLM injects its engine class."""
+    """`loader(spec, store, entry, device)` builds a LoadedModel for a catalog entry, freed by its
+    close(): tests inject fake engines here, as Ray Serve LLM injects its engine class. By default
+    a ModelSwitcher loads (loading.load_model's models, through its host tier and spare engines)."""
 
     def __init__(self, spec: JobSpec, loader=None):
         started = time.perf_counter()
         route_library_output(worker=True)
         self.spec = spec
-        self.loader = loader or load_model
         self.store = Store(self.spec.store, self.spec.storage_options)
         self.device = preferred_device()
         if self.device == "cuda":
@@ -93,7 +106,13 @@ class ModelServer:
             # The Marlin int4 kernel is compiled on a machine's first use (minutes) unless the store
             # holds a build: here, while the replica starts, rather than inside the first request.
             marlin.prepare(self.store, share=self.spec.serve.share_compiled_kernels)
-        self.models = ResidentModels(self._load, LoadedModel.close, max_models=spec.serve.max_resident_models,
+        self.switcher = None
+        if loader is None:
+            self.switcher = ModelSwitcher(spec, self.store, self.device, _host_budget(spec, self.device))
+            self._load_entry, release = self.switcher.load, self.switcher.release
+        else:
+            self._load_entry, release = (lambda entry: loader(spec, self.store, entry, self.device)), LoadedModel.close
+        self.models = ResidentModels(self._load, release, max_models=spec.serve.max_resident_models,
                                      memory_budget=_memory_budget(spec, self.device),
                                      loads_per_tenant=spec.serve.loads_per_tenant)
 
@@ -106,7 +125,7 @@ class ModelServer:
         log.info("model replica ready in %.1f s (before its first model load)", self.start_seconds)
 
     async def _load(self, entry: ModelEntry) -> LoadedModel:
-        return await asyncio.to_thread(self.loader, self.spec, self.store, entry, self.device)
+        return await asyncio.to_thread(self._load_entry, entry)
 
     @contextlib.asynccontextmanager
     async def _using(self, entry: dict):
@@ -138,6 +157,8 @@ class ModelServer:
                      if span.model == model.entry.id and (since is None or span.arrived >= since)]
             return {"model": model.entry.id, "resident_bytes": model.resident_bytes, "engine": model.engine_name,
                     "device": self.device, "load_seconds": round(model.load_seconds, 2),
+                    "loaded_from": model.loaded_from,
+                    "host_models": self.switcher.host.ids() if self.switcher else [],
                     "replica_start_seconds": round(self.start_seconds, 2),
                     "resident_models": self.models.resident_ids(),
                     "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,

@@ -1,0 +1,260 @@
+"""Model switches without a rebuild: a host-memory tier of models' weights, and engines reused across
+the models of one shape.
+
+Building a StaticEngine on CUDA compiles its layers and captures its CUDA graphs, tens of seconds a
+model; the fused models of one base and scheme differ only in their weights' values. So:
+- an evicted model's engine is kept as a spare, and the next model of the same signature (its
+  config, and its weight tensors' names, shapes and dtypes) is copied into it. Its compiled code
+  and CUDA graphs read those very tensors, so they serve the new model as they are;
+- each model's weights, as its engine holds them (repacked for its kernels), are kept in host
+  memory (pinned on CUDA) up to serve.host_memory, least recently used leaving first: a switch back
+  to such a model is one copy from the host into a spare engine.
+A spare holds device memory that the residency (residency.py) counts as free. Only loads allocate
+on a replica, and each load first takes the spare it can use and lets go of the others, so the
+device holds at most what the residency counts plus the one load's own transient.
+"""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+# Config entries that name or date a model folder without changing its computation.
+_CONFIG_NOT_COMPUTED = ("_name_or_path", "transformers_version")
+
+
+def weight_tensors(decoder: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+    """Every weight tensor of a decoder (parameters and buffers: not its KV cache), by name; None
+    when one is not a plain tensor (bitsandbytes' 4-bit weights carry a quantization state beside
+    them, which a copy of the tensor would miss)."""
+    tensors = {}
+    for name, tensor in itertools.chain(decoder.named_parameters(), decoder.named_buffers()):
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            return None
+        tensors[name] = tensor
+    return tensors
+
+
+def signature(decoder: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> str:
+    """What two decoders must share for one's weights to be copied into the other: the computation
+    (the config, less what only names the folder) and every tensor's name, shape and dtype."""
+    config = {k: v for k, v in decoder.config.to_dict().items() if k not in _CONFIG_NOT_COMPUTED}
+    layout = [(name, list(t.shape), str(t.dtype)) for name, t in tensors.items()]
+    return json.dumps([config, layout], sort_keys=True, default=str)
+
+
+def copy_weights(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor]) -> None:
+    """Copy `source` into `target` in place (same names, shapes and dtypes: see signature)."""
+    if target.keys() != source.keys():
+        raise ValueError("the weights to copy do not match the engine's tensors")
+    with torch.inference_mode():
+        for name, tensor in target.items():
+            tensor.copy_(source[name], non_blocking=True)
+    devices = {t.device for t in target.values() if t.device.type == "cuda"}
+    for device in devices:
+        torch.cuda.synchronize(device)
+
+
+def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors in host memory: pinned when they live on a GPU, so that copying them back runs at
+    the bus's speed."""
+    copies = {}
+    for name, tensor in tensors.items():
+        copy = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda")
+        copies[name] = copy.copy_(tensor)
+    return copies
+
+
+@dataclass
+class HostImage:
+    """A model as a switch back to it needs it: its weights in host memory, and its tokenizer."""
+
+    signature: str
+    tensors: dict[str, torch.Tensor]
+    tokenizer: Any
+    stop_ids: set[int]
+    resident_bytes: int
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+
+class HostTier:
+    """Models' host images within a byte budget, least recently used leaving first. Thread-safe:
+    loads and releases run on threads."""
+
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+        self._images: OrderedDict[str, HostImage] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, model_id: str) -> HostImage | None:
+        with self._lock:
+            image = self._images.get(model_id)
+            if image is not None:
+                self._images.move_to_end(model_id)
+            return image
+
+    def holds(self, model_id: str) -> bool:
+        with self._lock:
+            return model_id in self._images
+
+    def fits(self, nbytes: int) -> bool:
+        return 0 < nbytes <= self.budget_bytes
+
+    def put(self, model_id: str, image: HostImage) -> None:
+        with self._lock:
+            self._images.pop(model_id, None)
+            while self._images and self.nbytes() + image.nbytes > self.budget_bytes:
+                gone, _ = self._images.popitem(last=False)
+                log.info("host tier: dropped %s (least recently used)", gone)
+            self._images[model_id] = image
+
+    def nbytes(self) -> int:
+        return sum(image.nbytes for image in self._images.values())
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self._images)
+
+
+@dataclass
+class Spare:
+    """An evicted model's engine, kept for the next model of its signature."""
+
+    signature: str
+    engine: Any
+
+
+class SpareEngines:
+    """The engines of evicted models, until the next load takes one or lets them go."""
+
+    def __init__(self) -> None:
+        self._spares: list[Spare] = []
+        self._lock = threading.Lock()
+
+    def keep(self, spare: Spare) -> None:
+        with self._lock:
+            self._spares.append(spare)
+
+    def take(self, wanted: str | None) -> Any:
+        """The engine of signature `wanted`, if one is spare; every other spare is let go (its memory
+        freed), so that the load that follows finds the memory the residency counted on."""
+        with self._lock:
+            spares, self._spares = self._spares, []
+        match = next((s.engine for s in spares if wanted is not None and s.signature == wanted), None)
+        dropped = len(spares) - (match is not None)
+        if dropped:
+            devices = {s.engine.device for s in spares if s.engine is not match}
+            spares.clear()
+            free_memory(devices)
+        return match
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._spares)
+
+
+def free_memory(devices) -> None:
+    """Return what the dropped engines held: their tensors sit in reference cycles (modules, captured
+    graphs), and CUDA keeps freed blocks cached."""
+    gc.collect()
+    if any(getattr(device, "type", device) == "cuda" for device in devices):
+        torch.cuda.empty_cache()
+
+
+class ModelSwitcher:
+    """A replica's loader and releaser (residency.ResidentModels' load and release) through the host
+    tier and the spare engines; the unmerged baseline and models transformers serves are loaded and
+    freed as loading.load_model does."""
+
+    # Room a load from the store needs beside a spare engine it may copy into, over the artifact's
+    # size; with less free device memory the spares go first.
+    TRANSIENT_HEADROOM = 1.25
+
+    def __init__(self, spec, store, device: str, host_budget_bytes: int):
+        self.spec, self.store, self.device = spec, store, device
+        self.host = HostTier(host_budget_bytes)
+        self.spares = SpareEngines()
+
+    def load(self, entry):
+        from qlora_ray.serve.catalog import UNMERGED
+        from qlora_ray.serve.loading import LoadedModel, load_model
+
+        started = time.perf_counter()
+        image = self.host.get(entry.id)
+        if image is not None:
+            engine = self.spares.take(image.signature)
+            if engine is not None:
+                copy_weights(weight_tensors(engine.decoder), image.tensors)
+                engine.serve_another(image.stop_ids)
+                return LoadedModel(entry, engine, image.tokenizer, image.resident_bytes, time.perf_counter() - started,
+                                   self.spec.serve, loaded_from="host memory, into a spare engine",
+                                   signature=image.signature)
+        if entry.variant == UNMERGED:
+            self.spares.take(None)
+            return load_model(self.spec, self.store, entry, self.device)
+        if not self._room_beside_spares(entry.size_bytes):
+            self.spares.take(None)
+        return self._load_from_store(entry, started)
+
+    def _load_from_store(self, entry, started: float):
+        from qlora_ray.serve import loading
+        from qlora_ray.serve.decoder import Decoder
+
+        with self.store.local_copy(entry.key) as folder:
+            tokenizer, stop_ids = loading.fused_tokenizer(folder)
+            decoder = loading.fused_decoder(entry, folder, self.device, loading.serving_dtype(self.device))
+        if not isinstance(decoder, Decoder):  # a transformers model
+            self.spares.take(None)
+            engine = loading.transformers_engine(self.spec, decoder, stop_ids)
+            return loading.LoadedModel(entry, engine, tokenizer, decoder.get_memory_footprint(),
+                                       time.perf_counter() - started, self.spec.serve)
+        tensors = weight_tensors(decoder)
+        wanted = signature(decoder, tensors) if tensors is not None else None
+        engine = self.spares.take(wanted)
+        if engine is not None:
+            copy_weights(weight_tensors(engine.decoder), tensors)
+            del decoder, tensors
+            free_memory({engine.device})
+            engine.serve_another(stop_ids)
+            loaded_from = "the store, into a spare engine"
+        else:
+            engine = loading.static_engine(self.spec, decoder, stop_ids)
+            loaded_from = "the store"
+        resident = loading.engine_bytes(engine)
+        if wanted is not None:
+            weights = weight_tensors(engine.decoder)
+            if self.host.fits(sum(t.nbytes for t in weights.values())):
+                self.host.put(entry.id, HostImage(wanted, host_copy(weights), tokenizer, stop_ids, resident))
+        return loading.LoadedModel(entry, engine, tokenizer, resident, time.perf_counter() - started, self.spec.serve,
+                                   loaded_from=loaded_from, signature=wanted)
+
+    def release(self, model) -> None:
+        """Stop the model; keep its engine as a spare if another model can take it over, else free it."""
+        if model.signature is None:
+            model.close()
+            return
+        model.batcher.close()
+        self.spares.keep(Spare(model.signature, model.engine))
+        model.engine = model.batcher = None
+
+    def _room_beside_spares(self, artifact_bytes: int) -> bool:
+        """Whether the device has room for a model of this size loaded beside the spares (only a
+        GPU's room is tight: on the CPU the spares stay)."""
+        if self.device != "cuda" or not len(self.spares):
+            return True
+        free, _ = torch.cuda.mem_get_info()
+        return free >= artifact_bytes * self.TRANSIENT_HEADROOM
