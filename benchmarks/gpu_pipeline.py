@@ -360,9 +360,11 @@ def serve_engine_rate(run: Run, args) -> str:
     return render_serve_engine_rate(run.results, model)
 
 
-def publish_random_fused(spec, store, shape: str, variant: str, device: str, folder: Path) -> None:
-    """A fused model of random weights, as the fuse stage publishes it: gptq-int4 by round-to-nearest in
-    GPTQ's layout (benchmarks/serve_speed.py; the kernels' speed does not depend on the values)."""
+def publish_random_fused(spec, store, shape: str, variant: str, device: str, folder: Path, *, tenant: str = "acme",
+                         seed: int = 0) -> None:
+    """A fused model of random weights (from `seed`) for `tenant`, as the fuse stage publishes it:
+    gptq-int4 by round-to-nearest in GPTQ's layout (benchmarks/serve_speed.py; the kernels' speed
+    does not depend on the values)."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
@@ -372,7 +374,7 @@ def publish_random_fused(spec, store, shape: str, variant: str, device: str, fol
     from qlora_ray.store import fused_key
 
     config = shape_config(shape)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
     state = {name: value.detach() for name, value in model.state_dict().items()}
@@ -387,7 +389,7 @@ def publish_random_fused(spec, store, shape: str, variant: str, device: str, fol
     config.torch_dtype = "bfloat16"
     config.save_pretrained(str(folder))
     byte_tokenizer().save_pretrained(str(folder))
-    store.publish(fused_key(spec.name, "acme", variant), folder, kind="fused",
+    store.publish(fused_key(spec.name, tenant, variant), folder, kind="fused",
                   inputs={"method": "random weights (benchmark)"})
     del state
     if device == "cuda":
