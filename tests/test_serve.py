@@ -85,6 +85,7 @@ def reference_answer(served, model_id: str, messages, max_tokens: int) -> tuple[
     served["store"].fetch(fused_key("t", tenant, variant), folder)
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    with_dequantized_4bit_weights(model)
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.inference_mode():
         out = model.generate(**ids, max_new_tokens=max_tokens, do_sample=False)
@@ -92,6 +93,31 @@ def reference_answer(served, model_id: str, messages, max_tokens: int) -> tuple[
     eos = model.generation_config.eos_token_id
     stopped = new_tokens[-1] in (eos if isinstance(eos, list) else [eos])
     return tokenizer.decode(new_tokens, skip_special_tokens=True), "stop" if stopped else "length", len(new_tokens)
+
+
+def with_dequantized_4bit_weights(model) -> None:
+    """Replace bitsandbytes' 4-bit layers by fp32 ones holding bitsandbytes' own dequantization of
+    their weights, and run the rest in fp32 too, as the CPU server computes them. bitsandbytes' CPU
+    4-bit matmul is not that product on every CPU: on one with AVX512-BF16 and AMX (2026-12-02,
+    bitsandbytes 0.50.2, a fused nf4 SmolLM2 with double quantization, compute dtype set to fp32) a
+    projection's outputs differed from it by up to 0.16, and the greedy answers parted after 72
+    characters."""
+    import bitsandbytes as bnb
+
+    replaced = False
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                dense = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                dense.weight.data = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).float()
+                if child.bias is not None:
+                    dense.bias.data = child.bias.data.float()
+                setattr(parent, name, dense)
+                replaced = True
+    if replaced:  # the layers a 4-bit load left in the folder's bf16 (transformers refuses .float() here)
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.is_floating_point():
+                tensor.data = tensor.data.float()
 
 
 @pytest.mark.parametrize("model_id", ["acme/bf16.original", "acme/nf4.original", "acme/gptq-int4.original",
