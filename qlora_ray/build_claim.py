@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 CLAIM_REFRESH_SECONDS = 15.0
 CLAIM_STALE_SECONDS = 75.0
 POLL_SECONDS = 2.0
-# Past this a waiter builds by itself, claim or not: a build that slow has hung.
+# Past this a waiter takes the claim over even while it is refreshed: a build that slow has hung.
 MAX_WAIT_SECONDS = 30 * 60.0
 PROGRESS_EVERY_SECONDS = 30.0
 
@@ -41,6 +41,8 @@ class ClaimWatch:
     def __init__(self) -> None:
         self._seen: tuple | None = None
         self._seen_since = 0.0
+        self._owner: str | None = None
+        self._owner_since = 0.0
 
     def is_free(self, record: dict | None, now: float) -> bool:
         if not isinstance(record, dict) or record.get("state") != BUILDING:
@@ -49,15 +51,25 @@ class ClaimWatch:
         if isinstance(builder, dict) and builder.get("host") == process_identity()["host"] \
                 and not process_is_running(builder):
             return True
-        version = (record.get("owner"), record.get("beat"))
+        if record.get("owner") != self._owner:
+            self._owner, self._owner_since = record.get("owner"), now
+        version = _version(record)
         if version != self._seen:
             self._seen, self._seen_since = version, now
             return False
         return now - self._seen_since > CLAIM_STALE_SECONDS
 
+    def is_hung(self, now: float) -> bool:
+        """Whether the claim last judged (not free) has been one builder's for MAX_WAIT_SECONDS."""
+        return self._owner is not None and now - self._owner_since > MAX_WAIT_SECONDS
+
+
+def _version(record: dict | None) -> tuple | None:
+    return (record.get("owner"), record.get("beat")) if isinstance(record, dict) else None
+
 
 class _Claim:
-    """A claim this process holds, refreshed by a thread until released."""
+    """A claim this process holds, refreshed by a thread until released or no longer its own."""
 
     def __init__(self, store, key: str, owner: str):
         self.store, self.key, self.owner = store, key, owner
@@ -68,46 +80,51 @@ class _Claim:
     def _ours(self, record: dict | None) -> bool:
         return isinstance(record, dict) and record.get("owner") == self.owner and record.get("state") == BUILDING
 
+    def _change_if_ours(self, change) -> bool:
+        """Apply change to the claim if it is still this process's (else write nothing): whether it was."""
+        after = self.store.update_record(self.key, lambda record: change(record) if self._ours(record) else None)
+        return isinstance(after, dict) and after.get("owner") == self.owner
+
     def _refresh(self) -> None:
         while not self._stop.wait(CLAIM_REFRESH_SECONDS):
             try:
-                self.store.update_record(self.key, lambda record: {**record, "beat": record.get("beat", 0) + 1}
-                                         if self._ours(record) else record)
-            except UserError as error:  # the next refresh may get through; waiters allow for misses
+                if not self._change_if_ours(lambda record: {**record, "beat": record.get("beat", 0) + 1}):
+                    log.warning("the build claim %s was taken over; building on regardless", self.store.url(self.key))
+                    return
+            except Exception as error:  # noqa: BLE001 - the next beat may get through; waiters allow for misses
                 log.warning("could not refresh the build claim %s (%s)", self.store.url(self.key), error)
 
     def release(self) -> None:
         self._stop.set()
         self._refresher.join()
         try:
-            self.store.update_record(self.key, lambda record: {**record, "state": "released"}
-                                     if self._ours(record) else record)
-        except UserError as error:  # waiters take it over once it stops changing
+            self._change_if_ours(lambda record: {**record, "state": "released"})
+        except Exception as error:  # noqa: BLE001 - waiters take it over once it stops changing
             log.warning("could not give up the build claim %s (%s)", self.store.url(self.key), error)
 
 
-def _try_claim(store, key: str, watch: ClaimWatch) -> _Claim | None:
-    """Take the claim at key if it is still free as `watch` judged it (an atomic write: of two
-    waiters that judged it so, one gets it)."""
+def _try_claim(store, key: str, may_take) -> _Claim | None:
+    """Take the claim at key if may_take(the record there now) (an atomic write: of two processes
+    that both judged it free, one gets it)."""
     owner = uuid.uuid4().hex
 
-    def take(record: dict | None) -> dict:
-        if not watch.is_free(record, time.monotonic()):
-            return record
+    def take(record: dict | None) -> dict | None:
+        if not may_take(record):
+            return None
         return {"state": BUILDING, "owner": owner, "beat": 0, "builder": process_identity(),
                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     written = store.update_record(key, take)
-    return _Claim(store, key, owner) if written.get("owner") == owner else None
+    return _Claim(store, key, owner) if isinstance(written, dict) and written.get("owner") == owner else None
 
 
 @contextlib.contextmanager
 def one_builder(store, artifact_key: str, claim_key: str, *, what: str) -> Iterator[bool]:
     """Yields True to the process that is to build `what` (it holds the claim at claim_key, refreshed
     until the block ends, then given up: publish the artifact inside the block), False once the
-    artifact at artifact_key is complete, built by another. Where the store cannot keep the claim,
-    or the wait passes MAX_WAIT_SECONDS, it yields True without one: building twice is slower, not
-    wrong, since the first artifact published wins."""
+    artifact at artifact_key is complete, built by another. Where the store cannot keep the claim
+    it yields True without one: building twice is slower, not wrong, since the first artifact
+    published wins."""
     claim = None
     try:
         claim = _wait_for_claim(store, artifact_key, claim_key, what)
@@ -123,9 +140,10 @@ def one_builder(store, artifact_key: str, claim_key: str, *, what: str) -> Itera
             claim.release()
 
 
-def _wait_for_claim(store, artifact_key: str, claim_key: str, what: str) -> _Claim | bool | None:
-    """The claim once this process holds it; False once the artifact is complete; None when the wait
-    ran out."""
+def _wait_for_claim(store, artifact_key: str, claim_key: str, what: str) -> _Claim | bool:
+    """The claim once this process holds it; False once the artifact is complete. A claim whose
+    build has taken past MAX_WAIT_SECONDS is taken over as a stale one is: by one waiter, which
+    builds it again, while the others go on waiting."""
     watch = ClaimWatch()
     started = last_said = time.monotonic()
     while True:
@@ -133,16 +151,23 @@ def _wait_for_claim(store, artifact_key: str, claim_key: str, what: str) -> _Cla
             return False
         now = time.monotonic()
         record = store.read_record(claim_key)
-        if watch.is_free(record, now):
-            claim = _try_claim(store, claim_key, watch)
+        free = watch.is_free(record, now)
+        hung = not free and watch.is_hung(now)
+        if free or hung:
+            seen = _version(record)
+            claim = _try_claim(store, claim_key, lambda current: _version(current) == seen)
             if claim is not None:
-                if store.is_complete(artifact_key):  # published and given up between the two reads
+                if hung:
+                    log.warning("%s: waited %.0f s for another process's build; building it here", what, now - started)
+                try:
+                    complete = store.is_complete(artifact_key)  # published and given up between the two reads
+                except BaseException:
+                    claim.release()
+                    raise
+                if complete:
                     claim.release()
                     return False
                 return claim
-        if now - started > MAX_WAIT_SECONDS:
-            log.warning("%s: waited %.0f s for another process's build; building it here", what, now - started)
-            return None
         if now - last_said >= PROGRESS_EVERY_SECONDS:
             builder = (record or {}).get("builder") or {}
             log.info("%s: waiting for the build of %s (pid %s), %.0f s so far", what, builder.get("host", "?"),

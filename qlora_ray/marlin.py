@@ -124,9 +124,9 @@ def share_builds_through(store) -> None:
     """Keep the compiled kernel in `store` (store.kernel_key("marlin", fingerprint)): a replica or an
     eval task on another node, or a later start on a fresh machine, loads it in seconds instead of
     compiling it for minutes. One process compiles and publishes it while those that need it meanwhile
-    wait for it (build_claim.py). Whoever can write that key
-    can run native code on the processes that load it: the store must be trusted as the code is
-    (serve.share_compiled_kernels: false turns this off)."""
+    wait for it (build_claim.py). Whoever can write that key can run native code on the processes
+    that load it: the store must be trusted as the code is (serve.share_compiled_kernels: false
+    turns this off)."""
     global _shared_store
     _shared_store = store
 

@@ -57,6 +57,11 @@ def parse_size(value: str | int) -> int:
     return size
 
 
+def _is_zero_size(value: str | int) -> bool:
+    """0, "0" or a zero with a unit ("0GB"): a size that turns something off."""
+    return re.fullmatch(r"\s*0+(?:\.0*)?\s*([KMG]i?B|B)?\s*", str(value), flags=re.IGNORECASE) is not None
+
+
 def _is_uri(value: str) -> bool:
     return "://" in value
 
@@ -323,11 +328,11 @@ class ServeSpec(_Model):
     resident_memory: str | None = Field(
         None, description="Bytes a replica's models may hold (e.g. 60GB), besides max_resident_models. Default: on a "
         "GPU, 85% of the replica's share of it (resources.num_gpus); no byte bound on a CPU.")
-    host_memory: str | None = Field(
+    host_memory: str | int | None = Field(
         None, description="Host memory a replica keeps its models' weights in (e.g. 64GB; 0: none), least recently "
         "used leaving first: a switch back to such a model copies its weights into the engine an evicted model of "
         "the same shape leaves behind, instead of loading and compiling it again. Default: on a GPU, a quarter of "
-        "the node's memory; none on a CPU.")
+        "the node's memory, shared among its GPUs by the replica's share of them; none on a CPU.")
     loads_per_tenant: int = Field(
         1, gt=0, description="Model loads of one tenant running or waiting on a replica at once; a request that "
         "would start another is answered 429 with Retry-After, so no tenant can queue up switches.")
@@ -376,10 +381,16 @@ class ServeSpec(_Model):
 
     @field_validator("host_memory")
     @classmethod
-    def _check_host_memory(cls, value: str | None) -> str | None:
-        if value is not None and str(value).strip() != "0":
+    def _check_host_memory(cls, value: str | int | None) -> str | int | None:
+        if value is not None and not _is_zero_size(value):
             parse_size(value)
         return value
+
+    @property
+    def host_memory_bytes(self) -> int:
+        """serve.host_memory in bytes (0 when unset or zero)."""
+        value = self.host_memory
+        return 0 if value is None or _is_zero_size(value) else parse_size(value)
 
     @model_validator(mode="after")
     def _replica_range(self) -> "ServeSpec":

@@ -548,12 +548,13 @@ class Store:
                 return None
         return record if isinstance(record, dict) else None
 
-    def update_record(self, key: str, change: Callable[[dict | None], dict]) -> dict:
+    def update_record(self, key: str, change: Callable[[dict | None], dict | None]) -> dict | None:
         """Replace a record by change(current record, or None if absent), atomically against other
-        writers of it (see the module docstring). A record that is there but not a JSON object is
-        not guessed at: StoreError, and nothing is written. Returns the record written."""
+        writers of it (see the module docstring); change() returning None writes nothing. A record
+        that is there but not a JSON object is not guessed at: StoreError, and nothing is written.
+        Returns the record there afterwards (None if absent)."""
 
-        def apply(current: bytes | None) -> bytes:
+        def apply(current: bytes | None) -> bytes | None:
             record = None
             if current is not None:
                 try:
@@ -563,9 +564,11 @@ class Store:
                 if not isinstance(record, dict):
                     raise StoreError(f"{self.url(key)}: the record is damaged (not a JSON object); fix or "
                                      "delete it by hand, nothing was changed")
-            return json.dumps(change(record), sort_keys=True).encode()
+            changed = change(record)
+            return None if changed is None else json.dumps(changed, sort_keys=True).encode()
 
-        return json.loads(self._compare_and_swap(key, apply))
+        after = self._compare_and_swap(key, apply)
+        return None if after is None else json.loads(after)
 
     # -- internals ---------------------------------------------------------------------------
     def _published(self, key: str) -> _Published | None:

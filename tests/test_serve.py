@@ -78,8 +78,9 @@ def client(served, tenant):
 
 
 def reference_answer(served, model_id: str, messages, max_tokens: int) -> tuple[str, str, int]:
-    """The greedy answer of the fused folder loaded by transformers alone, in fp32 as the CPU server
-    runs: (its text, its OpenAI finish_reason, its completion tokens, the stop token included)."""
+    """The greedy answer of the fused folder loaded by transformers (4-bit layers dequantized by
+    bitsandbytes: with_dequantized_4bit_weights), in fp32 as the CPU server runs: (its text, its
+    OpenAI finish_reason, its completion tokens, the stop token included)."""
     tenant, variant = model_id.split("/")
     folder = served["tmp"] / "reference" / tenant / variant
     served["store"].fetch(fused_key("t", tenant, variant), folder)

@@ -16,6 +16,7 @@ import time
 from dataclasses import dataclass
 
 from qlora_ray.errors import UserError
+from qlora_ray.manifest import manifest_digest
 from qlora_ray.quality.verdicts import read_verdicts
 from qlora_ray.serve.keys import KeyRing
 from qlora_ray.spec import FusedVariant, JobSpec
@@ -33,6 +34,7 @@ class ModelEntry:
     key: str  # the store key it loads from (the adapter's, for unmerged)
     size_bytes: int = 0  # its files in the store (with the base's, for unmerged): what a replica must make room for
     refused: str | None = None  # why it is not served: it failed the quality gate
+    version: str = ""  # the fused artifact's manifest digest as the catalog read it: a model fused again is another
 
     @property
     def deployment(self) -> str:
@@ -65,7 +67,8 @@ def model_catalog(spec: JobSpec, store: Store) -> dict[str, ModelEntry]:
             if quality.get("passed") is False and not spec.serve.allow_failed_quality:
                 failed[variant] = (quality, _size(manifest))
                 continue
-            entry = ModelEntry(f"{tenant.id}/{variant.name}", tenant.id, variant.name, key, _size(manifest))
+            entry = ModelEntry(f"{tenant.id}/{variant.name}", tenant.id, variant.name, key, _size(manifest),
+                               version=manifest_digest(manifest))
             entries[entry.id] = entry
             if variant.scheme not in defaults or quality.get("default_for_scheme"):
                 defaults[variant.scheme] = entry

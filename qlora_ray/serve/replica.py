@@ -77,15 +77,38 @@ def _memory_budget(spec: JobSpec, device: str) -> int | None:
 
 
 def _host_budget(spec: JobSpec, device: str) -> int:
-    """Bytes of host memory the replica keeps models' weights in (serve.host_memory; see its description)."""
-    value = spec.serve.host_memory
-    if value is not None:
-        return 0 if str(value).strip() == "0" else parse_size(value)
+    """Bytes of host memory the replica keeps models' weights in: serve.host_memory, else on a GPU a
+    quarter of the node's memory (its cgroup's limit where lower), shared among its GPUs by the
+    replica's share of them; none on a CPU."""
+    if spec.serve.host_memory is not None:
+        return spec.serve.host_memory_bytes
     if device != "cuda":
         return 0
     import psutil
 
-    return psutil.virtual_memory().total // 4
+    memory = min(psutil.virtual_memory().total, _cgroup_memory_limit() or psutil.virtual_memory().total)
+    return int(memory / 4 * (spec.serve.resources.num_gpus or 1.0) / _node_gpus())
+
+
+def _node_gpus() -> float:
+    """The GPUs of this replica's node, as Ray counts them (its own process sees only its share)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    gpus = next((n["Resources"].get("GPU", 0.0) for n in ray.nodes() if n["NodeID"] == node), 0.0)
+    return max(gpus, 1.0)
+
+
+def _cgroup_memory_limit() -> int | None:
+    """The memory limit of this process's cgroup (v2, else v1), if one is set."""
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            value = open(path).read().strip()
+        except OSError:
+            continue
+        if value.isdigit():
+            return int(value)
+    return None
 
 
 @serve.deployment
@@ -106,15 +129,16 @@ class ModelServer:
             # The Marlin int4 kernel is compiled on a machine's first use (minutes) unless the store
             # holds a build: here, while the replica starts, rather than inside the first request.
             marlin.prepare(self.store, share=self.spec.serve.share_compiled_kernels)
-        self.switcher = None
+        self.switcher, settle = None, None
+        memory_budget = _memory_budget(spec, self.device)
         if loader is None:
-            self.switcher = ModelSwitcher(spec, self.store, self.device, _host_budget(spec, self.device))
-            self._load_entry, release = self.switcher.load, self.switcher.release
+            self.switcher = ModelSwitcher(spec, self.store, self.device, _host_budget(spec, self.device), memory_budget)
+            self._load_entry, release, settle = self.switcher.load, self.switcher.release, self.switcher.settle
         else:
             self._load_entry, release = (lambda entry: loader(spec, self.store, entry, self.device)), LoadedModel.close
         self.models = ResidentModels(self._load, release, max_models=spec.serve.max_resident_models,
-                                     memory_budget=_memory_budget(spec, self.device),
-                                     loads_per_tenant=spec.serve.loads_per_tenant)
+                                     memory_budget=memory_budget, loads_per_tenant=spec.serve.loads_per_tenant,
+                                     settle=settle)
 
         async def note_model(model_id: str) -> str:  # what Serve's router learns; nothing is loaded here
             return model_id
@@ -158,7 +182,7 @@ class ModelServer:
             return {"model": model.entry.id, "resident_bytes": model.resident_bytes, "engine": model.engine_name,
                     "device": self.device, "load_seconds": round(model.load_seconds, 2),
                     "loaded_from": model.loaded_from,
-                    "host_models": self.switcher.host.ids() if self.switcher else [],
+                    "host_models": self.switcher.host_models() if self.switcher else [],
                     "replica_start_seconds": round(self.start_seconds, 2),
                     "resident_models": self.models.resident_ids(),
                     "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,

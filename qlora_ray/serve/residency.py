@@ -79,11 +79,15 @@ class _Resident:
 
 class ResidentModels:
     """The models of one replica. `load(entry)` builds one (awaitable; run it off the event loop);
-    `release(model)` frees one (called on a thread). Both are injected: tests drive this with fakes."""
+    `release(model)` frees one (called on a thread), or keeps what the load that follows its
+    eviction can reuse, and then `settle()` (on a thread; optional) lets go of what no load took:
+    after each load, and before a load waits for a model to go idle. All are injected: tests drive
+    this with fakes."""
 
     def __init__(self, load: Callable[[ModelEntry], Awaitable[Any]], release: Callable[[Any], None], *,
-                 max_models: int, memory_budget: int | None = None, loads_per_tenant: int = 1):
-        self._load_fn, self._release_fn = load, release
+                 max_models: int, memory_budget: int | None = None, loads_per_tenant: int = 1,
+                 settle: Callable[[], None] | None = None):
+        self._load_fn, self._release_fn, self._settle_fn = load, release, settle
         self.max_models, self.memory_budget, self.loads_per_tenant = max_models, memory_budget, loads_per_tenant
         self._resident: dict[str, _Resident] = {}
         self._loading: dict[str, _Resident] = {}
@@ -142,7 +146,9 @@ class ResidentModels:
                         self._resident[entry.id] = held
                         # The estimate (the artifact's size) may have been low: within the budget after all.
                         await self._make_room(entry.tenant, 0, evicted, keep=entry.id)
+                        await self._settle()
                         break
+                    await self._settle()
                     changed = self._changed
                 # Outside the lock, so that another tenant's load may go ahead meanwhile.
                 await changed.wait()  # a request ends, or a load finishes
@@ -156,6 +162,10 @@ class ResidentModels:
         finally:
             del self._loading[entry.id]
             self._signal()
+
+    async def _settle(self) -> None:
+        if self._settle_fn is not None:
+            await asyncio.to_thread(self._settle_fn)
 
     def _fraction(self, nbytes: int) -> float:
         slot = 1.0 / self.max_models

@@ -9,9 +9,10 @@ model; the fused models of one base and scheme differ only in their weights' val
 - each model's weights, as its engine holds them (repacked for its kernels), are kept in host
   memory (pinned on CUDA) up to serve.host_memory, least recently used leaving first: a switch back
   to such a model is one copy from the host into a spare engine.
-A spare holds device memory that the residency (residency.py) counts as free. Only loads allocate
-on a replica, and each load first takes the spare it can use and lets go of the others, so the
-device holds at most what the residency counts plus the one load's own transient.
+A spare holds device memory that the residency (residency.py) counts as free, but only from the
+eviction that made it to the end of the load that follows: that load takes the spare it can use
+(letting the others go first where the device lacks room for it beside them), and the residency
+settles after each load, and before a load waits, letting go of every spare left.
 """
 
 from __future__ import annotations
@@ -68,12 +69,22 @@ def copy_weights(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor
 
 def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors in host memory: pinned when they live on a GPU, so that copying them back runs at
-    the bus's speed."""
-    copies = {}
+    the bus's speed. Tensors that are one (tied embeddings: two parameters, one storage) get one copy."""
+    copies, by_storage = {}, {}
     for name, tensor in tensors.items():
-        copy = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda")
-        copies[name] = copy.copy_(tensor)
+        same = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if same not in by_storage:
+            copy = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda")
+            by_storage[same] = copy.copy_(tensor)
+        copies[name] = by_storage[same]
     return copies
+
+
+def host_bytes(tensors: dict[str, torch.Tensor], *, pinned: bool = False) -> int:
+    """What host copies of these tensors hold (one per storage, as host_copy makes them); `pinned`:
+    as torch's pinned-memory allocator rounds each block up, to a power of two."""
+    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}.values()
+    return sum(1 << max(size - 1, 0).bit_length() if pinned else size for size in sizes)
 
 
 @dataclass
@@ -88,7 +99,7 @@ class HostImage:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.nbytes for t in self.tensors.values())
+        return host_bytes(self.tensors, pinned=any(t.is_pinned() for t in self.tensors.values()))
 
 
 class HostTier:
@@ -107,22 +118,21 @@ class HostTier:
                 self._images.move_to_end(model_id)
             return image
 
-    def holds(self, model_id: str) -> bool:
-        with self._lock:
-            return model_id in self._images
-
     def fits(self, nbytes: int) -> bool:
         return 0 < nbytes <= self.budget_bytes
 
     def put(self, model_id: str, image: HostImage) -> None:
+        """Keep the image, the least recently used ones leaving to make room (none if it cannot fit)."""
+        if not self.fits(image.nbytes):
+            return
         with self._lock:
             self._images.pop(model_id, None)
-            while self._images and self.nbytes() + image.nbytes > self.budget_bytes:
+            while self._images and self._nbytes() + image.nbytes > self.budget_bytes:
                 gone, _ = self._images.popitem(last=False)
                 log.info("host tier: dropped %s (least recently used)", gone)
             self._images[model_id] = image
 
-    def nbytes(self) -> int:
+    def _nbytes(self) -> int:
         return sum(image.nbytes for image in self._images.values())
 
     def ids(self) -> list[str]:
@@ -132,10 +142,12 @@ class HostTier:
 
 @dataclass
 class Spare:
-    """An evicted model's engine, kept for the next model of its signature."""
+    """An evicted model's engine, kept for the next model of its signature: resident_bytes of device
+    memory (weights and KV cache)."""
 
     signature: str
     engine: Any
+    resident_bytes: int
 
 
 class SpareEngines:
@@ -162,9 +174,9 @@ class SpareEngines:
             free_memory(devices)
         return match
 
-    def __len__(self) -> int:
+    def resident_bytes(self) -> int:
         with self._lock:
-            return len(self._spares)
+            return max((spare.resident_bytes for spare in self._spares), default=0)
 
 
 def free_memory(devices) -> None:
@@ -176,25 +188,41 @@ def free_memory(devices) -> None:
 
 
 class ModelSwitcher:
-    """A replica's loader and releaser (residency.ResidentModels' load and release) through the host
-    tier and the spare engines; the unmerged baseline and models transformers serves are loaded and
-    freed as loading.load_model does."""
+    """A replica's loader, releaser and settler (residency.ResidentModels' load, release and settle)
+    through the host tier and the spare engines; the unmerged baseline and models transformers
+    serves are loaded and freed as loading.load_model does. Host images are kept per artifact
+    version (ModelEntry.version): a model fused again is loaded again."""
 
-    # Room a load from the store needs beside a spare engine it may copy into, over the artifact's
-    # size; with less free device memory the spares go first.
+    # Room a load from the store needs beside the spares it may copy into: what a spare of its shape
+    # holds, or its artifact's size with this margin; with less room the spares go first.
     TRANSIENT_HEADROOM = 1.25
 
-    def __init__(self, spec, store, device: str, host_budget_bytes: int):
-        self.spec, self.store, self.device = spec, store, device
+    def __init__(self, spec, store, device: str, host_budget_bytes: int, memory_budget: int | None = None):
+        self.spec, self.store, self.device, self.memory_budget = spec, store, device, memory_budget
         self.host = HostTier(host_budget_bytes)
         self.spares = SpareEngines()
 
     def load(self, entry):
+        try:
+            return self._load(entry)
+        except BaseException:
+            self.settle()  # a failed load leaves no spare holding memory the residency counts as free
+            raise
+
+    def settle(self) -> None:
+        """Let go of the spares no load took."""
+        self.spares.take(None)
+
+    def host_models(self) -> list[str]:
+        """The models whose weights host memory holds, least recently used first."""
+        return [key.rsplit("@", 1)[0] for key in self.host.ids()]
+
+    def _load(self, entry):
         from qlora_ray.serve.catalog import UNMERGED
         from qlora_ray.serve.loading import LoadedModel, load_model
 
         started = time.perf_counter()
-        image = self.host.get(entry.id)
+        image = self.host.get(_image_key(entry))
         if image is not None:
             engine = self.spares.take(image.signature)
             if engine is not None:
@@ -204,10 +232,10 @@ class ModelSwitcher:
                                    self.spec.serve, loaded_from="host memory, into a spare engine",
                                    signature=image.signature)
         if entry.variant == UNMERGED:
-            self.spares.take(None)
+            self.settle()
             return load_model(self.spec, self.store, entry, self.device)
         if not self._room_beside_spares(entry.size_bytes):
-            self.spares.take(None)
+            self.settle()
         return self._load_from_store(entry, started)
 
     def _load_from_store(self, entry, started: float):
@@ -218,7 +246,7 @@ class ModelSwitcher:
             tokenizer, stop_ids = loading.fused_tokenizer(folder)
             decoder = loading.fused_decoder(entry, folder, self.device, loading.serving_dtype(self.device))
         if not isinstance(decoder, Decoder):  # a transformers model
-            self.spares.take(None)
+            self.settle()
             engine = loading.transformers_engine(self.spec, decoder, stop_ids)
             return loading.LoadedModel(entry, engine, tokenizer, decoder.get_memory_footprint(),
                                        time.perf_counter() - started, self.spec.serve)
@@ -237,8 +265,8 @@ class ModelSwitcher:
         resident = loading.engine_bytes(engine)
         if wanted is not None:
             weights = weight_tensors(engine.decoder)
-            if self.host.fits(sum(t.nbytes for t in weights.values())):
-                self.host.put(entry.id, HostImage(wanted, host_copy(weights), tokenizer, stop_ids, resident))
+            if self.host.fits(host_bytes(weights, pinned=self.device == "cuda")):
+                self.host.put(_image_key(entry), HostImage(wanted, host_copy(weights), tokenizer, stop_ids, resident))
         return loading.LoadedModel(entry, engine, tokenizer, resident, time.perf_counter() - started, self.spec.serve,
                                    loaded_from=loaded_from, signature=wanted)
 
@@ -248,13 +276,23 @@ class ModelSwitcher:
             model.close()
             return
         model.batcher.close()
-        self.spares.keep(Spare(model.signature, model.engine))
+        self.host.get(_image_key(model.entry))  # just used: the last of the host tier to leave
+        self.spares.keep(Spare(model.signature, model.engine, model.resident_bytes))
         model.engine = model.batcher = None
 
     def _room_beside_spares(self, artifact_bytes: int) -> bool:
-        """Whether the device has room for a model of this size loaded beside the spares (only a
-        GPU's room is tight: on the CPU the spares stay)."""
-        if self.device != "cuda" or not len(self.spares):
+        """Whether the device has room for a model loaded from the store beside the spares, before
+        one of them may take its weights (only a GPU's room is tight: on the CPU the spares stay).
+        The room is the device's free memory, and within the replica's budget what it does not
+        hold yet (other replicas may share the device)."""
+        spare_bytes = self.spares.resident_bytes()
+        if self.device != "cuda" or not spare_bytes:
             return True
-        free, _ = torch.cuda.mem_get_info()
-        return free >= artifact_bytes * self.TRANSIENT_HEADROOM
+        room, _ = torch.cuda.mem_get_info()
+        if self.memory_budget is not None:
+            room = min(room, self.memory_budget - torch.cuda.memory_allocated())
+        return room >= max(spare_bytes, int(artifact_bytes * self.TRANSIENT_HEADROOM))
+
+
+def _image_key(entry) -> str:
+    return f"{entry.id}@{entry.version}"

@@ -109,17 +109,22 @@ def test_a_live_claim_is_waited_for_and_a_stopped_one_is_taken_over(tmp_path):
 
 
 def test_a_claim_of_this_host_whose_process_is_gone_is_free_at_once(tmp_path):
+    import psutil
+
     store = Store(str(tmp_path / "store"))
-    gone = subprocess.Popen([sys.executable, "-c", "import os; print(os.getpid())"])
-    dead = {**process_identity(), "pid": gone.pid}
-    gone.wait()
-    store.write_record(CLAIM, {"state": "building", "owner": "x", "beat": 0, "builder": dead})
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"])
+    gone = {**process_identity(), "pid": process.pid, "pid_started": int(psutil.Process(process.pid).create_time() * 100)}
+    store.write_record(CLAIM, {"state": "building", "owner": "x", "beat": 0, "builder": gone})
+    watch = build_claim.ClaimWatch()
+    assert not watch.is_free(store.read_record(CLAIM), time.monotonic())  # alive: its claim holds
+    process.wait()
     started = time.monotonic()
     with build_claim.one_builder(store, ARTIFACT, CLAIM, what="the test kernel") as building:
         assert building and time.monotonic() - started < build_claim.CLAIM_STALE_SECONDS
 
 
-def test_an_artifact_published_meanwhile_is_loaded_not_built(tmp_path):
+def test_an_artifact_published_meanwhile_is_loaded_not_built(tmp_path, monkeypatch):
+    monkeypatch.setattr(build_claim, "CLAIM_STALE_SECONDS", 60.0)  # the claim below is never refreshed
     store = Store(str(tmp_path / "store"))
     store.write_record(CLAIM, {"state": "building", "owner": "x", "beat": 0, "builder": process_identity()})
     threading.Timer(0.2, _publish, args=(store, tmp_path, "theirs")).start()
@@ -127,15 +132,39 @@ def test_an_artifact_published_meanwhile_is_loaded_not_built(tmp_path):
         assert building is False
 
 
-def test_a_hung_build_is_waited_for_only_so_long(tmp_path, monkeypatch, caplog):
+def test_a_build_longer_than_the_stale_time_keeps_its_claim_by_refreshing_it(tmp_path):
+    store, built = Store(str(tmp_path / "store")), []
+
+    def build(i):
+        time.sleep(4 * build_claim.CLAIM_STALE_SECONDS)  # the waiters see the claim change all along
+        built.append(i)
+        _publish(store, tmp_path, f"build-{i}")
+
+    outcomes, errors = _race(store, tmp_path, 3, build)
+    assert not errors and len(built) == 1 and sum(outcomes.values()) == 1
+    assert store.read_record(CLAIM)["beat"] >= 10
+
+
+def test_a_hung_build_is_taken_over_by_one_waiter(tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(build_claim, "MAX_WAIT_SECONDS", 0.3)
     monkeypatch.setattr(build_claim, "CLAIM_STALE_SECONDS", 60.0)
     store = Store(str(tmp_path / "store"))
-    store.write_record(CLAIM, {"state": "building", "owner": "x", "beat": 0, "builder": process_identity()})
+    store.write_record(CLAIM, {"state": "building", "owner": "x", "beat": 0, "builder": {"host": "elsewhere"}})
+    outcomes, errors = _race(store, tmp_path, 3, lambda i: _publish(store, tmp_path, f"build-{i}"))
+    assert not errors and sum(outcomes.values()) == 1  # one took it over and built; the others loaded its build
+    assert "waited" in caplog.text and "building it here" in caplog.text
+    assert store.read_record(CLAIM)["owner"] != "x"
+
+
+def test_a_claim_deleted_while_building_is_not_written_back_damaged(tmp_path):
+    store = Store(str(tmp_path / "store"))
     with build_claim.one_builder(store, ARTIFACT, CLAIM, what="the test kernel") as building:
         assert building
-    assert "waited" in caplog.text and "building it here" in caplog.text
-    assert store.read_record(CLAIM)["owner"] == "x"  # not its claim: left as it was
+        store.delete(CLAIM)  # someone clears kernels/ by hand
+        time.sleep(3 * build_claim.CLAIM_REFRESH_SECONDS)
+    assert store.read_record(CLAIM) is None
+    with build_claim.one_builder(store, ARTIFACT, CLAIM, what="the test kernel") as building:
+        assert building and store.read_record(CLAIM)["state"] == "building"  # the key still takes claims
 
 
 def test_a_store_that_cannot_keep_the_claim_still_gets_its_build(tmp_path, monkeypatch, caplog):
