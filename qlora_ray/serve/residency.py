@@ -148,8 +148,8 @@ class ResidentModels:
                         await self._make_room(entry.tenant, 0, evicted, keep=entry.id)
                         await self._settle()
                         break
+                    changed = self._changed  # before any await: a model going idle meanwhile must wake this load
                     await self._settle()
-                    changed = self._changed
                 # Outside the lock, so that another tenant's load may go ahead meanwhile.
                 await changed.wait()  # a request ends, or a load finishes
             log.info("loaded %s in %.2f s%s", entry.id, seconds, f" (evicted {', '.join(evicted)})" if evicted else "")
