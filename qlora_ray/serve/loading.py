@@ -3,7 +3,6 @@ Store.local_copy) and wrap the fastest engine for it on the replica's device in 
 
 from __future__ import annotations
 
-import gc
 import json
 import logging
 import time
@@ -33,14 +32,12 @@ class LoadedModel:
     def close(self) -> None:
         """Stop generating and let go of the weights and caches: the memory is free once this returns
         (and the caller holds no reference). Called only with no request in flight."""
+        from qlora_ray.serve.switching import free_memory
+
         self.batcher.close()
         device = getattr(self.engine, "device", None)
         self.engine = self.batcher = None
-        gc.collect()  # the engine's tensors sit in reference cycles (modules, captured graphs)
-        if device is not None and getattr(device, "type", device) == "cuda":
-            import torch
-
-            torch.cuda.empty_cache()
+        free_memory({device})
 
 
 def serving_dtype(device: str):

@@ -67,39 +67,42 @@ def copy_weights(target: dict[str, torch.Tensor], source: dict[str, torch.Tensor
         torch.cuda.synchronize(device)
 
 
+def _storage_key(tensor: torch.Tensor) -> tuple:
+    """Tensors with one key are one (tied embeddings: two parameters, one storage)."""
+    return tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride()
+
+
 def host_copy(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors in host memory: pinned when they live on a GPU, so that copying them back runs at
-    the bus's speed. Tensors that are one (tied embeddings: two parameters, one storage) get one copy."""
-    copies, by_storage = {}, {}
+    the bus's speed. Tensors that are one get one copy."""
+    copies, by_key = {}, {}
     for name, tensor in tensors.items():
-        same = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        if same not in by_storage:
+        key = _storage_key(tensor)
+        if key not in by_key:
             copy = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=tensor.device.type == "cuda")
-            by_storage[same] = copy.copy_(tensor)
-        copies[name] = by_storage[same]
+            by_key[key] = copy.copy_(tensor)
+        copies[name] = by_key[key]
     return copies
 
 
-def host_bytes(tensors: dict[str, torch.Tensor], *, pinned: bool = False) -> int:
-    """What host copies of these tensors hold (one per storage, as host_copy makes them); `pinned`:
-    as torch's pinned-memory allocator rounds each block up, to a power of two."""
-    sizes = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors.values()}.values()
+def host_bytes(tensors: dict[str, torch.Tensor], *, pinned: bool) -> int:
+    """What host_copy's copies of these tensors hold; `pinned`: as torch's pinned-memory allocator
+    rounds each block up, to a power of two."""
+    sizes = {_storage_key(t): t.nbytes for t in tensors.values()}.values()
     return sum(1 << max(size - 1, 0).bit_length() if pinned else size for size in sizes)
 
 
 @dataclass
 class HostImage:
-    """A model as a switch back to it needs it: its weights in host memory, and its tokenizer."""
+    """A model as a switch back to it needs it: its weights in host memory (nbytes of it), and its
+    tokenizer."""
 
     signature: str
     tensors: dict[str, torch.Tensor]
+    nbytes: int
     tokenizer: Any
     stop_ids: set[int]
     resident_bytes: int
-
-    @property
-    def nbytes(self) -> int:
-        return host_bytes(self.tensors, pinned=any(t.is_pinned() for t in self.tensors.values()))
 
 
 class HostTier:
@@ -265,8 +268,10 @@ class ModelSwitcher:
         resident = loading.engine_bytes(engine)
         if wanted is not None:
             weights = weight_tensors(engine.decoder)
-            if self.host.fits(host_bytes(weights, pinned=self.device == "cuda")):
-                self.host.put(_image_key(entry), HostImage(wanted, host_copy(weights), tokenizer, stop_ids, resident))
+            nbytes = host_bytes(weights, pinned=self.device == "cuda")
+            if self.host.fits(nbytes):
+                self.host.put(_image_key(entry), HostImage(wanted, host_copy(weights), nbytes, tokenizer, stop_ids,
+                                                           resident))
         return loading.LoadedModel(entry, engine, tokenizer, resident, time.perf_counter() - started, self.spec.serve,
                                    loaded_from=loaded_from, signature=wanted)
 

@@ -17,6 +17,7 @@ from qlora_ray.serve.switching import (
     HostTier,
     ModelSwitcher,
     copy_weights,
+    host_bytes,
     host_copy,
     signature,
     weight_tensors,
@@ -83,7 +84,8 @@ def test_weights_with_state_beside_them_are_never_copied():
 
 def test_the_host_tier_keeps_the_most_recently_used_within_its_budget():
     def image(values: int) -> HostImage:
-        return HostImage("sig", {"w": torch.zeros(values)}, None, set(), 0)
+        tensors = {"w": torch.zeros(values)}
+        return HostImage("sig", tensors, host_bytes(tensors, pinned=False), None, set(), 0)
 
     tier = HostTier(budget_bytes=3 * 400)
     for name in ("a", "b", "c"):
@@ -245,4 +247,4 @@ def test_tied_weights_get_one_host_copy():
     tensors = {"embed": weight, "lm_head": weight, "norm": torch.ones(4)}
     copies = host_copy(tensors)
     assert copies["embed"] is copies["lm_head"] and torch.equal(copies["embed"], weight)
-    assert HostImage("sig", copies, None, set(), 0).nbytes == (8 * 4 + 4) * 4
+    assert host_bytes(copies, pinned=False) == host_bytes(tensors, pinned=False) == (8 * 4 + 4) * 4
