@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from qlora_ray.fuse.launch import fuse_job
+from qlora_ray.hardware import compute_dtype
 from qlora_ray.store import Store, fused_key, hessian_key
 from tests.conftest import copy_base
 from tests.helpers import base_dir_of, fuse_spec, publish_adapter
@@ -82,8 +83,13 @@ def test_bulk_gptq_loads_in_transformers_and_matches_gptqmodel_where_inputs_agre
     # quantized q/k/v (it shared 45 % of its words with GPTQModel's when the walk took a layer's
     # Hessians in one pass). Past it, float rounding that differs (summation order, the forward's
     # kernels) flips a few codes, GPTQ spreads each flip over the later columns, and the differences
-    # compound layer by layer: the logits below are the comparison there.
-    for weight, least in ((Q_PROJ, 0.95), ("model.layers.0.self_attn.o_proj", 0.9)):
+    # compound layer by layer: the logits below are the comparison there. The walk computes in
+    # float32; where GPTQModel computes in bf16 (a CPU with AVX512-BF16), layer 0's inputs already
+    # differ by bf16's rounding of the norm: q_proj shares 92 % of its words, and o_proj, reading
+    # attention over q/k/v quantized apart, 60 %: only the logits compare there.
+    agree = {torch.float32: {Q_PROJ: 0.95, "model.layers.0.self_attn.o_proj": 0.9},
+             torch.bfloat16: {Q_PROJ: 0.85}}[compute_dtype("cpu")]
+    for weight, least in agree.items():
         same_words = (ours[f"{weight}.qweight"] == reference[f"{weight}.qweight"]).float().mean().item()
         assert same_words > least, (weight, same_words)
     scales_ratio = ours[f"{Q_PROJ}.scales"].float() / reference[f"{Q_PROJ}.scales"].float()

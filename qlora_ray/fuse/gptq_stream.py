@@ -29,7 +29,7 @@ import torch
 from qlora_ray.fuse.gptq_batched import release_graphs, solve_batched
 from qlora_ray.fuse.gptq_bulk import GptqCodes, pack_gptq
 from qlora_ray.fuse.hessians import (LayerInput, advance, catch_layer_inputs, decoder_layers, layer_hessians,
-                                     layer_sites)
+                                     layer_sites, tf32_matmuls)
 from qlora_ray.fuse.math import LoraDelta, fuse_weight
 from qlora_ray.fuse.shards import stacks
 
@@ -45,6 +45,10 @@ RESIDENT_INPUT_BYTES = 4 * 2**30
 # through an 8B's MLP is about 2 GB), the CUDA graphs' pools and the allocator's slack.
 RESERVE_FRACTION = 0.1
 RESERVE_MIN_BYTES = 4 * 2**30
+# The dtype the walk's model computes in, whatever the device's own. In bf16 (a GPU, or a CPU with
+# AVX512-BF16) bulk fell behind per-tenant GPTQ by up to 6 points on the demo tenants, and in fp32 it
+# came within 2 (docs/quality.md). On a GPU its matmuls run in TF32 (hessians.tf32_matmuls).
+WALK_DTYPE = torch.float32
 
 
 def walk_memory(total_bytes: int, share: float, held_bytes: int) -> int:
@@ -56,12 +60,14 @@ def walk_memory(total_bytes: int, share: float, held_bytes: int) -> int:
     return max(0, int(mine - max(RESERVE_FRACTION * mine, RESERVE_MIN_BYTES)) - held_bytes)
 
 
-def tenant_batch_bytes(params: dict[str, torch.Tensor]) -> int:
-    """The bytes one tenant adds to a layer's batch: its merged and its quantized copies of the
-    layer's weights, and at the largest site the solve's float32 weight, its dequantized result, the
+def tenant_batch_bytes(start: dict[str, torch.Tensor]) -> int:
+    """The bytes one tenant adds to a layer's batch (start: the merge base's tensors of the layer's
+    quantized weights): its merged copy of them (their dtype) and its quantized one (float32, as the
+    solve leaves it), and at the largest site the solve's float32 weight, its dequantized result, the
     Hessian and its inverse factor."""
-    layer = sum(p.numel() * p.element_size() for p in params.values())
-    return 2 * layer + max(4 * 2 * (p.numel() + p.shape[1] ** 2) for p in params.values())
+    merged = sum(t.numel() * t.element_size() for t in start.values())
+    quantized = sum(4 * t.numel() for t in start.values())
+    return merged + quantized + max(4 * 2 * (t.numel() + t.shape[1] ** 2) for t in start.values())
 
 
 @dataclass
@@ -95,6 +101,7 @@ class StageClock:
         return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.seconds.items())
 
 
+@tf32_matmuls()
 def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Tensor], tenants: list[StreamTenant],
                                config, bits: int, *, sequential: bool = True, park: str | None = None,
                                on_layer: Callable[[int, dict[str, dict[str, torch.Tensor]], dict[str, float]], None],
@@ -139,7 +146,7 @@ def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Te
             params = {name: layer.get_parameter(name.removeprefix(prefix)) for name in start if name.startswith(prefix)}
             packed: dict[str, dict[str, torch.Tensor]] = {tenant.name: {} for tenant in tenants}
             seconds = {tenant.name: 0.0 for tenant in tenants}
-            together = max(1, batch_bytes // tenant_batch_bytes(params))
+            together = max(1, batch_bytes // tenant_batch_bytes({name: start[name] for name in params}))
             groups = _site_order(layer, prefix, params, inputs[tenants[0].name][0], parked[tenants[0].name]) \
                 if sequential else [sorted(params)]
             for first in range(0, len(tenants), together):

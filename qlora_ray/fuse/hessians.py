@@ -123,10 +123,12 @@ def _sum_hooks(module: torch.nn.Module, prefix: str, weight_names: frozenset[str
 
 
 @contextmanager
-def tf32_sums():
-    """XᵀX is most of a capture's work (a pool of 24 tenants' rows is ~1M tokens). On a GPU the model
-    computes in bf16, whose values TF32 holds exactly, and TF32 accumulates in fp32: the tensor cores
-    give the same sums as full fp32, many times faster."""
+def tf32_matmuls():
+    """Matmuls on a GPU in TF32 (fp32 accumulation, 10-bit mantissa inputs) while the context lasts.
+    XᵀX is most of a capture's work (a pool of 24 tenants' rows is ~1M tokens): from a bf16 model's
+    inputs, which TF32 holds exactly, the tensor cores give the same sums as full fp32, many times
+    faster. The bulk walk's fp32 forward (gptq_stream.WALK_DTYPE) runs in it too, at about half
+    bf16's speed where full fp32 would be some fifteen times slower."""
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
@@ -148,7 +150,7 @@ def capture_hessians(model: torch.nn.Module, batches, weight_names: frozenset[st
     if missing:
         raise ValueError(f"the model has no linear layers for {missing[:3]} ({len(missing)} weight(s))")
     hessians = Hessians()
-    with torch.no_grad(), tf32_sums():
+    with torch.no_grad(), tf32_matmuls():
         if quantize_layer is None:
             state = {"input": None, "site": None, "keep": None}
             handles = _sum_hooks(model, "", weight_names, hessians, state)
@@ -234,7 +236,7 @@ def _layer_passes(layer: torch.nn.Module, prefix: str, weight_names: frozenset[s
     handles = _sum_hooks(layer, prefix, weight_names, hessians, state)
     state["stop_after"] = len(handles)
     try:
-        with torch.no_grad(), tf32_sums():
+        with torch.no_grad(), tf32_matmuls():
             for entry in inputs:
                 state.update(input=None, site=None, keep=entry.keep, seen=set())
                 try:

@@ -21,7 +21,7 @@ from qlora_ray.adapter_files import ADAPTER_WEIGHTS, read_adapter_config
 from qlora_ray.bases import INDEX_NAME
 from qlora_ray.errors import AdapterError, UserError
 from qlora_ray.fuse.gptq_bulk import quantize_config, quantize_layer_in_place
-from qlora_ray.fuse.gptq_stream import StageClock, StreamTenant, quantize_tenants_layerwise, walk_memory
+from qlora_ray.fuse.gptq_stream import WALK_DTYPE, StageClock, StreamTenant, quantize_tenants_layerwise, walk_memory
 from qlora_ray.fuse.hessians import (SiteHessian, capture_hessians, decoder_layers, padded_batches, read_hessians,
                                      write_hessians)
 from qlora_ray.fuse.math import LoraDelta, adapter_deltas, fuse_weight
@@ -144,7 +144,7 @@ class FuseWorker:
             files = list(self.store.read_manifest(base_key(self.order.base))["files"])
             with self._base(files) as base_dir:
                 tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
-                model = self._load_merge_base(base_dir, unit)[0]  # its 16-bit start tensors are not needed here
+                model = self._load_merge_base(base_dir, unit, compute_dtype(self.device))[0]  # its start tensors: not needed
                 weight_map = json.loads((base_dir / INDEX_NAME).read_text())["weight_map"]
             rows = []
             for tenant in unit.calibration:
@@ -175,8 +175,8 @@ class FuseWorker:
         finally:
             shutil.rmtree(work, ignore_errors=True)
 
-    def _load_merge_base(self, base_dir: Path, target: ShardTarget | HessianUnit):
-        """(the base model on this worker's device in its compute dtype, weight name -> the merge base's
+    def _load_merge_base(self, base_dir: Path, target: ShardTarget | HessianUnit, dtype):
+        """(the base model on this worker's device, computing in `dtype`, weight name -> the merge base's
         tensor of each quantized weight in the dtype the base stores: the original's, or its NF4 round
         trip as fuse_shard makes it)."""
         from transformers import AutoModelForCausalLM
@@ -189,7 +189,7 @@ class FuseWorker:
                 if target.merge_base == "nf4-dequantized":
                     parameter.data = roundtrip_4bit(parameter.data, target.trained_format)
                 start[name] = parameter.data
-        model.to(compute_dtype(self.device))
+        model.to(dtype)
         return model, start
 
     def fuse_gptq_stream(self, unit: StreamUnit) -> dict:
@@ -240,7 +240,7 @@ class FuseWorker:
                         parts: dict[str, dict], out: Path, clock: StageClock, started: float) -> None:
         """The walk of fuse_gptq_stream over the base in base_dir, its shard files written beside it."""
         with clock("load"):
-            model, start = self._load_merge_base(base_dir, unit.targets[0])
+            model, start = self._load_merge_base(base_dir, unit.targets[0], WALK_DTYPE)
         layers = len(decoder_layers(model))
         said = [time.perf_counter()]
         writer = _StreamWriter(self, unit, tenants, names, base_dir, parts, out)

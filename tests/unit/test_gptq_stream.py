@@ -191,9 +191,9 @@ def test_walk_memory_is_the_workers_share_less_a_reserve_and_what_it_holds():
 def test_a_tenants_share_of_a_batch_counts_its_copies_of_the_layer_and_its_largest_solve():
     from qlora_ray.fuse.gptq_stream import tenant_batch_bytes
 
-    params = {"up": torch.empty(64, 16, dtype=torch.bfloat16), "down": torch.empty(16, 64, dtype=torch.bfloat16)}
-    layer = 2 * (64 * 16 + 16 * 64)
-    assert tenant_batch_bytes(params) == 2 * layer + 4 * 2 * (16 * 64 + 64 * 64)  # down: the larger Hessian
+    start = {"up": torch.empty(64, 16, dtype=torch.bfloat16), "down": torch.empty(16, 64, dtype=torch.bfloat16)}
+    merged, quantized = 2 * (64 * 16 + 16 * 64), 4 * (64 * 16 + 16 * 64)  # the base's dtype; float32
+    assert tenant_batch_bytes(start) == merged + quantized + 4 * 2 * (16 * 64 + 64 * 64)  # down: the larger Hessian
 
 
 def test_a_layer_pass_ends_once_its_weights_have_read_their_inputs():
