@@ -29,7 +29,7 @@ import torch
 from qlora_ray.fuse.gptq_batched import release_graphs, solve_batched
 from qlora_ray.fuse.gptq_bulk import GptqCodes, pack_gptq
 from qlora_ray.fuse.hessians import (LayerInput, advance, catch_layer_inputs, decoder_layers, layer_hessians,
-                                     layer_sites, tf32_matmuls)
+                                     layer_sites)
 from qlora_ray.fuse.math import LoraDelta, fuse_weight
 from qlora_ray.fuse.shards import stacks
 
@@ -101,7 +101,6 @@ class StageClock:
         return ", ".join(f"{stage} {seconds:.1f} s" for stage, seconds in self.seconds.items())
 
 
-@tf32_matmuls()
 def quantize_tenants_layerwise(model: torch.nn.Module, start: dict[str, torch.Tensor], tenants: list[StreamTenant],
                                config, bits: int, *, sequential: bool = True, park: str | None = None,
                                on_layer: Callable[[int, dict[str, dict[str, torch.Tensor]], dict[str, float]], None],

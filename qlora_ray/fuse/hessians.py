@@ -200,7 +200,7 @@ def catch_layer_inputs(model: torch.nn.Module, batches) -> list[LayerInput]:
     handle = first.register_forward_pre_hook(catch, with_kwargs=True)
     keeps = []
     try:
-        with torch.no_grad():
+        with torch.no_grad(), tf32_matmuls():
             for input_ids, attention_mask in batches:
                 keeps.append(attention_mask.reshape(-1).bool())
                 try:
@@ -251,7 +251,7 @@ def _layer_passes(layer: torch.nn.Module, prefix: str, weight_names: frozenset[s
 
 def advance(layer: torch.nn.Module, inputs: list[LayerInput]) -> None:
     """Make each input the layer's output: what the next layer reads."""
-    with torch.no_grad():
+    with torch.no_grad(), tf32_matmuls():
         for entry in inputs:
             output = entry.through(layer)
             entry.hidden = output[0] if isinstance(output, tuple) else output
