@@ -1,16 +1,10 @@
-"""The async server's side of the scheduler: requests in from the event loop, tokens out to it.
+"""The async server's side of a model's scheduler: requests in from the event loop, tokens out to it.
 
-A worker thread runs the scheduler (serve/scheduler.py) step after step while it has work: each
-request's tokens are handed to its own asyncio queue the moment they are read back, and a request
-that ends (a stop token, max_tokens, or its client gone) leaves the batch at the next step, while
-others keep generating and new ones join.
-
-The worker outlives the requests: a thread's first prefill costs tens of milliseconds more than
-its next ones on a GPU (torch's per-thread set-up; figures in benchmarks/results/), which a thread
-per burst of requests would add to every lone request's first token. Idle, it waits for the next
-request; after `idle_seconds` without one it ends, so that a batcher nobody closes does not keep
-its engine's weights alive through its thread. close() refuses new requests and waits for the
-worker to finish what is running.
+The replica's step loop (serve/step_loop.py) runs the scheduler (serve/scheduler.py), one step at a
+time in turn with the replica's other models: each request's tokens are handed to its own asyncio
+queue the moment they are read back, and a request that ends (a stop token, max_tokens, or its
+client gone) leaves the batch at the next step, while others keep generating and new ones join.
+close() refuses new requests and waits until what is running has finished.
 """
 
 from __future__ import annotations
@@ -18,33 +12,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-import time
 from collections.abc import AsyncIterator
 
+from qlora_ray.serve import step_loop
 from qlora_ray.serve.engine import Engine
 from qlora_ray.serve.sampling import SamplingParams
 from qlora_ray.serve.scheduler import Scheduler, Sequence
 
 _DONE = object()
-# How long an idle worker waits for a request before it ends (the next request starts a new one).
-IDLE_SECONDS = 60.0
 
 
 class Batcher:
     def __init__(self, engine: Engine, max_batch: int, *, stream_interval: float = 0.0,
-                 idle_seconds: float = IDLE_SECONDS):
+                 loop: step_loop.StepLoop | None = None):
+        """`loop`: the step loop to run in (default: the replica's, step_loop.SHARED)."""
         self.engine = engine
         self.stream_interval = stream_interval  # seconds: each stream hands out at most one list per interval
         self.scheduler = Scheduler(engine, max_batch=max_batch)
+        self.loop = loop or step_loop.SHARED
         # per stream: its event loop, its queue, and an event set once its end (or error) is queued
         self._queues: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, asyncio.Event]] = {}
-        self.idle_seconds = idle_seconds
         self._lock = threading.Lock()
-        self._wake = threading.Condition(self._lock)  # notified when a request arrives or the batcher closes
-        self._working = False  # the worker has work (for stalled_for)
-        self._thread: threading.Thread | None = None
         self._closed = False
-        self.last_step_at = time.monotonic()  # when the worker last finished a step (or started)
 
     @property
     def batch_sizes(self):
@@ -74,11 +63,7 @@ class Batcher:
             with self._lock:
                 self._queues.pop(id(sequence), None)
             raise
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name="qlora-ray-scheduler", daemon=True)
-                self._thread.start()
-            self._wake.notify()
+        self.loop.wake(self)
         handed_out = None  # when the last list was
         try:
             while True:
@@ -102,51 +87,36 @@ class Batcher:
                 self._queues.pop(id(sequence), None)
 
     def stalled_for(self) -> float:
-        """Seconds the worker has spent on its current step while it has work (0 when idle): a step
-        takes milliseconds, so minutes mean a wedged device."""
-        return time.monotonic() - self.last_step_at if self._working else 0.0
+        """Seconds the replica's running step has taken (0 when none runs): minutes mean a wedged device."""
+        return self.loop.stalled_for()
 
     def close(self) -> None:
-        """Refuse new requests and wait for the worker to finish (it does once no request is left)."""
+        """Refuse new requests and return once what is running has finished; a request that could not
+        get a turn before (it arrived as the model closed) ends with an error."""
         with self._lock:
             self._closed = True
-            self._wake.notify()
-            thread = self._thread
-        if thread is not None:
-            thread.join()
+        self.loop.finish(self)
+        for sequence in self.scheduler.reset():
+            self._put(sequence, RuntimeError("this model was unloaded"))
+            self._put(sequence, _DONE)
 
-    def _wait_for_work(self) -> bool:
-        """Block until the scheduler has work (True), or until the batcher is closed or idle for
-        `idle_seconds` with none (False: the worker ends; under the lock, so a request arriving
-        after that starts a new one)."""
-        with self._lock:
-            deadline = time.monotonic() + self.idle_seconds
-            while not self.scheduler.has_work():
-                self._working = False
-                left = deadline - time.monotonic()
-                if self._closed or left <= 0:
-                    self._thread = None
-                    return False
-                self._wake.wait(left)
-            if not self._working:
-                self._working = True
-                self.last_step_at = time.monotonic()
-            return True
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
 
-    def _work(self) -> None:
-        while self._wait_for_work():
-            try:
-                emitted = self.scheduler.step()
-                self.last_step_at = time.monotonic()
-            except BaseException as exc:  # noqa: BLE001 - handed to each request's event loop, raised there
-                for sequence in self.scheduler.reset():
-                    self._put(sequence, exc)
-                    self._put(sequence, _DONE)
-                continue
-            for item in emitted:
-                self._put(item.sequence, item.token)
-                if item.finished:
-                    self._put(item.sequence, _DONE)
+    def step(self) -> None:
+        """One scheduler step (run by the step loop), its tokens handed to their streams; an error
+        ends every request of the batch with it."""
+        try:
+            emitted = self.scheduler.step()
+        except BaseException as exc:  # noqa: BLE001 - handed to each request's event loop, raised there
+            for sequence in self.scheduler.reset():
+                self._put(sequence, exc)
+                self._put(sequence, _DONE)
+            return
+        for item in emitted:
+            self._put(item.sequence, item.token)
+            if item.finished:
+                self._put(item.sequence, _DONE)
 
     def _put(self, sequence: Sequence, item) -> None:
         with self._lock:

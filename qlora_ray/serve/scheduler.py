@@ -18,7 +18,8 @@ Engines that cannot batch sequences at different positions (`continuous = False`
 a group is admitted only when the previous one is over, and its slots are released together.
 
 The scheduler is plain synchronous Python, so tests drive it directly with a fake engine;
-serve/batcher.py runs it on a worker thread for the async server, and `generate` runs it to the end.
+serve/batcher.py runs it for the async server, in the replica's step loop (serve/step_loop.py)
+with its other models, and `generate` runs it to the end.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from qlora_ray.serve.engine import (
 )
 from qlora_ray.serve.sampling import SamplingParams
 from qlora_ray.serve.scheduler import Scheduler, Sequence, generate
+from qlora_ray.serve.step_loop import StepLoop
 from qlora_ray.serve.weights import build_decoder
 from qlora_ray.shapes import shape_config
 
@@ -345,9 +347,10 @@ class ThreadRecordingEngine(GatedEngine):
         return torch.nn.functional.one_hot(tokens + 1, 100).float()
 
 
-def test_one_worker_thread_serves_request_after_request_and_ends_when_idle_or_closed():
+def test_one_worker_thread_serves_request_after_request_and_ends_when_idle():
     engine = ThreadRecordingEngine()
-    batcher = Batcher(engine, max_batch=2, idle_seconds=0.5)
+    loop = StepLoop(idle_seconds=0.5)
+    batcher = Batcher(engine, max_batch=2, loop=loop)
 
     async def one_after_another(count):
         return [await collect(batcher, [10], greedy(max_new_tokens=3)) for _ in range(count)]
@@ -356,11 +359,71 @@ def test_one_worker_thread_serves_request_after_request_and_ends_when_idle_or_cl
     first = engine.threads[0]
     assert engine.threads == [first] * 3  # a thread's first prefill is its slowest on a GPU
     first.join(timeout=10)
-    assert not first.is_alive()  # idle past idle_seconds: it let go of the engine
+    assert not first.is_alive() and loop.thread is None  # idle past idle_seconds: it ended
     assert asyncio.run(one_after_another(1)) == [[11, 12, 13]]
     second = engine.threads[-1]
     assert second is not first and second.is_alive()
     batcher.close()
-    assert not second.is_alive()
     with pytest.raises(RuntimeError, match="unloaded"):
         asyncio.run(one_after_another(1))
+
+
+class CountingEngine(ThreadRecordingEngine):
+    """ThreadRecordingEngine that logs its decode steps, by name, in a log shared with other engines."""
+
+    def __init__(self, name: str, log: list[str]):
+        super().__init__()
+        self.name, self.log = name, log
+
+    def decode(self, slots, tokens):
+        self.log.append(self.name)
+        time.sleep(0.002)
+        return super().decode(slots, tokens)
+
+
+def test_the_models_of_a_replica_take_turns_in_one_thread():
+    """A model with a long answer under way does not hold back another model's short one: their
+    steps alternate, in one worker thread."""
+    log: list[str] = []
+    loop = StepLoop()
+    long_engine, short_engine = CountingEngine("long", log), CountingEngine("short", log)
+    long_model, short_model = Batcher(long_engine, 2, loop=loop), Batcher(short_engine, 2, loop=loop)
+    ended = []
+
+    async def answer(batcher, name, new_tokens):
+        tokens = await collect(batcher, [1], greedy(max_new_tokens=new_tokens))
+        ended.append(name)
+        return tokens
+
+    async def main():
+        long = asyncio.create_task(answer(long_model, "long", 60))
+        while "long" not in log:  # the long answer is decoding
+            await asyncio.sleep(0.001)
+        return await asyncio.gather(long, answer(short_model, "short", 4))
+
+    long_tokens, short_tokens = asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert long_tokens == list(range(2, 62)) and short_tokens == [2, 3, 4, 5]
+    assert ended == ["short", "long"]
+    first_short = log.index("short")
+    assert log[first_short:first_short + 6] == ["short", "long"] * 3  # turns, one step each
+    assert {thread for engine in (long_engine, short_engine) for thread in engine.threads} == {loop.thread}
+
+
+def test_closing_a_model_waits_for_its_requests_while_the_other_models_go_on():
+    log: list[str] = []
+    loop = StepLoop()
+    leaving, staying = Batcher(CountingEngine("leaving", log), 2, loop=loop), Batcher(CountingEngine("staying", log), 2, loop=loop)
+
+    async def main():
+        staying_answer = asyncio.create_task(collect(staying, [1], greedy(max_new_tokens=40)))
+        leaving_answer = asyncio.create_task(collect(leaving, [1], greedy(max_new_tokens=10)))
+        while "leaving" not in log:
+            await asyncio.sleep(0.001)
+        await asyncio.to_thread(leaving.close)  # returns once its answer is finished
+        assert not leaving.has_work()
+        with pytest.raises(RuntimeError, match="unloaded"):
+            await collect(leaving, [1], greedy())
+        return await leaving_answer, await staying_answer
+
+    leaving_tokens, staying_tokens = asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert leaving_tokens == list(range(2, 12)) and staying_tokens == list(range(2, 42))

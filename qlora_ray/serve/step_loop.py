@@ -1,0 +1,110 @@
+"""One worker thread that steps every model of a replica, one step of each model with work in turn.
+
+Each model keeps its own scheduler (serve/scheduler.py: its engine's KV cache and batch); a model's
+batcher (serve/batcher.py) hands its requests in and its tokens out. The loop decides whose step runs
+next, so a replica serving many tenants' models at once runs one schedule across them:
+- turns are fair by steps: a model with a full batch cannot starve one with a single request, and
+  a step is milliseconds, so a model waits for at most one step of each other busy model;
+- the models' steps never compete for the GIL and the device from threads of their own, and on a
+  single CUDA stream each model's next step is already queued while the host reads another's tokens
+  back (each scheduler launches its next decode before reading the previous one);
+- one thread serves model after model: on a GPU a thread's first prefill costs tens of
+  milliseconds more than its next ones, which a thread per model paid again for each model loaded.
+
+The thread outlives the requests; after `idle_seconds` with no model to step it ends, and the next
+request starts another. Only models with work are held, so an idle model's engine is not kept alive
+by the loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from typing import Protocol
+
+# How long the idle worker waits for work before it ends (the next request starts a new one).
+IDLE_SECONDS = 60.0
+
+
+class Steppable(Protocol):
+    """What the loop steps: a model's batcher."""
+
+    def has_work(self) -> bool: ...
+
+    def step(self) -> None:
+        """One scheduler step, its tokens handed out; never raises (errors go to its requests)."""
+
+
+class StepLoop:
+    def __init__(self, idle_seconds: float = IDLE_SECONDS):
+        self.idle_seconds = idle_seconds
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)  # work arrived, a step ended, or a model left
+        self._turns: deque[Steppable] = deque()  # models with work, in the order their steps come
+        self._stepping: Steppable | None = None
+        self._step_began = 0.0
+        self._thread: threading.Thread | None = None
+
+    def wake(self, model: Steppable) -> None:
+        """`model` has work: it gets a turn (and the loop a thread, if it had none)."""
+        with self._lock:
+            if model is not self._stepping and model not in self._turns:
+                self._turns.append(model)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._work, name="qlora-ray-steps", daemon=True)
+                self._thread.start()
+            self._changed.notify_all()
+
+    def finish(self, model: Steppable) -> None:
+        """Return once `model` has no work left and no step of it is running, its turns given up:
+        what it was generating is finished, and the loop no longer holds it."""
+        with self._lock:
+            while self._stepping is model or (model in self._turns and model.has_work()):
+                self._changed.wait()
+            if model in self._turns:
+                self._turns.remove(model)
+
+    def stalled_for(self) -> float:
+        """Seconds the running step has taken (0 when none runs): a step takes milliseconds, so
+        minutes mean a wedged device, for every model of the replica."""
+        with self._lock:
+            return time.monotonic() - self._step_began if self._stepping is not None else 0.0
+
+    @property
+    def thread(self) -> threading.Thread | None:
+        """The worker thread, while there is one."""
+        return self._thread
+
+    def _next(self) -> Steppable | None:
+        """The model whose step comes next, or None once the loop has been idle for idle_seconds
+        (under the lock, so work that arrives after that starts a new thread)."""
+        with self._lock:
+            deadline = time.monotonic() + self.idle_seconds
+            while not self._turns:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    self._thread = None
+                    return None
+                self._changed.wait(left)
+            self._stepping, self._step_began = self._turns.popleft(), time.monotonic()
+            return self._stepping
+
+    def _work(self) -> None:
+        while True:
+            model = self._next()
+            if model is None:
+                return
+            try:
+                model.step()
+            finally:
+                with self._lock:  # has_work under the lock: work added meanwhile has called wake, or is seen here
+                    self._stepping = None
+                    if model.has_work():
+                        self._turns.append(model)
+                    self._changed.notify_all()
+            del model  # not held while the loop waits: a model that left is not kept alive by this frame
+
+
+# The replica's loop: one per process, which is one Serve replica.
+SHARED = StepLoop()
