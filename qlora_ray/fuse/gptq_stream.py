@@ -45,9 +45,9 @@ RESIDENT_INPUT_BYTES = 4 * 2**30
 # through an 8B's MLP is about 2 GB), the CUDA graphs' pools and the allocator's slack.
 RESERVE_FRACTION = 0.1
 RESERVE_MIN_BYTES = 4 * 2**30
-# The dtype the walk's model computes in, whatever the device's own. In bf16 (a GPU, or a CPU with
-# AVX512-BF16) bulk fell behind per-tenant GPTQ by up to 6 points on the demo tenants, and in fp32 it
-# came within 2 (docs/quality.md). On a GPU its matmuls run in TF32 (hessians.tf32_matmuls).
+# The dtype the walk's model computes in, whatever the device's own: in bf16 (a GPU, or a CPU with
+# AVX512-BF16) bulk fell behind per-tenant GPTQ on the demo tenants, in float32 it did not
+# (docs/quality.md). On a GPU its forward passes run in TF32 (hessians.tf32_matmuls).
 WALK_DTYPE = torch.float32
 
 

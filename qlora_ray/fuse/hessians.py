@@ -127,8 +127,8 @@ def tf32_matmuls():
     """Matmuls on a GPU in TF32 (fp32 accumulation, 10-bit mantissa inputs) while the context lasts.
     XᵀX is most of a capture's work (a pool of 24 tenants' rows is ~1M tokens): from a bf16 model's
     inputs, which TF32 holds exactly, the tensor cores give the same sums as full fp32, many times
-    faster. The bulk walk's fp32 forward (gptq_stream.WALK_DTYPE) runs in it too, at about half
-    bf16's speed where full fp32 would be some fifteen times slower."""
+    faster. The bulk walk's float32 forward (gptq_stream.WALK_DTYPE) runs in it too: on the tensor
+    cores, where full float32 would leave them idle; its solve stays outside, in IEEE float32."""
     before = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
