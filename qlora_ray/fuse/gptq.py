@@ -83,7 +83,8 @@ def gptq_quantize(merged_dir: Path, out_dir: Path, texts: list[str], spec: GptqS
     # GPTQModel offloads finished layers to disk, by default into a temporary folder of its own that
     # outlives a worker process Ray ends (a model's 16-bit size left in /tmp per tenant): into the
     # caller's scratch folder instead, removed with it.
-    config = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=True,
+    config = QuantizeConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act,
+                            static_groups=spec.static_groups, sym=True,
                             offload_to_disk_path=str(merged_dir.parent / "gptqmodel-offload"))
     # GPTQModel prints ~1.5 MB of progress per SmolLM2 and writes a ./logs folder: both go to the
     # scratch folder, and the log's tail is shown only if quantization fails.

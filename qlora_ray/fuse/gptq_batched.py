@@ -12,7 +12,7 @@ one CUDA graph, so they do not wait on their launches.
 
 GPTQModel has no batched solver, so this one is ours; it follows GPTQModel's `GPTQ.quantize` step by
 step (the configurations `quantize_config` builds: natural, activation-ordered or act-group-aware
-column order, groups found as the walk reaches them), and reuses its pieces: the Quantizer, the
+column order, groups found as the walk reaches them or, with static groups, fixed before it), and reuses its pieces: the Quantizer, the
 damping and its recovery, and the group-aware orderings. The inverse factor takes a cheaper route
 than GPTQModel's (_inverse_factor). A tenant whose Hessian has no inverse factor, or whose walk ends
 with a NaN loss, is solved by GPTQModel itself, which has its fallbacks for those.
@@ -49,8 +49,12 @@ def solve_batched(weights: list[torch.Tensor], hessians: list[torch.Tensor], tok
         raise ValueError("solve_batched takes one Hessian and one token count per weight, and at least one weight")
     if len({tuple(w.shape) for w in weights}) != 1:
         raise ValueError(f"solve_batched solves weights of one shape (got {sorted({tuple(w.shape) for w in weights})})")
-    if config.static_groups or config.mock_quantization or float(config.mse or 0.0) > 0.0:
-        raise ValueError("solve_batched follows GPTQModel without static groups, mock quantization or an MSE search")
+    if config.mock_quantization or float(config.mse or 0.0) > 0.0:
+        raise ValueError("solve_batched follows GPTQModel without mock quantization or an MSE search")
+    static = bool(config.static_groups)
+    if static and (config.act_group_aware or config.group_size == -1):
+        raise ValueError("solve_batched follows GPTQModel's static groups over groups of columns, in activation "
+                         "or natural order")
     from gptqmodel.quantization.gptq import GPTQ
 
     rows, columns = weights[0].shape
@@ -63,12 +67,19 @@ def solve_batched(weights: list[torch.Tensor], hessians: list[torch.Tensor], tok
     task = GPTQ(linear, config)  # its quantizer and its damped inverse, configured as GPTQModel's processor does
     task.quantizer.configure(perchannel=True)
     orders, solvable = [], []
+    group_scales = group_zeros = None
+    if static:
+        groups = math.ceil(columns / config.group_size)
+        group_scales = torch.empty(count, rows, groups, dtype=torch.float32, device=device)
+        group_zeros = torch.empty_like(group_scales)
     for slot, (weight, hessian) in enumerate(zip(weights, hessians)):
         matrix = hessian.to(device=device, dtype=torch.float32, copy=True)
         batch[slot] = weight
         dead = torch.diag(matrix) == 0
         matrix[dead, dead] = 1
         batch[slot][:, dead] = 0
+        if static:  # from the weight in its own order, before the walk reorders it, as GPTQModel's
+            group_scales[slot], group_zeros[slot] = _static_groups(task.quantizer, batch[slot], config.group_size)
         order = _column_order(matrix, config)
         if order.perm is not None:
             batch[slot] = batch[slot][:, order.perm]
@@ -83,13 +94,19 @@ def solve_batched(weights: list[torch.Tensor], hessians: list[torch.Tensor], tok
         del matrix, inverse
     if config.group_size == -1:  # one group a row: GPTQModel finds its scale on the weight as given
         task.quantizer.find_params(torch.cat([weight.float() for weight in weights]), weight=True)
-    dequantized, scales, zeros, losses = _walk(batch, inverses, task.quantizer, config.group_size)
+    column_groups = None
+    if static:  # the group of each column in the walk's order: the group of the column it came from
+        column_groups = torch.stack([(o.perm if o.perm is not None else torch.arange(columns, device=device))
+                                     // config.group_size for o in orders])
+    dequantized, scales, zeros, losses = _walk(batch, inverses, task.quantizer, config.group_size,
+                                               (group_scales, group_zeros, column_groups) if static else None)
     del batch, inverses
     codes: dict[int, GptqCodes] = {}
     for slot in solvable:
         if tokens[slot] and not math.isnan(losses[slot].item()):
             codes[slot] = _unpermute(dequantized[slot], scales[slot], zeros[slot], orders[slot],
-                                     config.group_size if config.group_size != -1 else columns, weights[slot].dtype)
+                                     config.group_size if config.group_size != -1 else columns, weights[slot].dtype,
+                                     static)
     for slot, weight in enumerate(weights):
         if slot not in codes:  # no inverse factor, or a NaN loss: GPTQModel's own fallbacks decide
             (codes[slot],) = solve_stacked([weight], hessians[slot], tokens[slot], config)
@@ -110,6 +127,24 @@ def _column_order(hessian: torch.Tensor, config) -> _Order:
         perm = extend_perm_with_tail(compose_final_perm(local, groups, config.group_size), diagonal.numel())
         return _Order(perm=perm, group_perm=groups)
     return _Order()
+
+
+def _static_groups(quantizer, weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each group's scale and zero (out, groups) from the weight (out, in) as it stands: GPTQModel's
+    static groups, found by one call over all full groups (and one for a last, shorter one) where
+    GPTQModel calls the quantizer once a group: the same operations on each row of each group."""
+    rows, columns = weight.shape
+    full = columns // group_size
+    scales, zeros = [], []
+    if full:
+        quantizer.find_params(weight[:, :full * group_size].reshape(rows * full, group_size), weight=True)
+        scales.append(quantizer.scale.view(rows, full))
+        zeros.append(quantizer.zero.view(rows, full))
+    if columns % group_size:
+        quantizer.find_params(weight[:, full * group_size:], weight=True)
+        scales.append(quantizer.scale.view(rows, 1))
+        zeros.append(quantizer.zero.view(rows, 1))
+    return torch.cat(scales, 1), torch.cat(zeros, 1)
 
 
 def _inverse_factor(task, hessian: torch.Tensor) -> torch.Tensor | None:
@@ -155,12 +190,14 @@ def _lower_inverse(lower: torch.Tensor, out: torch.Tensor, leaf: int = 1024) -> 
     out[half:, :half].neg_()
 
 
-def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: int):
+def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: int, static=None):
     """GPTQ's column walk for a batch of weights (batch, out, in) in the order they are to be solved,
     each with its inverse Hessian's upper Cholesky factor (batch, in, in); the weights are worked on
     in place. Groups of group_size columns get their scales as the walk reaches them (-1: the
-    quantizer's, set by the caller). Returns the dequantized weights, the scales and zeros of each
-    group in the order the walk met them (batch, out, groups), and each weight's summed loss (batch,)."""
+    quantizer's, set by the caller), or, with `static` = (scales, zeros (batch, out, groups), each
+    walked column's group (batch, in)), are given. Returns the dequantized weights, the scales and
+    zeros of each group in the order the walk met them, or the static ones (batch, out, groups), and
+    each weight's summed loss (batch,)."""
     batch, rows, columns = weights.shape
     maxq = float(quantizer.maxq)  # the largest code, read once: inside a CUDA graph it cannot be read
     dequantized = torch.zeros_like(weights)
@@ -177,17 +214,12 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
         # codes stay GPTQModel's (tests/unit/test_gptq_batched.py).
         # The groups starting in this block take their scales from the weights as they stand at its
         # start, as GPTQModel's do: the walk changes the weights only after the block.
-        column_scales = torch.empty(batch, last - first, rows, dtype=weights.dtype, device=weights.device)
-        column_zeros = torch.empty_like(column_scales)
-        starts = {c for c in range(first, last) if group_size != -1 and c % group_size == 0}
-        bounds = sorted(starts | {first}) + [last]
-        for at, end in zip(bounds, bounds[1:]):  # runs of columns under one group's scale
-            if at in starts:
-                quantizer.find_params(weights[:, :, at:at + group_size].reshape(batch * rows, -1), weight=True)
-                scales.append(quantizer.scale.view(batch, rows))
-                zeros.append(quantizer.zero.view(batch, rows))
-            column_scales[:, at - first:end - first] = scales[-1].unsqueeze(1)
-            column_zeros[:, at - first:end - first] = zeros[-1].unsqueeze(1)
+        if static is not None:
+            index = static[2][:, first:last].unsqueeze(1).expand(batch, rows, last - first)
+            column_scales = static[0].gather(2, index).transpose(1, 2).contiguous()
+            column_zeros = static[1].gather(2, index).transpose(1, 2).contiguous()
+        else:
+            column_scales, column_zeros = _found_groups(weights, first, last, group_size, quantizer, scales, zeros)
         block = weights[:, :, first:last].transpose(1, 2).contiguous()
         block_codes = torch.empty_like(block)
         errors = _COLUMNS.run(block, inverses[:, first:last, first:last], column_scales, column_zeros, maxq, block_codes)
@@ -196,7 +228,29 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
         errors = errors.transpose(1, 2).contiguous()  # (batch, out, width), as GPTQModel multiplies them
         for b in range(batch):  # one product per weight: the same kernels, so the same sums, as GPTQModel's
             weights[b, :, last:] -= errors[b].matmul(inverses[b, first:last, last:])
+    if static is not None:
+        return dequantized, static[0], static[1], losses
     return dequantized, torch.stack(scales, dim=2), torch.stack(zeros, dim=2), losses
+
+
+def _found_groups(weights: torch.Tensor, first: int, last: int, group_size: int, quantizer, scales: list,
+                  zeros: list) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each column's scale and zero (batch, width, out) in the block [first, last) of the walk: the
+    groups starting in it find theirs from the weights as they stand (appended to scales and zeros),
+    the others keep the last group's."""
+    batch, rows, _ = weights.shape
+    column_scales = torch.empty(batch, last - first, rows, dtype=weights.dtype, device=weights.device)
+    column_zeros = torch.empty_like(column_scales)
+    starts = {c for c in range(first, last) if group_size != -1 and c % group_size == 0}
+    bounds = sorted(starts | {first}) + [last]
+    for at, end in zip(bounds, bounds[1:]):  # runs of columns under one group's scale
+        if at in starts:
+            quantizer.find_params(weights[:, :, at:at + group_size].reshape(batch * rows, -1), weight=True)
+            scales.append(quantizer.scale.view(batch, rows))
+            zeros.append(quantizer.zero.view(batch, rows))
+        column_scales[:, at - first:end - first] = scales[-1].unsqueeze(1)
+        column_zeros[:, at - first:end - first] = zeros[-1].unsqueeze(1)
+    return column_scales, column_zeros
 
 
 def _columns(block: torch.Tensor, corner: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, maxq: float,
@@ -282,17 +336,18 @@ def release_graphs() -> None:
 
 
 def _unpermute(dequantized: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, order: _Order, group: int,
-               dtype: torch.dtype) -> GptqCodes:
-    """One weight's result back in its own column order, as GPTQModel returns it."""
+               dtype: torch.dtype, static: bool = False) -> GptqCodes:
+    """One weight's result back in its own column order, as GPTQModel returns it (static groups are
+    already in the weight's own order)."""
     columns = dequantized.shape[1]
     g_idx = torch.arange(columns, device=dequantized.device, dtype=torch.int32) // group
     if order.perm is not None:
         inverse = torch.argsort(order.perm)
         dequantized = dequantized[:, inverse]
-        if order.group_perm is None:
-            g_idx = g_idx[inverse]
-        else:
+        if order.group_perm is not None:
             groups = torch.argsort(order.group_perm)
             kept = torch.cat([groups, torch.arange(groups.numel(), scales.shape[1], device=groups.device)])
             scales, zeros = scales[:, kept], zeros[:, kept]
+        elif not static:
+            g_idx = g_idx[inverse]
     return GptqCodes(dequantized.to(dtype), scales, zeros, g_idx)

@@ -39,7 +39,8 @@ def quantize_config(spec: GptqSpec):
     from gptqmodel import QuantizeConfig
 
     # offload_to_disk: GPTQModel's own layer offloading, which this path does not use (it would make a temp folder).
-    return QuantizeConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act, sym=True,
+    return QuantizeConfig(bits=spec.bits, group_size=spec.group_size, desc_act=spec.desc_act,
+                          static_groups=spec.static_groups, sym=True,
                           offload_to_disk=False)
 
 

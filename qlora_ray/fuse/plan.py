@@ -186,7 +186,7 @@ def hessian_units(spec: JobSpec, builds: list[Build]) -> list[HessianUnit]:
                   "base": members[0].inputs["base"], "calibration_samples": spec.fuse.gptq.calibration_samples,
                   # a sequential capture quantizes the merge base as it goes: its Hessians depend on these too
                   "sequential": spec.fuse.gptq.sequential,
-                  "gptq": spec.fuse.gptq.model_dump(include={"bits", "group_size", "desc_act"}) if spec.fuse.gptq.sequential else None,
+                  "gptq": spec.fuse.gptq.model_dump(include={"bits", "group_size", "desc_act", "static_groups"}) if spec.fuse.gptq.sequential else None,
                   "calibration": calibration}
         units.append(HessianUnit(pool, first.merge_base, first.trained_format if first.merge_base == "nf4-dequantized"
                                  else None, calibration, inputs))

@@ -69,16 +69,19 @@ def test_a_hessian_the_damp_cannot_factor_gets_gptqmodels_recovery():
     assert torch.equal(ours, theirs)
 
 
-@pytest.mark.parametrize("group_size,desc_act,act_group_aware,columns", [
-    (32, False, True, 160),    # the job's default order, act-group-aware; a full and a partial block of 128
-    (32, False, False, 160),   # natural order
-    (32, True, False, 160),    # activation order
-    (-1, False, False, 160),   # one scale a row
-    (64, False, True, 320),    # two groups begin in each block
-    (256, False, False, 320),  # a group spans two blocks
+@pytest.mark.parametrize("group_size,desc_act,act_group_aware,columns,static_groups", [
+    (32, False, True, 160, False),    # the job's default order, act-group-aware; a full and a partial block of 128
+    (32, False, False, 160, False),   # natural order
+    (32, True, False, 160, False),    # activation order
+    (32, True, False, 160, True),     # activation order, groups fixed before the walk
+    (64, True, False, 160, True),     # static groups, the last one shorter
+    (-1, False, False, 160, False),   # one scale a row
+    (64, False, True, 320, False),    # two groups begin in each block
+    (256, False, False, 320, False),  # a group spans two blocks
 ])
-def test_each_tenant_gets_the_codes_of_gptqmodels_own_solve(group_size, desc_act, act_group_aware, columns):
-    config = quantize_config(GptqSpec(group_size=group_size, desc_act=desc_act))
+def test_each_tenant_gets_the_codes_of_gptqmodels_own_solve(group_size, desc_act, act_group_aware, columns,
+                                                            static_groups):
+    config = quantize_config(GptqSpec(group_size=group_size, desc_act=desc_act, static_groups=static_groups))
     config = dataclasses.replace(config, act_group_aware=act_group_aware) if config.act_group_aware != act_group_aware else config
     assert config.act_group_aware == act_group_aware
     weights = _weights(3, 48, columns)
@@ -88,6 +91,9 @@ def test_each_tenant_gets_the_codes_of_gptqmodels_own_solve(group_size, desc_act
     for weight, hessian, count, mine in zip(weights, hessians, tokens, ours):
         (theirs,) = solve_stacked([weight], hessian, count, config)
         _assert_same(mine, theirs)
+    if static_groups:  # activation order in the walk, yet groups of consecutive columns in the checkpoint
+        natural = torch.arange(columns, dtype=torch.int32) // group_size
+        assert all(torch.equal(codes.g_idx.int(), natural) for codes in ours)
 
 
 def test_dead_columns_and_bf16_weights_as_gptqmodel():

@@ -23,9 +23,9 @@ def _weights(count: int, rows: int, columns: int) -> list[torch.Tensor]:
     return [torch.randn(rows, columns, generator=generator) * 0.02 for _ in range(count)]
 
 
-@pytest.mark.parametrize("desc_act", [False, True])
-def test_stacked_tenants_get_the_codes_of_their_own_solve(desc_act):
-    config = quantize_config(GptqSpec(group_size=32, desc_act=desc_act))
+@pytest.mark.parametrize("desc_act,static_groups", [(False, False), (True, False), (True, True)])
+def test_stacked_tenants_get_the_codes_of_their_own_solve(desc_act, static_groups):
+    config = quantize_config(GptqSpec(group_size=32, desc_act=desc_act, static_groups=static_groups))
     hessian = _hessian(96, 400, seed=1)
     weights = _weights(3, 48, 96)
     stacked = solve_stacked(weights, hessian, 400, config)

@@ -82,7 +82,7 @@ def test_the_design_example_message(tmp_path):
 def test_every_problem_is_reported_at_once(tmp_path):
     job = minimal(name="Bad Name", train={"learning_rat": 0.1, "batch_size": "4"})
     job["tenants"].append({"id": "../evil", "train_data": "x.jsonl", "scorer": "fuzzy"})
-    job["fuse"] = {"schemes": ["bf16", "awq"], "gptq": {"group_size": 100}}
+    job["fuse"] = {"schemes": ["bf16", "awq"], "gptq": {"group_size": 100, "static_groups": True}}
     found = "\n".join(problems(tmp_path, job))
     for expected in [
         "name: must be lower-case letters",
@@ -92,6 +92,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
         "tenants[1].scorer: unknown scorer 'fuzzy'",
         "fuse.schemes[1]: must be 'bf16', 'nf4' or 'gptq-int4' (got 'awq')",
         "fuse.gptq.group_size: must be -1 or a positive power of two (got 100)",
+        "fuse.gptq.static_groups: needs desc_act: true",
     ]:
         assert expected in found, expected
     # a bad default is reported once, at train.*, not again for every tenant
