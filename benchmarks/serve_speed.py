@@ -9,7 +9,9 @@ Model: shape:llama3-8b with random weights (speed only), greedy, no stop token. 
   bitsandbytes serialization, bitsandbytes' 4-bit matmul); gptq-int4 (a GPTQ-format checkpoint,
   group 128, repacked at load for the engine's default ("auto": GPTQModel's Marlin kernel, with
   torch's tinygemm for the one-row calls of small weights), for Marlin alone, and for tinygemm
-  alone, which serves where Marlin cannot be compiled).
+  alone, which serves where Marlin cannot be compiled); and gptq-int4 in activation order
+  (`ours-gptq-int4-act-order`, not run unless named in --only: desc_act's layout, one column order
+  per layer input, shared by the projections that read it, so the kernels read permuted activations).
 
 The GPTQ checkpoint is made by round-to-nearest in GPTQ's layout (sym, zero point 8, int32
 packing): GPTQModel does not run on this machine's image, and calibration changes the values in
@@ -48,28 +50,42 @@ from qlora_ray.shapes import shape_config  # noqa: E402
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def rtn_gptq(weight: torch.Tensor, group_size: int) -> dict[str, torch.Tensor]:
-    """Round-to-nearest 4-bit in GPTQ v1 layout (sym): qweight, qzeros, scales, g_idx."""
+def rtn_gptq(weight: torch.Tensor, group_size: int, order: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Round-to-nearest 4-bit in GPTQ v1 layout (sym): qweight, qzeros, scales, g_idx. With an
+    `order` of the columns (a permutation), the groups are runs of that order, as GPTQ's activation
+    order (desc_act) leaves them: g_idx is then a permutation's, not consecutive runs."""
     out_features, in_features = weight.shape
-    grouped = weight.float().reshape(out_features, in_features // group_size, group_size)
-    scale = (grouped.abs().amax(-1) * 2 / 15).clamp(min=1e-8)  # [out, groups]
-    q = (grouped / scale[..., None]).round().add(8).clamp(0, 15).reshape(out_features, in_features)
     groups = in_features // group_size
+    order = torch.arange(in_features, device=weight.device) if order is None else order
+    g_idx = torch.empty(in_features, dtype=torch.long, device=weight.device)
+    g_idx[order] = torch.arange(in_features, device=weight.device) // group_size
+    grouped = weight.float()[:, order].reshape(out_features, groups, group_size)
+    scale = (grouped.abs().amax(-1) * 2 / 15).clamp(min=1e-8)  # [out, groups]
+    q = (weight.float() / scale[:, g_idx]).round().add(8).clamp(0, 15)
     return {
         "qweight": pack_int32(q.t().contiguous(), 0),
         "qzeros": pack_int32(torch.full((groups, out_features), 7, device=weight.device), 1),  # stored zp - 1
         "scales": scale.t().contiguous().half(),
-        "g_idx": (torch.arange(in_features, device=weight.device) // group_size).int(),
+        "g_idx": g_idx.int(),
     }
 
 
-def gptq_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The state dict with every projection in TARGETS as round-to-nearest GPTQ tensors (group 128)."""
-    tensors = {}
+ONE_INPUT = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "gate_proj": "gate_up", "up_proj": "gate_up"}
+
+
+def gptq_state(state: dict[str, torch.Tensor], act_order: bool = False) -> dict[str, torch.Tensor]:
+    """The state dict with every projection in TARGETS as round-to-nearest GPTQ tensors (group 128).
+    With `act_order`, each layer's input gets a random column order, which the projections reading
+    it share, as GPTQ's desc_act gives them (one Hessian, one order)."""
+    tensors, orders = {}, {}
     for name, value in state.items():
         projection = name.rsplit(".", 2)[-2] if name.endswith(".weight") else ""
         if projection in TARGETS:
-            tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in rtn_gptq(value, 128).items()})
+            order = None
+            if act_order:
+                key = (name.split(".")[2], ONE_INPUT.get(projection, projection))  # (layer, input)
+                order = orders.setdefault(key, torch.randperm(value.shape[1], device=value.device))
+            tensors.update({f"{name.removesuffix('.weight')}.{k}": v for k, v in rtn_gptq(value, 128, order).items()})
         else:
             tensors[name] = value
     return tensors
@@ -183,7 +199,9 @@ def main() -> None:
     started = time.time()
 
     def wanted(name):
-        return not only or name in only
+        if only:
+            return name in only
+        return not name.endswith("-act-order")  # run only when named
 
     model = random_model(config)
     state = {k: v for k, v in model.state_dict().items()}
@@ -257,6 +275,15 @@ def main() -> None:
             ours("qlora_ray engine, fused gptq-int4 (tinygemm)", "ours-gptq-int4-tinygemm", dict(tensors), quant,
                  "tinygemm")
         del tensors
+    if wanted("ours-gptq-int4-act-order"):
+        if marlin_build_s is None:
+            built = time.perf_counter()
+            marlin.ops()
+            marlin_build_s = round(time.perf_counter() - built, 1)
+        quant = {"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "checkpoint_format": "gptq",
+                 "pack_dtype": "int32"}
+        ours("qlora_ray engine, fused gptq-int4 in activation order (desc_act; auto)",
+             "ours-gptq-int4-act-order", gptq_state(state, act_order=True), quant, "auto")
     if wanted("ours-nf4"):
         from qlora_ray.fuse.quant import FourBit, serialize_4bit
 

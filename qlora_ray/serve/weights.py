@@ -94,12 +94,23 @@ def gptq_dequantize(qweight, qzeros, scales, g_idx) -> torch.Tensor:
     return ((q - zeros[groups]) * scales.float()[groups]).t().contiguous()
 
 
+def _one_column_order(g_indices: list[torch.Tensor], group_size: int) -> bool:
+    """Whether GPTQ linears sharing one input read it in one column order: consecutive groups, or
+    one activation order for all (GPTQ's desc_act gives the linears of one input, which share a
+    Hessian, one order)."""
+    if not any(marlin.act_order(g, group_size) for g in g_indices):
+        return True
+    return all(torch.equal(g, g_indices[0]) for g in g_indices[1:])
+
+
 def gptq_to_tinygemm(linears: list[tuple[torch.Tensor, ...]], group_size: int, device, *,
                      prompt_copy: bool = True) -> Int4Linear | None:
     """Repack GPTQ linears sharing one input (qweight, qzeros, scales, g_idx each) as one Int4Linear
     whose outputs are theirs concatenated, for aten._weight_int4pack_mm; None if tinygemm cannot
     hold them. `prompt_copy`: also keep the layout that prompts dequantize from (Int4Linear).
     The unpacking runs on `device`: seconds on a GPU for an 8B model, minutes on a few cores."""
+    if not _one_column_order([part[3] for part in linears], group_size):
+        return None  # act-order linears in different column orders cannot share one input
     values, scales, zeros, orders = [], [], [], []
     for qweight, qzeros, scale, g_idx in linears:
         qweight, qzeros, scale, g_idx = (t.to(device) for t in (qweight, qzeros, scale, g_idx))
@@ -117,8 +128,6 @@ def gptq_to_tinygemm(linears: list[tuple[torch.Tensor, ...]], group_size: int, d
         # tinygemm computes w = (q - 8) * scale + zero; GPTQ's (q - zp) * scale is that with zero = (8 - zp) * scale.
         zeros.append((8 - zero_points) * scale.float())
         orders.append(order)
-    if any(order is not None for order in orders) and len(linears) > 1:
-        return None  # each act-order linear has its own column order: they cannot share one input
     q = torch.cat(values).contiguous()
     out_features, in_features = q.shape
     inner_k_tiles = next((t for t in TINYGEMM_INNER_K_TILES if in_features % (t * 16) == 0), None)
@@ -133,8 +142,8 @@ def gptq_to_tinygemm(linears: list[tuple[torch.Tensor, ...]], group_size: int, d
 
 def gptq_to_marlin(linears: list[tuple[torch.Tensor, ...]], group_size: int, device) -> MarlinInt4Linear | None:
     """GPTQ linears sharing one input as one MarlinInt4Linear (outputs concatenated); None where
-    Marlin cannot hold them: zero points other than 8 (asymmetric GPTQ), act-order linears that would
-    have to share a column order, or shapes off its tiles."""
+    Marlin cannot hold them: zero points other than 8 (asymmetric GPTQ), act-order linears in
+    different column orders, or shapes off its tiles."""
     qweights, scales, orders = [], [], []
     for qweight, qzeros, scale, g_idx in linears:
         if not bool((unpack_int32(qzeros, 1) == 7).all()):  # v1 stores zero - 1: symmetric is 8
@@ -143,7 +152,7 @@ def gptq_to_marlin(linears: list[tuple[torch.Tensor, ...]], group_size: int, dev
         scales.append(scale)
         orders.append(g_idx)
     in_features = qweights[0].shape[0] * 8
-    if len(linears) > 1 and any(marlin.act_order(g, group_size) for g in orders):
+    if not _one_column_order(orders, group_size):
         return None
     qweight, scale = torch.cat(qweights, 1), torch.cat(scales, 1)
     if not marlin.fits(in_features, qweight.shape[1], group_size):

@@ -38,9 +38,16 @@ def random_gptq(out_features: int, in_features: int, group_size: int, act_order:
     return pack_int32(q, 0), pack_int32(zero_points - 1, 1), scales, g_idx.int()
 
 
+def one_input_parts(act_order: bool, symmetric: bool = False) -> list:
+    """Two GPTQ projections of one input; in activation order, both in one column order, as GPTQ
+    leaves the linears of one input (they share a Hessian)."""
+    first, second = (random_gptq(256, 512, 128, act_order, seed, symmetric) for seed in range(2))
+    return [first, (*second[:3], first[3])]
+
+
 @pytest.mark.parametrize("act_order", [False, True])
 def test_int4_linear_matches_the_dequantized_weight_for_prompts_and_decode_steps(act_order):
-    parts = [random_gptq(256, 512, 128, act_order, seed) for seed in range(1 if act_order else 2)]
+    parts = one_input_parts(act_order)
     linear = gptq_to_tinygemm(parts, 128, torch.device("cuda"))
     assert linear is not None
     weight = torch.cat([gptq_dequantize(*part) for part in parts]).cuda()
@@ -50,13 +57,16 @@ def test_int4_linear_matches_the_dequantized_weight_for_prompts_and_decode_steps
         got = linear(x).float()
         error = (got - expected).norm() / expected.norm()
         assert error < 1e-2, (rows, error.item())
+    if act_order:  # two column orders cannot share one input
+        assert gptq_to_tinygemm([random_gptq(256, 512, 128, True, seed) for seed in range(2)], 128,
+                                torch.device("cuda")) is None
 
 
 @pytest.mark.parametrize("act_order", [False, True])
 def test_marlin_linear_matches_the_dequantized_weight(act_order):
-    """Symmetric GPTQ (the fuse stage's) on Marlin: two projections fused into one matmul, or one
-    act-order projection whose columns Marlin reads sorted by group; one row to a long prompt."""
-    parts = [random_gptq(256, 512, 128, act_order, seed, symmetric=True) for seed in range(1 if act_order else 2)]
+    """Symmetric GPTQ (the fuse stage's) on Marlin: two projections fused into one matmul; in
+    activation order, their one column order read sorted by group; one row to a long prompt."""
+    parts = one_input_parts(act_order, symmetric=True)
     linear = gptq_to_marlin(parts, 128, torch.device("cuda"))
     assert isinstance(linear, MarlinInt4Linear)
     weight = torch.cat([gptq_dequantize(*part) for part in parts]).cuda()
@@ -66,6 +76,9 @@ def test_marlin_linear_matches_the_dequantized_weight(act_order):
         error = (linear(x).float() - expected).norm() / expected.norm()
         assert error < 1e-2, (rows, error.item())
     assert gptq_to_marlin([random_gptq(256, 512, 128, False, 0)], 128, torch.device("cuda")) is None  # zero points vary
+    if act_order:
+        assert gptq_to_marlin([random_gptq(256, 512, 128, True, seed, symmetric=True) for seed in range(2)], 128,
+                              torch.device("cuda")) is None
 
 
 @pytest.mark.parametrize("int4_kernel", ["marlin", "auto"])

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from qlora_ray import marlin
-from qlora_ray.serve.weights import build_decoder
+from qlora_ray.serve.weights import _one_column_order, build_decoder
 from qlora_ray.shapes import shape_config
 
 
@@ -34,6 +34,16 @@ def test_act_order_is_columns_out_of_group_order():
     consecutive = (torch.arange(512) // 128).int()
     assert not marlin.act_order(consecutive, 128)
     assert marlin.act_order(consecutive[torch.randperm(512, generator=torch.Generator().manual_seed(0))], 128)
+
+
+def test_linears_of_one_input_fuse_in_one_column_order_only():
+    generator = torch.Generator().manual_seed(0)
+    consecutive = (torch.arange(512) // 128).int()
+    shuffled, other = (consecutive[torch.randperm(512, generator=generator)] for _ in range(2))
+    assert _one_column_order([consecutive, consecutive.clone()], 128)
+    assert _one_column_order([shuffled, shuffled.clone(), shuffled.clone()], 128)  # desc_act's q/k/v: one Hessian
+    assert not _one_column_order([shuffled, other], 128)
+    assert not _one_column_order([consecutive, shuffled], 128)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU behaviour")
