@@ -520,6 +520,8 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
         lines += ["", f"Varied lengths (`bench --mixed --tenants 1`, prompts and answers each 0.5-1.5x their means): "
                       f"TTFT p99 at concurrency {busy['concurrency']} {busy['ttft_ms_p99']} ms against p50 "
                       f"{lone['ttft_ms_p50']} ms at concurrency {lone['concurrency']}: {ratio} (target: under 4x); "
+                      f"after the first round (the clients' first requests, sent at once) "
+                      f"{busy.get('ttft_ms_p99_after_first_round')} ms; "
                       f"{busy['output_tok_s']} output tok/s at {busy['concurrency']}, {busy['errors']} errors."]
     return "\n".join(lines) + "\n"
 
