@@ -4,6 +4,7 @@
     python3 benchmarks/gpu_pipeline.py --out OUT_DIR --part starts    # a model replica's cold and warm start
     python3 benchmarks/gpu_pipeline.py --out OUT_DIR --part gptq-8b   # the fuse stage's per-tenant GPTQ on an 8B
     python3 benchmarks/gpu_pipeline.py --out OUT_DIR --part serve     # the engine alone against Serve over HTTP
+    python3 benchmarks/gpu_pipeline.py --out OUT_DIR --part tenants   # one tenant's model against several, on one replica
 
 `pipeline`, in order:
 1. installs the wheelhouse that ../shared/tools/device-wheelhouse builds (`.whl/`, carried with the
@@ -27,6 +28,9 @@ concurrency 1, 8, 32 and 64, with streams sent at each --stream-intervals value 
 ms), plus the time to first token of a ~512-token prompt and the TTFT p99 at concurrency 32 of
 prompts and answers of varied lengths: issue 19's targets (use --bench-seconds 10 or more). With
 --gateway-replicas 1,2, Serve is measured with each number of gateway replicas in the same run.
+`tenants` publishes --tenants (default 4) tenants' shape:llama3-8b gptq-int4 models on one replica
+that holds them all and runs `qlora-ray bench --mixed` for one tenant and for all at concurrency 32:
+issue 20's aggregate tok/s per tenant count.
 
 The base has random weights (the real SmolLM2 ships as a GGUF too large to carry), so the eval
 table's accuracies measure nothing but that every configuration loads and runs; its timings and the
@@ -360,6 +364,51 @@ def serve_engine_rate(run: Run, args) -> str:
     return render_serve_engine_rate(run.results, model)
 
 
+def serve_tenants(run: Run, args) -> str:
+    """Issue 20's price of one model per tenant: --tenants tenants' fused models (random weights, one
+    seed each) on one replica that holds them all, under `qlora-ray bench --mixed` with Zipf traffic
+    at one concurrency, for one tenant and for all of them. Each tenant count runs two levels: the
+    first takes the models' loads, the second is the measure."""
+    install(run)
+    cuda = run.device == "cuda"
+    shape, variant = ("llama3-8b", "gptq-int4.original") if cuda else ("tiny", "bf16.original")
+    concurrency, prompt_words, output_tokens = (32, 24, 128) if cuda else (4, 8, 16)
+    tenants = [f"t{i:02d}" for i in range(args.tenants)]
+    path = write_job(run, name="gpu-tenants", base={"name": shape, "source": f"shape:{shape}"},
+                     tenants=[{"id": t, "train_data": str(DATA / "dates" / "train.jsonl")} for t in tenants],
+                     fuse={"schemes": [variant.split(".")[0]], "merge_base": "original"},
+                     serve={"max_batch": concurrency, "max_resident_models": len(tenants), "context": 1024,
+                            "max_tokens": 512, "unmerged_baseline": False, "allow_failed_quality": True,
+                            "resources": {"num_cpus": 2, "num_gpus": 1 if cuda else 0}})
+    spec, store = store_of(path)
+    started = time.perf_counter()
+    for seed, tenant in enumerate(tenants):
+        publish_random_fused(spec, store, shape, variant, run.device, run.work / f"random-{tenant}", tenant=tenant,
+                             seed=seed)
+    run.results["steps"]["random fused models"] = {"seconds": round(time.perf_counter() - started, 1), "exit": 0}
+    counts = sorted({1, len(tenants)})
+    run.cli("bench, tenants", "bench", str(path), "--mixed", "--tenants", ",".join(map(str, counts)),
+            "--concurrency", f"{concurrency},{concurrency}", "--duration", str(args.bench_seconds),
+            "--prompt-tokens", str(prompt_words), "--output-tokens", str(output_tokens))
+    rows = bench_report(path)["results"]
+    run.results["tenants"] = rows
+    run.save()
+    measured = [row for i, row in enumerate(rows) if i % 2 == 1]  # each count's second level
+    lines = [f"{len(tenants)} tenants' {shape} {variant} models (random weights) on one replica holding all of them; "
+             f"Zipf traffic at concurrency {concurrency}, prompts ~{prompt_words} words and answers ~{output_tokens} "
+             "tokens (each 0.5-1.5x); the second level of each tenant count:", "",
+             "| tenants | requests | errors | output tok/s | TTFT p50 ms | TTFT p99 ms | after the first round | "
+             "switches in the level |", "|---|---|---|---|---|---|---|---|"]
+    for row in measured:
+        lines.append(f"| {row['tenants']} | {row['requests']} | {row['errors']} | {row['output_tok_s']} | "
+                     f"{row['ttft_ms_p50']} | {row['ttft_ms_p99']} | {row.get('ttft_ms_p99_after_first_round')} | "
+                     f"{row['switches']} |")
+    if len(measured) == 2 and measured[0]["output_tok_s"]:
+        lines += ["", f"{measured[1]['tenants']} tenants keep {measured[1]['output_tok_s'] / measured[0]['output_tok_s']:.0%} "
+                      "of one tenant's aggregate output tok/s."]
+    return "\n".join(lines) + "\n"
+
+
 def publish_random_fused(spec, store, shape: str, variant: str, device: str, folder: Path, *, tenant: str = "acme",
                          seed: int = 0) -> None:
     """A fused model of random weights (from `seed`) for `tenant`, as the fuse stage publishes it:
@@ -553,7 +602,8 @@ def render_pipeline(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-PARTS = {"pipeline": pipeline, "starts": starts, "gptq-8b": gptq_8b, "serve": serve_engine_rate}
+PARTS = {"pipeline": pipeline, "starts": starts, "gptq-8b": gptq_8b, "serve": serve_engine_rate,
+         "tenants": serve_tenants}
 
 
 def main() -> None:
@@ -568,6 +618,7 @@ def main() -> None:
     parser.add_argument("--stream-intervals", default="0,50", type=lambda text: [int(v) for v in text.split(",")],
                         help="--part serve: the serve.stream_interval_ms values Serve is measured at (the last "
                              "one also for the long prompts)")
+    parser.add_argument("--tenants", type=int, default=4, help="with --part tenants: how many tenants' models")
     parser.add_argument("--gateway-replicas", default="1", type=lambda text: [int(v) for v in text.split(",")],
                         help="--part serve: the serve.gateway_replicas values Serve is measured at, at each interval "
                              "(the last one also for the long prompts and varied lengths)")
