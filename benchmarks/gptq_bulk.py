@@ -33,6 +33,12 @@ machine) left in --work, so the phases can be spread over back-to-back calls of 
 
     gptq_bulk.py --out OUT --phases per-tenant
     gptq_bulk.py --out OUT --phases bulk --resume
+
+--gptq overrides fuse.gptq settings in every phase of the call, and --label names its phases apart
+(`bulk-own, LABEL`), so that settings can be compared in one run:
+
+    gptq_bulk.py --out OUT --tenants 8 --phases bulk-own
+    gptq_bulk.py --out OUT --tenants 8 --phases bulk-own --resume --gptq '{"desc_act": false}' --label natural
 """
 
 from __future__ import annotations
@@ -152,6 +158,12 @@ def save(results: dict, out: Path) -> None:
                       f"{own['tenants'] - len(units)} more units at the mean of all but the slowest: {steady:.0f} s, "
                       f"against bulk: **{results['bulk_own_speedup_steady']}x**."]
     for name, row in phases.items():
+        plain = phases.get(name.split(", ")[0])
+        if ", " in name and plain:  # a labelled call's phase against the same phase at the defaults
+            lines += ["", f"{name} ({row['gptq']}): {row['wall_seconds']} s for {row['tenants']} tenants, "
+                      f"{row['wall_seconds'] / plain['wall_seconds']:.2f}x the wall time of {name.split(', ')[0]} "
+                      f"({plain['wall_seconds']} s)."]
+    for name, row in phases.items():
         if "hessians" in row:
             h = row["hessians"]
             lines += ["", f"{name}: {h['sets']} Hessian set(s) from {h['calibration_rows']} rows "
@@ -204,6 +216,8 @@ def main() -> None:
     parser.add_argument("--shape", default="llama3-8b", help="shape:NAME of the base (tiny to try it on a CPU)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/gptq-bulk"))
     parser.add_argument("--resume", action="store_true", help="continue the run an earlier call left in --work")
+    parser.add_argument("--gptq", type=json.loads, default={}, help="fuse.gptq settings (JSON) for every phase")
+    parser.add_argument("--label", help="a name added to this call's phase names in the results")
     args = parser.parse_args()
     import torch
 
@@ -231,7 +245,7 @@ def main() -> None:
                    "commands": [command], "work": str(args.work), "phases": {}}
         make_base_and_tenants(args, store, tenants, device, results)
     save(results, args.out)
-    gptq = {} if device == "cuda" else {"group_size": 32, "calibration_samples": 16}
+    gptq = ({} if device == "cuda" else {"group_size": 32, "calibration_samples": 16}) | args.gptq
     for phase in args.phases.split(","):
         if phase == "per-tenant":
             job = phase_job(args.work, store_url, args.shape, tenants[:args.per_tenant], ["gptq-int4"],
@@ -247,7 +261,7 @@ def main() -> None:
             job = phase_job(args.work, store_url, args.shape, tenants, ["bf16", "nf4"], gptq, args.workers, device)
         else:
             raise SystemExit(f"unknown phase {phase!r}")
-        run_phase(phase, job, store, results, args.out)
+        run_phase(f"{phase}, {args.label}" if args.label else phase, job, store, results, args.out)
     print((args.out / "gptq-bulk.md").read_text())
 
 
