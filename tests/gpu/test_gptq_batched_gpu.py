@@ -38,8 +38,9 @@ def test_the_captured_graph_replays_the_step_by_step_walk():
     steps.clear()
 
 
-def test_codes_match_gptqmodels_on_the_gpu():
-    config = quantize_config(GptqSpec())
+@pytest.mark.parametrize("spec", [GptqSpec(), GptqSpec(desc_act=True, static_groups=True)], ids=["default", "static"])
+def test_codes_match_gptqmodels_on_the_gpu(spec):
+    config = quantize_config(spec)
     generator = torch.Generator(device="cuda").manual_seed(0)
     weights = [(torch.randn(512, 1024, generator=generator, device="cuda") * 0.02).to(torch.bfloat16) for _ in range(3)]
     hessians = []
