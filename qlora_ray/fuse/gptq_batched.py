@@ -12,10 +12,11 @@ one CUDA graph, so they do not wait on their launches.
 
 GPTQModel has no batched solver, so this one is ours; it follows GPTQModel's `GPTQ.quantize` step by
 step (the configurations `quantize_config` builds: natural, activation-ordered or act-group-aware
-column order, groups found as the walk reaches them or, with static groups, fixed before it), and reuses its pieces: the Quantizer, the
-damping and its recovery, and the group-aware orderings. The inverse factor takes a cheaper route
-than GPTQModel's (_inverse_factor). A tenant whose Hessian has no inverse factor, or whose walk ends
-with a NaN loss, is solved by GPTQModel itself, which has its fallbacks for those.
+column order, groups found as the walk reaches them or, with static groups, fixed before it), and
+reuses its pieces: the Quantizer, the damping and its recovery, and the group-aware orderings. The
+inverse factor takes a cheaper route than GPTQModel's (_inverse_factor). A tenant whose Hessian has
+no inverse factor, or whose walk ends with a NaN loss, is solved by GPTQModel itself, which has its
+fallbacks for those.
 tests/unit/test_gptq_batched.py checks the codes, scales and zeros against GPTQModel's, tenant by
 tenant: the same but for a rare rounding tie.
 """
@@ -212,8 +213,6 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
         # spread over the later columns touch memory in runs, where the weights' own layout would
         # read one float in every row's stride. Each element sees the same float operations, so the
         # codes stay GPTQModel's (tests/unit/test_gptq_batched.py).
-        # The groups starting in this block take their scales from the weights as they stand at its
-        # start, as GPTQModel's do: the walk changes the weights only after the block.
         if static is not None:
             index = static[2][:, first:last].unsqueeze(1).expand(batch, rows, last - first)
             column_scales = static[0].gather(2, index).transpose(1, 2).contiguous()
@@ -236,7 +235,8 @@ def _walk(weights: torch.Tensor, inverses: torch.Tensor, quantizer, group_size: 
 def _found_groups(weights: torch.Tensor, first: int, last: int, group_size: int, quantizer, scales: list,
                   zeros: list) -> tuple[torch.Tensor, torch.Tensor]:
     """Each column's scale and zero (batch, width, out) in the block [first, last) of the walk: the
-    groups starting in it find theirs from the weights as they stand (appended to scales and zeros),
+    groups starting in it find theirs from the weights as they stand at the block's start, as
+    GPTQModel's do (the walk changes the weights only after the block), appended to scales and zeros;
     the others keep the last group's."""
     batch, rows, _ = weights.shape
     column_scales = torch.empty(batch, last - first, rows, dtype=weights.dtype, device=weights.device)
