@@ -243,8 +243,10 @@ class GptqSpec(_Model):
     # 128 is the common choice; it must divide every linear layer's input size (SmolLM2's 576 needs 64).
     group_size: int = Field(128, description="Columns sharing one scale; -1 for one scale per output row.")
     calibration_samples: int = Field(128, gt=0, description="Tenant training rows used to calibrate GPTQ.")
-    desc_act: bool = Field(False, description="Quantize columns in order of activation size (slower kernels, "
-                           "unless static_groups).")
+    # Activation order is the default: on the demo tenants it alone kept every tenant at >= 98 % of its
+    # adapter, and the bulk walk costs no more with it (README, "Column order").
+    desc_act: bool = Field(True, description="Quantize columns in order of activation size (false: GPTQModel's "
+                           "group-aware order, whose consecutive groups the engine reads with fewer gathers).")
     static_groups: bool = Field(
         False, description="With desc_act: fix every group's scale from the unquantized weight before the walk, "
         "so the groups stay runs of consecutive columns and the engine keeps its fused kernels.")

@@ -38,7 +38,8 @@ def test_the_captured_graph_replays_the_step_by_step_walk():
     steps.clear()
 
 
-@pytest.mark.parametrize("spec", [GptqSpec(), GptqSpec(desc_act=True, static_groups=True)], ids=["default", "static"])
+@pytest.mark.parametrize("spec", [GptqSpec(), GptqSpec(static_groups=True), GptqSpec(desc_act=False)],
+                         ids=["default", "static", "group-aware"])
 def test_codes_match_gptqmodels_on_the_gpu(spec):
     config = quantize_config(spec)
     generator = torch.Generator(device="cuda").manual_seed(0)

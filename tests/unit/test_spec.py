@@ -82,7 +82,7 @@ def test_the_design_example_message(tmp_path):
 def test_every_problem_is_reported_at_once(tmp_path):
     job = minimal(name="Bad Name", train={"learning_rat": 0.1, "batch_size": "4"})
     job["tenants"].append({"id": "../evil", "train_data": "x.jsonl", "scorer": "fuzzy"})
-    job["fuse"] = {"schemes": ["bf16", "awq"], "gptq": {"group_size": 100, "static_groups": True}}
+    job["fuse"] = {"schemes": ["bf16", "awq"], "gptq": {"group_size": 100, "desc_act": False, "static_groups": True}}
     found = "\n".join(problems(tmp_path, job))
     for expected in [
         "name: must be lower-case letters",
