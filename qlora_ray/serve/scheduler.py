@@ -2,10 +2,10 @@
 
 Every `step()`:
 1. samples the tokens of the decode step launched by the previous one;
-2. admits waiting sequences into free slots and prefills prompts: while other sequences are
-   decoding, at most PREFILL_TOKENS_PER_STEP prompt tokens a step, at most PREFILL_CHUNK of them from
-   one prompt (long prompts in chunks, so decode is never stalled for long), else whole prompts; a
-   prompt's last chunk gives its first token;
+2. admits waiting sequences into free slots and prefills prompts: at most PREFILL_TOKENS_PER_STEP
+   prompt tokens a step, at most PREFILL_CHUNK of them from one prompt (long prompts in chunks, so
+   decode is never stalled for long, and a burst of prompts gets its first tokens one budget after
+   another rather than all after the last); a prompt's last chunk gives its first token;
 3. launches the next decode step for every sequence still generating, the ones that just got their
    first token included, before reading the sampled tokens back: the device runs the next step while
    the host checks stops and hands tokens out;
@@ -34,11 +34,12 @@ import torch
 from qlora_ray.serve.engine import Engine
 from qlora_ray.serve.sampling import Sampler, SamplingParams
 
-# While other sequences decode: the prompt tokens of one sequence prefilled in a step (the longest
-# static prefill shape, serve/engine.py), and of all sequences in a step. A prefill of 512 tokens
-# takes about as long as two decode steps of an 8B model at batch 32: a step with a full budget
-# delays the others' next tokens by several steps' time, once, while a burst of new requests gets
-# its first tokens that many times sooner than at one chunk a step.
+# The prompt tokens of one sequence prefilled in a step (the longest static prefill shape,
+# serve/engine.py: a longer chunk runs without a CUDA graph, so a lone prompt too is prefilled in
+# chunks), and of all sequences in a step. A prefill of 512 tokens takes about as long as two decode
+# steps of an 8B model at batch 32: a step with a full budget delays the others' next tokens by
+# several steps' time, once, while a burst of new requests gets its first tokens that many times
+# sooner than at one chunk a step.
 PREFILL_CHUNK = 512
 PREFILL_TOKENS_PER_STEP = 2048
 
@@ -146,8 +147,7 @@ class Scheduler:
         """Admit waiting sequences into free slots; prefill within the step's budget. Returns the
         sequences whose prompt is complete and their first tokens (sampled, on the device)."""
         self._admit()
-        decoding = bool(self.running)
-        budget = self.prefill_tokens_per_step if decoding and self.engine.continuous else None
+        budget = self.prefill_tokens_per_step if self.engine.continuous else None  # else the whole group
         work = []
         for sequence in self.prefilling:
             left = len(sequence.prompt) - sequence.prefilled

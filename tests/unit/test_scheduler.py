@@ -128,11 +128,21 @@ def test_while_others_decode_a_step_prefills_up_to_its_budget_across_prompts():
     assert all(any(first == 100 for first, _, _ in items) for items in log)  # a token every step
 
 
-def test_a_lone_long_prompt_is_prefilled_at_once():
+def test_a_lone_long_prompt_is_prefilled_in_chunks_too():
     engine = CountingEngine(context=2048)
-    scheduler = Scheduler(engine, prefill_chunk=64)
-    run(scheduler, 1, arrivals={0: [Sequence(list(range(1, 301)), greedy(2))]})
-    assert engine.prefills == [[(0, 0, 300)]]
+    scheduler = Scheduler(engine, prefill_chunk=128)
+    log = run(scheduler, 3, arrivals={0: [Sequence(list(range(1, 301)), greedy(2))]})
+    assert engine.prefills == [[(0, 0, 128)], [(0, 128, 128)], [(0, 256, 44)]]
+    assert log[:2] == [[], []] and (1, 301, False) in log[2]
+
+
+def test_a_burst_into_an_idle_engine_gets_its_first_tokens_budget_by_budget():
+    engine = CountingEngine(context=2048)
+    scheduler = Scheduler(engine, prefill_chunk=64, prefill_tokens_per_step=100)
+    burst = [Sequence(list(range(first, first + 50)), greedy(3)) for first in (300, 400, 500)]
+    log = run(scheduler, 3, arrivals={0: burst})
+    assert engine.prefills == [[(0, 0, 50), (1, 0, 50)], [(2, 0, 50)]]
+    assert {first for first, _, _ in log[0]} == {300, 400}  # the first two answer before the third is in
 
 
 def test_a_group_engine_gets_whole_groups_and_releases_them_together():
