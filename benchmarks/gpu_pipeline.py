@@ -385,6 +385,8 @@ def serve_tenants(run: Run, args) -> str:
     for seed, tenant in enumerate(tenants):
         publish_random_fused(spec, store, shape, variant, run.device, run.work / f"random-{tenant}", tenant=tenant,
                              seed=seed)
+        if seed == 0:
+            check_disk_for(len(tenants) - 1, folder_bytes(Path(spec.store)), run.work)
     run.results["steps"]["random fused models"] = {"seconds": round(time.perf_counter() - started, 1), "exit": 0}
     counts = sorted({1, len(tenants)})
     run.cli("bench, tenants", "bench", str(path), "--mixed", "--tenants", ",".join(map(str, counts)),
@@ -407,6 +409,19 @@ def serve_tenants(run: Run, args) -> str:
         lines += ["", f"{measured[1]['tenants']} tenants keep {measured[1]['output_tok_s'] / measured[0]['output_tok_s']:.0%} "
                       "of one tenant's aggregate output tok/s."]
     return "\n".join(lines) + "\n"
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
+
+
+def check_disk_for(models: int, model_bytes: int, folder: Path) -> None:
+    """Stop at once, not hours into a run, when `models` more models of `model_bytes` cannot fit on
+    the disk of `folder` (16 tenants' 8B models take 92 GB: more than some machines' whole disk)."""
+    free = shutil.disk_usage(folder).free
+    if models * model_bytes > free:
+        raise SystemExit(f"{models} more models of {model_bytes / 1e9:.1f} GB do not fit in the {free / 1e9:.1f} GB "
+                         f"free under {folder}: use fewer --tenants or a machine with a larger disk")
 
 
 def publish_random_fused(spec, store, shape: str, variant: str, device: str, folder: Path, *, tenant: str = "acme",
@@ -440,6 +455,7 @@ def publish_random_fused(spec, store, shape: str, variant: str, device: str, fol
     byte_tokenizer().save_pretrained(str(folder))
     store.publish(fused_key(spec.name, tenant, variant), folder, kind="fused",
                   inputs={"method": "random weights (benchmark)"})
+    shutil.rmtree(folder)  # the store holds its copy: an 8B's second copy would take another 5.7 GB of disk
     del state
     if device == "cuda":
         torch.cuda.empty_cache()
