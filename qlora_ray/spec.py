@@ -246,7 +246,7 @@ class GptqSpec(_Model):
     # Activation order is the default: on the demo tenants it alone kept every tenant at >= 98 % of its
     # adapter, and the bulk walk costs no more with it (README, "Column order").
     desc_act: bool = Field(True, description="Quantize columns in order of activation size (false: GPTQModel's "
-                           "group-aware order, whose consecutive groups the engine reads with fewer gathers).")
+                           "group-aware order, which the engine serves without permuting activations).")
     static_groups: bool = Field(
         False, description="With desc_act: fix every group's scale from the unquantized weight before the walk, "
         "so the groups stay runs of consecutive columns and the engine keeps its fused kernels.")

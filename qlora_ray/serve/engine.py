@@ -40,8 +40,8 @@ FIRST_SPAN = 128
 
 # The shapes a prefill is padded to on CUDA, each with its own CUDA graph: its rows (prompts prefilled
 # together), their chunks' length, and the span of the cache it attends over (from FIRST_PREFILL_SPAN,
-# doubling: a prompt's attention is a small part of its cost). Longer chunks (the scheduler's chunks
-# while others decode are at most the longest) and more rows run without a graph.
+# doubling: a prompt's attention is a small part of its cost). Longer chunks (the scheduler's are at
+# most the longest) and more rows run without a graph.
 PREFILL_ROW_BUCKETS = (1, 2, 4, 8)
 PREFILL_LENGTH_BUCKETS = (32, 64, 128, 256, 512)
 FIRST_PREFILL_SPAN = 512
