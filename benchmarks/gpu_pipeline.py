@@ -383,10 +383,10 @@ def serve_tenants(run: Run, args) -> str:
     spec, store = store_of(path)
     started = time.perf_counter()
     for seed, tenant in enumerate(tenants):
-        publish_random_fused(spec, store, shape, variant, run.device, run.work / f"random-{tenant}", tenant=tenant,
-                             seed=seed)
+        model_bytes = publish_random_fused(spec, store, shape, variant, run.device, run.work / f"random-{tenant}",
+                                           tenant=tenant, seed=seed)
         if seed == 0:
-            check_disk_for(len(tenants) - 1, folder_bytes(Path(spec.store)), run.work)
+            check_disk_for(len(tenants) - 1, model_bytes, run.work)
     run.results["steps"]["random fused models"] = {"seconds": round(time.perf_counter() - started, 1), "exit": 0}
     counts = sorted({1, len(tenants)})
     run.cli("bench, tenants", "bench", str(path), "--mixed", "--tenants", ",".join(map(str, counts)),
@@ -411,10 +411,6 @@ def serve_tenants(run: Run, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def folder_bytes(folder: Path) -> int:
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
-
-
 def check_disk_for(models: int, model_bytes: int, folder: Path) -> None:
     """Stop at once, not hours into a run, when `models` more models of `model_bytes` cannot fit on
     the disk of `folder` (16 tenants' 8B models take 92 GB: more than some machines' whole disk)."""
@@ -425,10 +421,10 @@ def check_disk_for(models: int, model_bytes: int, folder: Path) -> None:
 
 
 def publish_random_fused(spec, store, shape: str, variant: str, device: str, folder: Path, *, tenant: str = "acme",
-                         seed: int = 0) -> None:
+                         seed: int = 0) -> int:
     """A fused model of random weights (from `seed`) for `tenant`, as the fuse stage publishes it:
     gptq-int4 by round-to-nearest in GPTQ's layout (benchmarks/serve_speed.py; the kernels' speed
-    does not depend on the values)."""
+    does not depend on the values). Returns its bytes in the store, from its manifest."""
     import torch
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
@@ -453,12 +449,13 @@ def publish_random_fused(spec, store, shape: str, variant: str, device: str, fol
     config.torch_dtype = "bfloat16"
     config.save_pretrained(str(folder))
     byte_tokenizer().save_pretrained(str(folder))
-    store.publish(fused_key(spec.name, tenant, variant), folder, kind="fused",
-                  inputs={"method": "random weights (benchmark)"})
+    manifest = store.publish(fused_key(spec.name, tenant, variant), folder, kind="fused",
+                             inputs={"method": "random weights (benchmark)"})
     shutil.rmtree(folder)  # the store holds its copy: an 8B's second copy would take another 5.7 GB of disk
     del state
     if device == "cuda":
         torch.cuda.empty_cache()
+    return sum(entry["size"] for entry in manifest["files"].values())
 
 
 def engine_rates(spec, store, model_id: str, device: str, levels: list[int], prompt_words: int,
