@@ -29,8 +29,8 @@ ms), plus the time to first token of a ~512-token prompt and the TTFT p99 at con
 prompts and answers of varied lengths: issue 19's targets (use --bench-seconds 10 or more). With
 --gateway-replicas 1,2, Serve is measured with each number of gateway replicas in the same run.
 `tenants` publishes --tenants (default 4) tenants' shape:llama3-8b gptq-int4 models on one replica
-that holds them all and runs `qlora-ray bench --mixed` for one tenant and for all at concurrency 32:
-issue 20's aggregate tok/s per tenant count.
+and runs `qlora-ray bench --mixed` for 1, 4 and all of them at concurrency 32: issue 20's aggregate
+tok/s per tenant count, TTFT, and switches from host memory and from the store.
 
 The base has random weights (the real SmolLM2 ships as a GGUF too large to carry), so the eval
 table's accuracies measure nothing but that every configuration loads and runs; its timings and the
@@ -365,30 +365,43 @@ def serve_engine_rate(run: Run, args) -> str:
 
 
 def serve_tenants(run: Run, args) -> str:
-    """Issue 20's price of one model per tenant: --tenants tenants' fused models (random weights, one
-    seed each) on one replica that holds them all, under `qlora-ray bench --mixed` with Zipf traffic
-    at one concurrency, for one tenant and for all of them. Each tenant count runs two levels: the
-    first takes the models' loads, the second is the measure."""
+    """Issue 20's price of one model per tenant: --tenants tenants' fused models (random weights) on
+    one replica, under `qlora-ray bench --mixed` with Zipf traffic at one concurrency, for 1, 4 and
+    all of them. The replica keeps what its GPU's budget holds and switches the others in from host
+    memory or the store. Each tenant count runs two levels: the first takes the models' loads, the
+    second is the measure. Where the disk cannot hold every tenant's model (16 of an 8B take 92 GB),
+    the later tenants' artifacts share an earlier one's files by hard links: distinct artifacts the
+    replica loads, holds and switches one by one, only their bytes alike."""
     install(run)
     cuda = run.device == "cuda"
     shape, variant = ("llama3-8b", "gptq-int4.original") if cuda else ("tiny", "bf16.original")
     concurrency, prompt_words, output_tokens = (32, 24, 128) if cuda else (4, 8, 16)
     tenants = [f"t{i:02d}" for i in range(args.tenants)]
+    # Prompts of ~24 words and answers of at most 192 tokens fit a 512-token context, which halves
+    # each model's KV cache against 1024: more models stay on the GPU.
     path = write_job(run, name="gpu-tenants", base={"name": shape, "source": f"shape:{shape}"},
                      tenants=[{"id": t, "train_data": str(DATA / "dates" / "train.jsonl")} for t in tenants],
                      fuse={"schemes": [variant.split(".")[0]], "merge_base": "original"},
-                     serve={"max_batch": concurrency, "max_resident_models": len(tenants), "context": 1024,
-                            "max_tokens": 512, "unmerged_baseline": False, "allow_failed_quality": True,
+                     serve={"max_batch": concurrency, "max_resident_models": len(tenants), "context": 512,
+                            "max_tokens": 256, "unmerged_baseline": False, "allow_failed_quality": True,
                             "resources": {"num_cpus": 2, "num_gpus": 1 if cuda else 0}})
     spec, store = store_of(path)
     started = time.perf_counter()
+    distinct = len(tenants)
     for seed, tenant in enumerate(tenants):
+        if seed >= distinct:
+            publish_linked_fused(spec, store, variant, tenants[seed % distinct], tenant)
+            continue
         model_bytes = publish_random_fused(spec, store, shape, variant, run.device, run.work / f"random-{tenant}",
                                            tenant=tenant, seed=seed)
         if seed == 0:
-            check_disk_for(len(tenants) - 1, model_bytes, run.work)
+            distinct = distinct_models_that_fit(len(tenants), model_bytes, run.work)
+            run.results["distinct_models"] = distinct
+            if distinct < len(tenants):
+                run.say(f"the disk holds {distinct} distinct models of {model_bytes / 1e9:.1f} GB: the other "
+                        f"{len(tenants) - distinct} tenants' artifacts link to their files")
     run.results["steps"]["random fused models"] = {"seconds": round(time.perf_counter() - started, 1), "exit": 0}
-    counts = sorted({1, len(tenants)})
+    counts = sorted({count for count in (1, 4, len(tenants)) if count <= len(tenants)})
     run.cli("bench, tenants", "bench", str(path), "--mixed", "--tenants", ",".join(map(str, counts)),
             "--concurrency", f"{concurrency},{concurrency}", "--duration", str(args.bench_seconds),
             "--prompt-tokens", str(prompt_words), "--output-tokens", str(output_tokens))
@@ -396,28 +409,45 @@ def serve_tenants(run: Run, args) -> str:
     run.results["tenants"] = rows
     run.save()
     measured = [row for i, row in enumerate(rows) if i % 2 == 1]  # each count's second level
-    lines = [f"{len(tenants)} tenants' {shape} {variant} models (random weights) on one replica holding all of them; "
-             f"Zipf traffic at concurrency {concurrency}, prompts ~{prompt_words} words and answers ~{output_tokens} "
-             "tokens (each 0.5-1.5x); the second level of each tenant count:", "",
+    lines = [f"{len(tenants)} tenants' {shape} {variant} models (random weights; {distinct} distinct) on one "
+             f"replica; Zipf traffic at concurrency {concurrency}, prompts ~{prompt_words} words and answers "
+             f"~{output_tokens} tokens (each 0.5-1.5x); the second level of each tenant count:", "",
              "| tenants | requests | errors | output tok/s | TTFT p50 ms | TTFT p99 ms | after the first round | "
-             "switches in the level |", "|---|---|---|---|---|---|---|---|"]
+             "switches | from host memory, max s | from the store, max s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for row in measured:
         lines.append(f"| {row['tenants']} | {row['requests']} | {row['errors']} | {row['output_tok_s']} | "
                      f"{row['ttft_ms_p50']} | {row['ttft_ms_p99']} | {row.get('ttft_ms_p99_after_first_round')} | "
-                     f"{row['switches']} |")
-    if len(measured) == 2 and measured[0]["output_tok_s"]:
-        lines += ["", f"{measured[1]['tenants']} tenants keep {measured[1]['output_tok_s'] / measured[0]['output_tok_s']:.0%} "
-                      "of one tenant's aggregate output tok/s."]
+                     f"{row['switches']} | {row['host_switches']}, {row['host_switch_s_max']} | "
+                     f"{row['store_loads']}, {row['store_load_s_max']} |")
+    if len(measured) > 1 and measured[0]["output_tok_s"]:
+        lines += [""] + [f"{row['tenants']} tenants keep {row['output_tok_s'] / measured[0]['output_tok_s']:.0%} "
+                         "of one tenant's aggregate output tok/s." for row in measured[1:]]
     return "\n".join(lines) + "\n"
 
 
-def check_disk_for(models: int, model_bytes: int, folder: Path) -> None:
-    """Stop at once, not hours into a run, when `models` more models of `model_bytes` cannot fit on
-    the disk of `folder` (16 tenants' 8B models take 92 GB: more than some machines' whole disk)."""
-    free = shutil.disk_usage(folder).free
-    if models * model_bytes > free:
-        raise SystemExit(f"{models} more models of {model_bytes / 1e9:.1f} GB do not fit in the {free / 1e9:.1f} GB "
-                         f"free under {folder}: use fewer --tenants or a machine with a larger disk")
+def distinct_models_that_fit(models: int, model_bytes: int, folder: Path) -> int:
+    """How many of `models` models of `model_bytes` (one of them already written) the disk of
+    `folder` holds as distinct files, keeping a reserve for the replicas' caches and logs."""
+    reserve = 8e9
+    room = shutil.disk_usage(folder).free - reserve
+    return max(1, min(models, 1 + int(room // model_bytes)))
+
+
+def publish_linked_fused(spec, store, variant: str, source_tenant: str, tenant: str) -> None:
+    """`tenant`'s fused model as an artifact of its own whose files are hard links to
+    `source_tenant`'s (a folder store only: the benchmark's disk cannot hold a copy per tenant)."""
+    from qlora_ray.store import fused_key
+
+    source = fused_key(spec.name, source_tenant, variant)
+    manifest = store.read_manifest(source)
+    draft = store.begin(fused_key(spec.name, tenant, variant))
+    with store.local_copy(source) as folder:
+        for rel in manifest["files"]:
+            target = Path(store.path(f"{draft.prefix}/{rel}"))
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.link(folder / rel, target)
+    store.seal(draft, manifest["files"], kind="fused",
+               inputs={"method": f"random weights (benchmark): {source_tenant}'s files, hard-linked"})
 
 
 def publish_random_fused(spec, store, shape: str, variant: str, device: str, folder: Path, *, tenant: str = "acme",
@@ -557,8 +587,9 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
              "| batch = concurrency | engine tok/s | "
              + " | ".join(f"Serve {i} tok/s (share)" for i in intervals) + " | "
              + " | ".join(f"TTFT p50 / p99 ms, {i}" for i in intervals) + " | "
-             + f"TTFT p50 ms, {intervals[-1]}: in the replica / of it the engine |",
-             "|---|---|" + "---|" * (2 * len(intervals) + 1)]
+             + f"TTFT p50 ms, {intervals[-1]}: in the replica / of it the engine | "
+             + f"replica, {intervals[-1]}: mean decode batch, decode steps/s |",
+             "|---|---|" + "---|" * (2 * len(intervals) + 2)]
     for level, rate in engine["tok_s"].items():
         cells = [level, str(rate)]
         rows = {interval: next(r for r in served[interval] if str(r["concurrency"]) == level) for interval in served}
@@ -566,6 +597,7 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
         cells += [f"{rows[i]['ttft_ms_p50']} / {rows[i]['ttft_ms_p99']}" for i in served]
         last = rows[intervals[-1]]
         cells.append(f"{last.get('replica_ttft_ms_p50')} / {last.get('engine_ttft_ms_p50')}")
+        cells.append(f"{last.get('replica_mean_batch')}, {last.get('replica_steps_per_s')}")
         lines.append("| " + " | ".join(cells) + " |")
     long_row = results["served_long_prompt"]
     lines += ["", "A lone request's first token (one token asked), in the driver: "

@@ -181,6 +181,9 @@ def test_mixed_bench_reports_switches_tenants_and_throughput_that_agree_with_its
     assert counts["acme"] == max(counts.values())  # the Zipf head
     # Three tenants in two slots: some requests waited for their model's load, each at least the loader's time.
     assert mixed["switches"] > 0 and mixed["switch_s_p50"] >= LOAD_SECONDS
+    # The fake loader reads no host memory: every switch is counted as a load from the store.
+    assert mixed["store_loads"] == mixed["switches"] and mixed["host_switches"] == 0
+    assert {s["loaded_from"] for s in report["samples"] if s["load_seconds"] is not None} == {"the store"}
     written = write_mixed_report({**report, "when": "now"}, tmp_path)
     assert {p.name for p in written} == {"bench.json", "bench.md", "bench.png"}
     assert "| 3 | 4 |" in (tmp_path / "bench.md").read_text()

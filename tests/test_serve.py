@@ -255,16 +255,20 @@ def test_a_switch_back_takes_over_the_evicted_models_engine_from_host_memory(ser
     """Three bf16 models through a replica that holds two (and host memory for all of this module's
     models): the second request for globex finds its weights in host memory and the engine of the
     model it evicts (initech's: same shape), and still answers as the folder does under transformers."""
-    def ask(model_id: str) -> str:
+    def ask(model_id: str) -> requests.Response:
         response = requests.post(f"{served['url']}/chat/completions", timeout=120,
                                  headers={"Authorization": f"Bearer {served['keys'][model_id.split('/')[0]]}"},
                                  json={"model": model_id, "messages": QUESTION, "temperature": 0, "max_tokens": 8})
         assert response.status_code == 200, response.text
-        return response.json()["choices"][0]["message"]["content"]
+        return response
 
     for model_id in ("globex/bf16.original", "initech/bf16.original", "acme/bf16.original"):
         ask(model_id)
-    assert ask("globex/bf16.original") == reference_answer(served, "globex/bf16.original", QUESTION, 8)[0]
+    switched = ask("globex/bf16.original")
+    assert switched.json()["choices"][0]["message"]["content"] == \
+        reference_answer(served, "globex/bf16.original", QUESTION, 8)[0]
+    assert switched.headers["X-Model-Loaded-From"] == "host memory, into a spare engine"  # what bench --mixed reads
+    assert float(switched.headers["X-Model-Load-Seconds"]) > 0
     facts = requests.get(f"{served['url']}/qlora-ray/resident", params={"model": "globex/bf16.original"},
                          headers={"Authorization": f"Bearer {served['keys']['globex']}"}, timeout=120).json()
     assert facts["loaded_from"] == "host memory, into a spare engine", facts
@@ -283,7 +287,11 @@ def test_bench_runs_end_to_end_and_its_summary_agrees_with_its_samples(served, t
         assert row == {"model": row["model"], "concurrency": row["concurrency"], "resident_bytes": row["resident_bytes"],
                        "load_seconds": row["load_seconds"], "replica_start_seconds": row["replica_start_seconds"],
                        **summarize(samples), "replica_ttft_ms_p50": server_side["in_replica_ms_p50"],
-                       "engine_ttft_ms_p50": server_side["engine_ms_p50"], "replica_first_token": server_side}
+                       "engine_ttft_ms_p50": server_side["engine_ms_p50"],
+                       "replica_mean_batch": row["replica_mean_batch"], "replica_steps_per_s": row["replica_steps_per_s"],
+                       "replica_first_token": server_side}
+        # this level's decode steps only: none has more rows than the level's clients
+        assert 1 <= row["replica_mean_batch"] <= row["concurrency"] and row["replica_steps_per_s"] > 0
         # The server's side of this level's requests (not the warm-up's, nor the other model's): each
         # within the client's time to first token, the engine's share within the replica's.
         assert server_side["requests"] == 2

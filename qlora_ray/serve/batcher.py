@@ -37,7 +37,7 @@ class Batcher:
 
     @property
     def batch_sizes(self):
-        """Rows of the recent decode steps (the resident route reports their mean)."""
+        """(wall-clock time, rows) of the recent decode steps (the resident route reports their mean)."""
         return self.scheduler.decode_batches
 
     async def tokens(self, ids: list[int], params: SamplingParams) -> AsyncIterator[list[int]]:

@@ -44,6 +44,7 @@ class Sample:
     status: int | None = None
     retry_after: float | None = None
     load_seconds: float | None = None  # how long the request waited for its model to load (a switch), if it did
+    loaded_from: str | None = None  # where that load took the weights from, as the server says
 
     @property
     def overloaded(self) -> bool:
@@ -92,12 +93,14 @@ async def one_request(session, url: str, key: str, model: str, prompt: str, outp
     body = {"model": model, "prompt": prompt, "max_tokens": output_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}, "ignore_eos": True}
     started = time.perf_counter() - t0
-    first, prompt_tokens, produced, status, done, error, load_seconds = None, 0, 0, None, False, None, None
+    first, prompt_tokens, produced, status, done, error, load_seconds, loaded_from = (None, 0, 0, None, False, None,
+                                                                                      None, None)
     try:
         async with session.post(f"{url}/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as response:
             status = response.status
             load_header = response.headers.get("X-Model-Load-Seconds")
             load_seconds = float(load_header) if load_header is not None else None
+            loaded_from = response.headers.get("X-Model-Loaded-From") if load_header is not None else None
             if status != 200:
                 retry_after = response.headers.get("Retry-After")
                 return Sample(model, concurrency, started, None, time.perf_counter() - t0, 0, 0,
@@ -124,9 +127,9 @@ async def one_request(session, url: str, key: str, model: str, prompt: str, outp
         error = "the stream ended before data: [DONE]"
     if error is not None:
         return Sample(model, concurrency, started, first, time.perf_counter() - t0, 0, 0, error, status,
-                      load_seconds=load_seconds)
+                      load_seconds=load_seconds, loaded_from=loaded_from)
     return Sample(model, concurrency, started, first, time.perf_counter() - t0, prompt_tokens, produced, None, status,
-                  load_seconds=load_seconds)
+                  load_seconds=load_seconds, loaded_from=loaded_from)
 
 
 async def send_requests(url: str, key: str, model: str, *, concurrency: int, requests: int, prompt: str,
@@ -184,7 +187,7 @@ def server_facts(url: str, key: str, model: str, since: float | None = None) -> 
             facts = json.loads(response.read())
     except (urllib.error.URLError, ValueError):
         return {}
-    keep = ("resident_bytes", "load_seconds", "replica_start_seconds", "first_token")
+    keep = ("resident_bytes", "load_seconds", "replica_start_seconds", "first_token", "mean_batch", "decode_steps_per_s")
     return {name: facts[name] for name in keep if name in facts} if isinstance(facts, dict) else {}
 
 
@@ -204,12 +207,15 @@ def run_bench(url: str, keys: dict[str, str], models: list[str], *, concurrency:
             samples = asyncio.run(send_requests(url, keys[model], model, concurrency=level, requests=max(requests, level),
                                                 prompt=prompt, output_tokens=output_tokens, duration=duration))
             # One replica's requests: with several replicas, the one this call reaches.
-            server_side = server_facts(url, keys[model], model, since=level_started).get("first_token") or {}
+            level_facts = server_facts(url, keys[model], model, since=level_started)
+            server_side = level_facts.get("first_token") or {}
             rows.append({"model": model, "concurrency": level, "resident_bytes": facts.get("resident_bytes"),
                          "load_seconds": facts.get("load_seconds"),
                          "replica_start_seconds": facts.get("replica_start_seconds"), **summarize(samples),
                          "replica_ttft_ms_p50": server_side.get("in_replica_ms_p50"),
-                         "engine_ttft_ms_p50": server_side.get("engine_ms_p50"), "replica_first_token": server_side})
+                         "engine_ttft_ms_p50": server_side.get("engine_ms_p50"),
+                         "replica_mean_batch": level_facts.get("mean_batch"),
+                         "replica_steps_per_s": level_facts.get("decode_steps_per_s"), "replica_first_token": server_side})
             raw += [asdict(s) for s in samples]
     return {"url": url, "prompt_tokens_asked": prompt_tokens, "output_tokens": output_tokens, "requests": requests,
             "duration_s": duration, "concurrency": concurrency, "results": rows, "samples": raw}
@@ -219,7 +225,9 @@ COLUMNS = [("model", "model"), ("concurrency", "conc."), ("requests", "req."), (
            ("overloaded", "429/503"),
            ("mean_prompt_tokens", "prompt tok"),
            ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "TTFT p99 ms"), ("replica_ttft_ms_p50", "in replica p50 ms"),
-           ("engine_ttft_ms_p50", "of it engine p50 ms"), ("tpot_ms_p50", "TPOT p50 ms"),
+           ("engine_ttft_ms_p50", "of it engine p50 ms"), ("replica_mean_batch", "mean decode batch"),
+           ("replica_steps_per_s", "decode steps/s"),
+           ("tpot_ms_p50", "TPOT p50 ms"),
            ("tpot_ms_p99", "TPOT p99 ms"), ("latency_ms_p50", "latency p50 ms"), ("latency_ms_p99", "latency p99 ms"),
            ("output_tok_s", "output tok/s"), ("resident_bytes", "resident MiB"), ("load_seconds", "load s")]
 

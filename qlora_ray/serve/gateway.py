@@ -6,7 +6,8 @@ serve.max_request_bytes is refused with 413 before it is read whole, prompts are
 context, and what OpenAI's API has but this server does not do is refused by name (protocol.py).
 Overload and a lost replica are answered 429 or 503 with Retry-After; a stream already under way
 ends with an error event instead. An answer that waited for its model to load (a model switch) says
-how long in its X-Model-Load-Seconds header, which `qlora-ray bench --mixed` reads.
+how long in its X-Model-Load-Seconds header, and where the weights came from (host memory or the
+store) in X-Model-Loaded-From; `qlora-ray bench --mixed` reads both.
 """
 
 import json
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 # or cannot be reached (its node is gone), or it has no replica at all.
 RETRYABLE = (BackPressureError, RayActorError, DeploymentUnavailableError)
 LOAD_SECONDS_HEADER = "X-Model-Load-Seconds"
+LOADED_FROM_HEADER = "X-Model-Loaded-From"  # with it: where that load took the weights from
 # Characters of prompt text per token of context a request may send: a token is rarely longer than
 # a few characters, so this refuses only prompts that could never fit, before tokenizing them.
 PROMPT_CHARS_PER_TOKEN = 32
@@ -218,7 +220,8 @@ class Gateway:
         if first["type"] == "error":
             raise _event_error(first)
         request_id = protocol.new_id("chatcmpl" if chat else "cmpl")
-        headers = {} if first.get("load_seconds") is None else {LOAD_SECONDS_HEADER: f"{first['load_seconds']:.3f}"}
+        headers = {} if first.get("load_seconds") is None else {
+            LOAD_SECONDS_HEADER: f"{first['load_seconds']:.3f}", LOADED_FROM_HEADER: first.get("loaded_from") or ""}
         if body.stream:
             return StreamingResponse(_sse(events, request_id, body, first["prompt_tokens"], chat, retry_after),
                                      media_type="text/event-stream", headers=headers)

@@ -10,7 +10,8 @@ Reported per level: aggregate output tokens/s, requests, errors, overload answer
 p50/p99 over all requests and per tenant, the TTFT p99 after the first round (every client sends
 its first request at once, a burst the steady state never sees again), and model switches: requests
 that waited for their model to load (the server's X-Model-Load-Seconds header), with those waits at
-p50/p99/max.
+p50/p99/max, split by where the load took the weights from (X-Model-Loaded-From): the replica's host
+memory (a switch issue 20 wants under a second) or the store.
 """
 
 from __future__ import annotations
@@ -74,6 +75,8 @@ def summarize_mixed(samples: list[Sample]) -> dict:
     steady = [s.first_token - s.started for s in rounds_after_first if s.error is None and s.first_token is not None]
     span = (max(s.finished for s in samples) - min(s.started for s in samples)) if samples else 0.0
     switches = [s.load_seconds for s in samples if s.load_seconds is not None]
+    from_host = [s.load_seconds for s in samples if s.load_seconds is not None and from_host_memory(s)]
+    from_store = [s.load_seconds for s in samples if s.load_seconds is not None and not from_host_memory(s)]
     per_tenant = {}
     for tenant in sorted({tenant_of(s.model) for s in samples}):
         mine = [s for s in ok if tenant_of(s.model) == tenant]
@@ -91,8 +94,16 @@ def summarize_mixed(samples: list[Sample]) -> dict:
             (t["ttft_ms_p99"] for t in per_tenant.values() if t["ttft_ms_p99"] is not None), default=None),
         "switches": len(switches), "switch_s_p50": _seconds(percentile(switches, 50)),
         "switch_s_p99": _seconds(percentile(switches, 99)), "switch_s_max": _seconds(max(switches, default=None)),
+        "host_switches": len(from_host), "host_switch_s_max": _seconds(max(from_host, default=None)),
+        "store_loads": len(from_store), "store_load_s_max": _seconds(max(from_store, default=None)),
         "per_tenant": per_tenant,
     }
+
+
+def from_host_memory(sample: Sample) -> bool:
+    """Whether the load the sample waited for copied its model from the replica's host memory (a
+    switch), rather than reading it from the store (switching.ModelSwitcher's loaded_from)."""
+    return (sample.loaded_from or "").startswith("host memory")
 
 
 def _seconds(value: float | None) -> float | None:
@@ -123,7 +134,9 @@ COLUMNS = [("tenants", "tenants"), ("concurrency", "conc."), ("requests", "req."
            ("overloaded", "429/503"), ("output_tok_s", "output tok/s"), ("ttft_ms_p50", "TTFT p50 ms"),
            ("ttft_ms_p99", "TTFT p99 ms"), ("ttft_ms_p99_after_first_round", "TTFT p99 ms after the first round"),
            ("worst_tenant_ttft_ms_p99", "worst tenant's TTFT p99 ms"),
-           ("switches", "switches"), ("switch_s_p50", "switch p50 s"), ("switch_s_max", "switch max s")]
+           ("switches", "switches"), ("switch_s_p50", "switch p50 s"), ("switch_s_max", "switch max s"),
+           ("host_switches", "from host memory"), ("host_switch_s_max", "from host max s"),
+           ("store_loads", "from the store"), ("store_load_s_max", "from the store max s")]
 
 
 def render_mixed(report: dict) -> str:

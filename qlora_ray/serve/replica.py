@@ -174,9 +174,15 @@ class ModelServer:
     async def resident(self, entry: dict, since: float | None = None) -> dict:
         """The model's facts on this replica, loading it if needed; `first_token`: where the time to
         the first token of this model's requests on this replica that arrived after `since` (wall
-        clock; default: all it keeps) went."""
+        clock; default: all it keeps) went; `mean_batch` and `decode_steps_per_s`: the mean rows of its
+        decode steps since then, and their rate from the first to the last (tokens/s is their product:
+        which of the two falls short of the engine's says whether the batch was not full or the steps
+        were slow)."""
         async with self._using(entry) as (model, _):
-            sizes = model.batcher.batch_sizes
+            steps = tuple(model.batcher.batch_sizes)  # one copy: the step loop appends meanwhile
+            recent = [(when, rows) for when, rows in steps if since is None or when >= since]
+            sizes = [rows for _, rows in recent]
+            span = recent[-1][0] - recent[0][0] if recent else 0.0
             spans = [span for span in self.first_token_spans
                      if span.model == model.entry.id and (since is None or span.arrived >= since)]
             return {"model": model.entry.id, "resident_bytes": model.resident_bytes, "engine": model.engine_name,
@@ -186,13 +192,15 @@ class ModelServer:
                     "replica_start_seconds": round(self.start_seconds, 2),
                     "resident_models": self.models.resident_ids(),
                     "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,
+                    "decode_steps_per_s": round((len(recent) - 1) / span, 1) if span > 0 else None,
                     "first_token": summarize_first_token_spans(spans)}
 
     async def generate(self, payload: dict):
         """Events: {"type": "start", "prompt_tokens"} | {"type": "error", "status", "message"}, then
         {"type": "text", "text"} per step..., then {"type": "end", "finish_reason", "completion_tokens"}.
         The start event's load_seconds: how long the request waited for its model to load (a model
-        switch), None when the model was resident."""
+        switch), None when the model was resident; its loaded_from: where that load took the weights
+        from (host memory or the store)."""
         arrived = (time.time(), time.perf_counter())
         try:
             async with self._using(payload["entry"]) as (model, load_seconds):
@@ -230,7 +238,8 @@ class ModelServer:
         params = SamplingParams(max_new_tokens=limit, temperature=payload["temperature"], top_p=payload["top_p"],
                                 ignore_eos=payload["ignore_eos"])
         tokenized = time.perf_counter()
-        yield {"type": "start", "prompt_tokens": len(ids), "load_seconds": load_seconds}
+        yield {"type": "start", "prompt_tokens": len(ids), "load_seconds": load_seconds,
+               "loaded_from": None if load_seconds is None else model.loaded_from}
         stream = TextStream(tokenizer, payload["stop"])
         produced, finish = 0, "length"
         queued = time.perf_counter()

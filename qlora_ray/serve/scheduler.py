@@ -25,6 +25,7 @@ with its other models, and `generate` runs it to the end.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -80,7 +81,8 @@ class Scheduler:
         self._inflight: tuple[list[Sequence], torch.Tensor] | None = None  # a decode step not yet sampled
         self._samplers: dict[tuple[int, ...], Sampler] = {}
         self._lock = threading.Lock()  # add and cancel come from other threads than step
-        self.decode_batches: deque[int] = deque(maxlen=1000)  # rows of recent decode steps
+        # (wall-clock time, rows) of recent decode steps: the resident route reports their mean since a time
+        self.decode_batches: deque[tuple[float, int]] = deque(maxlen=10_000)
 
     def add(self, sequence: Sequence) -> None:
         """Queue a sequence; ValueError if its prompt and max_new_tokens do not fit a slot."""
@@ -204,7 +206,7 @@ class Scheduler:
             tokens = [chosen.get(id(s), filler) for s in rows]
         if not rows:
             return
-        self.decode_batches.append(len(rows))
+        self.decode_batches.append((time.time(), len(rows)))
         logits = self.engine.decode([s.slot for s in rows], torch.cat(tokens))
         self._inflight = (rows, logits)
 

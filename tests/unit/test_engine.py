@@ -228,7 +228,7 @@ def test_sequences_joining_mid_generation_and_prefilled_in_chunks_generate_as_if
             got[id(item.sequence)].append(item.token)
         step += 1
     assert [got[id(s)] for s in sequences] == [alone(model, p, n) for p, n in zip(prompts, lengths)]
-    assert max(scheduler.decode_batches) == 2 and not scheduler.has_work()
+    assert max(rows for _, rows in scheduler.decode_batches) == 2 and not scheduler.has_work()
 
 
 def collect(batcher: Batcher, prompt: list[int], params: SamplingParams, take: int | None = None):
