@@ -340,14 +340,19 @@ def serve_engine_rate(run: Run, args) -> str:
     served: dict[str, list] = {}
     for interval in args.stream_intervals:
         for gateways in args.gateway_replicas:
-            label = f"{interval} ms" + (f", {gateways} gateway(s)" if len(args.gateway_replicas) > 1 else "")
-            path = job(interval, gateways)
-            run.cli(f"bench, stream interval {interval} ms, {gateways} gateway replica(s)", "bench", str(path),
-                    "--models", model, "--concurrency", ",".join(map(str, levels)), "--duration",
-                    str(args.bench_seconds), "--prompt-tokens", str(prompt_words), "--output-tokens", str(output_tokens))
-            served[label] = bench_report(path)["results"]
+            for mode in args.serve_modes:
+                label = (f"{interval} ms" + (f", {gateways} gateway(s)" if len(args.gateway_replicas) > 1 else "")
+                         + (f", {mode}" if len(args.serve_modes) > 1 else ""))
+                path = job(interval, gateways)
+                run.cli(f"bench, stream interval {interval} ms, {gateways} gateway replica(s), Serve {mode}", "bench",
+                        str(path), "--models", model, "--concurrency", ",".join(map(str, levels)), "--duration",
+                        str(args.bench_seconds), "--prompt-tokens", str(prompt_words), "--output-tokens",
+                        str(output_tokens), env=SERVE_MODES[mode])
+                served[label] = bench_report(path)["results"]
         run.results["served"] = served
         run.save()
+    if args.levels_only:
+        return render_serve_engine_rate(run.results, model)
     # The job file as the last interval and gateway count wrote it.
     run.cli("bench, long prompts", "bench", str(path), "--models", model, "--concurrency", "1",
             "--requests", "8", "--prompt-tokens", str(long_prompt_words), "--output-tokens", "2")
@@ -588,8 +593,8 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
              + " | ".join(f"Serve {i} tok/s (share)" for i in intervals) + " | "
              + " | ".join(f"TTFT p50 / p99 ms, {i}" for i in intervals) + " | "
              + f"TTFT p50 ms, {intervals[-1]}: in the replica / of it the engine | "
-             + f"replica, {intervals[-1]}: mean decode batch, decode steps/s |",
-             "|---|---|" + "---|" * (2 * len(intervals) + 2)]
+             + " | ".join(f"replica, {i}: mean decode batch, decode steps/s" for i in intervals) + " |",
+             "|---|---|" + "---|" * (3 * len(intervals) + 1)]
     for level, rate in engine["tok_s"].items():
         cells = [level, str(rate)]
         rows = {interval: next(r for r in served[interval] if str(r["concurrency"]) == level) for interval in served}
@@ -597,16 +602,17 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
         cells += [f"{rows[i]['ttft_ms_p50']} / {rows[i]['ttft_ms_p99']}" for i in served]
         last = rows[intervals[-1]]
         cells.append(f"{last.get('replica_ttft_ms_p50')} / {last.get('engine_ttft_ms_p50')}")
-        cells.append(f"{last.get('replica_mean_batch')}, {last.get('replica_steps_per_s')}")
+        cells += [f"{rows[i].get('replica_mean_batch')}, {rows[i].get('replica_steps_per_s')}" for i in served]
         lines.append("| " + " | ".join(cells) + " |")
-    long_row = results["served_long_prompt"]
     lines += ["", "A lone request's first token (one token asked), in the driver: "
               + "; ".join(f"{name} {ms} ms" for name, ms in engine.get("lone_first_token_ms", {}).items()) + "."]
-    lines += ["", f"Time to first token of a {engine['long_prompt_tokens']}-token prompt: engine "
-                  f"{engine['long_prompt_ttft_ms']} ms; through Serve ({intervals[-1]}, concurrency 1) p50 "
-                  f"{long_row['ttft_ms_p50']} ms (prompt {long_row['mean_prompt_tokens']} tokens), of which "
-                  f"{long_row.get('replica_ttft_ms_p50')} ms in the replica and {long_row.get('engine_ttft_ms_p50')} "
-                  "ms from the scheduler's queue to the first token."]
+    long_row = results.get("served_long_prompt")
+    if long_row:
+        lines += ["", f"Time to first token of a {engine['long_prompt_tokens']}-token prompt: engine "
+                      f"{engine['long_prompt_ttft_ms']} ms; through Serve ({intervals[-1]}, concurrency 1) p50 "
+                      f"{long_row['ttft_ms_p50']} ms (prompt {long_row['mean_prompt_tokens']} tokens), of which "
+                      f"{long_row.get('replica_ttft_ms_p50')} ms in the replica and "
+                      f"{long_row.get('engine_ttft_ms_p50')} ms from the scheduler's queue to the first token."]
     varied = results.get("served_varied")
     if varied:
         lone, busy = varied[1], varied[-1]
@@ -647,6 +653,12 @@ def render_pipeline(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# --part serve --serve-modes: Ray Serve as it comes, and with Ray's own high-throughput settings
+# (user code on the replica's event loop, gRPC between deployments, direct ingress, a frozen garbage
+# collector), which every Serve process reads from its environment: the bench's local Ray passes
+# its environment on to them.
+SERVE_MODES = {"default": {}, "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+
 PARTS = {"pipeline": pipeline, "starts": starts, "gptq-8b": gptq_8b, "serve": serve_engine_rate,
          "tenants": serve_tenants}
 
@@ -667,7 +679,13 @@ def main() -> None:
     parser.add_argument("--gateway-replicas", default="1", type=lambda text: [int(v) for v in text.split(",")],
                         help="--part serve: the serve.gateway_replicas values Serve is measured at, at each interval "
                              "(the last one also for the long prompts and varied lengths)")
+    parser.add_argument("--serve-modes", default="default", type=lambda text: text.split(","),
+                        help=f"--part serve: Ray Serve's settings to measure Serve at ({', '.join(SERVE_MODES)})")
+    parser.add_argument("--levels-only", action="store_true",
+                        help="--part serve: only the levels, without the long prompts and varied lengths")
     args = parser.parse_args()
+    if unknown := set(args.serve_modes) - set(SERVE_MODES):
+        parser.error(f"--serve-modes: unknown {', '.join(sorted(unknown))} (known: {', '.join(SERVE_MODES)})")
     shape = args.shape or ("smollm2-135m" if args.device == "cuda" else "tiny")
     run_part(args, PARTS[args.part], shape, f"on {gpu_name()}")
 
