@@ -90,6 +90,10 @@ class Batcher:
         """Seconds the replica's running step has taken (0 when none runs): minutes mean a wedged device."""
         return self.loop.stalled_for()
 
+    def step_stack(self) -> str:
+        """Where the replica's step loop is now, as a stack trace."""
+        return self.loop.stack()
+
     def close(self) -> None:
         """Refuse new requests and return once what is running has finished; a request that could not
         get a turn before (it arrived as the model closed) ends with an error."""

@@ -19,9 +19,10 @@ knows nothing of requests. Two engines:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import torch
@@ -121,11 +122,15 @@ class StaticEngine:
     continuous = True
 
     def __init__(self, decoder, stop_ids: set[int], *, context: int, max_batch: int = 8, cuda_graphs: bool | None = None,
-                 static_prefill: bool | None = None):
+                 static_prefill: bool | None = None,
+                 capturing: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+        """`capturing`: a context each CUDA graph is captured in; a replica's keeps its other models'
+        steps from running meanwhile (serve/step_loop.StepLoop.paused)."""
         if max_batch > BATCH_BUCKETS[-1]:
             raise ValueError(f"max_batch is at most {BATCH_BUCKETS[-1]} (got {max_batch})")
         self.decoder = decoder
         self.stop_ids = stop_ids
+        self.capturing = capturing
         self.context = context
         self.max_batch = max_batch
         self.device = decoder.device
@@ -258,7 +263,7 @@ class StaticEngine:
                        torch.zeros(rows, dtype=torch.long, device=self.device),
                        torch.zeros(rows, dtype=torch.long, device=self.device))
             graph = self._prefill_graphs[shape] = _StepGraph(functools.partial(self._prefill_step, span=span), example,
-                                                             pool=self._prefill_pool)
+                                                             self.capturing, pool=self._prefill_pool)
         return graph
 
     def decode(self, slots: list[int], tokens: torch.Tensor) -> torch.Tensor:
@@ -296,7 +301,8 @@ class StaticEngine:
     def _graph(self, bucket: int, span: int, inputs: tuple[torch.Tensor, ...]) -> _StepGraph:
         graph = self._graphs.get((bucket, span))
         if graph is None:
-            graph = self._graphs[bucket, span] = _StepGraph(functools.partial(self._decode_step, span=span), inputs)
+            graph = self._graphs[bucket, span] = _StepGraph(functools.partial(self._decode_step, span=span), inputs,
+                                                            self.capturing)
         return graph
 
     def _decode_step(self, tokens: torch.Tensor, positions: torch.Tensor, *, span: int) -> torch.Tensor:
@@ -314,7 +320,8 @@ class _StepGraph:
     """One step (a decode step, or a prefill of a static shape) captured as a CUDA graph over static
     input buffers."""
 
-    def __init__(self, step, example: tuple[torch.Tensor, ...], pool=None):
+    def __init__(self, step, example: tuple[torch.Tensor, ...], capturing=contextlib.nullcontext, pool=None):
+        """`capturing`: the context the capture itself runs in (StaticEngine's)."""
         self.inputs = tuple(t.clone() for t in example)
         with torch.inference_mode():
             stream = torch.cuda.Stream()
@@ -324,7 +331,9 @@ class _StepGraph:
                     step(*self.inputs)
             torch.cuda.current_stream().wait_stream(stream)
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            # thread_local: a CUDA call of another thread of the replica (its health check's
+            # memory query) neither fails nor breaks the capture, as CUDA's global mode would.
+            with capturing(), torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
                 self.output = step(*self.inputs)
 
     def replay(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:

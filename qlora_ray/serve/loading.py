@@ -20,11 +20,14 @@ class LoadedModel:
     """An engine, its tokenizer, and the batcher that runs its requests."""
 
     def __init__(self, entry: ModelEntry, engine, tokenizer, resident_bytes: int, load_seconds: float,
-                 serve_spec: ServeSpec, *, loaded_from: str = "the store", signature: str | None = None):
+                 serve_spec: ServeSpec, *, loaded_from: str = "the store", signature: str | None = None,
+                 load_phases: dict[str, float] | None = None):
         """`loaded_from`: where its weights came from (switching.py); `signature`: what another model
-        must share to take over its engine (switching.signature), None if none can."""
+        must share to take over its engine (switching.signature), None if none can; `load_phases`:
+        the seconds of each part of its load, where they were measured."""
         self.entry, self.engine, self.tokenizer = entry, engine, tokenizer
         self.resident_bytes, self.load_seconds = resident_bytes, load_seconds
+        self.load_phases = load_phases or {}
         self.loaded_from, self.signature = loaded_from, signature
         self.batcher = Batcher(engine, serve_spec.max_batch, stream_interval=serve_spec.stream_interval_ms / 1000)
         self.engine_name = type(engine).__name__
@@ -126,7 +129,11 @@ def static_engine(spec: JobSpec, decoder, stop_ids: set[int]):
     """A StaticEngine over the decoder, compiled and captured (on CUDA) before its first request."""
     from qlora_ray.serve.engine import StaticEngine
 
-    engine = StaticEngine(decoder, stop_ids, context=_context(spec, decoder.config), max_batch=spec.serve.max_batch)
+    from qlora_ray.serve import step_loop
+
+    # Its graphs are captured while the replica's other models may be generating: between their steps.
+    engine = StaticEngine(decoder, stop_ids, context=_context(spec, decoder.config), max_batch=spec.serve.max_batch,
+                          capturing=step_loop.SHARED.paused)
     engine.warm_up()
     return engine
 

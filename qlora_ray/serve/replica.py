@@ -9,6 +9,7 @@ model's requests go where it is likely resident; which models stay resident is d
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -30,6 +31,13 @@ log = logging.getLogger(__name__)
 STALLED_STEP_SECONDS = 120.0
 # Requests whose first-token spans a replica keeps for the resident route.
 FIRST_TOKEN_SPANS_KEPT = 4096
+# How long a thread that wants the GIL waits before the holder must give it up, while a model loads
+# (CPython's default is 5 ms). The step loop gives up the GIL at every CUDA call of a step and must
+# win it back each time: beside a load's thread (compiling, capturing, copying: busy Python) each of
+# those waits can last the whole interval, and the other models' steps crawl. Only during loads: in
+# steady serving, the shorter interval cost Serve's path throughput on the development machine
+# (benchmarks/results/2026-12-03-cpu-gil-switch-interval.md).
+LOADING_GIL_SWITCH_INTERVAL_S = 0.0002
 
 
 @dataclass(frozen=True)
@@ -149,7 +157,18 @@ class ModelServer:
         log.info("model replica ready in %.1f s (before its first model load)", self.start_seconds)
 
     async def _load(self, entry: ModelEntry) -> LoadedModel:
-        return await asyncio.to_thread(self._load_entry, entry)
+        return await asyncio.to_thread(self._load_beside_the_steps, entry)
+
+    def _load_beside_the_steps(self, entry: ModelEntry) -> LoadedModel:
+        """The load, with the GIL handed over sooner meanwhile (LOADING_GIL_SWITCH_INTERVAL_S). Loads
+        run one at a time (residency.ResidentModels), so the process's interval is set and restored
+        by one of them at a time."""
+        default = sys.getswitchinterval()
+        sys.setswitchinterval(LOADING_GIL_SWITCH_INTERVAL_S)
+        try:
+            return self._load_entry(entry)
+        finally:
+            sys.setswitchinterval(default)
 
     @contextlib.asynccontextmanager
     async def _using(self, entry: dict):
@@ -165,6 +184,8 @@ class ModelServer:
         for model in self.models.models():
             stalled = model.batcher.stalled_for() if model.batcher else 0.0
             if stalled > STALLED_STEP_SECONDS:
+                log.error("a generation step has run for %.0f s; the step loop is at:\n%s", stalled,
+                          model.batcher.step_stack())
                 raise RuntimeError(f"{model.entry.id}: one generation step has run for {stalled:.0f} s")
         if self.device == "cuda":
             import torch
@@ -188,6 +209,7 @@ class ModelServer:
             return {"model": model.entry.id, "resident_bytes": model.resident_bytes, "engine": model.engine_name,
                     "device": self.device, "load_seconds": round(model.load_seconds, 2),
                     "loaded_from": model.loaded_from,
+                    "load_phases": {name: round(seconds, 2) for name, seconds in model.load_phases.items()},
                     "host_models": self.switcher.host_models() if self.switcher else [],
                     "replica_start_seconds": round(self.start_seconds, 2),
                     "resident_models": self.models.resident_ids(),

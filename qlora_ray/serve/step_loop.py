@@ -14,13 +14,23 @@ next, so a replica serving many tenants' models at once runs one schedule across
 The thread outlives the requests; after `idle_seconds` with no model to step it ends, and the next
 request starts another. Only models with work are held, so an idle model's engine is not kept alive
 by the loop.
+
+A model loading while others serve captures its CUDA graphs on another thread. CUDA and PyTorch
+allow one capture at a time in a process, and a capture in CUDA's global mode fails on (and is
+broken by) another thread's unsafe calls: so each capture runs inside `paused()`, between two steps,
+and the steps wait for it (a capture takes a fraction of a second; the load's other work goes on
+beside the steps).
 """
 
 from __future__ import annotations
 
+import contextlib
+import sys
 import threading
 import time
+import traceback
 from collections import deque
+from collections.abc import Iterator
 from typing import Protocol
 
 # How long the idle worker waits for work before it ends (the next request starts a new one).
@@ -45,6 +55,7 @@ class StepLoop:
         self._stepping: Steppable | None = None
         self._step_began = 0.0
         self._thread: threading.Thread | None = None
+        self._pauses = 0  # blocks inside paused(): no step starts while there are any
 
     def wake(self, model: Steppable) -> None:
         """`model` has work: it gets a turn (and the loop a thread, if it had none)."""
@@ -65,11 +76,32 @@ class StepLoop:
             if model in self._turns:
                 self._turns.remove(model)
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """No model's step runs while the block does: it waits for the running step to end (unless
+        it is that step's own thread), and the steps wait for it."""
+        with self._lock:
+            self._pauses += 1
+            while self._stepping is not None and threading.current_thread() is not self._thread:
+                self._changed.wait()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pauses -= 1
+                self._changed.notify_all()
+
     def stalled_for(self) -> float:
         """Seconds the running step has taken (0 when none runs): a step takes milliseconds, so
         minutes mean a wedged device, for every model of the replica."""
         with self._lock:
             return time.monotonic() - self._step_began if self._stepping is not None else 0.0
+
+    def stack(self) -> str:
+        """Where the worker thread is now (for the log of a replica whose step has stalled)."""
+        thread = self._thread
+        frame = sys._current_frames().get(thread.ident) if thread is not None else None
+        return "".join(traceback.format_stack(frame)) if frame is not None else "(no worker thread)"
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -81,7 +113,10 @@ class StepLoop:
         (under the lock, so work that arrives after that starts a new thread)."""
         with self._lock:
             deadline = time.monotonic() + self.idle_seconds
-            while not self._turns:
+            while not self._turns or self._pauses:
+                if self._turns:  # work waits for a pause to end
+                    self._changed.wait()
+                    continue
                 left = deadline - time.monotonic()
                 if left <= 0:
                     self._thread = None

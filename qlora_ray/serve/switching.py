@@ -245,9 +245,11 @@ class ModelSwitcher:
         from qlora_ray.serve import loading
         from qlora_ray.serve.decoder import Decoder
 
+        phases = {}  # seconds of each part of the load: the replica's log and its resident facts say them
         with self.store.local_copy(entry.key) as folder:
             tokenizer, stop_ids = loading.fused_tokenizer(folder)
             decoder = loading.fused_decoder(entry, folder, self.device, loading.serving_dtype(self.device))
+        phases["read"] = time.perf_counter() - started
         if not isinstance(decoder, Decoder):  # a transformers model
             self.settle()
             engine = loading.transformers_engine(self.spec, decoder, stop_ids)
@@ -256,24 +258,30 @@ class ModelSwitcher:
         tensors = weight_tensors(decoder)
         wanted = signature(decoder, tensors) if tensors is not None else None
         engine = self.spares.take(wanted)
+        mark = time.perf_counter()
         if engine is not None:
             copy_weights(weight_tensors(engine.decoder), tensors)
             del decoder, tensors
             free_memory({engine.device})
             engine.serve_another(stop_ids)
             loaded_from = "the store, into a spare engine"
+            phases["copy into the spare"] = time.perf_counter() - mark
         else:
             engine = loading.static_engine(self.spec, decoder, stop_ids)
             loaded_from = "the store"
+            phases["engine (compile and capture)"] = time.perf_counter() - mark
         resident = loading.engine_bytes(engine)
         if wanted is not None:
             weights = weight_tensors(engine.decoder)
             nbytes = host_bytes(weights, pinned=self.device == "cuda")
             if self.host.fits(nbytes):
+                mark = time.perf_counter()
                 self.host.put(_image_key(entry), HostImage(wanted, host_copy(weights), nbytes, tokenizer, stop_ids,
                                                            resident))
+                phases["host copy"] = time.perf_counter() - mark
+        log.info("%s from %s: %s", entry.id, loaded_from, ", ".join(f"{name} {s:.2f} s" for name, s in phases.items()))
         return loading.LoadedModel(entry, engine, tokenizer, resident, time.perf_counter() - started, self.spec.serve,
-                                   loaded_from=loaded_from, signature=wanted)
+                                   loaded_from=loaded_from, signature=wanted, load_phases=phases)
 
     def release(self, model) -> None:
         """Stop the model; keep its engine as a spare if another model can take it over, else free it."""

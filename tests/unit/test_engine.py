@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 
 import pytest
@@ -427,3 +428,65 @@ def test_closing_a_model_waits_for_its_requests_while_the_other_models_go_on():
 
     leaving_tokens, staying_tokens = asyncio.run(asyncio.wait_for(main(), timeout=30))
     assert leaving_tokens == list(range(2, 12)) and staying_tokens == list(range(2, 42))
+
+
+def test_no_step_runs_while_the_loop_is_paused_and_the_answer_is_unchanged():
+    """As a model loading beside a generating one captures its CUDA graphs: each capture waits for
+    the running step to end, no step starts while it runs, and the answer goes on after it. The step
+    loop's own thread may pause inside a step (a capture during a step) without waiting for itself."""
+    log: list[str] = []
+    loop = StepLoop()
+    engine = CountingEngine("serving", log)
+    batcher = Batcher(engine, 2, loop=loop)
+    windows, began = [], []
+
+    def capture():
+        with loop.paused():
+            began.append(len(log))
+            time.sleep(0.05)  # a capture's time: no decode step may be logged meanwhile
+            windows.append(len(log) - began[-1])
+
+    async def main():
+        answer = asyncio.create_task(collect(batcher, [1], greedy(max_new_tokens=60)))
+        while len(log) < 3:
+            await asyncio.sleep(0.001)
+        for _ in range(3):
+            await asyncio.to_thread(capture)
+        return await answer
+
+    assert asyncio.run(asyncio.wait_for(main(), timeout=30)) == list(range(2, 62))
+    assert windows == [0, 0, 0]
+    assert began[-1] < 30  # each capture came between two steps, not after the answer's 60
+
+    class PausingEngine(ThreadRecordingEngine):
+        def decode(self, slots, tokens):
+            with loop.paused():  # from the loop's own thread, inside its step
+                return super().decode(slots, tokens)
+
+    assert asyncio.run(asyncio.wait_for(collect(Batcher(PausingEngine(), 2, loop=loop), [1], greedy(max_new_tokens=5)),
+                                        timeout=30)) == [2, 3, 4, 5, 6]
+
+
+def test_a_stalled_step_loop_says_where_its_thread_is():
+    loop = StepLoop()
+    started, release = threading.Event(), threading.Event()
+
+    class WedgedEngine(ThreadRecordingEngine):
+        def decode(self, slots, tokens):
+            started.set()
+            release.wait(timeout=30)  # a device that does not answer
+            return super().decode(slots, tokens)
+
+    batcher = Batcher(WedgedEngine(), 2, loop=loop)
+
+    async def main():
+        answer = asyncio.create_task(collect(batcher, [1], greedy(max_new_tokens=2)))
+        await asyncio.to_thread(started.wait, 30)
+        stack = batcher.step_stack()
+        release.set()
+        await answer
+        return stack
+
+    stack = asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert "in decode" in stack and "release.wait" in stack
+    assert StepLoop().stack() == "(no worker thread)"

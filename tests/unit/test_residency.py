@@ -217,7 +217,7 @@ class WedgedEngine(FakeEngine):
         return super().decode(slots, tokens)
 
 
-def test_the_health_check_fails_a_replica_whose_generation_step_hangs(monkeypatch):
+def test_the_health_check_fails_a_replica_whose_generation_step_hangs(monkeypatch, caplog):
     from qlora_ray.serve import replica
     from qlora_ray.serve.loading import LoadedModel
     from qlora_ray.serve.sampling import SamplingParams
@@ -242,3 +242,27 @@ def test_the_health_check_fails_a_replica_whose_generation_step_hangs(monkeypatc
             await tokens.aclose()
 
     asyncio.run(scenario())
+    assert "the step loop is at" in caplog.text and "in decode" in caplog.text  # where it hangs, logged
+
+
+def test_a_load_hands_the_gil_over_sooner_and_restores_the_interval_after():
+    """While a model loads beside the steps of others, the step loop wins the GIL back sooner; the
+    process's interval is restored after the load, whether it succeeded or failed."""
+    import sys
+
+    from qlora_ray.serve import replica
+
+    server = replica.ModelServer.func_or_class.__new__(replica.ModelServer.func_or_class)
+    default = sys.getswitchinterval()
+    server._load_entry = lambda entry: sys.getswitchinterval()
+    during = server._load_beside_the_steps(entry("a/bf16"))  # CPython keeps it in whole microseconds
+    assert during == pytest.approx(replica.LOADING_GIL_SWITCH_INTERVAL_S) and during < default
+    assert sys.getswitchinterval() == default
+
+    def failing(entry):
+        raise RuntimeError("no such model")
+
+    server._load_entry = failing
+    with pytest.raises(RuntimeError, match="no such model"):
+        server._load_beside_the_steps(entry("a/bf16"))
+    assert sys.getswitchinterval() == default

@@ -130,17 +130,19 @@ def test_switches_reuse_an_evicted_models_engine_and_the_host_tier(published):
     memory after that, and answers as it does alone."""
     store, spec, models = published
     switcher = ModelSwitcher(spec, store, "cpu", host_budget_bytes=64 * 2**20)
-    first_engine, seen = None, []
+    first_engine, seen, first_load_phases = None, [], {}
     for tenant in ("acme", "globex", "initech", "acme", "globex"):
         loaded = switcher.load(entry(store, tenant))
         first_engine = first_engine or loaded.engine
         assert loaded.engine is first_engine  # one engine, built and warmed once
         assert answers(loaded.engine) == [alone(models[tenant], p) for p in PROMPTS]
         seen.append(loaded.loaded_from)
+        first_load_phases = first_load_phases if seen[1:] else loaded.load_phases
         switcher.release(loaded)
     assert seen == ["the store", "the store, into a spare engine", "the store, into a spare engine",
                     "host memory, into a spare engine", "host memory, into a spare engine"]
     assert switcher.host_models() == ["initech/bf16.original", "acme/bf16.original", "globex/bf16.original"]
+    assert "host copy" in first_load_phases
 
 
 def test_without_a_spare_engine_or_host_room_a_model_loads_from_the_store(published):
@@ -154,6 +156,11 @@ def test_without_a_spare_engine_or_host_room_a_model_loads_from_the_store(publis
     again = switcher.load(entry(store, "acme"))  # not in host memory: from the store, into acme's old engine
     assert again.loaded_from == "the store, into a spare engine"
     assert answers(again.engine) == [alone(models["acme"], p) for p in PROMPTS]
+    # Each load's parts are timed (no host copy: the host tier has no room).
+    assert set(acme.load_phases) == {"read", "engine (compile and capture)"}
+    assert set(again.load_phases) == {"read", "copy into the spare"}
+    assert all(seconds >= 0 for seconds in again.load_phases.values())
+    assert sum(acme.load_phases.values()) <= acme.load_seconds
 
 
 def test_a_spare_engine_no_load_can_take_is_freed_by_the_next_load(published, tmp_path):
