@@ -203,7 +203,7 @@ class ModelServer:
             steps = tuple(model.batcher.batch_sizes)  # one copy: the step loop appends meanwhile
             recent = [(when, rows) for when, rows in steps if since is None or when >= since]
             sizes = [rows for _, rows in recent]
-            span = recent[-1][0] - recent[0][0] if recent else 0.0
+            elapsed = recent[-1][0] - recent[0][0] if recent else 0.0
             spans = [span for span in self.first_token_spans
                      if span.model == model.entry.id and (since is None or span.arrived >= since)]
             return {"model": model.entry.id, "resident_bytes": model.resident_bytes, "engine": model.engine_name,
@@ -214,7 +214,7 @@ class ModelServer:
                     "replica_start_seconds": round(self.start_seconds, 2),
                     "resident_models": self.models.resident_ids(),
                     "mean_batch": round(sum(sizes) / len(sizes), 2) if sizes else None,
-                    "decode_steps_per_s": round((len(recent) - 1) / span, 1) if span > 0 else None,
+                    "decode_steps_per_s": round((len(recent) - 1) / elapsed, 1) if elapsed > 0 else None,
                     "first_token": summarize_first_token_spans(spans)}
 
     async def generate(self, payload: dict):
