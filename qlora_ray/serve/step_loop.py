@@ -55,7 +55,7 @@ class StepLoop:
         self._stepping: Steppable | None = None
         self._step_began = 0.0
         self._thread: threading.Thread | None = None
-        self._pauses = 0  # blocks inside paused(): no step starts while there are any
+        self._pauses: dict[int, float] = {}  # blocks inside paused() (by thread) and since when: no step starts meanwhile
 
     def wake(self, model: Steppable) -> None:
         """`model` has work: it gets a turn (and the loop a thread, if it had none)."""
@@ -80,28 +80,39 @@ class StepLoop:
     def paused(self) -> Iterator[None]:
         """No model's step runs while the block does: it waits for the running step to end (unless
         it is that step's own thread), and the steps wait for it."""
+        me = threading.get_ident()
         with self._lock:
-            self._pauses += 1
+            nested = me in self._pauses
+            self._pauses.setdefault(me, time.monotonic())
             while self._stepping is not None and threading.current_thread() is not self._thread:
                 self._changed.wait()
         try:
             yield
         finally:
             with self._lock:
-                self._pauses -= 1
+                if not nested:
+                    del self._pauses[me]
                 self._changed.notify_all()
 
     def stalled_for(self) -> float:
-        """Seconds the running step has taken (0 when none runs): a step takes milliseconds, so
-        minutes mean a wedged device, for every model of the replica."""
+        """Seconds the running step has taken, or the oldest pause while work waits for it (0 when
+        neither): a step or a capture takes well under a second, so minutes mean a wedged device,
+        for every model of the replica."""
         with self._lock:
-            return time.monotonic() - self._step_began if self._stepping is not None else 0.0
+            now = time.monotonic()
+            if self._stepping is not None:
+                return now - self._step_began
+            return now - min(self._pauses.values()) if self._pauses and self._turns else 0.0
 
     def stack(self) -> str:
-        """Where the worker thread is now (for the log of a replica whose step has stalled)."""
-        thread = self._thread
-        frame = sys._current_frames().get(thread.ident) if thread is not None else None
-        return "".join(traceback.format_stack(frame)) if frame is not None else "(no worker thread)"
+        """Where the worker thread and any thread holding a pause are now (for the log of a replica
+        whose step has stalled)."""
+        frames = sys._current_frames()
+        threads = [("the step loop's thread", self._thread.ident if self._thread is not None else None)]
+        threads += [("a thread holding a pause", ident) for ident in list(self._pauses)]
+        parts = [f"{name}:\n" + "".join(traceback.format_stack(frames[ident]))
+                 for name, ident in threads if ident in frames]
+        return "\n".join(parts) or "(no worker thread)"
 
     @property
     def thread(self) -> threading.Thread | None:

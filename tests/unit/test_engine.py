@@ -434,29 +434,43 @@ def test_no_step_runs_while_the_loop_is_paused_and_the_answer_is_unchanged():
     """As a model loading beside a generating one captures its CUDA graphs: each capture waits for
     the running step to end, no step starts while it runs, and the answer goes on after it. The step
     loop's own thread may pause inside a step (a capture during a step) without waiting for itself."""
-    log: list[str] = []
     loop = StepLoop()
-    engine = CountingEngine("serving", log)
+
+    class SteppingEngine(ThreadRecordingEngine):
+        """Counts its decode steps, and says whether one is running."""
+
+        def __init__(self):
+            super().__init__()
+            self.steps, self.inside = 0, False
+
+        def decode(self, slots, tokens):
+            self.inside = True
+            time.sleep(0.002)
+            self.steps += 1
+            self.inside = False
+            return super().decode(slots, tokens)
+
+    engine = SteppingEngine()
     batcher = Batcher(engine, 2, loop=loop)
-    windows, began = [], []
+    captures = []  # (steps when it began, a step running then, steps during it)
 
     def capture():
         with loop.paused():
-            began.append(len(log))
-            time.sleep(0.05)  # a capture's time: no decode step may be logged meanwhile
-            windows.append(len(log) - began[-1])
+            began, inside = engine.steps, engine.inside
+            time.sleep(0.05)  # a capture's time: no decode step may run meanwhile
+            captures.append((began, inside, engine.steps - began))
 
     async def main():
         answer = asyncio.create_task(collect(batcher, [1], greedy(max_new_tokens=60)))
-        while len(log) < 3:
+        while engine.steps < 3:
             await asyncio.sleep(0.001)
         for _ in range(3):
             await asyncio.to_thread(capture)
         return await answer
 
     assert asyncio.run(asyncio.wait_for(main(), timeout=30)) == list(range(2, 62))
-    assert windows == [0, 0, 0]
-    assert began[-1] < 30  # each capture came between two steps, not after the answer's 60
+    assert [(inside, during) for _, inside, during in captures] == [(False, 0)] * 3
+    assert captures[-1][0] < 59  # the captures came between steps of the answer, not after its 59 decode steps
 
     class PausingEngine(ThreadRecordingEngine):
         def decode(self, slots, tokens):
@@ -465,6 +479,14 @@ def test_no_step_runs_while_the_loop_is_paused_and_the_answer_is_unchanged():
 
     assert asyncio.run(asyncio.wait_for(collect(Batcher(PausingEngine(), 2, loop=loop), [1], greedy(max_new_tokens=5)),
                                         timeout=30)) == [2, 3, 4, 5, 6]
+
+
+def stack_showing(source, text: str, seconds: float = 10.0) -> str:
+    """source()'s stack trace, once it shows `text` (a thread just woken may not be there yet)."""
+    deadline = time.monotonic() + seconds
+    while text not in (stack := source()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return stack
 
 
 def test_a_stalled_step_loop_says_where_its_thread_is():
@@ -482,11 +504,42 @@ def test_a_stalled_step_loop_says_where_its_thread_is():
     async def main():
         answer = asyncio.create_task(collect(batcher, [1], greedy(max_new_tokens=2)))
         await asyncio.to_thread(started.wait, 30)
-        stack = batcher.step_stack()
+        stack = await asyncio.to_thread(stack_showing, batcher.step_stack, "release.wait")
+        stalled = batcher.stalled_for()
         release.set()
         await answer
-        return stack
+        return stack, stalled
 
-    stack = asyncio.run(asyncio.wait_for(main(), timeout=30))
-    assert "in decode" in stack and "release.wait" in stack
+    stack, stalled = asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert "in decode" in stack and "release.wait" in stack and stalled > 0
     assert StepLoop().stack() == "(no worker thread)"
+
+
+def test_a_pause_that_does_not_end_counts_as_a_stall_while_work_waits():
+    """A capture wedged on the device holds every model's steps: the health check must see it, and
+    the log must show the thread that holds the pause."""
+    loop = StepLoop()
+    batcher = Batcher(ThreadRecordingEngine(), 2, loop=loop)
+    holding, release = threading.Event(), threading.Event()
+
+    def wedged_capture():
+        with loop.paused():
+            holding.set()
+            release.wait(timeout=30)
+
+    async def main():
+        capturer = threading.Thread(target=wedged_capture)
+        capturer.start()
+        await asyncio.to_thread(holding.wait, 30)
+        assert batcher.stalled_for() == 0.0  # paused, but no work waits for it
+        answer = asyncio.create_task(collect(batcher, [1], greedy(max_new_tokens=3)))
+        await asyncio.sleep(0.2)
+        stalled, stack = batcher.stalled_for(), batcher.step_stack()
+        release.set()
+        tokens = await answer
+        capturer.join()
+        return stalled, stack, tokens
+
+    stalled, stack, tokens = asyncio.run(asyncio.wait_for(main(), timeout=30))
+    assert stalled >= 0.2 and "a thread holding a pause" in stack and "wedged_capture" in stack
+    assert tokens == [2, 3, 4] and batcher.stalled_for() == 0.0
