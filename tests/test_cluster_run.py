@@ -27,7 +27,7 @@ import yaml
 
 from qlora_ray.store import Store, adapter_key, eval_key, fused_key
 from qlora_ray.train.status import read_status
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_ports
 
 DATA = REPO / "jobs" / "data" / "dates"
 
@@ -46,11 +46,12 @@ def _job(store: str) -> dict:
     }
 
 
-def _node_ports() -> list[str]:
+def _node_ports(ports: list[int]) -> list[str]:
     """Ports of their own for a node's agents: two nodes on one host would otherwise both take Ray's defaults."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-            f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
-            f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}"]
+    flags = ("--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port",
+             "--metrics-export-port", "--node-manager-port", "--object-manager-port")
+    assert len(ports) == len(flags)
+    return [f"{flag}={port}" for flag, port in zip(flags, ports)]
 
 
 def _kill_cluster(temp_dir: Path) -> None:
@@ -78,7 +79,8 @@ def test_a_job_submitted_to_a_two_node_cluster_runs_each_stage_where_its_resourc
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
     env.pop("RAY_ADDRESS", None)
     temp_dir = Path(tempfile.mkdtemp(prefix="qr-", dir="/tmp"))  # short: Ray's socket paths have a length limit
-    gcs_port, dashboard_port = free_port(), free_port()
+    # Every port of both nodes in one draw, so that no two components are given the same one.
+    gcs_port, dashboard_port, client_port, *agent_ports = free_ports(3 + 12)
     dashboard = f"http://127.0.0.1:{dashboard_port}"
 
     def ray_cli(*args: str, timeout: int = 180) -> subprocess.CompletedProcess:
@@ -98,10 +100,10 @@ def test_a_job_submitted_to_a_two_node_cluster_runs_each_stage_where_its_resourc
         head = ray_cli("start", "--head", f"--port={gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
                        "--resources=" + json.dumps({"fuse_node": 1}), "--include-dashboard=true",
                        "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                       f"--ray-client-server-port={free_port()}", f"--temp-dir={temp_dir}", *_node_ports())
+                       f"--ray-client-server-port={client_port}", f"--temp-dir={temp_dir}", *_node_ports(agent_ports[:6]))
         assert head.returncode == 0, head.stdout + head.stderr
         worker = ray_cli("start", f"--address=127.0.0.1:{gcs_port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-                         "--resources=" + json.dumps({"train_node": 1}), *_node_ports())
+                         "--resources=" + json.dumps({"train_node": 1}), *_node_ports(agent_ports[6:]))
         assert worker.returncode == 0, worker.stdout + worker.stderr
         deadline = time.monotonic() + 60
         while len([n for n in nodes() if n["state"] == "ALIVE"]) < 2:
