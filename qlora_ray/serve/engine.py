@@ -27,6 +27,8 @@ from typing import Protocol
 
 import torch
 
+from qlora_ray.serve.transfers import to_device
+
 log = logging.getLogger(__name__)
 
 # Batch sizes with their own CUDA graph: a decode step runs in the smallest bucket that holds the
@@ -202,7 +204,7 @@ class StaticEngine:
                                                  [starts[i] for i in chosen]))
         logits = torch.cat(logits)
         if order != sorted(order):
-            logits = logits[torch.tensor(order, device=self.device).argsort()]
+            logits = logits[to_device(torch.tensor(order).argsort(), self.device)]
         for slot, chunk, start in zip(slots, chunks, starts):
             self.positions[slot] = start + len(chunk)
             self.host_positions[slot] = start + len(chunk)
@@ -224,8 +226,8 @@ class StaticEngine:
         positions = torch.tensor(starts + [self.context] * padding)[:, None] + torch.arange(length)[None, :]
         last = torch.tensor([len(chunk) - 1 for chunk in chunks] + [0] * padding)
         # One copy to the device for all four.
-        packed = torch.cat([tokens.flatten(), positions.clamp(max=self.context).flatten(), last,
-                            torch.tensor(slots + slots[:1] * padding)]).to(self.device)
+        packed = to_device(torch.cat([tokens.flatten(), positions.clamp(max=self.context).flatten(), last,
+                                      torch.tensor(slots + slots[:1] * padding)]), self.device)
         tokens, positions, last, cache_rows = packed.split([rows * length, rows * length, rows, rows])
         inputs = (tokens.view(rows, length), positions.view(rows, length), last, cache_rows)
         if shape is None:
@@ -272,7 +274,7 @@ class StaticEngine:
         if top >= self.context:
             raise ValueError(f"a decode step past the context of {self.context}")
         span = next(s for s in self.spans if s > top)  # the slots this step writes, and before
-        index = torch.tensor(slots, device=self.device)
+        index = to_device(slots, self.device, torch.long)
         step_tokens = torch.zeros((bucket, 1), dtype=torch.long, device=self.device)
         step_tokens[index, 0] = tokens
         inputs = (step_tokens, self.positions[:bucket].clone())

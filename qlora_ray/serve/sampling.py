@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from qlora_ray.serve.transfers import to_device
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -18,14 +20,14 @@ class SamplingParams:
 class Sampler:
     """The next token of each row [B] from logits [B, vocab]: greedy where temperature is 0, else
     nucleus sampling at the row's temperature and top_p. The per-row settings become device tensors
-    once per set of rows: a tensor built from host values at every step would wait for the GPU."""
+    once per set of rows, copied without waiting for the device (serve/transfers.py)."""
 
     def __init__(self, params: list[SamplingParams], device: torch.device):
         self.greedy = all(p.temperature == 0 for p in params)
         if not self.greedy:
-            self.temperature = torch.tensor([max(p.temperature, 1e-5) for p in params], device=device)
-            self.top_p = torch.tensor([p.top_p for p in params], device=device)
-            self.is_greedy = torch.tensor([p.temperature == 0 for p in params], device=device)
+            self.temperature = to_device([max(p.temperature, 1e-5) for p in params], device, torch.float32)
+            self.top_p = to_device([p.top_p for p in params], device, torch.float32)
+            self.is_greedy = to_device([p.temperature == 0 for p in params], device, torch.bool)
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         greedy = logits.argmax(-1)
@@ -35,6 +37,9 @@ class Sampler:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         outside = sorted_probs.cumsum(-1) - sorted_probs > self.top_p[:, None]  # the top token always stays
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        choice = torch.multinomial(sorted_probs, 1).squeeze(-1)
+        # A draw in proportion to the kept probabilities: the largest p / E with E ~ Exp(1) (the
+        # exponential race). torch.multinomial draws the same way, but first reads checks on the
+        # probabilities back to the host, which waits for the device.
+        choice = (sorted_probs / torch.empty_like(sorted_probs).exponential_()).argmax(-1)
         sampled = order.gather(-1, choice[:, None]).squeeze(-1)
         return torch.where(self.is_greedy, greedy, sampled)

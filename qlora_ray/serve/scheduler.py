@@ -7,8 +7,10 @@ Every `step()`:
    decode is never stalled for long, and a burst of prompts gets its first tokens one budget after
    another rather than all after the last); a prompt's last chunk gives its first token;
 3. launches the next decode step for every sequence still generating, the ones that just got their
-   first token included, before reading the sampled tokens back: the device runs the next step while
-   the host checks stops and hands tokens out;
+   first token included, before reading the sampled tokens back: their copies to the host are queued
+   ahead of that step (serve/transfers.py), so the device runs the next step while the host checks
+   stops and hands tokens out, and no copy or sampling on the way makes the host wait for the
+   device;
 4. reads the tokens back and returns them; a sequence that meets a stop token or its max_new_tokens
    leaves at once, and its slot is free for the next step.
 
@@ -34,6 +36,7 @@ import torch
 
 from qlora_ray.serve.engine import Engine
 from qlora_ray.serve.sampling import Sampler, SamplingParams
+from qlora_ray.serve.transfers import HostCopy, to_device
 
 # The prompt tokens of one sequence prefilled in a step (the longest static prefill shape,
 # serve/engine.py: a longer chunk runs without a CUDA graph, so a lone prompt too is prefilled in
@@ -105,10 +108,11 @@ class Scheduler:
         self._retire_cancelled()
         decoded_rows, decoded = self._sample_inflight()
         first_rows, firsts = self._prefill()
+        readback = HostCopy([decoded, firsts])  # queued before the next decode step, so not waiting for it
         self._launch(decoded_rows, decoded, first_rows, firsts)
         emitted = []
-        for rows, tokens in ((decoded_rows, decoded), (first_rows, firsts)):
-            for sequence, token in zip(rows, tokens.tolist() if rows else []):
+        for rows, tokens in zip((decoded_rows, first_rows), readback.lists()):
+            for sequence, token in zip(rows, tokens if rows else []):
                 if sequence.done:
                     continue
                 sequence.generated += 1
@@ -174,7 +178,7 @@ class Scheduler:
         for sequence in rows:
             self.prefilling.remove(sequence)
             self.running.append(sequence)
-        chosen = logits if len(complete) == len(work) else logits[torch.tensor(complete, device=logits.device)]
+        chosen = logits if len(complete) == len(work) else logits[to_device(complete, logits.device, torch.long)]
         return rows, self._sample(rows, chosen)
 
     def _admit(self) -> None:

@@ -216,3 +216,44 @@ def test_a_model_captured_while_another_streams_leaves_both_answers_right():
     assert any(beside_an_answer), "no capture came while the other model was generating"
     assert [step[0] for step in generate(loaded["engine"], [prompt], [greedy])] == alone[1]
     batcher.close()
+
+
+def test_a_step_hands_its_tokens_out_without_waiting_for_the_device():
+    """Steady serving (rows decoding, one sampled at a temperature, a prompt joining): no step makes
+    a call that waits for the device's queue (CUDA's sync debug mode raises on one), and a step
+    returns its tokens while the decode step it launched is still running."""
+    from qlora_ray.serve.scheduler import Scheduler, Sequence
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(shape_config("tiny")).cuda().eval()
+    decoder = build_decoder(model.config, dict(model.state_dict()), None, device=torch.device("cuda"),
+                            dtype=torch.float32)
+    engine = StaticEngine(decoder, set(), context=256, max_batch=4)
+    engine.warm_up()
+    scheduler = Scheduler(engine)
+    scheduler.add(Sequence([5, 17, 99, 3, 42], SamplingParams(max_new_tokens=100, temperature=0)))
+    scheduler.add(Sequence([7, 8, 9], SamplingParams(max_new_tokens=100, temperature=0.8, top_p=0.9)))
+    for _ in range(3):
+        scheduler.step()
+    joining = Sequence(list(range(3, 90)), SamplingParams(max_new_tokens=100, temperature=0.7))
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(6):
+            if step == 2:
+                scheduler.add(joining)
+            assert scheduler.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert joining.generated > 0
+
+    decode = engine.decode
+
+    def slow_decode(slots, tokens):
+        torch.cuda._sleep(2_000_000_000)  # about a second of the device's clock, queued before the step
+        return decode(slots, tokens)
+
+    engine.decode = slow_decode
+    scheduler.step()  # queues a slow decode step
+    assert scheduler.step(), "the step gave no tokens"
+    assert not torch.cuda.current_stream().query(), "the step waited for the decode step it launched"
+    torch.cuda.synchronize()

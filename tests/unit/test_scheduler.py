@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from qlora_ray.serve import scheduler as scheduler_module
 from qlora_ray.serve.sampling import SamplingParams
 from qlora_ray.serve.scheduler import Scheduler, Sequence
+from qlora_ray.serve.transfers import HostCopy
 
 VOCAB = 1000
 
@@ -161,3 +163,26 @@ def test_a_request_that_cannot_fit_its_slot_is_refused():
     scheduler = Scheduler(CountingEngine(context=64))
     with pytest.raises(ValueError, match="exceeds the context of 64"):
         scheduler.add(Sequence([1] * 60, greedy(8)))
+
+
+def test_a_step_queues_its_tokens_copy_to_the_host_before_the_next_decode_step_and_reads_them_after(monkeypatch):
+    """The read-back must not wait for the decode step launched in the same step: on a GPU the copy
+    queued after that step would wait for it (tests/gpu/test_serve_gpu.py checks the device side)."""
+    calls = []
+
+    class RecordingCopy(HostCopy):
+        def __init__(self, tensors):
+            calls.append("copy")
+            super().__init__(tensors)
+
+        def lists(self):
+            calls.append("read")
+            return super().lists()
+
+    monkeypatch.setattr(scheduler_module, "HostCopy", RecordingCopy)
+    engine = CountingEngine()
+    decode = engine.decode
+    engine.decode = lambda slots, tokens: (calls.append("decode"), decode(slots, tokens))[1]
+    log = run(Scheduler(engine), 3, arrivals={0: [Sequence([100], greedy(3))]})
+    assert log == [[(100, 101, False)], [(100, 102, False)], [(100, 103, True)]]
+    assert calls == ["copy", "decode", "read"] * 2 + ["copy", "read"]  # no step after the last token
