@@ -100,9 +100,8 @@ class Batcher:
         with self._lock:
             self._closed = True
         self.loop.finish(self)
-        for sequence in self.scheduler.reset():
-            self._put(sequence, RuntimeError("this model was unloaded"))
-            self._put(sequence, _DONE)
+        self._hand_out([(sequence, item) for sequence in self.scheduler.reset()
+                        for item in (RuntimeError("this model was unloaded"), _DONE)])
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -113,30 +112,33 @@ class Batcher:
         try:
             emitted = self.scheduler.step()
         except BaseException as exc:  # noqa: BLE001 - handed to each request's event loop, raised there
-            for sequence in self.scheduler.reset():
-                self._put(sequence, exc)
-                self._put(sequence, _DONE)
+            self._hand_out([(sequence, item) for sequence in self.scheduler.reset() for item in (exc, _DONE)])
             return
-        for item in emitted:
-            self._put(item.sequence, item.token)
-            if item.finished:
-                self._put(item.sequence, _DONE)
+        self._hand_out([(e.sequence, item) for e in emitted for item in ((e.token, _DONE) if e.finished else (e.token,))])
 
-    def _put(self, sequence: Sequence, item) -> None:
+    def _hand_out(self, items: list[tuple[Sequence, object]]) -> None:
+        """Each item to its stream's queue, in order, with one call into each event loop: a step of 64
+        streams wakes their loop once, not 64 times (each call writes to the loop's wake-up pipe, and
+        the step thread holds the GIL for each)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list] = {}
         with self._lock:
-            target = self._queues.get(id(sequence))
-        if target is not None:
-            loop, queue, ended = target
+            for sequence, item in items:
+                target = self._queues.get(id(sequence))
+                if target is not None:
+                    loop, queue, ended = target
+                    by_loop.setdefault(loop, []).append((queue, ended, item))
+        for loop, deliveries in by_loop.items():
             try:
-                loop.call_soon_threadsafe(_deliver, queue, ended, item)
+                loop.call_soon_threadsafe(_deliver, deliveries)
             except RuntimeError:  # its event loop has closed since: nobody is left to read it
                 pass
 
 
-def _deliver(queue: asyncio.Queue, ended: asyncio.Event, item) -> None:
-    queue.put_nowait(item)
-    if _ends([item]):
-        ended.set()
+def _deliver(deliveries: list[tuple[asyncio.Queue, asyncio.Event, object]]) -> None:
+    for queue, ended, item in deliveries:
+        queue.put_nowait(item)
+        if _ends([item]):
+            ended.set()
 
 
 def _ends(items: list) -> bool:

@@ -369,6 +369,30 @@ def test_one_worker_thread_serves_request_after_request_and_ends_when_idle():
         asyncio.run(one_after_another(1))
 
 
+def test_a_step_wakes_each_event_loop_once_whatever_its_number_of_streams():
+    """Each hand-out into an event loop writes to its wake-up pipe while the step thread holds the
+    GIL: a step's tokens for all of a loop's streams go in one call."""
+    engine = ThreadRecordingEngine()
+    engine.max_batch = 8
+    batcher = Batcher(engine, max_batch=8, loop=StepLoop())
+    steps = []
+    step = batcher.step
+    batcher.step = lambda: (steps.append(1), step())[1]
+
+    async def main():
+        event_loop = asyncio.get_running_loop()
+        calls = []
+        call_soon_threadsafe = event_loop.call_soon_threadsafe
+        event_loop.call_soon_threadsafe = lambda *args: (calls.append(1), call_soon_threadsafe(*args))[1]
+        answers = await asyncio.gather(*(collect(batcher, [10 * i], greedy(max_new_tokens=5)) for i in range(1, 9)))
+        return answers, len(calls)
+
+    answers, calls = asyncio.run(main())
+    assert answers == [[10 * i + k for k in range(1, 6)] for i in range(1, 9)]
+    assert 0 < calls <= len(steps) < 40  # 40 tokens and 8 ends, handed out one call a step
+    batcher.close()
+
+
 class CountingEngine(ThreadRecordingEngine):
     """ThreadRecordingEngine that logs its decode steps, by name, in a log shared with other engines."""
 
