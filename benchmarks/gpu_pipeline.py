@@ -27,7 +27,9 @@ measures it through the engine alone (in this process) and through Serve over HT
 concurrency 1, 8, 32 and 64, with streams sent at each --stream-intervals value (default 0 and 50
 ms), plus the time to first token of a ~512-token prompt and the TTFT p99 at concurrency 32 of
 prompts and answers of varied lengths: issue 19's targets (use --bench-seconds 10 or more). With
---gateway-replicas 1,2, Serve is measured with each number of gateway replicas in the same run.
+--gateway-replicas 1,2, Serve is measured with each number of gateway replicas in the same run; with
+--baseline-tree DIR (a checkout of an earlier commit), the levels are measured again with that
+tree's code, for the ratios of this tree's engine and Serve to the earlier ones.
 `tenants` publishes --tenants (default 4) tenants' shape:llama3-8b gptq-int4 models on one replica
 and runs `qlora-ray bench --mixed` for 1, 4 and all of them at concurrency 32: issue 20's aggregate
 tok/s per tenant count, TTFT, and switches from host memory and from the store.
@@ -351,6 +353,9 @@ def serve_engine_rate(run: Run, args) -> str:
                 served[label] = bench_report(path)["results"]
         run.results["served"] = served
         run.save()
+    if args.baseline_tree:
+        run.results["baseline"] = baseline_levels(run, args)
+        run.save()
     if args.levels_only:
         return render_serve_engine_rate(run.results, model)
     # The job file as the last interval and gateway count wrote it.
@@ -367,6 +372,23 @@ def serve_engine_rate(run: Run, args) -> str:
     run.results["served_varied"] = bench_report(path)["results"]
     run.save()
     return render_serve_engine_rate(run.results, model)
+
+
+def baseline_levels(run: Run, args) -> dict:
+    """The same levels (engine alone and Serve) measured with another tree's code, in this run: that
+    tree's own gpu_pipeline.py, its code first on the path of the process and of Ray's workers."""
+    tree = args.baseline_tree.resolve()
+    if not (tree / "benchmarks" / "gpu_pipeline.py").exists() or not (tree / "qlora_ray").is_dir():
+        raise SystemExit(f"--baseline-tree {tree}: not a qlora_ray tree (no benchmarks/gpu_pipeline.py or qlora_ray/)")
+    out = run.out / "baseline"
+    run.step(f"baseline tree {tree}", [
+        sys.executable, str(tree / "benchmarks" / "gpu_pipeline.py"), "--part", "serve", "--levels-only", "--no-install",
+        "--out", str(out), "--work", str(run.work / "baseline"), "--bench-seconds", str(args.bench_seconds),
+        "--stream-intervals", ",".join(map(str, args.stream_intervals)), "--device", run.device,
+        "--gateway-replicas", ",".join(map(str, args.gateway_replicas)), "--serve-modes", ",".join(args.serve_modes)],
+        env={"PYTHONPATH": os.pathsep.join(p for p in (str(tree), run.env["PYTHONPATH"]) if p)})
+    measured = json.loads((out / "serve.json").read_text())
+    return {"tree": str(tree), "engine": measured["engine"], "served": measured["served"]}
 
 
 def serve_tenants(run: Run, args) -> str:
@@ -604,6 +626,22 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
         cells.append(f"{last.get('replica_ttft_ms_p50')} / {last.get('engine_ttft_ms_p50')}")
         cells += [f"{rows[i].get('replica_mean_batch')}, {rows[i].get('replica_steps_per_s')}" for i in served]
         lines.append("| " + " | ".join(cells) + " |")
+    baseline = results.get("baseline")
+    if baseline:
+        lines += ["", f"Against the baseline tree `{baseline['tree']}`, measured in this run after this tree "
+                      "(tok/s, this tree / baseline):", "",
+                  "| batch = concurrency | engine | " + " | ".join(f"Serve {i}" for i in intervals)
+                  + " | " + " | ".join(f"Serve's share of its engine, {i}" for i in intervals) + " |",
+                  "|---|---|" + "---|" * 2 * len(intervals)]
+        for level, rate in engine["tok_s"].items():
+            before = baseline["engine"]["tok_s"][level]
+            cells = [level, f"{rate} / {before} ({rate / before:.2f}x)"]
+            rows = {i: next(r for r in served[i] if str(r["concurrency"]) == level) for i in intervals}
+            old = {i: next(r for r in baseline["served"][i] if str(r["concurrency"]) == level) for i in intervals}
+            cells += [f"{rows[i]['output_tok_s']} / {old[i]['output_tok_s']} "
+                      f"({rows[i]['output_tok_s'] / old[i]['output_tok_s']:.2f}x)" for i in intervals]
+            cells += [f"{rows[i]['output_tok_s'] / rate:.0%} / {old[i]['output_tok_s'] / before:.0%}" for i in intervals]
+            lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "A lone request's first token (one token asked), in the driver: "
               + "; ".join(f"{name} {ms} ms" for name, ms in engine.get("lone_first_token_ms", {}).items()) + "."]
     long_row = results.get("served_long_prompt")
@@ -681,6 +719,9 @@ def main() -> None:
                              "(the last one also for the long prompts and varied lengths)")
     parser.add_argument("--serve-modes", default="default", type=lambda text: text.split(","),
                         help=f"--part serve: Ray Serve's settings to measure Serve at ({', '.join(SERVE_MODES)})")
+    parser.add_argument("--baseline-tree", type=Path,
+                        help="--part serve: a checkout of another commit (its qlora_ray/, benchmarks/ and jobs/) whose "
+                             "engine and Serve are measured at the same levels after this tree's, for the ratios")
     parser.add_argument("--levels-only", action="store_true",
                         help="--part serve: only the levels, without the long prompts and varied lengths")
     args = parser.parse_args()
