@@ -206,7 +206,9 @@ class StaticEngine:
         if order != sorted(order):
             logits = logits[to_device(torch.tensor(order).argsort(), self.device)]
         for slot, chunk, start in zip(slots, chunks, starts):
-            self.positions[slot] = start + len(chunk)
+            # fill_: a Python number assigned by indexing travels as a host tensor, a copy that waits
+            # for the device
+            self.positions[slot].fill_(start + len(chunk))
             self.host_positions[slot] = start + len(chunk)
         return logits
 
@@ -289,7 +291,7 @@ class StaticEngine:
         return logits.index_select(0, index)
 
     def release(self, slot: int) -> None:
-        self.positions[slot] = 0
+        self.positions[slot].zero_()
         self.host_positions[slot] = 0
 
     def serve_another(self, stop_ids: set[int]) -> None:

@@ -219,9 +219,9 @@ def test_a_model_captured_while_another_streams_leaves_both_answers_right():
 
 
 def test_a_step_hands_its_tokens_out_without_waiting_for_the_device():
-    """Steady serving (rows decoding, one sampled at a temperature, a prompt joining): no step makes
-    a call that waits for the device's queue (CUDA's sync debug mode raises on one), and a step
-    returns its tokens while the decode step it launched is still running."""
+    """Steady serving (rows decoding, one sampled at a temperature, a prompt joining and finishing):
+    no step makes a call that waits for the device's queue (CUDA's sync debug mode raises on one),
+    and a step returns its tokens while the decode step it launched is still running."""
     from qlora_ray.serve.scheduler import Scheduler, Sequence
 
     torch.manual_seed(0)
@@ -235,7 +235,7 @@ def test_a_step_hands_its_tokens_out_without_waiting_for_the_device():
     scheduler.add(Sequence([7, 8, 9], SamplingParams(max_new_tokens=100, temperature=0.8, top_p=0.9)))
     for _ in range(3):
         scheduler.step()
-    joining = Sequence(list(range(3, 90)), SamplingParams(max_new_tokens=100, temperature=0.7))
+    joining = Sequence(list(range(3, 90)), SamplingParams(max_new_tokens=3, temperature=0.7))
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step in range(6):
@@ -244,7 +244,7 @@ def test_a_step_hands_its_tokens_out_without_waiting_for_the_device():
             assert scheduler.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert joining.generated > 0
+    assert joining.done and joining.generated == 3  # it joined, and left: its slot was released
 
     decode = engine.decode
 
