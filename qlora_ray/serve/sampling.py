@@ -39,7 +39,9 @@ class Sampler:
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         # A draw in proportion to the kept probabilities: the largest p / E with E ~ Exp(1) (the
         # exponential race). torch.multinomial draws the same way, but first reads checks on the
-        # probabilities back to the host, which waits for the device.
-        choice = (sorted_probs / torch.empty_like(sorted_probs).exponential_()).argmax(-1)
+        # probabilities back to the host, which waits for the device. E is kept above 0: a dropped
+        # token's 0 / 0 would be NaN, which argmax takes for the largest.
+        race = torch.empty_like(sorted_probs).exponential_().clamp_(min=torch.finfo(sorted_probs.dtype).tiny)
+        choice = (sorted_probs / race).argmax(-1)
         sampled = order.gather(-1, choice[:, None]).squeeze(-1)
         return torch.where(self.is_greedy, greedy, sampled)

@@ -42,3 +42,11 @@ def test_transfers_give_back_what_they_were_handed():
     assert to_device([1, 2, 3], torch.device("cpu"), torch.long).tolist() == [1, 2, 3]
     assert to_device([True, False], torch.device("cpu"), torch.bool).dtype == torch.bool
     assert HostCopy([torch.tensor([4, 5]), None]).lists() == [[4, 5], None]
+
+
+def test_a_draw_of_zero_in_the_race_never_picks_a_dropped_token(monkeypatch):
+    # Exp(1) draws may be 0 on some generators: a dropped token's 0 / 0 is NaN, which argmax picks.
+    monkeypatch.setattr(torch.Tensor, "exponential_", lambda self, *args, **kwargs: self.zero_())
+    logits = torch.tensor([0.05, 0.5, 0.3, 0.15]).log().repeat(8, 1)
+    tokens = Sampler([SamplingParams(max_new_tokens=1, temperature=1.0, top_p=0.7)] * 8, torch.device("cpu"))(logits)
+    assert tokens.tolist() == [1] * 8
