@@ -10,7 +10,8 @@ Every `step()`:
    first token included, before reading the sampled tokens back: their copies to the host are queued
    ahead of that step (serve/transfers.py), so the device runs the next step while the host checks
    stops and hands tokens out, and no copy or sampling on the way makes the host wait for the
-   device;
+   device (with StaticEngine: TransformersEngine's own forward reads values back, as a plain
+   transformers server's does);
 4. reads the tokens back and returns them; a sequence that meets a stop token or its max_new_tokens
    leaves at once, and its slot is free for the next step.
 

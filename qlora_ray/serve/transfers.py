@@ -34,14 +34,17 @@ class HostCopy:
     def __init__(self, tensors: list[torch.Tensor | None]):
         self._ready = None
         self._host: list[torch.Tensor | None] = []
+        devices = {tensor.device for tensor in tensors if tensor is not None and tensor.device.type == "cuda"}
+        if len(devices) > 1:
+            raise ValueError(f"the tensors to copy are on several devices: {sorted(map(str, devices))}")
         for tensor in tensors:
             if tensor is not None and tensor.device.type == "cuda":
                 tensor = tensor.to("cpu", non_blocking=True)  # into pinned memory
-                if self._ready is None:
-                    self._ready = torch.cuda.Event()
             self._host.append(tensor)
-        if self._ready is not None:
-            self._ready.record()
+        if devices:
+            # On the stream the copies ran on: that of their device, which need not be the current one.
+            self._ready = torch.cuda.Event()
+            self._ready.record(torch.cuda.current_stream(devices.pop()))
 
     def lists(self) -> list[list | None]:
         """Each tensor's values as a list (None for None), once its copy is done."""

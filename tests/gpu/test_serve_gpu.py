@@ -219,32 +219,38 @@ def test_a_model_captured_while_another_streams_leaves_both_answers_right():
 
 
 def test_a_step_hands_its_tokens_out_without_waiting_for_the_device():
-    """Steady serving (rows decoding, one sampled at a temperature, a prompt joining and finishing):
-    no step makes a call that waits for the device's queue (CUDA's sync debug mode raises on one),
-    and a step returns its tokens while the decode step it launched is still running."""
-    from qlora_ray.serve.scheduler import Scheduler, Sequence
+    """Steady serving (rows decoding, one sampled at a temperature; two prompts joining together, one
+    of them longer than a prefill chunk, and finishing): no step makes a call that waits for the
+    device's queue (CUDA's sync debug mode raises on one), and a step returns its tokens while the
+    decode step it launched is still running."""
+    from qlora_ray.serve.scheduler import PREFILL_CHUNK, Scheduler, Sequence
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(shape_config("tiny")).cuda().eval()
     decoder = build_decoder(model.config, dict(model.state_dict()), None, device=torch.device("cuda"),
                             dtype=torch.float32)
-    engine = StaticEngine(decoder, set(), context=256, max_batch=4)
+    engine = StaticEngine(decoder, set(), context=1024, max_batch=4)
     engine.warm_up()
     scheduler = Scheduler(engine)
     scheduler.add(Sequence([5, 17, 99, 3, 42], SamplingParams(max_new_tokens=100, temperature=0)))
     scheduler.add(Sequence([7, 8, 9], SamplingParams(max_new_tokens=100, temperature=0.8, top_p=0.9)))
     for _ in range(3):
         scheduler.step()
-    joining = Sequence(list(range(3, 90)), SamplingParams(max_new_tokens=3, temperature=0.7))
+    # Added long first: the engine prefills the shorter chunk first and puts the logits back in
+    # order, and only the short prompt is complete after the first step (the long one's second chunk
+    # comes at the next).
+    joining = [Sequence([(7 * i) % 200 + 3 for i in range(PREFILL_CHUNK + 88)], SamplingParams(max_new_tokens=3)),
+               Sequence(list(range(3, 90)), SamplingParams(max_new_tokens=3, temperature=0.7))]
     torch.cuda.set_sync_debug_mode("error")
     try:
-        for step in range(6):
+        for step in range(8):
             if step == 2:
-                scheduler.add(joining)
+                for sequence in joining:
+                    scheduler.add(sequence)
             assert scheduler.step()
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert joining.done and joining.generated == 3  # it joined, and left: its slot was released
+    assert all(s.done and s.generated == 3 for s in joining)  # they joined, and left: their slots released
 
     decode = engine.decode
 
