@@ -197,22 +197,25 @@ class Scheduler:
         """Queue the next decode step for every sequence that may still generate. Whether a sampled
         token is a stop token is not known before it is read back, so such rows are included; their
         output is dropped if it was. Engines of whole groups decode every row of the group."""
-        rows, tokens = [], []
+        rows, parts = [], []
         for group, sampled in ((decoded_rows, decoded), (first_rows, firsts)):
-            for index, sequence in enumerate(group):
-                if not sequence.done and sequence.generated + 1 < sequence.params.max_new_tokens:
-                    rows.append(sequence)
-                    tokens.append(sampled[index:index + 1])
-        if not self.engine.continuous and rows:
-            # the whole group, its finished rows with a filler token
-            filler = tokens[0].new_zeros(1)
-            chosen = {id(s): t for s, t in zip(rows, tokens)}
-            rows = list(self.running)
-            tokens = [chosen.get(id(s), filler) for s in rows]
+            keep = [index for index, sequence in enumerate(group)
+                    if not sequence.done and sequence.generated + 1 < sequence.params.max_new_tokens]
+            if keep:
+                rows += [group[index] for index in keep]
+                # one op for the group's tokens, not a slice a row (64 at batch 64, each an op's host time)
+                parts.append(sampled if len(keep) == len(group) else sampled[to_device(keep, sampled.device, torch.long)])
         if not rows:
             return
+        tokens = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if not self.engine.continuous:
+            # the whole group, its finished rows with a filler token
+            position = {id(sequence): index for index, sequence in enumerate(rows)}
+            rows = list(self.running)
+            tokens = torch.cat([tokens, tokens.new_zeros(1)])[
+                to_device([position.get(id(s), len(position)) for s in rows], tokens.device, torch.long)]
         self.decode_batches.append((time.time(), len(rows)))
-        logits = self.engine.decode([s.slot for s in rows], torch.cat(tokens))
+        logits = self.engine.decode([s.slot for s in rows], tokens)
         self._inflight = (rows, logits)
 
     def _finish(self, sequence: Sequence) -> None:
