@@ -18,9 +18,7 @@ def to_device(values: torch.Tensor | list, device: torch.device, dtype: torch.dt
     """`values` (a host tensor or a list) on `device`, queued behind the stream's work rather than
     waiting for it. The pinned buffer is not reused before the copy has run: PyTorch's pinned-memory
     allocator records the copy's stream on it."""
-    host = values if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
-    if dtype is not None:
-        host = host.to(dtype)
+    host = torch.as_tensor(values, dtype=dtype)
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
