@@ -614,7 +614,8 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
              "| batch = concurrency | engine tok/s | "
              + " | ".join(f"Serve {i} tok/s (share)" for i in intervals) + " | "
              + " | ".join(f"TTFT p50 / p99 ms, {i}" for i in intervals) + " | "
-             + f"TTFT p50 ms, {intervals[-1]}: in the replica / of it the engine | "
+             + f"TTFT p50 ms, {intervals[-1]}: before the replica (to the gateway, in it, to the replica) / "
+             "in the replica / of it the engine | "
              + " | ".join(f"replica, {i}: mean decode batch, decode steps/s" for i in intervals) + " |",
              "|---|---|" + "---|" * (3 * len(intervals) + 1)]
     for level, rate in engine["tok_s"].items():
@@ -623,7 +624,10 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
         cells += [f"{rows[i]['output_tok_s']} ({rows[i]['output_tok_s'] / rate:.0%})" for i in served]
         cells += [f"{rows[i]['ttft_ms_p50']} / {rows[i]['ttft_ms_p99']}" for i in served]
         last = rows[intervals[-1]]
-        cells.append(f"{last.get('replica_ttft_ms_p50')} / {last.get('engine_ttft_ms_p50')}")
+        way = last.get("replica_first_token") or {}
+        cells.append(f"{last.get('before_replica_ms_p50')} ({way.get('to_gateway_ms_p50')}, "
+                     f"{way.get('in_gateway_ms_p50')}, {way.get('to_replica_ms_p50')}) / "
+                     f"{last.get('replica_ttft_ms_p50')} / {last.get('engine_ttft_ms_p50')}")
         cells += [f"{rows[i].get('replica_mean_batch')}, {rows[i].get('replica_steps_per_s')}" for i in served]
         lines.append("| " + " | ".join(cells) + " |")
     baseline = results.get("baseline")

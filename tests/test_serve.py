@@ -288,6 +288,7 @@ def test_bench_runs_end_to_end_and_its_summary_agrees_with_its_samples(served, t
                        "load_seconds": row["load_seconds"], "replica_start_seconds": row["replica_start_seconds"],
                        **summarize(samples), "replica_ttft_ms_p50": server_side["in_replica_ms_p50"],
                        "engine_ttft_ms_p50": server_side["engine_ms_p50"],
+                       "before_replica_ms_p50": server_side["before_replica_ms_p50"],
                        "replica_mean_batch": row["replica_mean_batch"], "replica_steps_per_s": row["replica_steps_per_s"],
                        "replica_first_token": server_side}
         # this level's decode steps only: none has more rows than the level's clients
@@ -296,6 +297,9 @@ def test_bench_runs_end_to_end_and_its_summary_agrees_with_its_samples(served, t
         # within the client's time to first token, the engine's share within the replica's.
         assert server_side["requests"] == 2
         assert 0 < row["engine_ttft_ms_p50"] <= row["replica_ttft_ms_p50"] <= row["ttft_ms_p50"]
+        # the way there, from the send time each request carries: every part known, each within the TTFT
+        assert 0 < row["before_replica_ms_p50"] < row["ttft_ms_p50"]
+        assert all(server_side[f"{span}_ms_p50"] >= 0 for span in ("to_gateway", "in_gateway", "to_replica"))
         assert row["errors"] == 0 and row["requests"] == 2 and row["resident_bytes"] > 50e6
         assert row["load_seconds"] > 0 and row["replica_start_seconds"] >= 0  # reported (milliseconds, on a CPU)
         assert all(s.output_tokens == 6 for s in samples)  # ignore_eos: every answer has the asked length

@@ -12,8 +12,9 @@ Per model and concurrency level: requests, errors and error rate, overload answe
 TPOT (time per output token after the first), end-to-end latency, each at p50 and p99, output
 tokens per second over the run, and the model's resident memory when the server reports it. A
 qlora_ray server also says where the first token's time went on its side: the replica's p50 from a
-request's arrival to its first token, and the engine's share of it (the rest of the client's TTFT
-is Serve's proxy, the gateway and the stream back).
+request's arrival to its first token, the engine's share of it, and the p50 from the client's send
+(the X-Request-Start header each request carries) to the replica's handler; the rest of the client's
+TTFT is the first token's way back.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from qlora_ray.report_files import write_report_files
+from qlora_ray.serve.protocol import REQUEST_START_HEADER
 
 
 @dataclass
@@ -95,8 +97,9 @@ async def one_request(session, url: str, key: str, model: str, prompt: str, outp
     started = time.perf_counter() - t0
     first, prompt_tokens, produced, status, done, error, load_seconds, loaded_from = (None, 0, 0, None, False, None,
                                                                                       None, None)
+    headers = {"Authorization": f"Bearer {key}", REQUEST_START_HEADER: f"t={time.time():.6f}"}
     try:
-        async with session.post(f"{url}/completions", json=body, headers={"Authorization": f"Bearer {key}"}) as response:
+        async with session.post(f"{url}/completions", json=body, headers=headers) as response:
             status = response.status
             load_header = response.headers.get("X-Model-Load-Seconds")
             load_seconds = float(load_header) if load_header is not None else None
@@ -214,6 +217,7 @@ def run_bench(url: str, keys: dict[str, str], models: list[str], *, concurrency:
                          "replica_start_seconds": facts.get("replica_start_seconds"), **summarize(samples),
                          "replica_ttft_ms_p50": server_side.get("in_replica_ms_p50"),
                          "engine_ttft_ms_p50": server_side.get("engine_ms_p50"),
+                         "before_replica_ms_p50": server_side.get("before_replica_ms_p50"),
                          "replica_mean_batch": level_facts.get("mean_batch"),
                          "replica_steps_per_s": level_facts.get("decode_steps_per_s"), "replica_first_token": server_side})
             raw += [asdict(s) for s in samples]
@@ -225,7 +229,7 @@ COLUMNS = [("model", "model"), ("concurrency", "conc."), ("requests", "req."), (
            ("overloaded", "429/503"),
            ("mean_prompt_tokens", "prompt tok"),
            ("ttft_ms_p50", "TTFT p50 ms"), ("ttft_ms_p99", "TTFT p99 ms"), ("replica_ttft_ms_p50", "in replica p50 ms"),
-           ("engine_ttft_ms_p50", "of it engine p50 ms"), ("replica_mean_batch", "mean decode batch"),
+           ("engine_ttft_ms_p50", "of it engine p50 ms"), ("before_replica_ms_p50", "before replica p50 ms"), ("replica_mean_batch", "mean decode batch"),
            ("replica_steps_per_s", "decode steps/s"),
            ("tpot_ms_p50", "TPOT p50 ms"),
            ("tpot_ms_p99", "TPOT p99 ms"), ("latency_ms_p50", "latency p50 ms"), ("latency_ms_p99", "latency p99 ms"),

@@ -13,6 +13,7 @@ store) in X-Model-Loaded-From; `qlora-ray bench --mixed` reads both.
 import json
 import logging
 import math
+import time
 from dataclasses import asdict
 
 from fastapi import FastAPI, Request
@@ -87,6 +88,15 @@ async def _sse(events, request_id: str, body, prompt_tokens: int, chat: bool, re
         yield line(protocol.APIError(500, f"generation failed ({type(exc).__name__}); the server's log has {request_id}",
                                      kind="server_error").body())
     yield "data: [DONE]\n\n"
+
+
+def _timing(request: Request, received: float) -> dict:
+    """A request's way to the replica so far, in wall-clock Unix seconds, for the replica's account
+    of its first token (serve/replica.FirstTokenSpans): when the client says it sent it (None
+    without a plausible X-Request-Start header) and when the gateway's handler began; the gateway
+    adds when it handed the request to the model deployment."""
+    return {"sent": protocol.request_start(request.headers.get(protocol.REQUEST_START_HEADER), received),
+            "received": received}
 
 
 # No `from __future__ import annotations` in this module: FastAPI reads the route signatures' types
@@ -189,29 +199,34 @@ class Gateway:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
+        received = time.time()
         tenant = self._tenant(request)
         body = await self._body(request, protocol.CompletionRequest)
-        return await self._answer(body, self._model(body.model, tenant), chat=False)
+        return await self._answer(body, self._model(body.model, tenant), chat=False,
+                                  timing=_timing(request, received))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        received = time.time()
         tenant = self._tenant(request)
         body = await self._body(request, protocol.ChatRequest)
-        return await self._answer(body, self._model(body.model, tenant), chat=True)
+        return await self._answer(body, self._model(body.model, tenant), chat=True,
+                                  timing=_timing(request, received))
 
-    async def _answer(self, body, entry: ModelEntry, *, chat: bool):
+    async def _answer(self, body, entry: ModelEntry, *, chat: bool, timing: dict):
         limit = body.token_limit if chat else body.max_tokens
         if limit is not None and limit > self.spec.serve.max_tokens:
             raise protocol.APIError(400, f"max_tokens: at most {self.spec.serve.max_tokens} on this server",
                                     param="max_tokens")
         payload = {"entry": asdict(entry), "max_tokens": limit, "temperature": body.temperature, "top_p": body.top_p,
-                   "stop": body.stops, "ignore_eos": body.ignore_eos}
+                   "stop": body.stops, "ignore_eos": body.ignore_eos, "timing": timing}
         if chat:
             payload["messages"] = [m.as_template_message() for m in body.messages]
         else:
             payload["prompt"] = body.prompt
         handle = self.handles[entry.deployment].options(stream=True, multiplexed_model_id=entry.id)
         retry_after = self.spec.serve.retry_after_s
+        timing["forwarded"] = time.time()
         events = handle.generate.remote(payload)
         try:  # back pressure and a lost replica surface here, before any 200 is sent
             first = await events.__anext__()

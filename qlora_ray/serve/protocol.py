@@ -11,6 +11,7 @@ benchmarks to fix the output length.
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from typing import Literal
@@ -145,6 +146,30 @@ class ChatRequest(_Request):
     def prompt_size(self) -> int:
         """Characters of the messages' text."""
         return sum(len(m.as_template_message()["content"]) for m in self.messages)
+
+
+# When the client sent the request (Unix seconds, "t=<seconds>" or "<seconds>"): `qlora-ray bench`
+# sends it, so that the replica can say how long a request took to reach it. Any client may send
+# anything here; it is read only into those figures, and only within MAX_REQUEST_AGE_S of arrival.
+REQUEST_START_HEADER = "X-Request-Start"
+MAX_REQUEST_AGE_S = 600.0
+CLOCK_SKEW_S = 1.0  # a client's clock ahead of the gateway's by up to this much is still believed
+
+
+def request_start(header: str | None, received: float) -> float | None:
+    """The send time an X-Request-Start header gives, if it is a plausible one for a request that
+    arrived at `received` (same clock): at most MAX_REQUEST_AGE_S before it, at most CLOCK_SKEW_S
+    after it (then taken as `received`); None otherwise."""
+    if not header:
+        return None
+    text = header.strip().removeprefix("t=")
+    try:
+        sent = float(text)
+    except ValueError:
+        return None
+    if not math.isfinite(sent) or not received - MAX_REQUEST_AGE_S <= sent <= received + CLOCK_SKEW_S:
+        return None
+    return min(sent, received)
 
 
 def new_id(prefix: str) -> str:

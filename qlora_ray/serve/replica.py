@@ -42,11 +42,18 @@ LOADING_GIL_SWITCH_INTERVAL_S = 0.0002
 
 @dataclass(frozen=True)
 class FirstTokenSpans:
-    """Where a request's time to its first token went inside the replica, in seconds: waiting for
-    its model (a load, when it was not resident), tokenizing its prompt, handing its start event to
-    Serve's stream, and from its place in the scheduler's queue to its first token back on the
-    event loop (the engine's prefill and the batcher's hand-over). `arrived`: the host's wall
-    clock, to select a time window."""
+    """Where a request's time to its first token went, in seconds.
+
+    Inside the replica: waiting for its model (a load, when it was not resident), tokenizing its
+    prompt, handing its start event to Serve's stream, and from its place in the scheduler's queue
+    to its first token back on the event loop (the engine's prefill and the batcher's hand-over).
+    `arrived`: the host's wall clock, to select a time window.
+
+    On its way to the replica, from the wall-clock times the gateway sends along (None where
+    unknown): from the client's send (its X-Request-Start header) to the gateway's handler
+    (the connection, Serve's proxy, the gateway's event loop), in the gateway's handler (body, keys,
+    validation), and from there to the replica's handler (Serve's router, Ray's call, the replica's
+    event loop). Across nodes, their clocks' skew adds in."""
 
     model: str
     arrived: float
@@ -54,17 +61,40 @@ class FirstTokenSpans:
     tokenize: float
     start_event: float
     engine: float
+    to_gateway: float | None = None
+    in_gateway: float | None = None
+    to_replica: float | None = None
 
     @property
     def in_replica(self) -> float:
         return self.model_wait + self.tokenize + self.start_event + self.engine
 
+    @property
+    def before_replica(self) -> float | None:
+        """From the client's send to the replica's handler: the three spans above, when all are known."""
+        parts = (self.to_gateway, self.in_gateway, self.to_replica)
+        return None if None in parts else sum(parts)
+
+    @classmethod
+    def on_the_way(cls, timing: dict | None, arrived: float) -> dict:
+        """The spans before the replica, from the gateway's timing (gateway._timing) and the wall-clock
+        time the request reached the replica's handler."""
+        timing = timing or {}
+        sent, received, forwarded = (timing.get(name) for name in ("sent", "received", "forwarded"))
+        return {"to_gateway": received - sent if sent is not None and received is not None else None,
+                "in_gateway": forwarded - received if received is not None and forwarded is not None else None,
+                "to_replica": arrived - forwarded if forwarded is not None else None}
+
+
+SPAN_NAMES = ("to_gateway", "in_gateway", "to_replica", "before_replica", "model_wait", "tokenize", "start_event",
+              "engine", "in_replica")
+
 
 def summarize_first_token_spans(spans: list[FirstTokenSpans]) -> dict:
-    """p50 and p99 in ms of each span (and of their sum), over the given requests."""
+    """p50 and p99 in ms of each span (and of their sums), over the given requests that know it."""
     summary: dict = {"requests": len(spans)}
-    for name in ("model_wait", "tokenize", "start_event", "engine", "in_replica"):
-        values = [getattr(span, name) for span in spans]
+    for name in SPAN_NAMES:
+        values = [value for value in (getattr(span, name) for span in spans) if value is not None]
         for q in (50, 99):
             value = percentile(values, q)
             summary[f"{name}_ms_p{q}"] = None if value is None else round(value * 1000, 2)
@@ -270,7 +300,8 @@ class ModelServer:
                 if not produced:
                     self.first_token_spans.append(FirstTokenSpans(
                         model.entry.id, arrived[0], model_wait=model_ready - arrived[1], tokenize=tokenized - model_ready,
-                        start_event=queued - tokenized, engine=time.perf_counter() - queued))
+                        start_event=queued - tokenized, engine=time.perf_counter() - queued,
+                        **FirstTokenSpans.on_the_way(payload.get("timing"), arrived[0])))
                 # One event per batch of tokens, its text possibly empty (held back: part of a
                 # character or maybe of a stop string): one per token while the stream keeps up with
                 # the engine, several when it falls behind, so each hop carries more.

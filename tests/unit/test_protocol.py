@@ -7,7 +7,8 @@ import pytest
 from pydantic import ValidationError
 
 from qlora_ray.serve.protocol import (MAX_MODEL_NAME, MAX_STOP_CHARS, UNSUPPORTED_FIELDS, APIError, ChatRequest,
-                                      CompletionRequest, refuse_unsupported, validation_error)
+                                      CompletionRequest, refuse_unsupported, request_start,
+                                      validation_error)
 
 
 def refusal(model_class, body: dict) -> APIError:
@@ -85,3 +86,15 @@ def test_error_bodies_have_openais_shape_and_retry_after():
     error = APIError(429, "busy", kind="rate_limit_error", code="overloaded", retry_after=2)
     assert error.body() == {"error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "overloaded"}}
     assert error.headers() == {"Retry-After": "2"} and APIError(400, "x").headers() == {}
+
+
+@pytest.mark.parametrize("header, expected", [
+    ("t=1700000000.250000", 1_700_000_000.25),   # the bench's own form
+    ("1700000000.25", 1_700_000_000.25),         # a bare number
+    ("t=1700000000.5", 1_700_000_000.4),         # ahead of the gateway's clock by less than a second: arrival
+    ("t=1700000001.5", None),                    # too far ahead to be a clock's skew
+    ("t=1699999000", None),                      # older than any request waits
+    ("t=nan", None), ("t=inf", None), ("t=", None), ("soon", None), ("", None), (None, None),
+])
+def test_a_request_start_header_is_believed_only_when_plausible(header, expected):
+    assert request_start(header, received=1_700_000_000.4) == expected
