@@ -695,11 +695,13 @@ def render_pipeline(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-# --part serve --serve-modes: Ray Serve as it comes, and with Ray's own high-throughput settings
-# (user code on the replica's event loop, gRPC between deployments, direct ingress, a frozen garbage
-# collector), which every Serve process reads from its environment: the bench's local Ray passes
-# its environment on to them.
-SERVE_MODES = {"default": {}, "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+# --part serve --serve-modes: Ray Serve's settings, which every Serve process reads from its
+# environment (the bench's local Ray passes its environment on to them). `default`: as the tree's
+# `qlora-ray bench` starts it (this tree: with Ray's high-throughput settings, cluster.init_ray);
+# `plain`: as Ray Serve comes; `throughput`: Ray's high-throughput settings (user code on the
+# replica's event loop, gRPC between deployments, direct ingress, a frozen garbage collector).
+SERVE_MODES = {"default": {}, "plain": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0"},
+               "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
 
 PARTS = {"pipeline": pipeline, "starts": starts, "gptq-8b": gptq_8b, "serve": serve_engine_rate,
          "tenants": serve_tenants}

@@ -8,6 +8,7 @@ stage talks to Ray is here, once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Iterator
@@ -25,10 +26,37 @@ def init_ray() -> None:
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
-    else:  # a new local instance (not any cluster left running on this machine); no dashboard: ~1 GB saved.
-        # Ray's notices about the instance it starts ("Started a local Ray instance", token
-        # authentication) say nothing a user acts on here; its errors still show.
+        return
+    # A new local instance (not any cluster left running on this machine); no dashboard: ~1 GB saved.
+    # Ray's notices about the instance it starts ("Started a local Ray instance", token
+    # authentication) say nothing a user acts on here; its errors still show.
+    with serve_throughput_defaults():
         ray.init(address="local", include_dashboard=False, log_to_driver=True, logging_level=logging.ERROR)
+
+
+# Ray Serve's own throughput settings (user code and router on the replica's event loop, gRPC
+# between deployments, direct ingress), read by each Serve process as it starts: on a cluster, from
+# `ray start`'s environment; on the local instance init_ray starts, from here. Every stream's events
+# and every request cross the gateway's event loop, and these settings take Serve's own hops off it:
+# at high concurrency that loop, not the engine, set the pace (README, "Serve's settings"). With
+# direct ingress, a stopping gateway replica first stays open 30 s for load balancers in front of
+# it to let it go; a local instance has none but Serve's own proxy beside it, and Ctrl-C on
+# `qlora-ray serve` would hang that long: 5 s.
+SERVE_THROUGHPUT_DEFAULTS = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+
+
+@contextlib.contextmanager
+def serve_throughput_defaults():
+    """SERVE_THROUGHPUT_DEFAULTS in the process's environment where it does not set them, for the
+    processes of a Ray instance started meanwhile; restored after, so the driver's later code and
+    later instances see the environment as it was."""
+    added = {name: value for name, value in SERVE_THROUGHPUT_DEFAULTS.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def joined_existing_cluster() -> bool:

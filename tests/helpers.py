@@ -18,6 +18,7 @@ import psutil
 import torch
 import yaml
 
+from qlora_ray.cluster import serve_throughput_defaults
 from qlora_ray.spec import load_spec
 from qlora_ray.store import Store, adapter_key, data_key, fused_key
 from tests.conftest import REPO, free_port
@@ -225,7 +226,8 @@ def fake_engine_app(store: Store, tmp_path: Path, tenants: list[str], loader, se
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     spec = load_spec(path)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with serve_throughput_defaults():  # Serve as `qlora-ray serve` and `bench` start it
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     for module in {loader.__module__, __name__}:  # replicas need no tests package
         ray.cloudpickle.register_pickle_by_value(sys.modules[module])
     try:

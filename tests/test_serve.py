@@ -16,6 +16,7 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from qlora_ray.cluster import serve_throughput_defaults
 from qlora_ray.fuse.launch import fuse_job
 from qlora_ray.serve.bench import run_bench, summarize, Sample, write_report
 from qlora_ray.serve.keys import new_key
@@ -58,7 +59,8 @@ def served(smollm2_store, tmp_path_factory):
     fast_spec = spec.model_copy(update={"fuse": spec.fuse.model_copy(update={"schemes": ["bf16", "nf4"]})})
     gptq_spec = spec.model_copy(update={"fuse": spec.fuse.model_copy(update={"schemes": ["gptq-int4"]}),
                                         "tenants": spec.tenants[:1]})
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with serve_throughput_defaults():  # Serve as `qlora-ray serve` and `bench` start it
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         outcomes = fuse_job(fast_spec, progress=lambda _: None) + fuse_job(gptq_spec, progress=lambda _: None)
         assert {o.state for o in outcomes} == {"done"}, [o.error for o in outcomes]

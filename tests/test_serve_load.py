@@ -17,6 +17,7 @@ import pytest
 import requests
 import yaml
 
+from qlora_ray.cluster import serve_throughput_defaults
 from qlora_ray.fuse.launch import fuse_job
 from qlora_ray.serve.bench import Sample, run_bench, summarize
 from qlora_ray.spec import load_spec
@@ -50,7 +51,8 @@ def fused(smollm2_store, tmp_path_factory):
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     spec = load_spec(path)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    with serve_throughput_defaults():  # Serve as `qlora-ray serve` and `bench` start it
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         outcomes = fuse_job(spec, progress=lambda _: None)
         assert [o.state for o in outcomes] == ["done"], [o.error for o in outcomes]

@@ -1,6 +1,9 @@
-"""How many replicas a cluster holds, and a serve job that asks for more is refused with its fields."""
+"""How many replicas a cluster holds, a serve job that asks for more is refused with its fields, and the
+environment a local Ray starts with."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import yaml
@@ -43,3 +46,29 @@ def test_a_serve_job_asking_for_more_replicas_than_the_machine_holds_is_refused(
         _refuse_replicas_that_cannot_start(spec)
     monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster that may scale up: Serve waits for it
     _refuse_replicas_that_cannot_start(spec)
+
+
+def test_a_local_ray_starts_with_serves_throughput_settings_unless_the_environment_says_otherwise(monkeypatch):
+    import ray
+
+    seen, drains = [], []
+
+    def init(**_):
+        seen.append(os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED"))
+        drains.append(os.environ.get("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"))
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", init)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    for name in cluster.SERVE_THROUGHPUT_DEFAULTS:
+        monkeypatch.delenv(name, raising=False)
+    cluster.init_ray()
+    assert seen == ["1"] and drains == ["5"]  # the processes Ray starts inherit them
+    assert not set(cluster.SERVE_THROUGHPUT_DEFAULTS) & set(os.environ)  # the driver's environment is as it was
+    monkeypatch.setenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", "0")  # a user's own choice stands
+    cluster.init_ray()
+    assert seen == ["1", "0"] and os.environ["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "0"
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED")
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")  # a cluster's processes have their own environment
+    cluster.init_ray()
+    assert seen == ["1", "0", None]
