@@ -75,8 +75,8 @@ class FirstTokenSpans:
         parts = (self.to_gateway, self.in_gateway, self.to_replica)
         return None if None in parts else sum(parts)
 
-    @classmethod
-    def on_the_way(cls, timing: dict | None, arrived: float) -> dict:
+    @staticmethod
+    def on_the_way(timing: dict | None, arrived: float) -> dict:
         """The spans before the replica, from the gateway's timing (gateway._timing) and the wall-clock
         time the request reached the replica's handler."""
         timing = timing or {}
