@@ -199,19 +199,17 @@ class Gateway:
 
     @api.post("/v1/completions")
     async def completions(self, request: Request):
-        received = time.time()
+        timing = _timing(request, time.time())
         tenant = self._tenant(request)
         body = await self._body(request, protocol.CompletionRequest)
-        return await self._answer(body, self._model(body.model, tenant), chat=False,
-                                  timing=_timing(request, received))
+        return await self._answer(body, self._model(body.model, tenant), chat=False, timing=timing)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
-        received = time.time()
+        timing = _timing(request, time.time())
         tenant = self._tenant(request)
         body = await self._body(request, protocol.ChatRequest)
-        return await self._answer(body, self._model(body.model, tenant), chat=True,
-                                  timing=_timing(request, received))
+        return await self._answer(body, self._model(body.model, tenant), chat=True, timing=timing)
 
     async def _answer(self, body, entry: ModelEntry, *, chat: bool, timing: dict):
         limit = body.token_limit if chat else body.max_tokens
