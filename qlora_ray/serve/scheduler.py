@@ -3,9 +3,9 @@
 Every `step()`:
 1. samples the tokens of the decode step launched by the previous one;
 2. admits waiting sequences into free slots and prefills prompts: at most PREFILL_TOKENS_PER_STEP
-   prompt tokens a step, at most PREFILL_CHUNK of them from one prompt (long prompts in chunks, so
-   decode is never stalled for long, and a burst of prompts gets its first tokens one budget after
-   another rather than all after the last); a prompt's last chunk gives its first token;
+   prompt tokens a step (so decode is never stalled for long), first come first served (a burst
+   of prompts gets its first tokens one after another rather than all after the last), in chunks
+   of at most PREFILL_CHUNK tokens; a prompt's last chunk gives its first token;
 3. launches the next decode step for every sequence still generating, the ones that just got their
    first token included, before reading the sampled tokens back: their copies to the host are queued
    ahead of that step (serve/transfers.py), so the device runs the next step while the host checks
@@ -39,11 +39,11 @@ from qlora_ray.serve.engine import Engine
 from qlora_ray.serve.sampling import Sampler, SamplingParams
 from qlora_ray.serve.transfers import HostCopy, to_device
 
-# The prompt tokens of one sequence prefilled in a step (the longest static prefill shape,
-# serve/engine.py: a longer chunk runs without a CUDA graph, so a lone prompt too is prefilled in
-# chunks), and of all sequences in a step. A prefill of 512 tokens takes about as long as two decode
-# steps of an 8B model at batch 32: a step with a full budget delays the others' next tokens by
-# several steps' time, once, while a burst of new requests gets its first tokens that many times
+# The longest chunk of one prompt in one forward (the longest static prefill shape, serve/engine.py:
+# a longer chunk runs without a CUDA graph, so a lone long prompt too is prefilled in chunks), and
+# the prompt tokens of all sequences in a step. A prefill of 512 tokens takes about as long as two
+# decode steps of an 8B model at batch 32: a step with a full budget delays the others' next tokens
+# by several steps' time, once, while a burst of new requests gets its first tokens that many times
 # sooner than at one chunk a step.
 PREFILL_CHUNK = 512
 PREFILL_TOKENS_PER_STEP = 2048
@@ -151,36 +151,49 @@ class Scheduler:
         return rows, self._sample(rows, logits)
 
     def _prefill(self) -> tuple[list[Sequence], torch.Tensor | None]:
-        """Admit waiting sequences into free slots; prefill within the step's budget. Returns the
-        sequences whose prompt is complete and their first tokens (sampled, on the device)."""
+        """Admit waiting sequences into free slots; prefill within the step's budget, first come first
+        served: the earliest prompt takes what it needs (up to the budget) before the next one gets
+        any, so a burst's prompts complete one after another instead of all in its last step (as
+        vLLM's scheduler hands its token budget out). A sequence's part is cut into chunks of at
+        most `prefill_chunk` tokens, each prefilled in its own round: one engine call per round, its
+        chunks from several prompts together. Returns the sequences whose prompt is complete and
+        their first tokens (sampled, on the device)."""
         self._admit()
         budget = self.prefill_tokens_per_step if self.engine.continuous else None  # else the whole group
-        work = []
+        takes = []
         for sequence in self.prefilling:
             left = len(sequence.prompt) - sequence.prefilled
-            take = left if budget is None else min(left, self.prefill_chunk, budget)
+            take = left if budget is None else min(left, budget)
             if take <= 0:
                 break
-            work.append((sequence, sequence.prompt[sequence.prefilled:sequence.prefilled + take], sequence.prefilled))
+            takes.append((sequence, take))
             if budget is not None:
                 budget -= take
-        if not work:
-            return [], None
-        logits = self.engine.prefill([s.slot for s, _, _ in work], [chunk for _, chunk, _ in work],
-                                     [start for _, _, start in work])
-        complete = []
-        for index, (sequence, chunk, _) in enumerate(work):
-            sequence.prefilled += len(chunk)
-            if sequence.prefilled == len(sequence.prompt):
-                complete.append(index)
+        complete, last_logits = [], []
+        step = self.prefill_chunk if self.engine.continuous else None
+        while takes:
+            work = [(sequence, min(take, step or take)) for sequence, take in takes]
+            logits = self.engine.prefill(
+                [s.slot for s, _ in work],
+                [s.prompt[s.prefilled:s.prefilled + length] for s, length in work],
+                [s.prefilled for s, _ in work])
+            done_here = []
+            for index, (sequence, length) in enumerate(work):
+                sequence.prefilled += length
+                if sequence.prefilled == len(sequence.prompt):
+                    done_here.append(index)
+            if done_here:
+                complete += [work[index][0] for index in done_here]
+                last_logits.append(logits if len(done_here) == len(work)
+                                   else logits[to_device(done_here, logits.device, torch.long)])
+            takes = [(sequence, take - length) for (sequence, take), (_, length) in zip(takes, work) if take > length]
         if not complete:
             return [], None
-        rows = [work[index][0] for index in complete]
-        for sequence in rows:
+        for sequence in complete:
             self.prefilling.remove(sequence)
             self.running.append(sequence)
-        chosen = logits if len(complete) == len(work) else logits[to_device(complete, logits.device, torch.long)]
-        return rows, self._sample(rows, chosen)
+        chosen = last_logits[0] if len(last_logits) == 1 else torch.cat(last_logits)
+        return complete, self._sample(complete, chosen)
 
     def _admit(self) -> None:
         if not self.engine.continuous and (self.running or self.prefilling):

@@ -236,9 +236,9 @@ def test_a_step_hands_its_tokens_out_without_waiting_for_the_device():
     scheduler.add(Sequence([7, 8, 9], SamplingParams(max_new_tokens=100, temperature=0.8, top_p=0.9)))
     for _ in range(3):
         scheduler.step()
-    # Added long first: the engine prefills the shorter chunk first and puts the logits back in
-    # order, and only the short prompt is complete after the first step (the long one's second chunk
-    # comes at the next).
+    # Added long first: the first round prefills the long prompt's first chunk with the short prompt
+    # (the engine runs the shorter first and puts the logits back in order), and only the short one
+    # is complete after it; a second round in the same step prefills the long one's last chunk.
     joining = [Sequence([(7 * i) % 200 + 3 for i in range(PREFILL_CHUNK + 88)], SamplingParams(max_new_tokens=3)),
                Sequence(list(range(3, 90)), SamplingParams(max_new_tokens=3, temperature=0.7))]
     torch.cuda.set_sync_debug_mode("error")

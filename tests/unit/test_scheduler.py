@@ -109,9 +109,9 @@ def test_a_cancelled_stream_frees_its_slot_at_the_next_step_for_a_waiting_reques
     assert all(first == 500 for items in log[2:] for first, _, _ in items)
 
 
-def test_long_prompts_are_prefilled_in_chunks_and_decode_never_stalls():
+def test_a_long_prompt_is_spread_over_steps_by_the_budget_and_decode_never_stalls():
     engine = CountingEngine(context=2048)
-    scheduler = Scheduler(engine, prefill_chunk=64)
+    scheduler = Scheduler(engine, prefill_chunk=64, prefill_tokens_per_step=64)
     decoding, long_prompt = Sequence([100], greedy(30)), Sequence(list(range(300, 500)), greedy(2))
     log = run(scheduler, 8, arrivals={0: [decoding], 1: [long_prompt]})
     assert [call for call in engine.prefills[1:]] == [[(1, start, 64)] for start in (0, 64, 128)] + [[(1, 192, 8)]]
@@ -130,12 +130,23 @@ def test_while_others_decode_a_step_prefills_up_to_its_budget_across_prompts():
     assert all(any(first == 100 for first, _, _ in items) for items in log)  # a token every step
 
 
-def test_a_lone_long_prompt_is_prefilled_in_chunks_too():
+def test_a_lone_long_prompt_is_prefilled_in_chunks_within_one_step():
     engine = CountingEngine(context=2048)
     scheduler = Scheduler(engine, prefill_chunk=128)
-    log = run(scheduler, 3, arrivals={0: [Sequence(list(range(1, 301)), greedy(2))]})
+    log = run(scheduler, 1, arrivals={0: [Sequence(list(range(1, 301)), greedy(2))]})
     assert engine.prefills == [[(0, 0, 128)], [(0, 128, 128)], [(0, 256, 44)]]
-    assert log[:2] == [[], []] and (1, 301, False) in log[2]
+    assert log[0] == [(1, 301, False)]
+
+
+def test_the_earliest_prompt_of_a_burst_completes_before_a_later_one_takes_the_budget():
+    engine = CountingEngine(context=2048)
+    scheduler = Scheduler(engine, prefill_chunk=64, prefill_tokens_per_step=200)
+    burst = [Sequence(list(range(first, first + 150)), greedy(2)) for first in (300, 500)]
+    log = run(scheduler, 2, arrivals={0: burst})
+    # Step 0: all of the first prompt in three rounds of chunks, the rest of the budget to the second.
+    assert engine.prefills[:3] == [[(0, 0, 64), (1, 0, 50)], [(0, 64, 64)], [(0, 128, 22)]]
+    assert engine.prefills[3:] == [[(1, 50, 64)], [(1, 114, 36)]]
+    assert log[0] == [(300, 450, False)] and (500, 650, False) in log[1]
 
 
 def test_a_burst_into_an_idle_engine_gets_its_first_tokens_budget_by_budget():
