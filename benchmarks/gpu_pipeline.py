@@ -354,7 +354,7 @@ def serve_engine_rate(run: Run, args) -> str:
         run.results["served"] = served
         run.save()
     if args.baseline_tree:
-        run.results["baseline"] = baseline_levels(run, args)
+        run.results["baseline"] = baseline_run(run, args)
         run.save()
     if args.levels_only:
         return render_serve_engine_rate(run.results, model)
@@ -367,28 +367,35 @@ def serve_engine_rate(run: Run, args) -> str:
     # a first level at concurrency 1 takes the model's load; the second gives the lone TTFT.
     varied_levels = [1, 1, 32] if cuda else [1, 1, 4]
     run.cli("bench, varied lengths", "bench", str(path), "--models", model, "--mixed", "--tenants", "1",
-            "--concurrency", ",".join(map(str, varied_levels)), "--duration", str(args.bench_seconds),
+            "--concurrency", ",".join(map(str, varied_levels)), "--duration", str(args.varied_seconds or args.bench_seconds),
             "--prompt-tokens", str(long_prompt_words), "--output-tokens", str(output_tokens))
     run.results["served_varied"] = bench_report(path)["results"]
     run.save()
     return render_serve_engine_rate(run.results, model)
 
 
-def baseline_levels(run: Run, args) -> dict:
-    """The same levels (engine alone and Serve) measured with another tree's code, in this run: that
-    tree's own gpu_pipeline.py, its code first on the path of the process and of Ray's workers."""
+def baseline_run(run: Run, args) -> dict:
+    """The same measures (engine alone and Serve; the long and varied prompts too unless
+    --levels-only) taken with another tree's code, in this run: that tree's own gpu_pipeline.py, its
+    code first on the path of the process and of Ray's workers."""
     tree = args.baseline_tree.resolve()
     if not (tree / "benchmarks" / "gpu_pipeline.py").exists() or not (tree / "qlora_ray").is_dir():
         raise SystemExit(f"--baseline-tree {tree}: not a qlora_ray tree (no benchmarks/gpu_pipeline.py or qlora_ray/)")
     out = run.out / "baseline"
-    run.step(f"baseline tree {tree}", [
-        sys.executable, str(tree / "benchmarks" / "gpu_pipeline.py"), "--part", "serve", "--levels-only", "--no-install",
-        "--out", str(out), "--work", str(run.work / "baseline"), "--bench-seconds", str(args.bench_seconds),
-        "--stream-intervals", ",".join(map(str, args.stream_intervals)), "--device", run.device,
-        "--gateway-replicas", ",".join(map(str, args.gateway_replicas)), "--serve-modes", ",".join(args.serve_modes)],
-        env={"PYTHONPATH": os.pathsep.join(p for p in (str(tree), run.env["PYTHONPATH"]) if p)})
+    command = [sys.executable, str(tree / "benchmarks" / "gpu_pipeline.py"), "--part", "serve", "--no-install",
+               "--out", str(out), "--work", str(run.work / "baseline"), "--bench-seconds", str(args.bench_seconds),
+               "--stream-intervals", ",".join(map(str, args.stream_intervals)), "--device", run.device,
+               "--gateway-replicas", ",".join(map(str, args.gateway_replicas)),
+               "--serve-modes", ",".join(args.serve_modes)]
+    if args.levels_only:
+        command.append("--levels-only")
+    elif args.varied_seconds:
+        command += ["--varied-seconds", str(args.varied_seconds)]
+    run.step(f"baseline tree {tree}", command,
+             env={"PYTHONPATH": os.pathsep.join(p for p in (str(tree), run.env["PYTHONPATH"]) if p)})
     measured = json.loads((out / "serve.json").read_text())
-    return {"tree": str(tree), "engine": measured["engine"], "served": measured["served"]}
+    return {"tree": str(tree), **{key: measured[key] for key in
+                                  ("engine", "served", "served_long_prompt", "served_varied") if key in measured}}
 
 
 def serve_tenants(run: Run, args) -> str:
@@ -657,15 +664,24 @@ def render_serve_engine_rate(results: dict, model: str) -> str:
                       f"{long_row.get('engine_ttft_ms_p50')} ms from the scheduler's queue to the first token."]
     varied = results.get("served_varied")
     if varied:
-        lone, busy = varied[1], varied[-1]
-        ratio = f"{busy['ttft_ms_p99'] / lone['ttft_ms_p50']:.1f}x" if busy["ttft_ms_p99"] and lone["ttft_ms_p50"] else "-"
-        lines += ["", f"Varied lengths (`bench --mixed --tenants 1`, prompts and answers each 0.5-1.5x their means): "
-                      f"TTFT p99 at concurrency {busy['concurrency']} {busy['ttft_ms_p99']} ms against p50 "
-                      f"{lone['ttft_ms_p50']} ms at concurrency {lone['concurrency']}: {ratio} (target: under 4x); "
-                      f"after the first round (the clients' first requests, sent at once) "
-                      f"{busy.get('ttft_ms_p99_after_first_round')} ms; "
-                      f"{busy['output_tok_s']} output tok/s at {busy['concurrency']}, {busy['errors']} errors."]
+        lines += ["", "Varied lengths (`bench --mixed --tenants 1`, prompts and answers each 0.5-1.5x their means): "
+                  + varied_summary(varied)]
+        if baseline and baseline.get("served_varied"):
+            lines += ["", f"The baseline tree, in this run: {varied_summary(baseline['served_varied'])}"]
     return "\n".join(lines) + "\n"
+
+
+def varied_summary(varied: list[dict]) -> str:
+    """The varied-length bench's levels (load, lone, busy) against issue 19's TTFT p99 target."""
+    lone, busy = varied[1], varied[-1]
+    ratio = f"{busy['ttft_ms_p99'] / lone['ttft_ms_p50']:.1f}x" if busy["ttft_ms_p99"] and lone["ttft_ms_p50"] else "-"
+    after = busy.get("ttft_ms_p99_after_first_round")
+    after_ratio = f" ({after / lone['ttft_ms_p50']:.1f}x)" if after and lone["ttft_ms_p50"] else ""
+    return (f"TTFT p99 at concurrency {busy['concurrency']} {busy['ttft_ms_p99']} ms against p50 "
+            f"{lone['ttft_ms_p50']} ms at concurrency {lone['concurrency']}: {ratio} (target: under 4x); after the "
+            f"first round (the clients' first requests, sent at once) {after} ms{after_ratio}; TTFT p50 at "
+            f"{busy['concurrency']} {busy['ttft_ms_p50']} ms; {busy['output_tok_s']} output tok/s at "
+            f"{busy['concurrency']} ({busy['requests']} requests), {busy['errors']} errors.")
 
 
 def render_pipeline(results: dict) -> str:
@@ -728,6 +744,8 @@ def main() -> None:
     parser.add_argument("--baseline-tree", type=Path,
                         help="--part serve: a checkout of another commit (its qlora_ray/, benchmarks/ and jobs/) whose "
                              "engine and Serve are measured at the same levels after this tree's, for the ratios")
+    parser.add_argument("--varied-seconds", type=float,
+                        help="--part serve: seconds per level of the varied-length bench (default: --bench-seconds)")
     parser.add_argument("--levels-only", action="store_true",
                         help="--part serve: only the levels, without the long prompts and varied lengths")
     args = parser.parse_args()
